@@ -1,0 +1,3 @@
+from nilmd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Redis key and channel names (SPEC §2). Every other module asks here."""
+
+
+def input_channel(building: str) -> str:
+    return f"nilm:{building}:input"
+
+
+def input_stream(building: str) -> str:
+    # Pub/sub channels are not keys, so the stream could share the channel's name; its own name
+    # keeps `redis-cli --scan` listings and the README unambiguous.
+    return f"nilm:{building}:input:stream"
+
+
+def predictions_channel(building: str) -> str:
+    return f"nilm:{building}:predictions"
+
+
+def latest_key(building: str) -> str:
+    return f"nilm:{building}:latest"
+
+
+def status_key(building: str) -> str:
+    return f"nilm:{building}:status"
