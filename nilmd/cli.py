@@ -1,0 +1,214 @@
+"""`nilmd` command line: run, produce, watch, status, check (SPEC §3).
+
+Every error a user can cause ends in one line, `nilmd: error: ...`, and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from nilmd import __version__, config, keys
+from nilmd import log as logmod
+from nilmd.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, NilmdError
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"nilmd: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args) -> int:
+    cfg = config.resolve(args)
+    logmod.setup("supervisor", cfg.building_id, cfg.log_level)
+    from nilmd.supervisor import Supervisor
+
+    return Supervisor(cfg).run()
+
+
+def _redis(cfg, name: str):
+    from nilmd import redisconn
+
+    return redisconn.client(cfg, name=name), redisconn
+
+
+def cmd_produce(args) -> int:
+    from nilmd import producer
+
+    cfg = config.resolve(args, names=_names("common", "redis"))
+    logmod.setup("producer", cfg.building_id, cfg.log_level)
+    start = producer.default_start(args.speed, args.count) if args.start is None else args.start
+    if args.source == "simulation":
+        samples = producer.simulated_samples(args.seed, start, args.count, args.fields)
+        rebase = None
+    else:
+        samples = producer.csv_samples(str(producer.csv_path(args.source)))
+        rebase = None if args.timestamps == "file" else start
+    client, redisconn = _redis(cfg, "producer")
+    try:
+        t0 = time.monotonic()
+        sent = producer.produce(client, cfg.building_id, samples, args.speed, rebase=rebase, count=args.count)
+    except redisconn.CONNECTION_ERRORS as e:
+        return _fail(f"Redis at {redisconn.describe(cfg)}: {e}", EXIT_ERROR)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    print(f"published {sent} samples to {keys.input_channel(cfg.building_id)} in {time.monotonic() - t0:.1f} s",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _format_prediction(p: dict) -> str:
+    on = [f"{e['appliance']} {e['power_watts']:.0f} W" for e in p["predictions"] if e["is_on"]]
+    when = time.strftime("%H:%M:%S", time.localtime(p["window_end"]))
+    return f"{when}  total {p['total_power']:7.0f} W  ({p['inference_time_ms']:.1f} ms)  on: {', '.join(on) or '-'}"
+
+
+def cmd_watch(args) -> int:
+    cfg = config.resolve(args, names=_names("common", "redis"))
+    client, redisconn = _redis(cfg, "watch")
+    seen = 0
+    try:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(keys.predictions_channel(cfg.building_id))
+        while args.count is None or seen < args.count:
+            msg = pubsub.get_message(timeout=1.0)
+            if msg is None:
+                continue
+            seen += 1
+            if args.json:
+                print(msg["data"].decode() if isinstance(msg["data"], bytes) else msg["data"], flush=True)
+            else:
+                try:
+                    print(_format_prediction(json.loads(msg["data"])), flush=True)
+                except (ValueError, KeyError, TypeError):
+                    print(f"(unreadable prediction: {msg['data'][:80]!r})", flush=True)
+    except redisconn.CONNECTION_ERRORS as e:
+        return _fail(f"Redis at {redisconn.describe(cfg)}: {e}", EXIT_ERROR)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from nilmd import status
+
+    cfg = config.resolve(args, names=_names("common", "redis"))
+    client, redisconn = _redis(cfg, "status")
+    try:
+        raw = client.hgetall(keys.status_key(cfg.building_id))
+    except redisconn.CONNECTION_ERRORS as e:
+        print(f"nilmd: UNKNOWN: cannot read the status from Redis at {redisconn.describe(cfg)}: {e}")
+        return status.UNKNOWN
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    code, verdict = status.judge(fields)
+    if args.json:
+        print(json.dumps({"verdict": verdict, "exit_code": code, **fields}, indent=2))
+    else:
+        print(status.render(fields))
+    return code
+
+
+def cmd_check(args) -> int:
+    """Like `nginx -t`: configuration, checkpoints and Redis, one line each; 0 if all good."""
+    ok = True
+    try:
+        cfg = config.resolve(args)
+    except ConfigError as e:
+        print(f"config       FAIL  {e}")
+        return EXIT_ERROR
+    shown = {k: v for k, v in cfg.public().items() if v not in ("", None)}
+    print("config       ok    " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    from nilmd import checkpoints
+    from nilmd.appliances import APPLIANCES
+
+    loaded, errors = checkpoints.load_dir(cfg.model_dir)
+    for appliance in APPLIANCES:
+        if appliance in loaded:
+            c = loaded[appliance]
+            f1 = c.metrics.get("f1")
+            extra = f", validation F1 {f1:.3f}" if isinstance(f1, (int, float)) else ""
+            print(f"checkpoint   ok    {appliance}: {c.path} ({sum(t.numel() for t in c.state_dict.values())} parameters{extra})")
+        else:
+            print(f"checkpoint   FAIL  {appliance}: {errors[appliance]}")
+    ok &= not errors
+    if cfg.mode == "test":
+        print("redis        skip  --mode test needs no Redis")
+    else:
+        client, redisconn = _redis(cfg, "check")
+        try:
+            t0 = time.perf_counter()
+            client.ping()
+            print(f"redis        ok    {redisconn.describe(cfg)} answered in {(time.perf_counter() - t0) * 1000:.1f} ms")
+        except redisconn.CONNECTION_ERRORS as e:
+            print(f"redis        FAIL  {redisconn.describe(cfg)}: {e}")
+            ok = False
+        except Exception as e:  # auth errors and the like: still one line
+            print(f"redis        FAIL  {redisconn.describe(cfg)}: {type(e).__name__}: {e}")
+            ok = False
+    return EXIT_OK if ok else EXIT_ERROR
+
+
+def _names(*groups) -> set[str]:
+    return {s.name for s in config.SETTINGS if s.group in groups}
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nilmd", description="Real-time NILM daemon: which appliances are on, "
+                                     "from a whole-house meter, over Redis.")
+    parser.add_argument("--version", action="version", version=f"nilmd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (the supervisor and its processes)")
+    config.add_arguments(run, ("common", "redis", "daemon"))
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="check configuration, checkpoints and Redis, like nginx -t")
+    config.add_arguments(check, ("common", "redis", "daemon"))
+    check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser("status", help="show the daemon's status hash; exit 0 ok, 1 warning, 2 critical, 3 unknown")
+    config.add_arguments(status, ("common", "redis"))
+    status.add_argument("--json", action="store_true", help="print the hash as JSON")
+    status.set_defaults(func=cmd_status)
+
+    watch = sub.add_parser("watch", help="print predictions as they arrive")
+    config.add_arguments(watch, ("common", "redis"))
+    watch.add_argument("--json", action="store_true", help="print each prediction's JSON")
+    watch.add_argument("--count", type=int, default=None, help="stop after N predictions")
+    watch.set_defaults(func=cmd_watch)
+
+    produce = sub.add_parser("produce", help="publish meter samples: simulated, or replayed from a CSV file")
+    config.add_arguments(produce, ("common", "redis"))
+    produce.add_argument("--source", default="simulation", help="'simulation' or a CSV file (.csv or .csv.gz)")
+    produce.add_argument("--speed", type=_positive, default=1.0, help="samples' seconds per real second (default 1)")
+    produce.add_argument("--count", type=int, default=None, help="stop after N samples (default: never / end of file)")
+    produce.add_argument("--start", type=float, default=None,
+                         help="epoch of the first sample (default: now, or --count seconds ago when --speed > 1)")
+    produce.add_argument("--fields", choices=("full", "power"), default="full",
+                         help="simulation: all meter fields, or timestamp and power_total only")
+    produce.add_argument("--seed", type=int, default=1, help="simulation: which simulated house")
+    produce.add_argument("--timestamps", choices=("now", "file"), default="now",
+                         help="CSV: shift the file's times to start at --start, or keep them")
+    produce.set_defaults(func=cmd_produce)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, NilmdError) as e:
+        return _fail(str(e), EXIT_USAGE if isinstance(e, ConfigError) else EXIT_ERROR)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `nilmd watch | head`
+        return EXIT_OK

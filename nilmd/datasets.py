@@ -1,0 +1,167 @@
+"""Training and evaluation data as 1 Hz series of model features and true appliance power.
+
+Two sources, one shape (`Series`):
+  * real CSV files (`read_csv`): the shared/data layout (REFIT / UK-DALE at 1 minute) or the
+    generic layout documented below, brought to 1 Hz by holding each row for its period;
+  * simulated houses (`simulated`): nilmd.simulator, at 1 Hz with every meter field.
+
+Generic CSV layout (header row required, any column order, `.csv` or `.csv.gz`):
+  timestamp      epoch seconds, or ISO date-time ("2013-10-01 00:00:00", taken as UTC)
+  aggregate      whole-house active power in W (also accepted: power_total, Aggregate)
+  voltage, current, power_factor   optional meter fields (V, A, 0..1)
+  <appliance>    one column per appliance in W, named as in nilmd.appliances.APPLIANCES or by a
+                 REFIT/UK-DALE name (Kettle, Microwave, Dishwasher, WashingMachine, Fridge, ...)
+A row with an empty, non-finite or exactly 0 W aggregate is a gap (a real house always draws
+something; the shared 1-minute files write their gaps as 0), as is any second not covered by a
+row. Gaps are kept in `valid` and left out of losses and scores.
+
+No torch here: only numpy and the daemon's own `features.derive`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from nilmd.appliances import APPLIANCES
+from nilmd.features import derive
+
+# Column names of other datasets -> nilmd appliance names.
+ALIASES = {
+    "kettle": "ElectricKettle", "microwave": "Microwave", "dishwasher": "Dishwasher",
+    "dish_washer": "Dishwasher", "washingmachine": "WashingMachine", "washing_machine": "WashingMachine",
+    "washer_dryer": "WashingMachine", "fridge": "Refrigerator", "fridge_freezer": "Refrigerator",
+    "freezer": "Freezer", "dryer": "Dryer", "tumble_dryer": "Dryer", "oven": "ElectricOven",
+    "electric_oven": "ElectricOven", "heat_pump": "HeatPump", "heatpump": "HeatPump",
+    "computer": "Computer", "tv": "Television", "television": "Television",
+}
+_TIME = ("timestamp", "time", "datetime", "date_time")
+_AGGREGATE = ("aggregate", "power_total", "mains", "total")
+_METER = ("voltage", "current", "power_factor")
+
+
+@dataclass
+class Series:
+    """One contiguous stretch of 1 Hz samples."""
+    name: str
+    features: np.ndarray                       # float32 [n, 5], features.derive of the meter fields
+    targets: dict[str, np.ndarray]             # appliance -> float32 true W [n]
+    valid: np.ndarray                          # bool [n]: the aggregate is real data here
+    period_s: int = 1                          # sampling period of the source (60: held minutes)
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+
+def appliance_name(column: str) -> str | None:
+    if column in APPLIANCES:
+        return column
+    return ALIASES.get(column.strip().lower())
+
+
+def _parse_time(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        dt = datetime.fromisoformat(text.strip())
+        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def read_csv(path) -> Series:
+    """A real-data CSV file (see the module docstring) -> one 1 Hz Series, gaps marked invalid."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows)
+        body = list(rows)
+    lower = [h.strip().lower() for h in header]
+    col = {}
+    for role, names in (("time", _TIME), ("aggregate", _AGGREGATE)):
+        hit = [i for i, h in enumerate(lower) if h in names]
+        if not hit:
+            raise ValueError(f"{path}: no {role} column (one of {names}) in header {header}")
+        col[role] = hit[0]
+    meter = {m: lower.index(m) for m in _METER if m in lower}
+    appliances = {appliance_name(h): i for i, h in enumerate(header)
+                  if i not in col.values() and h.strip().lower() not in _METER and appliance_name(h)}
+    if not body:
+        raise ValueError(f"{path}: no data rows")
+
+    t = np.array([_parse_time(r[col["time"]]) for r in body])
+    order = np.argsort(t, kind="stable")
+    t = t[order]
+
+    def column(i):
+        return np.array([_number(r[i]) if i < len(r) else np.nan for r in body])[order]
+
+    diffs = np.diff(t)
+    period = max(1, int(round(np.median(diffs[diffs > 0])))) if np.any(diffs > 0) else 1
+    # Hold each row for `period` seconds on a 1 Hz grid; seconds no row covers stay NaN (gaps).
+    n = int(round(t[-1] - t[0])) + period
+    pos = (np.round(t - t[0]).astype(np.int64)[:, None] + np.arange(period)).reshape(-1)
+    keep = pos < n
+
+    def hold(values):
+        out = np.full(n, np.nan)
+        out[pos[keep]] = np.repeat(values, period)[keep]
+        return out
+
+    agg = hold(column(col["aggregate"]))
+    valid = np.isfinite(agg) & (agg > 0)
+    fields = {m: hold(column(i)) for m, i in meter.items()}
+    features = derive(np.where(valid, agg, 0.0), fields.get("voltage"), fields.get("current"),
+                      fields.get("power_factor"))
+    targets = {}
+    for name, i in appliances.items():
+        y = hold(column(i))
+        valid &= np.isfinite(y)
+        targets[name] = np.nan_to_num(np.maximum(y, 0.0)).astype(np.float32)
+    return Series(name=str(path), features=features, targets=targets, valid=valid, period_s=period,
+                  info={"start": float(t[0]), "rows": len(t), "meter_fields": sorted(meter)})
+
+
+def simulated(seed: int, t0: float, n: int) -> Series:
+    """n seconds of simulated house `seed` from epoch time t0, with every meter field."""
+    from nilmd.simulator import Building  # imported here: the real-data path must not need it
+
+    tr = Building(seed).trace(t0, n)
+    features = derive(tr.power_total, tr.voltage, tr.current, tr.power_factor)
+    targets = {a: np.asarray(tr.appliances[a], dtype=np.float32) for a in APPLIANCES if a in tr.appliances}
+    return Series(name=f"sim house {seed} @ {t0:.0f}", features=features, targets=targets,
+                  valid=np.ones(n, dtype=bool), info={"seed": seed, "t0": t0})
+
+
+def segment_starts(seed: int, segments: int, days: float, year_start: float = 1704067200.0) -> list[float]:
+    """Where to cut `segments` stretches of `days` out of house `seed`'s year: spread evenly over
+    the year (so seasonal appliances such as the heat pump appear) with a per-house jitter, on
+    whole days so that the hour-of-day habits stay aligned with the clock."""
+    rng = np.random.default_rng([seed, 7])
+    span = 365 // segments
+    return [year_start + 86400.0 * (k * span + int(rng.integers(0, max(1, span - int(np.ceil(days))))))
+            for k in range(segments)]
+
+
+def simulated_set(seeds, segments: int, days: float) -> list[Series]:
+    n = int(days * 86400)
+    return [simulated(seed, t0, n) for seed in seeds for t0 in segment_starts(seed, segments, days)]
+
+
+def scored_mask(valid: np.ndarray, receptive_field: int) -> np.ndarray:
+    """Samples whose whole receptive field is real data: a gap (fed to the model as 0 W) cannot
+    have influenced their prediction. Used for the real homes, which have gaps."""
+    bad = np.concatenate([[0], np.cumsum(~valid)])
+    idx = np.arange(len(valid))
+    lo = np.maximum(idx - receptive_field + 1, 0)
+    return valid & (bad[idx + 1] - bad[lo] == 0)

@@ -1,0 +1,194 @@
+"""Many WaveNILM models of one architecture as one network, computed incrementally.
+
+Fusing. The A models' weights are stacked and every layer becomes one batched matmul over the
+models (torch.baddbmm: a grouped convolution with groups = A), so one window costs one chain of
+~60 kernels instead of A chains. Activations are time-major per model, [A, time, channels]: a
+slice of time is then a view, and a kernel-2 convolution with dilation d is two matmuls,
+y[t] = h[t-d] @ W_prev + h[t] @ W_cur + b.
+
+Same arithmetic as nilmd.model.WaveNILM, rearranged (each change exact or a float32 rounding):
+  * the input scales are folded into the input conv's weights;
+  * sigmoid(g) = (1 + tanh(g/2)) / 2: the gate rows of the conv are halved and the out conv's
+    weights are halved, so a layer's gate is one tanh over [filter, gate] and one addcmul
+    (sigmoid is several times slower than tanh on CPU, and powers of two scale exactly);
+  * the skip sum of all layers is one matmul over every layer's gated activations at the end,
+    and only for the samples whose output is wanted; the last layer's residual is never made.
+
+Incremental ("fast WaveNet generation", Paine et al. 2016). Layer i's input at t is only ever
+needed again at t + 2**i, so a State keeps each layer's last `dilation` inputs followed by room
+for `slack` new ones: n new samples cost n samples of compute, and a full window is just n = T
+from a zero state (the zeros being WaveNILM's left padding). Long inputs run in chunks of at most
+`slack` samples, which also keeps a chunk's activations in cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from nilmd.model import WaveNILM, WaveNILMConfig
+
+
+def arch_key(config: WaveNILMConfig) -> tuple:
+    """What must match for models to fuse (dropout is inactive at inference)."""
+    return (config.n_features, config.channels, config.depth, config.head_channels)
+
+
+class FusedWaveNILM(nn.Module):
+    def __init__(self, models: list[WaveNILM]):
+        super().__init__()
+        cfg = models[0].config
+        if any(arch_key(m.config) != arch_key(cfg) for m in models):
+            raise ValueError("only models of one architecture fuse")
+        self.n_models, self.channels, self.depth = len(models), cfg.channels, cfg.depth
+        self.dilations = [layer.dilation for layer in models[0].layers]
+        C = cfg.channels
+
+        def stack(get):  # one tensor per model -> [A, ...], weights as [in, out] for x @ W
+            return torch.stack([get(m).detach().float() for m in models]).contiguous()
+
+        def layers(get):
+            return torch.stack([stack(lambda m: get(m.layers[i])) for i in range(self.depth)])
+
+        gate_half = torch.cat([torch.ones(C), torch.full((C,), 0.5)])  # [filter rows, gate rows]
+        buffers = {
+            "w_in": stack(lambda m: (m.inp.weight[:, :, 0] * m.inv_scale.view(1, -1)).T),  # [A, F, C]
+            "b_in": stack(lambda m: m.inp.bias.view(1, C)),
+            "w_prev": layers(lambda l: (l.conv.weight[:, :, 0] * gate_half[:, None]).T),  # [D, A, C, 2C]
+            "w_cur": layers(lambda l: (l.conv.weight[:, :, 1] * gate_half[:, None]).T),
+            "b_conv": layers(lambda l: (l.conv.bias * gate_half).view(1, 2 * C)),
+            "w_res": layers(lambda l: 0.5 * l.out.weight[:C, :, 0].T),  # [D, A, C, C]
+            "b_res": layers(lambda l: l.out.bias[:C].view(1, C)),
+            # rows i*C..(i+1)*C take layer i's gated activations: [A, D*C, C]
+            "w_skip": stack(lambda m: torch.cat([0.5 * l.out.weight[C:, :, 0].T for l in m.layers])),
+            "b_skip": stack(lambda m: sum(l.out.bias[C:] for l in m.layers).view(1, C)),
+            "w_h1": stack(lambda m: m.head[1].weight[:, :, 0].T),  # [A, C, H]
+            "b_h1": stack(lambda m: m.head[1].bias.view(1, -1)),
+            "w_h2": stack(lambda m: m.head[3].weight[:, :, 0].T),  # [A, H, 2]: mask, on
+            "b_h2": stack(lambda m: m.head[3].bias.view(1, 2)),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+
+    @property
+    def receptive_field(self) -> int:
+        return 2 * self.dilations[-1]
+
+    def state(self, slack: int) -> "State":
+        return State(self, slack)
+
+    @torch.inference_mode()
+    def step(self, st: "State", x: torch.Tensor, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the next n samples x [n, F] (physical units) -> (power W, on logit), each
+        [A, outputs], for the last `outputs` of them."""
+        n = x.shape[0]
+        powers, logits = [], []
+        for a in range(0, n, st.slack):
+            chunk = x[a:a + st.slack]
+            m = chunk.shape[0]
+            need = min(m, max(0, a + m - (n - outputs)))  # wanted outputs inside this chunk
+            out = self._chunk(st, chunk, need)
+            if need:
+                powers.append(out[0])
+                logits.append(out[1])
+        if len(powers) == 1:
+            return powers[0], logits[0]
+        return torch.cat(powers, dim=1), torch.cat(logits, dim=1)
+
+    def _chunk(self, st: "State", x: torch.Tensor, need: int):
+        n, A, C = x.shape[0], self.n_models, self.channels
+        if st.q + n > st.slack:
+            st.shift()
+        q = st.q
+        d0 = self.dilations[0]
+        torch.baddbmm(self.b_in, x.expand(A, n, x.shape[1]), self.w_in, out=st.hist[0][:, d0 + q:d0 + q + n])
+        for i, d in enumerate(self.dilations):
+            h = st.hist[i]
+            cur, prev = h[:, d + q:d + q + n], h[:, q:q + n]
+            y = st.y[:, :n]
+            torch.baddbmm(self.b_conv[i], cur, self.w_cur[i], out=y)
+            y.baddbmm_(prev, self.w_prev[i]).tanh_()
+            # tanh(f) * (1 + tanh(g/2)) = 2 * tanh(f) * sigmoid(g); the 1/2 is in w_res, w_skip
+            z = torch.addcmul(y[..., :C], y[..., :C], y[..., C:], out=st.z[:, :n, i * C:(i + 1) * C])
+            if i + 1 < self.depth:
+                d2 = self.dilations[i + 1]
+                nxt = st.hist[i + 1][:, d2 + q:d2 + q + n]
+                torch.baddbmm(cur, z, self.w_res[i], out=nxt).add_(self.b_res[i])
+        st.q = q + n
+        if not need:
+            return None
+        z = st.z[:, n - need:n]
+        s = torch.baddbmm(self.b_skip, z, self.w_skip).relu_()
+        g = torch.baddbmm(self.b_h1, s, self.w_h1).relu_()
+        out = torch.baddbmm(self.b_h2, g, self.w_h2)  # [A, need, 2]
+        power = torch.sigmoid(out[..., 0]) * x[n - need:, 0].clamp_min(0.0)
+        return power, out[..., 1]
+
+
+class State:
+    """Each layer's last `dilation` inputs (rows q .. q+dilation of hist[i]), then room for
+    `slack` new samples; plus scratch for one chunk, so a step allocates little."""
+
+    def __init__(self, net: FusedWaveNILM, slack: int):
+        A, C, D = net.n_models, net.channels, net.depth
+        kw = dict(dtype=torch.float32, device=net.w_in.device)
+        with torch.inference_mode():
+            self.hist = [torch.zeros(A, d + slack, C, **kw) for d in net.dilations]
+            self.y = torch.empty(A, slack, 2 * C, **kw)
+            self.z = torch.empty(A, slack, D * C, **kw)
+            self.tmp = torch.empty(A, max(net.dilations), C, **kw)
+        self.dilations = net.dilations
+        self.slack = slack
+        self.q = 0
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Back to the start of a sequence: the history is WaveNILM's zero padding."""
+        for h, d in zip(self.hist, self.dilations):
+            h[:, :d].zero_()
+        self.q = 0
+
+    @torch.inference_mode()
+    def shift(self) -> None:
+        """Move the history to the front to make room (the ranges may overlap: via tmp)."""
+        for h, d in zip(self.hist, self.dilations):
+            t = self.tmp[:, :d]
+            t.copy_(h[:, self.q:self.q + d])
+            h[:, :d].copy_(t)
+        self.q = 0
+
+    @torch.inference_mode()
+    def load(self, other: "State") -> None:
+        """Continue from where `other` is. The history goes to the end of the room, so the
+        next step always shifts first: every step then touches the same addresses (what a
+        replayed CUDA graph needs)."""
+        for h, g, d in zip(self.hist, other.hist, self.dilations):
+            h[:, self.slack:self.slack + d].copy_(g[:, other.q:other.q + d])
+        self.q = self.slack
+
+
+class Graphed:
+    """fn() on static tensors: on CUDA captured once as a CUDA graph and then replayed (one
+    launch instead of ~60 kernel launches from Python); elsewhere simply called, so the logic
+    around it is the same, and tested, on the CPU. fn's Python side effects happen at capture
+    only: fn must do the same work every call."""
+
+    def __init__(self, fn, device: torch.device, warmup: int = 2):
+        self.fn, self.graph = fn, None
+        if device.type != "cuda":
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: cuBLAS handles and workspaces before capture
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+
+    def __call__(self):
+        if self.graph is None:
+            return self.fn()
+        self.graph.replay()
+        return self.out

@@ -1,0 +1,229 @@
+"""Inference process: every INFERENCE_INTERVAL new seconds, the newest window through every
+appliance model, and the prediction out to Redis (or stdout in test mode).
+
+Windows are taken on a fixed schedule of ring indices (end = previous end + interval), so the
+number of predictions is exactly what the data implies; the last end is kept in the control
+block, so a restarted inference process carries on the same schedule instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from nilmd import control as ctlmod
+from nilmd import keys
+from nilmd import log as logmod
+from nilmd.appliances import APPLIANCES
+from nilmd.config import Config
+from nilmd.control import ControlBlock
+from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
+from nilmd.ringbuffer import RingBuffer
+
+POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms added latency
+
+
+class RedisPublisher:
+    """PUBLISH the prediction, SET latest and the inference's status fields in one pipeline."""
+
+    def __init__(self, cfg: Config, logger, throttle):
+        from nilmd import redisconn
+
+        self.client = redisconn.client(cfg, name="inference", socket_timeout=2.0)
+        self.errors = redisconn.CONNECTION_ERRORS
+        self.b = cfg.building_id
+        self.log, self.throttle = logger, throttle
+
+    def publish(self, prediction: dict) -> bool:
+        text = json.dumps(prediction, separators=(",", ":"))
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.publish(keys.predictions_channel(self.b), text)
+            pipe.set(keys.latest_key(self.b), text)
+            pipe.hset(keys.status_key(self.b), mapping={
+                "last_inference_ts": prediction["timestamp"],
+                "last_inference_ms": prediction["inference_time_ms"],
+                "last_window_end": prediction["window_end"],
+            })
+            pipe.execute()
+            return True
+        except self.errors as e:
+            # A prediction is about "now": dropping it while Redis is away beats queueing it.
+            self.throttle.log("publish", logging.ERROR, f"could not publish a prediction ({type(e).__name__}: {e})")
+            return False
+
+
+class StdoutPublisher:
+    """`--mode test`: one JSON line per prediction, with the simulator's truth beside it."""
+
+    def __init__(self, cfg: Config):
+        from nilmd.simulator import Building
+
+        self.building = Building(cfg.seed)
+        self.interval = cfg.inference_interval
+
+    def publish(self, prediction: dict) -> bool:
+        n = self.interval
+        trace = self.building.trace(prediction["window_end"] - n + 1, n)
+        prediction["truth"] = {
+            name: round(float(np.mean(trace.appliances[name])), 2) for name in APPLIANCES
+        }
+        sys.stdout.write(json.dumps(prediction, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+        return True
+
+
+class InferenceWorker:
+    def __init__(self, cfg: Config, paths: dict):
+        self.cfg = cfg
+        self.log = logging.getLogger("nilmd.inference")
+        self.throttle = logmod.Throttle(self.log, period=60.0)
+        self.ring = RingBuffer.attach(paths["ring"])
+        self.ctl = ControlBlock.attach(paths["ctl"])
+        self.alive = True
+        self.parent = os.getppid()
+        self.predictor = None
+        self.reload_seen = self.ctl["reload_requested"]
+
+    # -- models ----------------------------------------------------------------------------------
+    def _load_set(self):
+        from nilmd import checkpoints
+        from nilmd.predictor import Predictor
+
+        loaded, errors = checkpoints.load_dir(self.cfg.model_dir)
+        return loaded, errors, (Predictor(loaded, self.cfg.device) if loaded else None)
+
+    def load(self) -> None:
+        """First load. Raises NilmdError if nothing at all can be served."""
+        self.ctl["inference_state"] = ctlmod.INFER_LOADING
+        self.beat()
+        loaded, errors, predictor = self._load_set()
+        for appliance, message in errors.items():
+            self.log.error("%s: not served: %s", appliance, message, extra={"NILMD_APPLIANCE": appliance})
+        if predictor is None:
+            raise NilmdError(f"no usable checkpoint in {os.path.abspath(self.cfg.model_dir)}: nothing to serve")
+        self._install(predictor)
+        self.ctl["reload_done"] = self.reload_seen  # a fresh load answers any reload asked before it
+        self.log.info("models loaded: %d of %d (%s) on %s", len(loaded), len(APPLIANCES),
+                      ", ".join(predictor.appliances), predictor.device)
+
+    def reload(self) -> None:
+        """SIGHUP: load the new set beside the old one; swap only if it is whole."""
+        self.ctl["inference_state"] = ctlmod.INFER_RELOADING
+        serving = set(self.predictor.appliances)
+        try:
+            loaded, errors, predictor = self._load_set()
+            # A file that exists but fails, or a served model whose file vanished, spoils the set.
+            bad = {a: e for a, e in errors.items() if a in serving or not e.endswith("file not found")}
+            if bad or predictor is None:
+                raise NilmdError("; ".join(bad.values()) or "no usable checkpoint")
+        except Exception as e:  # anything at all: the old models keep serving
+            self.ctl.add("reload_failed")
+            self.log.error("reload failed, still serving the previous models: %s", e)
+        else:
+            self._install(predictor)
+            self.log.info("reloaded: %d models (%s)", len(loaded), ", ".join(predictor.appliances))
+        self.ctl["inference_state"] = ctlmod.INFER_READY
+        self.ctl["reload_done"] = self.reload_seen
+
+    def _install(self, predictor) -> None:
+        self.predictor = predictor
+        self.ctl["models_loaded"] = len(predictor.appliances)
+        self.ctl["models_mask"] = sum(1 << APPLIANCES.index(a) for a in predictor.appliances)
+        self.ctl["device_cuda"] = 1.0 if predictor.device.type == "cuda" else 0.0
+        self.ctl["inference_state"] = ctlmod.INFER_READY
+
+    # -- schedule --------------------------------------------------------------------------------
+    def next_end(self) -> int | None:
+        """Ring index one past the newest sample of the next window to run, or None."""
+        head, segment = self.ring.counters()
+        size, step = self.cfg.window_size, self.cfg.inference_interval
+        if head - segment < size:
+            return None
+        last = int(self.ctl["last_window_end"])  # 0: none yet in this daemon's life
+        if last < segment + size or last > head:  # first window of this unbroken run of data
+            end = segment + size
+        else:
+            end = last + step
+        if head - end > self.ring.capacity - size - step:  # fell a ring behind: skip to the newest
+            self.throttle.log("behind", logging.WARNING, "inference fell behind the meter; skipping to the newest window")
+            end = head
+        return end if end <= head else None
+
+    def infer(self, end: int) -> dict | None:
+        from nilmd.predictor import make_prediction
+
+        size, n = self.cfg.window_size, self.cfg.inference_interval
+        window = self.ring.window(size, end)
+        if window is None:
+            return None
+        t0 = time.perf_counter()
+        power, prob = self.predictor.run(window.features)
+        ms = (time.perf_counter() - t0) * 1000.0
+        aggregate = window.features[-n:, 0].copy()
+        window_end = float(window.ts[-1])
+        intact = self.ring.intact(window)
+        del window  # drop the views into shared memory before anything else can happen
+        if not intact:
+            self.ctl.add("overruns")
+            self.throttle.log("overrun", logging.WARNING, "the meter overwrote a window while it was read; skipped")
+            return None
+        return make_prediction(self.predictor.appliances, power[:, -n:], prob[:, -n:],
+                               self.predictor.probability_thresholds, aggregate, timestamp=time.time(),
+                               window_start=window_end - size, window_end=window_end, inference_ms=ms)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def beat(self) -> None:
+        self.ctl["inference_heartbeat"] = time.monotonic()
+        if os.getppid() != self.parent:  # the supervisor died (SIGKILL): do not outlive it
+            self.alive = False
+
+    def handle_term(self, signum, frame) -> None:
+        self.alive = False
+
+    def run(self, publisher) -> int:
+        ctl = self.ctl
+        while self.alive:
+            self.beat()
+            if ctl["reload_requested"] != self.reload_seen:
+                self.reload_seen = ctl["reload_requested"]
+                self.reload()
+            end = self.next_end()
+            if end is None:
+                time.sleep(POLL_S)
+                continue
+            prediction = self.infer(end)
+            ctl["last_window_end"] = end
+            if prediction is not None:
+                publisher.publish(prediction)
+                ctl.add("inferences")
+                ctl["last_inference_ts"] = prediction["timestamp"]
+                ctl["last_inference_ms"] = prediction["inference_time_ms"]
+            self.throttle.flush()
+        return EXIT_OK
+
+
+def main(cfg: Config, paths: dict) -> None:
+    """Entry point of the inference process (multiprocessing spawn target)."""
+    log = logmod.setup("inference", cfg.building_id, cfg.log_level)
+    import torch  # only here: the supervisor and the reader never pay for torch
+
+    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    worker = InferenceWorker(cfg, paths)
+    signal.signal(signal.SIGTERM, worker.handle_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are asked for through the control block
+    worker.ctl["inference_pid"] = os.getpid()
+    try:
+        worker.load()
+        publisher = StdoutPublisher(cfg) if cfg.mode == "test" else RedisPublisher(cfg, log, worker.throttle)
+    except (NilmdError, RuntimeError) as e:
+        log.critical("cannot start: %s", e)
+        sys.exit(EXIT_BOOT_ERROR)
+    sys.exit(worker.run(publisher))

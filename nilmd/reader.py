@@ -1,0 +1,173 @@
+"""Reader process: meter messages -> validated, gap-filled features in the ring buffer.
+
+The only writer of the ring and of the reader's slots in the control block. It never crashes on
+input (nilmd.ingest rejects or repairs every message, by reason) and survives Redis going away
+by reconnecting with backoff while it keeps stamping its heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from nilmd import control as ctlmod
+from nilmd import log as logmod
+from nilmd.config import Config
+from nilmd.control import ControlBlock
+from nilmd.errors import EXIT_OK
+from nilmd.features import derive
+from nilmd.ingest import Grid, Rejected, parse_sample
+from nilmd.redisconn import Backoff
+from nilmd.ringbuffer import FLAG_FILLED, FLAG_MEASURED, RingBuffer
+from nilmd.sources import make_source
+
+
+class Reader:
+    def __init__(self, cfg: Config, paths: dict, source=None):
+        self.cfg = cfg
+        self.log = logging.getLogger("nilmd.reader")
+        self.throttle = logmod.Throttle(self.log, period=60.0)
+        self.ring = RingBuffer.attach(paths["ring"])
+        self.ctl = ControlBlock.attach(paths["ctl"])
+        self.source = source if source is not None else make_source(cfg)
+        self.alive = True
+        self.parent = os.getppid()
+        last = self.ring.last()  # a restarted reader carries on where the last one stopped
+        self.grid = Grid(cfg.max_gap_fill, last_slot=int(last[0]) if last else None)
+        self._prev = last[1] if last else None  # features of the newest sample, for gap filling
+
+    # -- ingest: the per-sample path --------------------------------------------------------------
+    def ingest(self, messages, now: float | None = None) -> int:
+        """Validate and place a batch of raw messages; returns how many were accepted."""
+        now = time.time() if now is None else now
+        ctl = self.ctl
+        accepted, placements = [], []
+        for raw in messages:
+            try:
+                sample = parse_sample(raw, now, self.cfg.max_clock_skew)
+                placement = self.grid.place(sample.timestamp)
+            except Rejected as r:
+                ctl.add(f"rejected_{r.reason}")
+                self.throttle.log(r.reason, logging.WARNING,
+                                  f"rejected a sample ({r.reason}{': ' + r.detail if r.detail else ''})")
+                continue
+            for repair in sample.repairs:
+                ctl.add(f"repaired_{repair}")
+            accepted.append(sample)
+            placements.append(placement)
+        # Counters move together after the batch, so received == accepted + rejected whenever
+        # the status is read between batches.
+        ctl.add("samples_received", len(messages))
+        if not accepted:
+            return 0
+        feats = derive([s.power for s in accepted], [s.voltage for s in accepted],
+                       [s.current for s in accepted], [s.power_factor for s in accepted])
+        self._write(placements, feats)
+        ctl.add("samples_accepted", len(accepted))
+        ctl["last_sample_ts"] = float(placements[-1].slot)
+        return len(accepted)
+
+    def _write(self, placements, feats: np.ndarray) -> None:
+        ts, rows, flags = [], [], []
+        prev = self._prev
+        for k, p in enumerate(placements):
+            if p.breaks:
+                self._flush(ts, rows, flags)
+                ts, rows, flags = [], [], []
+                self.ring.mark_break()
+                if prev is not None:
+                    self.ctl.add("gaps_broken")
+                    self.throttle.log("gap", logging.WARNING,
+                                      f"gap in the meter data longer than {self.cfg.max_gap_fill} s: "
+                                      "the window restarts (no predictions until it is full again)")
+            elif p.fill:
+                ts.extend(range(p.slot - p.fill, p.slot))
+                rows.extend([prev] * p.fill)
+                flags.extend([FLAG_FILLED] * p.fill)
+                self.ctl.add("samples_filled", p.fill)
+            ts.append(p.slot)
+            rows.append(feats[k])
+            flags.append(FLAG_MEASURED)
+            prev = feats[k]
+        self._flush(ts, rows, flags)
+        self._prev = prev.copy()
+
+    def _flush(self, ts, rows, flags) -> None:
+        if ts:
+            self.ring.write(np.asarray(ts, dtype=np.float64), np.asarray(rows, dtype=np.float32),
+                            np.asarray(flags, dtype=np.uint8))
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def beat(self) -> None:
+        self.ctl["reader_heartbeat"] = time.monotonic()
+        if os.getppid() != self.parent:  # the supervisor died (SIGKILL): do not outlive it
+            self.alive = False
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep with heartbeats, so a long backoff never looks like a hang."""
+        deadline = time.monotonic() + seconds
+        while self.alive and time.monotonic() < deadline:
+            self.beat()
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def handle_term(self, signum, frame) -> None:
+        self.alive = False
+
+    def run(self) -> int:
+        ctl = self.ctl
+        backoff = Backoff()
+        connected = False
+        while self.alive:
+            self.beat()
+            if not connected:
+                ctl["reader_state"] = ctlmod.READER_CONNECTING
+                try:
+                    self.source.connect()
+                    connected = True
+                except self.source.errors as e:
+                    self._lost(e, backoff)
+                    continue
+            try:
+                batch = self.source.read(timeout=0.2)
+            except self.source.errors as e:
+                connected = False
+                self.source.close()
+                self._lost(e, backoff)
+                continue
+            if self.source.subscribed and ctl["reader_state"] != ctlmod.READER_SUBSCRIBED:
+                ctl["reader_state"] = ctlmod.READER_SUBSCRIBED
+                ctl["redis_connected"] = 1
+                if backoff.failures:
+                    self.log.info("input source %s is back after %d failed attempts", self.source.name, backoff.failures)
+                backoff.reset()
+            if batch:
+                self.ingest(batch)
+            self.throttle.flush()
+        self.source.close()
+        return EXIT_OK
+
+    def _lost(self, error, backoff: Backoff) -> None:
+        self.ctl["redis_connected"] = 0
+        self.ctl["reader_state"] = ctlmod.READER_CONNECTING
+        self.ctl.add("redis_errors")
+        delay = backoff.next_delay()
+        self.throttle.log("redis", logging.ERROR,
+                          f"input source {self.source.name} unreachable ({type(error).__name__}: {error}); "
+                          f"retrying with backoff (next in {delay:.1f} s)")
+        self._wait(delay)
+
+
+def main(cfg: Config, paths: dict) -> None:
+    """Entry point of the reader process (multiprocessing spawn target)."""
+    logmod.setup("reader", cfg.building_id, cfg.log_level)
+    reader = Reader(cfg, paths)
+    signal.signal(signal.SIGTERM, reader.handle_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    reader.ctl["reader_pid"] = os.getpid()
+    sys.exit(reader.run())

@@ -1,0 +1,62 @@
+"""Redis clients built from the Config: auth, TLS, timeouts and a bounded retry, set explicitly
+(redis-py's defaults changed between releases; a daemon should not depend on them).
+
+Callers own reconnection with backoff (see Backoff): the client retries a failed command only
+briefly, so a dead Redis shows up quickly as an error the process can count and report.
+"""
+
+from __future__ import annotations
+
+import random
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from nilmd.config import Config
+
+# What a lost connection looks like from redis-py (a restarted server also closes sockets).
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+
+
+def client(cfg: Config, *, name: str, socket_timeout: float | None = 5.0) -> redis.Redis:
+    kwargs = dict(
+        host=cfg.redis_host,
+        port=cfg.redis_port,
+        db=cfg.redis_db,
+        username=cfg.redis_username or None,
+        password=cfg.redis_password or None,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
+        client_name=f"nilmd-{name}",
+    )
+    if cfg.redis_tls:
+        kwargs.update(ssl=True, ssl_ca_certs=cfg.redis_tls_ca or None, ssl_certfile=cfg.redis_tls_cert or None,
+                      ssl_keyfile=cfg.redis_tls_key or None)
+    return redis.Redis(**kwargs)
+
+
+def describe(cfg: Config) -> str:
+    """Where we connect, for error lines (never the password)."""
+    scheme = "rediss" if cfg.redis_tls else "redis"
+    user = f"{cfg.redis_username}@" if cfg.redis_username else ""
+    return f"{scheme}://{user}{cfg.redis_host}:{cfg.redis_port}/{cfg.redis_db}"
+
+
+class Backoff:
+    """Exponential backoff with full jitter: 0.5 s doubling to `cap`, reset on success."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng=random.random):
+        self.base, self.cap, self.rng = base, cap, rng
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * 2**self.failures)
+        self.failures += 1
+        return delay * (0.5 + 0.5 * self.rng())
+
+    def reset(self) -> None:
+        self.failures = 0

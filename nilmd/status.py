@@ -1,0 +1,154 @@
+"""The status hash (SPEC §2): what the supervisor writes, and how `nilmd status` judges it.
+
+A live daemon rewrites the hash every `status_interval_s`; a reader tells a dead daemon from a
+live one by the age of `updated_at` (older than 3 intervals + 5 s: dead), and a clean stop
+leaves `state=stopped`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+from nilmd import __version__, keys
+from nilmd.appliances import APPLIANCES
+from nilmd.config import Config
+from nilmd.ingest import REJECT_REASONS, REPAIR_REASONS
+
+STATES = ("starting", "warming_up", "running", "degraded", "reloading", "stopping", "stopped")
+
+# `nilmd status` exit codes, the monitoring-plugin convention
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+
+
+def key(cfg: Config) -> str:
+    return keys.status_key(cfg.building_id)
+
+
+def judge_state(*, ready: bool, reloading: bool, children_ok: bool, input_ok: bool, models_loaded: int,
+                fill: int, window: int) -> str:
+    if not ready:
+        return "starting"
+    if reloading:
+        return "reloading"
+    if not children_ok or not input_ok or models_loaded < len(APPLIANCES):
+        return "degraded"
+    return "warming_up" if fill < window else "running"
+
+
+def summary_line(state: str, fill: int, window: int, snap: dict) -> str:
+    """The one-line STATUS= for systemd."""
+    parts = [state, f"buffer {min(fill, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
+    if snap["inferences"]:
+        parts.append(f"last inference {snap['last_inference_ms']:.1f} ms")
+    if not snap["redis_connected"]:
+        parts.append("input not connected")
+    return ", ".join(parts)
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1) if pid else 0.0
+    except psutil.Error:
+        return 0.0
+
+
+def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pids: dict, restarts: dict) -> dict:
+    mask = int(snap["models_mask"])
+    missing = [a for i, a in enumerate(APPLIANCES) if not mask >> i & 1]
+    rejected = {f"rejected_{r}": int(snap[f"rejected_{r}"]) for r in REJECT_REASONS}
+    rss = {f"memory_{role}_mb": _rss_mb(pid) for role, pid in pids.items()}
+    out = {
+        "state": state,
+        "building_id": cfg.building_id,
+        "buffer_fill": min(fill, cfg.window_size),
+        "window_size": cfg.window_size,
+        "inference_interval": cfg.inference_interval,
+        "samples_received": int(snap["samples_received"]),
+        "samples_accepted": int(snap["samples_accepted"]),
+        "samples_rejected": sum(rejected.values()),
+        **rejected,
+        **{f"repaired_{r}": int(snap[f"repaired_{r}"]) for r in REPAIR_REASONS},
+        "samples_filled": int(snap["samples_filled"]),
+        "gaps_broken": int(snap["gaps_broken"]),
+        "last_sample_ts": snap["last_sample_ts"],
+        "last_inference_ts": snap["last_inference_ts"],
+        "last_inference_ms": snap["last_inference_ms"],
+        "inferences": int(snap["inferences"]),
+        "overruns": int(snap["overruns"]),
+        "models_loaded": int(snap["models_loaded"]),
+        "models_missing": ",".join(missing) if snap["models_loaded"] or snap["inference_state"] else "",
+        "reload_failures": int(snap["reload_failed"]),
+        "device": "cuda" if snap["device_cuda"] else "cpu",
+        "input_connected": int(snap["redis_connected"]),
+        "input_errors": int(snap["redis_errors"]),
+        **{f"pid_{role}": pid for role, pid in pids.items()},
+        "restarts": sum(restarts.values()),
+        **{f"restarts_{role}": n for role, n in restarts.items()},
+        **rss,
+        "memory_total_mb": round(sum(rss.values()), 1),
+        "uptime_s": round(time.time() - started, 1),
+        "version": __version__,
+        "updated_at": round(time.time(), 3),
+        "status_interval_s": cfg.status_interval,
+        "host": os.uname().nodename,
+    }
+    return out
+
+
+def judge(fields: dict, now: float | None = None) -> tuple[int, str]:
+    """(exit code, one-line verdict) for a status hash read back from Redis (str -> str)."""
+    if not fields:
+        return UNKNOWN, "no status: nilmd has never run against this Redis and building"
+    now = time.time() if now is None else now
+    state = fields.get("state", "?")
+    try:
+        age = now - float(fields.get("updated_at", 0))
+        interval = float(fields.get("status_interval_s", 2))
+    except ValueError:
+        return UNKNOWN, "status hash is unreadable"
+    if state == "stopped":
+        return CRITICAL, f"stopped ({age:.0f} s ago)"
+    if age > 3 * interval + 5:
+        return CRITICAL, f"dead: last update {age:.0f} s ago while {state}"
+    if state == "running":
+        return OK, "running"
+    return WARNING, state
+
+
+def render(fields: dict, now: float | None = None) -> str:
+    """Human-readable `nilmd status`."""
+    code, verdict = judge(fields, now)
+    if not fields:
+        return verdict
+    now = time.time() if now is None else now
+    g = fields.get
+
+    def ago(ts):
+        try:
+            ts = float(ts)
+        except (TypeError, ValueError):
+            return "never"
+        return "never" if ts <= 0 else f"{now - ts:.0f} s ago"
+
+    lines = [
+        f"nilmd {g('version', '?')} building {g('building_id', '?')} on {g('host', '?')}: {verdict}",
+        f"  buffer       {g('buffer_fill')}/{g('window_size')} samples, input connected: {g('input_connected') == '1'}",
+        f"  samples      {g('samples_received')} received, {g('samples_accepted')} accepted, "
+        f"{g('samples_rejected')} rejected, {g('samples_filled')} filled; last {ago(g('last_sample_ts'))}",
+        f"  inference    {g('inferences')} runs, last {ago(g('last_inference_ts'))} in {g('last_inference_ms')} ms "
+        f"on {g('device')}",
+        f"  models       {g('models_loaded')}/{len(APPLIANCES)} loaded"
+        + (f", missing: {g('models_missing')}" if g("models_missing") else ""),
+        f"  processes    supervisor {g('pid_supervisor')}, reader {g('pid_reader')}, inference {g('pid_inference')}; "
+        f"{g('restarts')} restarts; up {g('uptime_s')} s",
+        f"  memory       {g('memory_total_mb')} MB (supervisor {g('memory_supervisor_mb')}, "
+        f"reader {g('memory_reader_mb')}, inference {g('memory_inference_mb')})",
+    ]
+    rejected = [f"{k[9:]}={v}" for k, v in sorted(fields.items()) if k.startswith("rejected_") and v != "0"]
+    if rejected:
+        lines.append(f"  rejected     {', '.join(rejected)}")
+    lines.append(f"  updated      {ago(g('updated_at'))}")
+    return "\n".join(lines)

@@ -1,0 +1,353 @@
+"""The supervisor: the process systemd starts (after gunicorn's arbiter).
+
+It owns the shared memory, spawns the reader and the inference process (spawn context; it never
+imports torch), and runs one loop that reaps children, checks their heartbeats, restarts the
+dead or hung with backoff while the ring buffer survives, publishes the status hash and is the
+only process that talks to systemd. Signal handlers only enqueue; each signal has a handle_*
+method that the loop calls.
+
+Exit codes (nilmd.errors): 0 stopped on request, 3 a child kept failing, 4 another nilmd owns
+this building, 78 a child cannot start at all (no usable checkpoint, no such device).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing as mp
+import os
+import random
+import select
+import signal
+import time
+from collections import deque
+
+from nilmd import control as ctlmod
+from nilmd import inference, reader, status
+from nilmd.config import Config
+from nilmd.control import ControlBlock
+from nilmd.errors import EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_OK, NilmdError
+from nilmd.features import N_FEATURES
+from nilmd.log import Throttle
+from nilmd.notify import Notifier
+from nilmd.ringbuffer import RingBuffer
+
+FRESH_S = 5.0  # a heartbeat older than this stops WATCHDOG=1 pings (children beat every <= 0.5 s)
+
+
+class Child:
+    def __init__(self, role: str, target):
+        self.role = role
+        self.target = target
+        self.process = None
+        self.started_at = 0.0  # monotonic
+        self.failures = 0  # deaths since the child last lived HEALTHY_AFTER seconds
+        self.restarts = 0
+        self.next_start = 0.0
+        self.killed_for_hang = False
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    TICK = 0.5
+    HEALTHY_AFTER = 60.0
+    MAX_FAILURES = 5
+    STOP_TIMEOUT = 5.0
+    EXTEND_S = 30.0
+
+    def __init__(self, cfg: Config):
+        if cfg.mode == "test":  # simulated time runs ahead of the wall clock
+            cfg = cfg.replace(max_clock_skew=10 * 365 * 86400.0)
+        self.cfg = cfg
+        self.log = logging.getLogger("nilmd.supervisor")
+        self.throttle = Throttle(self.log, period=60.0)
+        self.ctx = mp.get_context("spawn")
+        prefix = os.path.join(cfg.runtime_dir, f"nilmd-{cfg.building_id}")
+        self.paths = {"ring": prefix + ".ring", "ctl": prefix + ".ctl", "lock": prefix + ".lock"}
+        self.children = {"reader": Child("reader", reader.main), "inference": Child("inference", inference.main)}
+        self.notifier = Notifier()
+        self.signals: deque[int] = deque()
+        self.exit_code: int | None = None
+        self.started = time.time()
+        self.ready_sent = False
+        self.reloading = False
+        self.stopping = False
+        self.state = "starting"
+        self.ring = self.ctl = None
+        self._lock_fd = -1
+        self._wake_r = self._wake_w = -1
+        self._last_status = 0.0
+        self._last_ping = 0.0
+        self._last_extend = 0.0
+        self._status_line = ""
+        self.redis = None
+        if cfg.mode != "test":
+            from nilmd import redisconn
+
+            self.redis = redisconn.client(cfg, name="supervisor", socket_timeout=2.0)
+            self.redis_errors = redisconn.CONNECTION_ERRORS
+
+    # -- shared memory and the instance lock ------------------------------------------------------
+    def acquire(self) -> None:
+        """Own this building's shared memory: refuse if a live nilmd has it, reclaim a dead one's."""
+        os.makedirs(self.cfg.runtime_dir, exist_ok=True)
+        fd = os.open(self.paths["lock"], os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise NilmdError(f"another nilmd (pid {other}) is running for building {self.cfg.building_id} "
+                             f"({self.paths['lock']})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        stale = [p for key, p in self.paths.items() if key != "lock" and os.path.exists(p)]
+        if stale:
+            self.log.warning("removed stale shared memory left by an earlier run: %s", ", ".join(stale))
+            for p in stale:
+                os.unlink(p)
+        self.ring = RingBuffer.create(self.paths["ring"], self.cfg.ring_capacity, N_FEATURES)
+        self.ctl = ControlBlock.create(self.paths["ctl"])
+
+    def release(self) -> None:
+        for shared in (self.ring, self.ctl):
+            if shared is not None:
+                shared.unlink()
+                shared.close()
+        if self._lock_fd >= 0:
+            os.unlink(self.paths["lock"])  # while still holding it, so nobody races us for it
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- signals: handlers only enqueue ---------------------------------------------------------
+    def install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._enqueue)
+
+    def _enqueue(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    def sleep(self) -> None:
+        if self.signals:
+            return
+        try:
+            ready, _, _ = select.select([self._wake_r], [], [], self.TICK)
+        except InterruptedError:
+            return
+        if ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            handler = {signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
+                       signal.SIGHUP: self.handle_hup, signal.SIGCHLD: self.handle_chld}[signum]
+            handler()
+
+    def handle_term(self) -> None:
+        self.log.info("SIGTERM: stopping")
+        self.exit_code = EXIT_OK
+
+    def handle_int(self) -> None:
+        self.log.info("SIGINT: stopping")
+        self.exit_code = EXIT_OK
+
+    def handle_hup(self) -> None:
+        child = self.children["inference"]
+        if not child.alive:
+            self.log.info("SIGHUP: the inference process is not running; it loads the current checkpoints when it starts")
+            return
+        self.log.info("SIGHUP: reloading checkpoints from %s", self.cfg.model_dir)
+        self.reloading = True
+        self.notifier.reloading()
+        self.ctl["reload_requested"] = self.ctl["reload_requested"] + 1
+
+    def handle_chld(self) -> None:
+        pass  # the loop reaps right after handling signals
+
+    # -- children -------------------------------------------------------------------------------
+    def spawn(self, child: Child) -> None:
+        child.process = self.ctx.Process(target=child.target, args=(self.cfg, self.paths),
+                                         name=f"nilmd-{child.role}", daemon=False)
+        child.process.start()
+        child.started_at = time.monotonic()
+        child.killed_for_hang = False
+        self.ctl[f"{child.role}_pid"] = child.process.pid
+        self.log.info("started the %s process (pid %d)", child.role, child.process.pid)
+
+    def reap(self) -> None:
+        for child in self.children.values():
+            if child.process is None or child.alive:
+                continue
+            code, pid = child.process.exitcode, child.process.pid
+            child.process.close()
+            child.process = None
+            self.child_died(child, pid, code)
+
+    def child_died(self, child: Child, pid: int, code: int | None) -> None:
+        if self.stopping:
+            return
+        lived = time.monotonic() - child.started_at
+        why = "hung (no heartbeat)" if child.killed_for_hang else _describe_exit(code)
+        if code == EXIT_BOOT_ERROR:
+            self.log.critical("the %s process cannot start (see its error above): stopping", child.role)
+            self.exit_code = EXIT_BOOT_ERROR
+            return
+        child.failures = 1 if lived >= self.HEALTHY_AFTER else child.failures + 1
+        if child.failures >= self.MAX_FAILURES:
+            self.log.critical("the %s process failed %d times in a row (last: pid %d, %s, after %.1f s): giving up",
+                              child.role, child.failures, pid, why, lived)
+            self.exit_code = EXIT_CHILD_FAILING
+            return
+        delay = min(30.0, 0.5 * 2 ** (child.failures - 1)) * (0.75 + 0.5 * random.random())
+        child.next_start = time.monotonic() + delay
+        child.restarts += 1
+        self.log.error("the %s process (pid %d) died: %s after %.1f s; restarting in %.1f s (failure %d of %d)",
+                       child.role, pid, why, lived, delay, child.failures, self.MAX_FAILURES)
+
+    def respawn(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.process is None and now >= child.next_start and self.exit_code is None:
+                self.spawn(child)
+
+    def heartbeat_age(self, child: Child) -> float:
+        beat = max(self.ctl[f"{child.role}_heartbeat"], child.started_at)
+        return time.monotonic() - beat
+
+    def check_heartbeats(self) -> None:
+        for child in self.children.values():
+            if not child.alive or child.killed_for_hang:
+                continue
+            age = self.heartbeat_age(child)
+            if age > self.cfg.heartbeat_timeout:
+                self.log.error("the %s process (pid %d) sent no heartbeat for %.0f s: killing it",
+                               child.role, child.pid, age)
+                child.killed_for_hang = True
+                os.kill(child.pid, signal.SIGKILL)  # a hung (or stopped) process cannot act on SIGTERM
+
+    def all_fresh(self) -> bool:
+        return all(c.alive and self.heartbeat_age(c) < FRESH_S for c in self.children.values())
+
+    # -- state, systemd and the status hash -----------------------------------------------------
+    def update(self) -> None:
+        snap = self.ctl.snapshot()
+        reader_up = self.children["reader"].alive and snap["reader_state"] == ctlmod.READER_SUBSCRIBED
+        models_up = self.children["inference"].alive and snap["inference_state"] != ctlmod.INFER_LOADING
+        fill = self.ring.fill()
+        now = time.monotonic()
+        if self.reloading and snap["reload_done"] >= snap["reload_requested"]:
+            self.reloading = False
+            self.log.info("reload finished (%d models serving)", snap["models_loaded"])
+            self.notifier.ready()
+        self.state = status.judge_state(
+            ready=self.ready_sent or (reader_up and models_up), reloading=self.reloading,
+            children_ok=all(c.alive for c in self.children.values()), input_ok=reader_up,
+            models_loaded=int(snap["models_loaded"]), fill=fill, window=self.cfg.window_size)
+        line = status.summary_line(self.state, fill, self.cfg.window_size, snap)
+        if not self.ready_sent and reader_up and models_up:
+            self.ready_sent = True
+            self.notifier.ready(line)
+            self.log.info("ready: %s", line)
+        elif line != self._status_line:
+            self.notifier.status(line)
+        self._status_line = line
+        if not self.ready_sent and snap["inference_state"] == ctlmod.INFER_LOADING and now - self._last_extend > 10:
+            self.notifier.extend_timeout(self.EXTEND_S)
+            self._last_extend = now
+        interval = self.notifier.watchdog_interval
+        if interval and self.ready_sent and now - self._last_ping >= interval and self.all_fresh():
+            self.notifier.watchdog()
+            self._last_ping = now
+        if now - self._last_status >= self.cfg.status_interval:
+            self.publish_status(snap, fill)
+            self._last_status = now
+
+    def publish_status(self, snap=None, fill=None) -> None:
+        if self.redis is None:
+            return
+        snap = self.ctl.snapshot() if snap is None else snap
+        fields = status.fields(self.cfg, self.state, snap, self.ring.fill() if fill is None else fill,
+                               started=self.started,
+                               pids={"supervisor": os.getpid(), **{r: c.pid for r, c in self.children.items()}},
+                               restarts={r: c.restarts for r, c in self.children.items()})
+        try:
+            self.redis.hset(status.key(self.cfg), mapping=fields)
+        except self.redis_errors as e:
+            self.throttle.log("status", logging.WARNING, f"could not write the status hash ({type(e).__name__}: {e})")
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.acquire()
+        except NilmdError as e:
+            self.log.critical("%s", e)
+            return EXIT_ALREADY_RUNNING
+        try:
+            self.install_signals()
+            self.log.info("nilmd starting: building %s, window %d s, a prediction every %d s, models from %s",
+                          self.cfg.building_id, self.cfg.window_size, self.cfg.inference_interval, self.cfg.model_dir)
+            self.notifier.status("starting: loading models")
+            for child in self.children.values():
+                self.spawn(child)
+            while self.exit_code is None:
+                self.sleep()
+                self.handle_signals()
+                self.reap()
+                if self.exit_code is not None:
+                    break
+                self.check_heartbeats()
+                self.respawn()
+                self.update()
+            self.shutdown()
+        finally:
+            self.release()
+            if self.redis is not None:
+                self.redis.close()
+        return self.exit_code
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        self.state = "stopping"
+        self.notifier.stopping()
+        self.publish_status()
+        for child in self.children.values():
+            if child.alive:
+                child.process.terminate()
+        deadline = time.monotonic() + self.STOP_TIMEOUT
+        for child in self.children.values():
+            if child.process is not None:
+                child.process.join(max(0.0, deadline - time.monotonic()))
+                if child.process.is_alive():
+                    self.log.warning("the %s process (pid %d) ignored SIGTERM for %.0f s: killing it",
+                                     child.role, child.pid, self.STOP_TIMEOUT)
+                    child.process.kill()
+                    child.process.join(2.0)
+        self.state = "stopped"
+        self.publish_status()
+        self.log.info("stopped")
