@@ -104,11 +104,11 @@ def draw_house(seed: int) -> House:
     ]
     wm_progs = [wm_catalogue[i] for i in sorted(r.choice(3, size=r.integers(1, 4), replace=False))]
     a["WashingMachine"] = ApplianceParams(
-        U(1800, 2200), U(0.3, 0.8), _hours(r, [(9.5, 1.0), (14, 0.6), (19, 0.15)], 0.002),
+        U(1800, 2200), U(0.35, 0.8), _hours(r, [(9.5, 1.0), (14, 0.6), (19, 0.15)], 0.002),
         q_ratio=q_of(U(0.7, 0.85)), v_exp=2.0,
-        shape=dict(programs=wm_progs, motor_w=U(50, 150), spin_w=U(250, 550)))
+        shape=dict(programs=wm_progs, motor_w=U(40, 120), spin_w=U(250, 550)))
     a["Dryer"] = ApplianceParams(
-        U(2000, 2700) if r.random() < 0.85 else U(4000, 5500), U(0.1, 0.35),
+        U(2000, 2700) if r.random() < 0.85 else U(4000, 5500), U(0.15, 0.4),
         _hours(r, [(11, 1.0), (16, 0.8), (20, 0.4)], 0.002), v_exp=2.0,
         shape=dict(minutes=U(50, 110), motor_w=U(150, 300), motor_q=q_of(0.8)))
     a["Freezer"] = ApplianceParams(
@@ -118,7 +118,7 @@ def draw_house(seed: int) -> House:
         U(85, 135), q_ratio=q_of(U(0.82, 0.9)), v_exp=0.5,
         shape=dict(peak=U(3, 7), lam=U(0.3, 1.0), slot_s=int(U(30, 45) * 60), duty=U(0.22, 0.32)))
     a["ElectricOven"] = ApplianceParams(
-        U(2000, 3500), U(0.25, 0.8), _hours(r, [(12.5, 0.2), (18, 1.0)], 0.002), v_exp=2.0,
+        U(2000, 3500), U(0.3, 0.9), _hours(r, [(12.5, 0.2), (18, 1.0)], 0.002), v_exp=2.0,
         shape=dict(minutes=U(30, 80), preheat_s=U(480, 900), on_s=U(30, 90), off_s=U(60, 180),
                    fan_w=U(25, 60)))
     a["Microwave"] = ApplianceParams(
@@ -127,7 +127,7 @@ def draw_house(seed: int) -> House:
         shape=dict(median_s=U(70, 150), p_partial=U(0.1, 0.5), idle_w=U(60, 120)))
     a["ElectricKettle"] = ApplianceParams(
         U(2300, 3000), U(3.5, 7.5),
-        _hours(r, [(7.5, 1.0), (12.5, 0.7), (15.5, 0.6), (19, 0.8), (21.5, 0.3)], 0.002),
+        _hours(r, [(8.0, 1.0), (12.5, 0.7), (15.5, 0.6), (19, 0.8), (21.5, 0.25)], 0.002),
         v_exp=2.0, shape=dict(seconds=(75, U(130, 200))))
     wfh = r.random() < 0.4
     a["Computer"] = ApplianceParams(
@@ -145,7 +145,7 @@ def draw_house(seed: int) -> House:
                                            shape=dict(seconds=secs, cycle=cyc)))
     occ = a["ElectricKettle"].hours + a["Microwave"].hours + a["Television"].hours
     return House({n: a[n] for n in APPLIANCES}, tuple(unknown), occ / occ.max(),
-                 base_w=U(40, 130), lights_w=U(20, 150), noise_w=U(0.5, 4.0), v_mean=U(228, 243),
+                 base_w=U(40, 130), lights_w=U(15, 100), noise_w=U(0.5, 4.0), v_mean=U(228, 243),
                  hp_winter_duty=U(0.12, 0.3), hp_hot_water=U(0.5, 0.95),
                  dryer_after_wash=U(0.1, 0.6))
 
