@@ -8,11 +8,15 @@ redis-server, the way systemd would run it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import struct
+import threading
 import time
 import uuid
 
 import pytest
+from conftest import publish_samples, wait_for
 
 from nilmd.notify import Notifier
 
@@ -86,3 +90,152 @@ def test_unset_environment_keeps_children_off_the_socket(monkeypatch, tmp_path):
     assert "NOTIFY_SOCKET" not in os.environ and "WATCHDOG_USEC" not in os.environ
     assert n.watchdog_interval == 2.0 and n.status("still works") and _recv(sock) == "STATUS=still works"
     sock.close()
+
+
+# -- the real daemon ------------------------------------------------------------------------------
+
+FRESH_S = 5.0  # nilmd.supervisor.FRESH_S: a heartbeat older than this stops the pings
+
+
+class NotifyListener:
+    """What systemd sees: a datagram socket at $NOTIFY_SOCKET, each message stamped with the time
+    it arrived and the sender's pid (SCM_CREDENTIALS, as systemd checks NotifyAccess=main)."""
+
+    def __init__(self, on_message=None):
+        self.name = f"nilmd-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind("\0" + self.name)
+        self.sock.settimeout(0.2)
+        self.on_message = on_message
+        self.messages: list[tuple[float, int, list[str], dict]] = []  # (monotonic, pid, lines, extra)
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return "@" + self.name
+
+    def _run(self):
+        cred_size = struct.calcsize("3i")
+        while not self._stop.is_set():
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(cred_size))
+            except socket.timeout:
+                continue
+            now = time.monotonic()
+            pid = -1
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("3i", payload[:cred_size])[0]
+            lines = data.decode().split("\n")
+            extra = self.on_message(lines) if self.on_message else {}
+            with self.lock:
+                self.messages.append((now, pid, lines, extra or {}))
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.messages)
+
+    def index(self, line: str, after: int = -1) -> int | None:
+        for i, (_, _, lines, _) in enumerate(self.snapshot()):
+            if i > after and line in lines:
+                return i
+        return None
+
+    def pings(self, since: float = 0.0, until: float = float("inf")) -> list[float]:
+        return [t for t, _, lines, _ in self.snapshot() if "WATCHDOG=1" in lines and since <= t < until]
+
+    def statuses(self) -> list[str]:
+        return [ln[len("STATUS="):] for _, _, lines, _ in self.snapshot() for ln in lines if ln.startswith("STATUS=")]
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_daemon_speaks_sd_notify(daemon_factory, redis_client):
+    """READY only once the reader is subscribed; STATUS lines as things change; WATCHDOG=1 at half
+    of $WATCHDOG_USEC while every child is fresh and not while one is stopped; RELOADING=1 then
+    READY=1 around SIGHUP; STOPPING=1 at SIGTERM; every message from the supervisor's pid."""
+    holder = {}
+
+    def on_message(lines):
+        # Checked the moment READY arrives: the reader must already hold its subscription.
+        if "READY=1" in lines and "channel" in holder:
+            return {"numsub": redis_client.pubsub_numsub(holder["channel"])[0][1]}
+        return {}
+
+    listener = NotifyListener(on_message)
+    try:
+        d = daemon_factory(extra_env={
+            "NOTIFY_SOCKET": listener.address,
+            "WATCHDOG_USEC": "2000000",  # pings every 1 s
+            "NILMD_HEARTBEAT_TIMEOUT": "120",  # the supervisor must not kill the child we SIGSTOP
+        })
+        holder["channel"] = f"nilm:{d.building}:input"
+        d.start()
+        wait_for(lambda: listener.index("READY=1") is not None or d.proc.poll() is not None, 90,
+                 "READY=1 from the daemon")
+        assert d.proc.poll() is None, d.log()[-3000:]
+        ready = listener.index("READY=1")
+        msgs = listener.snapshot()
+        assert msgs[ready][3]["numsub"] > 0, "READY=1 arrived before the reader subscribed to the input channel"
+        before = [ln for _, _, lines, _ in msgs[:ready] for ln in lines]
+        assert "WATCHDOG=1" not in before, "watchdog pings before READY=1"
+        assert any(ln.startswith("STATUS=starting") for ln in before), before
+        assert any(ln.startswith("EXTEND_TIMEOUT_USEC=") for ln in before), "no EXTEND_TIMEOUT_USEC while loading"
+        assert any(ln.startswith("STATUS=") for ln in msgs[ready][2]), "READY=1 should carry the status line"
+
+        # pings at half of WATCHDOG_USEC (the loop ticks every 0.5 s: 1.0 to 1.5 s apart)
+        t_ready = msgs[ready][0]
+        wait_for(lambda: len(listener.pings(t_ready)) >= 4, 15, "four WATCHDOG=1 pings after READY=1")
+        pings = listener.pings(t_ready)
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert all(0.9 <= g <= 2.5 for g in gaps), f"ping gaps {gaps} for WATCHDOG_USEC=2 s"
+
+        # STATUS follows the buffer as samples arrive
+        n_status = len(listener.statuses())
+        publish_samples(redis_client, d.building, 300)
+        wait_for(lambda: any("running" in s and "last inference" in s for s in listener.statuses()[n_status:]), 30,
+                 "a STATUS line saying running with an inference latency")
+        assert all("\n" not in s for s in listener.statuses())
+
+        # a stopped child: its heartbeat goes stale and the pings stop; they resume after SIGCONT
+        pid = int(d.status(redis_client)["pid_inference"])
+        os.kill(pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            time.sleep(FRESH_S + 1.6)  # the heartbeat turns stale after FRESH_S; one tick, one interval
+            quiet_from = time.monotonic()
+            time.sleep(3.0)
+            assert listener.pings(quiet_from) == [], (
+                f"WATCHDOG=1 kept coming {[round(t - t_stop, 1) for t in listener.pings(t_stop)]} s "
+                "after the inference process was SIGSTOPped")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        t_cont = time.monotonic()
+        wait_for(lambda: listener.pings(t_cont), 5, "WATCHDOG=1 again after SIGCONT")
+
+        # reload: RELOADING=1 (with MONOTONIC_USEC), then READY=1
+        mark = len(listener.snapshot()) - 1
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: listener.index("RELOADING=1", mark) is not None, 10, "RELOADING=1 after SIGHUP")
+        reloading = listener.index("RELOADING=1", mark)
+        assert any(ln.startswith("MONOTONIC_USEC=") for ln in listener.snapshot()[reloading][2])
+        wait_for(lambda: listener.index("READY=1", reloading) is not None, 60, "READY=1 after the reload")
+        assert "reloaded" in d.log()
+
+        # stop
+        mark = len(listener.snapshot()) - 1
+        assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
+        assert listener.index("STOPPING=1", mark) is not None, "no STOPPING=1 at SIGTERM"
+        assert d.shm_files() == [], "shared memory left behind"
+        senders = {pid for _, pid, _, _ in listener.snapshot()}
+        assert senders == {d.proc.pid}, f"notify messages from {senders}, expected only the supervisor {d.proc.pid}"
+    finally:
+        listener.close()
