@@ -75,6 +75,8 @@ class House:
     hp_winter_duty: float     # heat pump on-fraction in midwinter
     hp_hot_water: float       # chance per day of a hot-water run (all year)
     dryer_after_wash: float   # chance that a wash goes into the dryer
+    hp_season_base: float     # longer heating season in colder, leakier houses (see _season)
+    defrost_w: float          # frost-free freezer's daily defrost heater (0: not frost-free)
 
 
 def draw_house(seed: int) -> House:
@@ -85,7 +87,7 @@ def draw_house(seed: int) -> House:
     pump_q = q_of(U(0.75, 0.85))
     a["HeatPump"] = ApplianceParams(
         U(1300, 2500), q_ratio=q_of(U(0.85, 0.95)), v_exp=0.5,
-        shape=dict(peak=U(1.3, 2.0), lam=U(0.02, 0.08), aux_w=U(40, 100),
+        shape=dict(peak=U(1.2, 1.6), lam=U(0.02, 0.08), aux_w=U(40, 100),
                    slot_s=int(U(180, 300) * 60), hw_hour=U(5, 9) if r.random() < 0.6 else U(17, 21)))
     # programs: (minutes, heater on, pump on); pump ~ 60-150 W
     dw_catalogue = [
@@ -98,7 +100,8 @@ def draw_house(seed: int) -> House:
         U(1900, 2300), U(0.5, 1.1), _hours(r, [(9.5, 0.25), (14, 0.35), (20.5, 1.0)], 0.002),
         q_ratio=pump_q, v_exp=2.0, shape=dict(programs=dw_progs, pump_w=U(50, 120)))
     wm_catalogue = [
-        [(3, "fill"), (15, "heat"), (35, "wash"), (4, "spin"), (10, "wash"), (4, "spin"), (12, "wash"), (10, "spin")],
+        [(3, "fill"), (15, "heat"), (35, "wash"), (4, "spin"), (10, "wash"), (4, "spin"),
+         (12, "wash"), (10, "spin")],                                        # cotton 40, ~95 min
         [(3, "fill"), (8, "heat"), (20, "wash"), (3, "spin"), (8, "wash"), (8, "spin")],
         [(2, "fill"), (20, "wash"), (3, "spin"), (8, "wash"), (6, "spin")],  # cold quick wash
     ]
@@ -122,7 +125,8 @@ def draw_house(seed: int) -> House:
         shape=dict(minutes=U(30, 80), preheat_s=U(480, 900), on_s=U(30, 90), off_s=U(60, 180),
                    fan_w=U(25, 60)))
     a["Microwave"] = ApplianceParams(
-        U(800, 1500), U(1.5, 3.5), _hours(r, [(8, 0.5), (12.5, 0.9), (16, 0.3), (18.5, 0.8), (22, 0.2)], 0.01),
+        U(800, 1500), U(1.5, 3.5),
+        _hours(r, [(8, 0.5), (12.5, 0.9), (16, 0.3), (18.5, 0.8), (22, 0.2)], 0.01),
         q_ratio=q_of(0.98), v_exp=1.0,
         shape=dict(median_s=U(70, 150), p_partial=U(0.1, 0.5), idle_w=U(60, 120)))
     a["ElectricKettle"] = ApplianceParams(
@@ -147,7 +151,8 @@ def draw_house(seed: int) -> House:
     return House({n: a[n] for n in APPLIANCES}, tuple(unknown), occ / occ.max(),
                  base_w=U(40, 130), lights_w=U(15, 100), noise_w=U(0.5, 4.0), v_mean=U(228, 243),
                  hp_winter_duty=U(0.12, 0.3), hp_hot_water=U(0.5, 0.95),
-                 dryer_after_wash=U(0.1, 0.6))
+                 dryer_after_wash=U(0.1, 0.6), hp_season_base=U(0.25, 0.55),
+                 defrost_w=U(150, 350) if r.random() < 0.5 else 0.0)
 
 
 def _starts(rng, a: ApplianceParams, scale: float = 1.0) -> np.ndarray:
@@ -164,10 +169,10 @@ def _put(P, Q, s: int, p, q):
     Q[s : s + p.size][take] = q[: seg.size][take]
 
 
-def _season(epoch_day: float) -> float:
+def _season(epoch_day: float, base: float = 0.4) -> float:
     """1 in midwinter, 0 from late spring to early autumn (northern hemisphere)."""
     doy = (epoch_day - _EPOCH_DAY_2000) % 365.2425
-    return float(np.clip(0.4 + 0.6 * np.cos(2 * np.pi * (doy - 15) / 365.2425), 0.0, 1.0))
+    return float(np.clip(base + 0.6 * np.cos(2 * np.pi * (doy - 15) / 365.2425), 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,9 @@ class Building:
         self.seed = int(seed)
         self.start = float(round(start))
         self.house = draw_house(self.seed)
-        self._raw: OrderedDict = OrderedDict()   # day -> runs rendered from that day's draws
-        self._days: OrderedDict = OrderedDict()  # day -> finished meter arrays
+        # small caches, so that reading consecutive chunks renders each day once (~10 MB)
+        self._spill: OrderedDict = OrderedDict()  # day -> its runs' tail past midnight
+        self._days: OrderedDict = OrderedDict()   # day -> finished meter arrays
 
     def trace(self, t0: float, n: int) -> Trace:
         t0 = float(round(t0))
@@ -219,15 +225,15 @@ class Building:
             m = min(DAY - off, rel + n - s)
             parts.append((self._day(d), off, off + m))
             s += m
-        cat = lambda k: np.concatenate([p[k][a:b] for p, a, b in parts]) if parts else np.zeros(0, np.float32)  # noqa: E731
-        apps = np.concatenate([p["apps"][:, a:b] for p, a, b in parts], axis=1) if parts \
-            else np.zeros((len(APPLIANCES), 0), np.float32)
+        parts = parts or [(self._day(rel // DAY), 0, 0)]  # n == 0
+        cat = lambda k: np.concatenate([p[k][..., a:b] for p, a, b in parts], axis=-1)  # noqa: E731
+        apps = cat("apps")
         return Trace(t0 + np.arange(n, dtype=np.float64), cat("p"), cat("v"), cat("i"), cat("pf"),
                      {name: apps[j] for j, name in enumerate(APPLIANCES)})
 
     # ------------------------------------------------------------------------------- internals
     @staticmethod
-    def _cached(cache: OrderedDict, key, make, size=3):
+    def _cached(cache: OrderedDict, key, make, size=2):
         if key not in cache:
             cache[key] = make(key)
             while len(cache) > size:
@@ -259,10 +265,11 @@ class Building:
                 p, q = fn(rng, a)
                 _put(P[j], Q[j], s, p, q)
                 if name == "WashingMachine" and rng.random() < h.dryer_after_wash:
-                    dry = h.appliances["Dryer"]
-                    _put(P[ix["Dryer"]], Q[ix["Dryer"]], s + p.size + int(rng.uniform(120, 2400)), *EVENT_SIGNATURES["Dryer"](rng, dry))
+                    k, dry = ix["Dryer"], EVENT_SIGNATURES["Dryer"]
+                    s_dry = s + p.size + int(rng.uniform(120, 2400))  # unloading the washer
+                    _put(P[k], Q[k], s_dry, *dry(rng, h.appliances["Dryer"]))
         # compressors on a fixed grid of thermostat slots (absolute time, so no seam at midnight)
-        season = _season(self._epoch_day(d))
+        season = _season(self._epoch_day(d), h.hp_season_base)
         for name in CYCLERS:
             a, j = h.appliances[name], ix[name]
             slot = a.shape["slot_s"]
@@ -288,6 +295,10 @@ class Building:
                 other[0, s : s + m] += p[:m]
                 other[1, s : s + m] += q[:m]
                 other[2, s : s + m] += u.d_ratio * p[:m]
+        if h.defrost_w:  # once a day the defrost heater replaces the freezer's compressor
+            r2, j = _rng(self.seed, d, 6), ix["Freezer"]
+            s, m = int(r2.uniform(0, DAY)), int(r2.uniform(15, 25) * 60)
+            P[j, s : s + m], Q[j, s : s + m] = h.defrost_w, 0.0
         return P, Q, other
 
     def _day(self, d: int) -> dict:
@@ -296,8 +307,11 @@ class Building:
     def _finish(self, d: int) -> dict:
         """Day d's meter: its own runs, the previous day's spill, base load, voltage, noise."""
         h = self.house
-        P, Q, other = (x[:, :DAY].copy() for x in self._cached(self._raw, d, self._render))
-        pP, pQ, pother = (x[:, DAY:] for x in self._cached(self._raw, d - 1, self._render))
+        raw = self._render(d)
+        tail = lambda r: tuple(x[:, DAY:].copy() for x in r)  # noqa: E731
+        self._cached(self._spill, d, lambda _: tail(raw))
+        pP, pQ, pother = self._cached(self._spill, d - 1, lambda k: tail(self._render(k)))
+        P, Q, other = (x[:, :DAY] for x in raw)
         for j in range(len(APPLIANCES)):
             _put(P[j], Q[j], 0, pP[j], pQ[j])
         other[:, :SPILL] += pother

@@ -30,10 +30,10 @@ def test_slices_are_equal_whatever_the_chunking():
     small, big = b1.trace(t, 100), b2.trace(t - 50, 200)
     for x, y in zip(_fields(small), _fields(big)):
         np.testing.assert_array_equal(x, y[50:150])
-    # consecutive chunks read from a fresh building equal one long read
-    b3 = Building(SEED)
-    chunks = [b3.trace(b3.start + i * 7000, 7000) for i in range(3)]
-    whole = Building(SEED).trace(b1.start, 21000)
+    # consecutive chunks across midnight (cached days and spills) equal one long fresh read
+    b3, t = Building(SEED), b1.start + DAY - 10000
+    chunks = [b3.trace(t + i * 7000, 7000) for i in range(3)]
+    whole = Building(SEED).trace(t, 21000)
     np.testing.assert_array_equal(np.concatenate([c.power_total for c in chunks]), whole.power_total)
 
 
