@@ -180,7 +180,7 @@ def daemon_factory(redis_server, model_dir, tmp_path):
 
 def publish_samples(client, building: str, n: int, start: float | None = None, power=None):
     """Publish n valid 1 Hz samples ending about now; returns the last timestamp."""
-    start = time.time() - n if start is None else start
+    start = float(int(time.time() - n)) if start is None else start
     pipe = client.pipeline(transaction=False)
     for i in range(n):
         p = 500.0 + 400.0 * ((i // 30) % 3) if power is None else power(i)
