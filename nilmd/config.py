@@ -162,8 +162,8 @@ def add_arguments(parser, groups: tuple[str, ...]) -> None:
             parser.add_argument(s.flag, dest=s.name, metavar=metavar, default=None, help=help_text)
 
 
-def _convert(s: Setting, raw: object, origin: str):
-    where = f"{s.flag or s.env[0]} ({origin})"
+def _convert(s: Setting, raw: object, where: str):
+    """`where` names what the user wrote: the flag, or the environment variable."""
     text = str(raw).strip()
     try:
         if s.type == "int":
@@ -201,11 +201,11 @@ def resolve(args=None, environ=None, names=None) -> Config:
             continue
         raw, origin = None, None
         if args is not None and getattr(args, s.name, None) is not None:
-            raw, origin = getattr(args, s.name), "command line"
+            raw, origin = getattr(args, s.name), s.flag
         else:
             for env in s.env:
                 if env in environ and environ[env] != "":
-                    raw, origin = environ[env], "environment"
+                    raw, origin = environ[env], f"${env}"
                     break
         if raw is not None:
             values[s.name] = _convert(s, raw, origin)

@@ -1,0 +1,136 @@
+"""The command line as a user meets it: settings precedence, one-line errors, check, status, test mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import pytest
+
+from conftest import ROOT, wait_for
+from nilmd import config, status
+from nilmd.appliances import APPLIANCES
+from nilmd.errors import ConfigError
+
+
+def nilmd(*args, env=None, timeout=60):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "nilmd", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_command_line_over_environment_over_defaults():
+    assert config.resolve(Namespace(), environ={}).window_size == 1536
+    assert config.resolve(Namespace(), environ={"WINDOW_SIZE": "512"}).window_size == 512
+    args = Namespace(window_size="256", redis_port=None)
+    cfg = config.resolve(args, environ={"WINDOW_SIZE": "512", "REDIS_PORT": "7000", "BUILDING_ID": "house9"})
+    assert (cfg.window_size, cfg.redis_port, cfg.building_id) == (256, 7000, "house9")
+
+
+@pytest.mark.parametrize("environ, fragment", [
+    ({"WINDOW_SIZE": "abc"}, "WINDOW_SIZE"),
+    ({"REDIS_PORT": "70000"}, "REDIS_PORT"),
+    ({"INFERENCE_INTERVAL": "0"}, "INFERENCE_INTERVAL"),
+    ({"NILMD_DEVICE": "tpu"}, "NILMD_DEVICE"),
+    ({"BUILDING_ID": "a b"}, "building-id"),
+    ({"WINDOW_SIZE": "4096", "NILMD_RING_CAPACITY": "5000"}, "ring-capacity"),
+    ({"REDIS_PASSWORD_FILE": "/nonexistent/pw"}, "redis-password-file"),
+])
+def test_bad_settings_are_one_clear_error(environ, fragment):
+    with pytest.raises(ConfigError) as e:
+        config.resolve(Namespace(), environ=environ)
+    assert fragment in str(e.value)
+
+
+def test_bad_value_on_the_command_line_is_one_line_not_a_traceback():
+    r = nilmd("run", "--window-size", "abc")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("nilmd: error: --window-size")
+    assert "Traceback" not in r.stderr
+
+
+def test_password_never_shown(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret-value\n")
+    cfg = config.resolve(Namespace(), environ={"REDIS_PASSWORD_FILE": str(pw)})
+    assert cfg.redis_password == "s3cret-value"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in json.dumps(cfg.public())
+
+
+def test_check_reports_every_part(redis_server, model_dir):
+    ok = nilmd("check", "--redis-port", str(redis_server.port), "--model-dir", str(model_dir))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.count("checkpoint   ok") == len(APPLIANCES) and "redis        ok" in ok.stdout
+    bad = nilmd("check", "--redis-port", "1", "--model-dir", "/nonexistent")
+    assert bad.returncode == 1
+    assert "redis        FAIL  redis://localhost:1/0" in bad.stdout
+    assert "checkpoint   FAIL  HeatPump" in bad.stdout and "file not found" in bad.stdout
+
+
+def test_status_exit_codes(redis_server, redis_client):
+    building = f"s{int(time.time() * 1000)}"
+    args = ("status", "--redis-port", str(redis_server.port), "--building-id", building)
+    assert nilmd(*args).returncode == status.UNKNOWN
+    key = f"nilm:{building}:status"
+    redis_client.hset(key, mapping={"state": "running", "updated_at": time.time(), "status_interval_s": 2})
+    assert nilmd(*args).returncode == status.OK
+    redis_client.hset(key, mapping={"state": "warming_up"})
+    assert nilmd(*args).returncode == status.WARNING
+    redis_client.hset(key, mapping={"state": "running", "updated_at": time.time() - 60})
+    r = nilmd(*args)
+    assert r.returncode == status.CRITICAL and "dead" in r.stdout
+    assert nilmd("status", "--redis-port", "1").returncode == status.UNKNOWN
+
+
+def test_judge_tells_dead_from_alive():
+    now = 1000.0
+    assert status.judge({}, now)[0] == status.UNKNOWN
+    assert status.judge({"state": "running", "updated_at": "999", "status_interval_s": "2"}, now)[0] == status.OK
+    assert status.judge({"state": "running", "updated_at": "980", "status_interval_s": "2"}, now)[0] == status.CRITICAL
+    assert status.judge({"state": "stopped", "updated_at": "999", "status_interval_s": "2"}, now)[0] == status.CRITICAL
+    assert status.judge({"state": "degraded", "updated_at": "999", "status_interval_s": "2"}, now)[0] == status.WARNING
+
+
+@pytest.mark.slow
+def test_mode_test_prints_predictions_with_truth_without_redis(model_dir, tmp_path):
+    """The README's first command: predictions within seconds, no Redis anywhere."""
+    import os
+    import signal
+
+    env = {**os.environ, "REDIS_PORT": "1", "NILMD_RUNTIME_DIR": str(tmp_path), "NILMD_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", "--mode", "test", "--model-dir", str(model_dir),
+                             "--window-size", "512", "--inference-interval", "30", "--speed", "300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        lines = []
+        t0 = time.monotonic()
+        while len(lines) < 3:
+            line = proc.stdout.readline()
+            assert line, f"test mode ended early: {proc.stderr.read()[-2000:]}"
+            lines.append(json.loads(line))
+        assert time.monotonic() - t0 < 30
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(20)
+    assert rc == 0
+    for p in lines:
+        assert [e["appliance"] for e in p["predictions"]] == list(APPLIANCES)
+        assert set(p["truth"]) == set(APPLIANCES)
+    ends = [p["window_end"] for p in lines]
+    assert all(b - a == 30 for a, b in zip(ends, ends[1:])), ends
+    assert list(tmp_path.glob("nilmd-*")) == []
+
+
+def test_readme_documents_every_setting_and_every_rule():
+    from nilmd.ingest import REJECT_REASONS, REPAIR_REASONS
+
+    readme = (ROOT / "README.md").read_text()
+    for s in config.SETTINGS:
+        for name in s.env + ((s.flag,) if s.flag else ()):
+            assert f"`{name}`" in readme, f"README does not document {name}"
+    for reason in REJECT_REASONS + REPAIR_REASONS:
+        assert f"`{reason}`" in readme, f"README does not document the input rule {reason}"
