@@ -134,3 +134,38 @@ def test_readme_documents_every_setting_and_every_rule():
             assert f"`{name}`" in readme, f"README does not document {name}"
     for reason in REJECT_REASONS + REPAIR_REASONS:
         assert f"`{reason}`" in readme, f"README does not document the input rule {reason}"
+
+
+def _collect(pubsub, n, timeout=20.0):
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.2)
+        if msg is not None:
+            out.append(json.loads(msg["data"]))
+    return out
+
+
+def test_produce_simulation_and_csv(redis_server, redis_client, tmp_path):
+    building = f"p{int(time.time() * 1000)}"
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(f"nilm:{building}:input")
+    wait_for(lambda: pubsub.get_message(timeout=0.1) is None and redis_client.pubsub_numsub(
+        f"nilm:{building}:input")[0][1] == 1, 5, "the test's subscription")
+    base = ("produce", "--redis-port", str(redis_server.port), "--building-id", building)
+    r = nilmd(*base, "--source", "simulation", "--speed", "1000", "--count", "50", "--fields", "power")
+    assert r.returncode == 0, r.stderr
+    got = _collect(pubsub, 50)
+    assert len(got) == 50 and all(set(m) == {"timestamp", "power_total"} for m in got)
+    ts = [m["timestamp"] for m in got]
+    assert all(b - a == 1.0 for a, b in zip(ts, ts[1:])) and ts[-1] <= time.time()
+    csv = tmp_path / "meter.csv"
+    csv.write_text("Time,Aggregate,Kettle\n2013-10-01 00:00:00,250,0\n2013-10-01 00:01:00,2600,2400\n"
+                   "oops,1,1\n2013-10-01 00:02:00,240,0\n")
+    r = nilmd(*base, "--source", str(csv), "--speed", "10000", "--timestamps", "file")
+    assert r.returncode == 0, r.stderr
+    rows = _collect(pubsub, 3)
+    assert [m["power_total"] for m in rows] == [250.0, 2600.0, 240.0]
+    assert rows[1]["timestamp"] - rows[0]["timestamp"] == 60.0
+    assert "line 4 skipped" in r.stderr
+    missing = nilmd(*base, "--source", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 1 and missing.stderr.startswith("nilmd: error: --source")
