@@ -11,18 +11,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nilmd.errors import ConfigError
 
-PACKAGED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+# pip installs the shipped checkpoints as data files under {prefix}/share/nilmd/checkpoints
+# (pyproject.toml); an editable install finds them beside the package instead.
+PACKAGED_CHECKPOINTS = (Path(sys.prefix) / "share" / "nilmd" / "checkpoints",
+                        Path(__file__).resolve().parent.parent / "checkpoints")
 
 
 def _default_model_dir() -> str:
-    # A source checkout runs with ./checkpoints; an installed box points MODEL_DIR at
-    # /var/lib/nilmd/checkpoints in its env file.
-    return "./checkpoints" if Path("./checkpoints").is_dir() else str(PACKAGED_CHECKPOINTS)
+    if Path("./checkpoints").is_dir():  # a source checkout
+        return "./checkpoints"
+    return str(next((p for p in PACKAGED_CHECKPOINTS if p.is_dir()), PACKAGED_CHECKPOINTS[0]))
 
 
 def _default_runtime_dir() -> str:
