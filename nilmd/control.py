@@ -9,12 +9,10 @@ CLOCK_MONOTONIC seconds (system-wide on Linux, so comparable across processes), 
 
 from __future__ import annotations
 
-import mmap
-import os
-
 import numpy as np
 
 from nilmd.ingest import REJECT_REASONS, REPAIR_REASONS
+from nilmd.mapped import MappedFile
 
 # Reader states
 READER_STARTING, READER_CONNECTING, READER_SUBSCRIBED = 0, 1, 2
@@ -36,23 +34,20 @@ SIZE = 8 * 128
 assert len(_NAMES) <= 128
 
 
-class ControlBlock:
-    def __init__(self, path: str, fd: int, mm: mmap.mmap):
-        self.path = path
-        self._fd = fd
-        self._mm = mm
+class ControlBlock(MappedFile):
+    VIEWS = ("_a",)
+
+    def __init__(self, path: str, fd: int, mm):
+        super().__init__(path, fd, mm)
         self._a = np.frombuffer(mm, dtype=np.float64, count=len(_NAMES))
 
     @classmethod
     def create(cls, path: str) -> "ControlBlock":
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, SIZE)
-        return cls(path, fd, mmap.mmap(fd, SIZE))
+        return cls(path, *cls._open(path, SIZE))
 
     @classmethod
     def attach(cls, path: str) -> "ControlBlock":
-        fd = os.open(path, os.O_RDWR)
-        return cls(path, fd, mmap.mmap(fd, SIZE))
+        return cls(path, *cls._open(path, None))
 
     def __getitem__(self, name: str) -> float:
         return float(self._a[SLOTS[name]])
@@ -66,17 +61,3 @@ class ControlBlock:
     def snapshot(self) -> dict[str, float]:
         values = self._a.copy()
         return {name: float(values[i]) for name, i in SLOTS.items()}
-
-    def close(self) -> None:
-        self.__dict__.pop("_a", None)
-        if not self._mm.closed:
-            self._mm.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass

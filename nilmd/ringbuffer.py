@@ -25,12 +25,12 @@ it behind our back (DESIGN-NOTES), a deterministic path to clean up after a SIGK
 from __future__ import annotations
 
 import fcntl
-import mmap
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from nilmd.mapped import MappedFile
 
 MAGIC = 0x4E494C4D52494E47  # "NILMRING"
 VERSION = 1
@@ -64,11 +64,11 @@ class Window:
         return self.end - self.size
 
 
-class RingBuffer:
-    def __init__(self, path: str, fd: int, mm: mmap.mmap):
-        self.path = path
-        self._fd = fd
-        self._mm = mm
+class RingBuffer(MappedFile):
+    VIEWS = ("_header", "_ts", "_flags", "_feats")
+
+    def __init__(self, path: str, fd: int, mm):
+        super().__init__(path, fd, mm)
         self._header = np.frombuffer(mm, dtype=np.int64, count=HEADER_WORDS, offset=0)
         if self._header[H_MAGIC] != MAGIC or self._header[H_VERSION] != VERSION:
             self.close()
@@ -87,13 +87,7 @@ class RingBuffer:
     @classmethod
     def create(cls, path: str, capacity: int, n_features: int) -> "RingBuffer":
         *_, size = _layout(capacity, n_features)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, mm = cls._open(path, size)
         header = np.frombuffer(mm, dtype=np.int64, count=HEADER_WORDS)
         header[H_CAPACITY] = capacity
         header[H_FEATURES] = n_features
@@ -104,29 +98,7 @@ class RingBuffer:
 
     @classmethod
     def attach(cls, path: str) -> "RingBuffer":
-        fd = os.open(path, os.O_RDWR)
-        try:
-            mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(path, fd, mm)
-
-    def close(self) -> None:
-        """Unmap. Raises BufferError if a Window view is still alive (instead of segfaulting)."""
-        for name in ("_header", "_ts", "_flags", "_feats"):
-            self.__dict__.pop(name, None)
-        if not self._mm.closed:
-            self._mm.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        return cls(path, *cls._open(path, None))
 
     @contextmanager
     def _locked(self):
