@@ -122,6 +122,11 @@ class Placement:
     slot: int  # integer epoch second this sample fills
     fill: int  # grid seconds before it to fill by holding the previous sample
     breaks: bool  # the gap was too long to fill: the window restarts here
+    clock_jump: bool = False  # the meter's clock was set back: accepted as its new clock (with a break)
+
+
+CLOCK_JUMP_SAMPLES = 30  # consecutive samples on one clock set back before that clock is believed
+CLOCK_JUMP_JITTER_S = 2.0  # how much the (receipt time - timestamp) offset may wobble within that run
 
 
 class Grid:
@@ -132,14 +137,27 @@ class Grid:
     - the same second as the newest sample: rejected as a duplicate (the first one wins);
     - an older second: rejected as out of order (the past is already in the window);
     - a gap of up to `max_gap_fill` seconds is filled by holding the last sample (flagged filled);
-    - a longer gap is not filled: the window restarts at the new sample (a "break").
+    - a longer gap is not filled: the window restarts at the new sample (a "break");
+    - clock set back: `jump_after` consecutive samples more than `max_gap_fill` s behind the
+      newest, each after the one before and all at the same offset from the box's clock (within
+      CLOCK_JUMP_JITTER_S: live data on a clock that was set back, not a burst of old data being
+      re-sent, whose offset shrinks as it is sent faster than real time), make the grid believe the
+      new clock: the last of them is accepted with a break and the run's earlier samples stay
+      rejected as out of order. A clock set back by at most `max_gap_fill` s is never believed: it
+      costs at most that many seconds of out-of-order samples, until it passes its old newest.
+    A clock that jumps forward is a long gap (a break) if it stays within the daemon's
+    max_clock_skew of the box's clock, and rejected sample by sample as `future` beyond it.
     """
 
-    def __init__(self, max_gap_fill: int, last_slot: int | None = None):
+    def __init__(self, max_gap_fill: int, last_slot: int | None = None, jump_after: int = CLOCK_JUMP_SAMPLES):
         self.max_gap_fill = max_gap_fill
         self.last_slot = last_slot
+        self.jump_after = jump_after
+        self._run = 0  # length of the current run of samples on a clock set back
+        self._run_slot = 0  # newest slot of that run
+        self._run_offset = 0.0  # receipt time - timestamp at the run's start
 
-    def place(self, timestamp: float) -> Placement:
+    def place(self, timestamp: float, now: float | None = None) -> Placement:
         slot = int(math.floor(timestamp + 0.5))
         last = self.last_slot
         if last is None:
@@ -147,10 +165,27 @@ class Grid:
         elif slot == last:
             raise Rejected("duplicate", f"second {slot}")
         elif slot < last:
-            raise Rejected("out_of_order", f"{last - slot} s older than the newest sample")
+            if self._behind(slot, last, now):
+                placement = Placement(slot, 0, True, clock_jump=True)
+            else:
+                raise Rejected("out_of_order", f"{last - slot} s older than the newest sample")
         elif slot - last - 1 <= self.max_gap_fill:
             placement = Placement(slot, slot - last - 1, False)
         else:
             placement = Placement(slot, 0, True)
+        self._run = 0
         self.last_slot = slot
         return placement
+
+    def _behind(self, slot: int, last: int, now: float | None) -> bool:
+        """Count `slot` into the run of samples on a clock set back; True once it is believed."""
+        if now is None or last - slot <= self.max_gap_fill:
+            self._run = 0
+            return False
+        offset = now - slot
+        follows = self._run and slot > self._run_slot and abs(offset - self._run_offset) <= CLOCK_JUMP_JITTER_S
+        if not follows:
+            self._run, self._run_offset = 0, offset
+        self._run += 1
+        self._run_slot = slot
+        return self._run >= self.jump_after
