@@ -26,6 +26,12 @@ _NAMES = [
     "device_cuda", "inferences", "last_inference_ts", "last_inference_ms", "last_window_end",
     "reload_requested", "reload_done", "reload_failed", "overruns",
     "snapshot_ts",
+    # durable input and warm restarts (nilmd.streams, nilmd.snapshot): the stream entry id of the
+    # newest sample in the ring (ms, seq), whether the first reader of this life has caught up
+    # with what an earlier life processed, and the ring index up to which windows were predicted
+    # by that earlier life (the inference does not replay them)
+    "input_pos_ms", "input_pos_seq", "input_resumed", "history_end", "restored_samples",
+    "snapshot_failures", "clock_jumps",
 ]
 _NAMES += [f"rejected_{r}" for r in REJECT_REASONS]
 _NAMES += [f"repaired_{r}" for r in REPAIR_REASONS]
