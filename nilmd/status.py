@@ -79,7 +79,7 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
         "inferences": int(snap["inferences"]),
         "overruns": int(snap["overruns"]),
         "models_loaded": int(snap["models_loaded"]),
-        "models_missing": ",".join(missing) if snap["models_loaded"] or snap["inference_state"] else "",
+        "models_missing": ",".join(missing) if snap["models_loaded"] else "",  # nothing is missing before a load
         "reload_failures": int(snap["reload_failed"]),
         "device": "cuda" if snap["device_cuda"] else "cpu",
         "input_connected": int(snap["redis_connected"]),
