@@ -82,8 +82,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", "--threads", ("NILMD_THREADS",), "int", 0, "torch threads for inference (0: the cores this process may use)",
             minimum=0, maximum=256),
     Setting("input_mode", "--input-mode", ("NILMD_INPUT_MODE",), "choice", "pubsub",
-            "pubsub: SUBSCRIBE the input channel (at-most-once)",
-            choices=("pubsub",)),
+            "pubsub: SUBSCRIBE the input channel (at-most-once); stream: read the input stream "
+            "nilm:{b}:input:stream from where the last run stopped (at-least-once, nothing lost while down)",
+            choices=("pubsub", "stream")),
     Setting("ring_capacity", "--ring-capacity", ("NILMD_RING_CAPACITY",), "int", 86400,
             "samples kept in the shared-memory ring (at least 2x the window)", minimum=128, maximum=10_000_000),
     Setting("runtime_dir", "--runtime-dir", ("NILMD_RUNTIME_DIR",), "path", None, "where the shared memory files live (tmpfs)"),
