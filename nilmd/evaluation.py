@@ -65,10 +65,10 @@ def predict(predictor, series: Series, *, inputs: str = "full", mode: str = "win
     return power, prob, covered & scored_mask(series.valid, predictor.receptive_field)
 
 
-def evaluate(predictor: Predictor, series_list, *, inputs: str = "full", mode: str = "windows",
-             window: int = 1536, interval: int = 60, thresholds: dict | None = None) -> dict:
-    """Scores per appliance over all series pooled (sums over every scored sample).
-    `thresholds` overrides the checkpoints' probability thresholds (validation tuning)."""
+def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str = "full", mode: str = "windows",
+             window: int = 1536, interval: int = 60) -> dict:
+    """Scores per appliance over all series pooled (sums over every scored sample), is_on at
+    `thresholds` (appliance -> probability threshold: the checkpoints', or a trial one)."""
     pooled = {a: ([], [], []) for a in predictor.appliances}
     for s in series_list:
         power, prob, mask = predict(predictor, s, inputs=inputs, mode=mode, window=window, interval=interval)
@@ -78,11 +78,11 @@ def evaluate(predictor: Predictor, series_list, *, inputs: str = "full", mode: s
                 pooled[a][1].append(prob[k][mask])
                 pooled[a][2].append(s.targets[a][mask])
     results = {}
-    for k, a in enumerate(predictor.appliances):
+    for a in predictor.appliances:
         if not pooled[a][0]:
             continue
         pw, pr, y = (np.concatenate(x) for x in pooled[a])
-        th = (thresholds or {}).get(a, float(predictor.probability_thresholds[k]))
+        th = float(thresholds[a])
         results[a] = metrics.score(pw, pr, y, on_threshold_w=ON_THRESHOLD_W[a], probability_threshold=th)
         results[a]["probability_threshold"] = th
         results[a].update(_power=pw, _prob=pr, _true=y)  # kept for threshold tuning (rescore)
