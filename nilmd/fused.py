@@ -59,8 +59,7 @@ class FusedWaveNILM(nn.Module):
             "b_conv": layers(lambda l: (l.conv.bias * gate_half).view(1, 2 * C)),
             "w_res": layers(lambda l: 0.5 * l.out.weight[:C, :, 0].T),  # [D, A, C, C]
             "b_res": layers(lambda l: l.out.bias[:C].view(1, C)),
-            # rows i*C..(i+1)*C take layer i's gated activations: [A, D*C, C]
-            "w_skip": stack(lambda m: torch.cat([0.5 * l.out.weight[C:, :, 0].T for l in m.layers])),
+            "w_skip": layers(lambda l: 0.5 * l.out.weight[C:, :, 0].T),  # [D, A, C, C]
             "b_skip": stack(lambda m: sum(l.out.bias[C:] for l in m.layers).view(1, C)),
             "w_h1": stack(lambda m: m.head[1].weight[:, :, 0].T),  # [A, C, H]
             "b_h1": stack(lambda m: m.head[1].bias.view(1, -1)),
@@ -109,7 +108,7 @@ class FusedWaveNILM(nn.Module):
             torch.baddbmm(self.b_conv[i], cur, self.w_cur[i], out=y)
             y.baddbmm_(prev, self.w_prev[i]).tanh_()
             # tanh(f) * (1 + tanh(g/2)) = 2 * tanh(f) * sigmoid(g); the 1/2 is in w_res, w_skip
-            z = torch.addcmul(y[..., :C], y[..., :C], y[..., C:], out=st.z[:, :n, i * C:(i + 1) * C])
+            z = torch.addcmul(y[..., :C], y[..., :C], y[..., C:], out=st.z[i, :, :n])
             if i + 1 < self.depth:
                 d2 = self.dilations[i + 1]
                 nxt = st.hist[i + 1][:, d2 + q:d2 + q + n]
@@ -117,8 +116,10 @@ class FusedWaveNILM(nn.Module):
         st.q = q + n
         if not need:
             return None
-        z = st.z[:, n - need:n]
-        s = torch.baddbmm(self.b_skip, z, self.w_skip).relu_()
+        s = torch.baddbmm(self.b_skip, st.z[0, :, n - need:n], self.w_skip[0])
+        for i in range(1, self.depth):
+            s.baddbmm_(st.z[i, :, n - need:n], self.w_skip[i])
+        s.relu_()
         g = torch.baddbmm(self.b_h1, s, self.w_h1).relu_()
         out = torch.baddbmm(self.b_h2, g, self.w_h2)  # [A, need, 2]
         power = torch.sigmoid(out[..., 0]) * x[n - need:, 0].clamp_min(0.0)
@@ -135,7 +136,7 @@ class State:
         with torch.inference_mode():
             self.hist = [torch.zeros(A, d + slack, C, **kw) for d in net.dilations]
             self.y = torch.empty(A, slack, 2 * C, **kw)
-            self.z = torch.empty(A, slack, D * C, **kw)
+            self.z = torch.empty(D, A, slack, C, **kw)  # every layer's gated activations
             self.tmp = torch.empty(A, max(net.dilations), C, **kw)
         self.dilations = net.dilations
         self.slack = slack
