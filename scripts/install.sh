@@ -158,7 +158,7 @@ uninstall() {
   if [ -e "$DROPIN_DIR/gpu.conf" ]; then act "remove $DROPIN_DIR/gpu.conf" rm -f "$DROPIN_DIR/gpu.conf"; reload=1; fi
   if [ -d "$DROPIN_DIR" ]; then
     if [ "$PURGE" = 1 ]; then act "remove $DROPIN_DIR (your drop-ins too: --purge)" rm -rf "$DROPIN_DIR"; reload=1
-    elif [ -z "$(ls -A "$DROPIN_DIR" | grep -vx gpu.conf)" ]; then act "remove the empty $DROPIN_DIR" rm -rf "$DROPIN_DIR"
+    elif [ -z "$(find "$DROPIN_DIR" -mindepth 1 -maxdepth 1 ! -name gpu.conf)" ]; then act "remove the empty $DROPIN_DIR" rm -rf "$DROPIN_DIR"
     else warn "kept $DROPIN_DIR: it holds your own drop-ins"; fi
   fi
   if [ "$reload" = 1 ] && systemd_running; then act "systemctl daemon-reload" systemctl daemon-reload; fi

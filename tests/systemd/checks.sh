@@ -78,7 +78,7 @@ stop)
   systemctl stop "$unit" || fail "systemctl stop failed"
   [ "$(systemctl show -p ActiveState --value "$unit")" = inactive ] || fail "not inactive after stop"
   [ "$(status_field state)" = stopped ] || fail "status hash does not say stopped"
-  left="$(ls -A /run/nilmd 2>/dev/null) $(ls -A /dev/shm 2>/dev/null | grep nilmd)"
+  left="$(ls -A /run/nilmd 2>/dev/null) $(find /dev/shm -maxdepth 1 -name 'nilmd*' 2>/dev/null)"
   [ -z "$(echo "$left" | tr -d ' ')" ] && [ ! -e /run/nilmd ] || fail "shared memory left after stop: $left"
   pass "stopped: no shared memory left in /run/nilmd or /dev/shm"
   ;;
