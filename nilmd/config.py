@@ -231,7 +231,7 @@ def _check(cfg: Config, environ) -> Config:
         raise ConfigError(
             f"--inference-interval: {cfg.inference_interval} s is longer than the window ({cfg.window_size} samples)")
     password_file = cfg.redis_password_file
-    if not password_file and environ.get("CREDENTIALS_DIRECTORY"):
+    if not password_file and not cfg.redis_password and environ.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / "redis-password"
         password_file = str(candidate) if candidate.is_file() else ""
     if password_file:
