@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, wait_for
 
+from nilmd import config
 from nilmd.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,24 @@ def test_env_example_documents_every_setting():
     known = {e for s in SETTINGS for e in s.env}
     assert documented - known == set(), f"{ENV_EXAMPLE.name} documents settings nilmd does not have"
     assert not re.search(r"(?m)^[A-Z]", text), "the example must leave every setting commented out (defaults)"
+
+
+def test_credential_fallback_means_no_password(tmp_path):
+    """Without /etc/nilmd/redis-password the unit's SetCredential= fallback hands the service a
+    credential holding a lone newline: that must mean "no password", and must not override a
+    REDIS_PASSWORD or REDIS_PASSWORD_FILE the operator set; a real credential file is used."""
+    unit_value = re.search(r"(?m)^SetCredential=redis-password:(.*)$", UNIT.read_text()).group(1)
+    assert unit_value == "\\n"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "redis-password").write_text("\n")  # what systemd writes for that value
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert config.resolve(environ=env).redis_password == ""
+    assert config.resolve(environ={**env, "REDIS_PASSWORD": "from-env"}).redis_password == "from-env"
+    (tmp_path / "pw").write_text("from-file\n")
+    assert config.resolve(environ={**env, "REDIS_PASSWORD_FILE": str(tmp_path / "pw")}).redis_password == "from-file"
+    (creds / "redis-password").write_text("s3cret\n")
+    assert config.resolve(environ=env).redis_password == "s3cret"
 
 
 # -- a real systemd -------------------------------------------------------------------------------
