@@ -164,13 +164,14 @@ class InferenceWorker:
         if window is None:
             return None
         t0 = time.perf_counter()
-        power, prob = self.predictor.run(window.features)
+        power, prob = self.predictor.step(window, n)  # only the new samples when it can (nilmd.predictor)
         ms = (time.perf_counter() - t0) * 1000.0
         aggregate = window.features[-n:, 0].copy()
         window_end = float(window.ts[-1])
         intact = self.ring.intact(window)
         del window  # drop the views into shared memory before anything else can happen
         if not intact:
+            self.predictor.reset()  # its state may hold overwritten samples: recompute next time
             self.ctl.add("overruns")
             self.throttle.log("overrun", logging.WARNING, "the meter overwrote a window while it was read; skipped")
             return None
