@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""nilmd benchmark: model timings, the real daemon against a real Redis, memory, and the
+hardware limit, on this machine in one run.
+
+    python scripts/bench.py                       # everything, shipped checkpoints
+    python scripts/bench.py --json bench.json     # also write the results as JSON
+    python scripts/bench.py --no-daemon           # model timings only (no redis-server needed)
+
+Rows (median and p99 of wall time; cpu = this process's CPU time, which a busy machine inflates
+less than wall time):
+  full window, per-model loop   every model alone on the window (the original service's way)
+  full window, fused            Predictor.step after reset(): one fused network, all models
+  incremental, 60 s / 1 s       Predictor.step on a real ring after 60 / 1 new samples
+  end-to-end at 1 Hz            a sample PUBLISHed -> its prediction received (real daemon,
+                                INFERENCE_INTERVAL=1, own redis-server)
+  ingest                        samples/s from PUBLISH into the ring (a burst, status hash count)
+  start -> READY                process start until the status hash leaves `starting`
+  memory                        RSS of each daemon process (and PSS: shared pages split fairly)
+Hardware limit: the FLOPs of one full window over the throughput of a large float32 matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def machine(threads: list[int]) -> dict:
+    import torch
+
+    model = "?"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "threads": threads, "load_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def stats(ms: list[float], cpu: list[float] | None = None) -> dict:
+    a = np.asarray(ms)
+    out = {"median_ms": round(float(np.median(a)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3), "n": len(a)}
+    if cpu:
+        out["cpu_median_ms"] = round(float(np.median(cpu)), 3)
+    return out
+
+
+def timed(fn, reps: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append((time.perf_counter() - t) * 1e3)
+        cpu.append((time.process_time() - c) * 1e3)
+    return stats(wall, cpu)
+
+
+# -- models ----------------------------------------------------------------------------------------
+def load_models(model_dir: str, out_dir: Path):
+    """The shipped checkpoints; appliances without one get random weights of the same
+    architecture (timing does not depend on the weights), and the note says so. All 11 are
+    also written to out_dir in the real format, for the daemon."""
+    import torch
+
+    from nilmd import checkpoints
+    from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename
+    from nilmd.model import WaveNILM, WaveNILMConfig
+
+    loaded, _ = checkpoints.load_dir(model_dir)
+    like = next(iter(loaded.values()), None)
+    cfg = like.config if like else WaveNILMConfig(channels=16, head_channels=32)
+    scales = like.feature_scales if like else (2.0**14, 2.0**12, 2.0**7, 2.0**14, 1.0)
+    filled = [a for a in APPLIANCES if a not in loaded]
+    torch.manual_seed(0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for a in APPLIANCES:
+        if a in loaded:
+            shutil.copy(loaded[a].path, out_dir / checkpoint_filename(a))
+        else:
+            data = checkpoints.to_dict(a, WaveNILM(cfg, scales), on_power_threshold_w=ON_THRESHOLD_W[a],
+                                       max_power_w=3000.0, training={"note": "random weights, for timing only"})
+            checkpoints.save(out_dir / checkpoint_filename(a), data)
+    loaded, errors = checkpoints.load_dir(out_dir)
+    assert not errors, errors
+    archs = sorted({str(c.config) for c in loaded.values()})
+    note = f"{len(APPLIANCES) - len(filled)} shipped checkpoints" + (
+        f", {len(filled)} with random weights (not shipped yet: {', '.join(filled)})" if filled else "")
+    return loaded, note, archs
+
+
+def window_features(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    p = np.abs(np.cumsum(rng.normal(0, 100, n)) + 1500)
+    return np.stack([p, 0.3 * p, p / 230.0, 1.05 * p, np.ones(n)], axis=1).astype(np.float32)
+
+
+def bench_models(ckpts, size: int, threads: int, reps: int) -> dict:
+    import torch
+
+    from nilmd.predictor import Predictor
+    from nilmd.ringbuffer import RingBuffer
+
+    torch.set_num_threads(threads)
+    pred = Predictor(ckpts, "cpu")
+    models = [c.model() for c in pred.checkpoints]
+    data = window_features(size + 200_000)
+    x = torch.from_numpy(data[:size]).T.unsqueeze(0)
+
+    @torch.inference_mode()
+    def loop():  # the seed's Predictor.run: each model alone on the window
+        for m in models:
+            power, logit = m(x)
+            torch.sigmoid(logit)
+
+    path = tempfile.mktemp(prefix="nilmd-bench-", dir="/dev/shm")
+    ring = RingBuffer.create(path, capacity=4 * size, n_features=data.shape[1])  # small: wraps often
+    head = [0]
+
+    def feed(n):
+        i = head[0]
+        ring.write(np.arange(i, i + n, dtype=np.float64), data[i:i + n], np.zeros(n, np.uint8))
+        head[0] += n
+
+    def step(n, full=False):
+        def fn():
+            feed(n)
+            if full:
+                pred.reset()
+            window = ring.window(size)
+            pred.step(window, n)
+            del window
+        return fn
+
+    try:
+        feed(size)
+        out = {
+            "full window, per-model loop": timed(loop, max(10, reps // 4)),
+            "full window, fused": timed(step(60, full=True), reps),
+            "incremental, 60 s": timed(step(60), reps),
+            "incremental, 1 s": timed(step(1), reps * 3),
+        }
+        out["_full_recomputes"] = pred.full_recomputes
+    finally:
+        ring.close()
+        ring.unlink()
+    return out
+
+
+def model_flops(ckpts, size: int) -> int:
+    """FLOPs (2 per multiply-add) of one full window through every model, as WaveNILM defines it."""
+    total = 0
+    for c in ckpts.values():
+        f, ch, h = c.config.n_features, c.config.channels, c.config.head_channels
+        per_sample = 2 * f * ch + c.config.depth * (2 * 2 * ch * 2 * ch + 2 * ch * 2 * ch) + 2 * ch * h + 2 * h * 2
+        total += per_sample * size
+    return total
+
+
+def matmul_gflops(threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / 5)
+    return 2 * 1024**3 / best / 1e9
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(pred, timeout: float, what: str, interval: float = 0.01):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Daemon:
+    def __init__(self, port: int, model_dir: str, work: Path, name: str, interval: int, threads: int):
+        self.b = f"bench{name}{os.getpid()}"
+        args = ["--redis-host", "127.0.0.1", "--redis-port", str(port), "--model-dir", model_dir, "--building-id", self.b,
+                "--inference-interval", str(interval), "--threads", str(threads), "--runtime-dir", str(work),
+                "--state-dir", str(work / f"state-{name}"), "--status-interval", "0.2", "--log-level", "warning"]
+        self.log = open(work / f"{name}.log", "wb")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", *args], cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def status(self, r) -> dict:
+        return {k.decode(): v.decode() for k, v in r.hgetall(f"nilm:{self.b}:status").items()}
+
+    def ready_s(self, r) -> float:
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log.name}")
+            return self.status(r).get("state", "starting") not in ("starting", "")
+        wait(ready, 120, "READY")
+        return time.monotonic() - self.t0
+
+    def memory(self, r) -> dict:
+        import psutil
+
+        out = {}
+        for role in ("supervisor", "reader", "inference"):
+            pid = int(self.status(r).get(f"pid_{role}", 0) or 0)
+            try:
+                info = psutil.Process(pid).memory_full_info()
+                out[role] = {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
+            except (psutil.Error, AttributeError, ValueError):
+                out[role] = {"rss_mb": None, "pss_mb": None}
+        out["total"] = {k: round(sum(v[k] or 0 for v in out.values()), 1) for k in ("rss_mb", "pss_mb")}
+        return out
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def publish(r, b: str, ts: np.ndarray, power: np.ndarray, batch: int = 2000) -> None:
+    for i in range(0, len(ts), batch):
+        pipe = r.pipeline(transaction=False)
+        for t, p in zip(ts[i:i + batch], power[i:i + batch]):
+            pipe.publish(f"nilm:{b}:input", f'{{"timestamp":{t:.1f},"power_total":{p:.1f}}}')
+        pipe.execute()
+
+
+def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, ingest_samples: int) -> dict:
+    import redis
+
+    work = Path(tempfile.mkdtemp(prefix="nilmd-bench-"))
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    r = redis.Redis(port=port)
+    out = {}
+    try:
+        wait(lambda: _ping(r), 10, "redis-server")
+        # 1. start -> READY, then the ingest burst (INFERENCE_INTERVAL=60, the default)
+        d = Daemon(port, model_dir, work, "ingest", 60, threads)
+        try:
+            out["start -> READY"] = {"median_ms": round(d.ready_s(r) * 1e3, 1), "n": 1}
+            n = ingest_samples
+            ts = np.floor(time.time()) - n - 10 + np.arange(n)
+            base = int(d.status(r).get("samples_received", 0))
+            t = time.monotonic()
+            publish(r, d.b, ts, window_features(n)[:, 0])
+            sent = time.monotonic() - t
+            wait(lambda: int(d.status(r).get("samples_received", 0)) - base >= n, 120, "the ingest burst")
+            took = time.monotonic() - t
+            out["ingest"] = {"samples_per_s": round(n / took), "n": n, "publish_s": round(sent, 2),
+                             "accepted": int(d.status(r)["samples_accepted"])}
+        finally:
+            d.stop()
+        # 2. end-to-end at 1 Hz (INFERENCE_INTERVAL=1) and memory after warm-up
+        d = Daemon(port, model_dir, work, "e2e", 1, threads)
+        try:
+            d.ready_s(r)
+            sub = r.pubsub(ignore_subscribe_messages=True)
+            sub.subscribe(f"nilm:{d.b}:predictions")
+            now = np.floor(time.time())
+            publish(r, d.b, now - size + np.arange(size), window_features(size)[:, 0])  # fill the window
+            wait(lambda: sub.get_message(timeout=0.1), 60, "the first prediction")
+            lat, power = [], window_features(e2e_seconds, seed=1)[:, 0]
+            for i in range(e2e_seconds):
+                ts = np.floor(time.time()) + 1
+                time.sleep(max(0.0, ts - time.time()))  # on the second, like a meter
+                while sub.get_message(timeout=0):  # drop anything older
+                    pass
+                t = time.perf_counter()
+                r.publish(f"nilm:{d.b}:input", f'{{"timestamp":{ts:.1f},"power_total":{power[i]:.1f}}}')
+                while True:
+                    msg = sub.get_message(timeout=2.0)
+                    if msg is None:
+                        raise RuntimeError(f"no prediction for the sample at {ts}")
+                    if json.loads(msg["data"])["window_end"] >= ts:
+                        lat.append((time.perf_counter() - t) * 1e3)
+                        break
+            out["end-to-end at 1 Hz"] = stats(lat)
+            out["memory"] = d.memory(r)
+            out["inference_ms_daemon"] = float(d.status(r).get("last_inference_ms", "nan"))
+        finally:
+            d.stop()
+    finally:
+        r.close()
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _ping(r) -> bool:
+    try:
+        return r.ping()
+    except Exception:
+        return False
+
+
+# -- report ----------------------------------------------------------------------------------------
+def table(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average "
+             f"{m['load_start'][0]} at start, {m['load_end'][0]} at end",
+             f"models: {results['models']}; {'; '.join(results['architectures'])}",
+             "", f"| {'measure':34s} | threads | median | p99 | cpu median |", "|---|---|---|---|---|"]
+    for threads, rows in results["models_by_threads"].items():
+        for name, s in rows.items():
+            if not name.startswith("_"):
+                lines.append(f"| {name:34s} | {threads} | {s['median_ms']:.2f} ms | {s['p99_ms']:.2f} ms "
+                             f"| {s['cpu_median_ms']:.2f} ms |")
+    d = results.get("daemon")
+    if d:
+        t = d["threads"]
+        e = d["end-to-end at 1 Hz"]
+        lines.append(f"| {'end-to-end at 1 Hz':34s} | {t} | {e['median_ms']:.1f} ms | {e['p99_ms']:.1f} ms | |")
+        lines.append(f"| {'start -> READY':34s} | {t} | {d['start -> READY']['median_ms'] / 1e3:.2f} s | | |")
+        ing = d["ingest"]
+        lines.append(f"| {'reader ingest (burst of %d)' % ing['n']:34s} | | {ing['samples_per_s']:,} samples/s "
+                     f"| published in {ing['publish_s']} s | |")
+        for role, v in d["memory"].items():
+            lines.append(f"| {'memory ' + role:34s} | | RSS {v['rss_mb']} MB | PSS {v['pss_mb']} MB | |")
+    h = results["limit"]
+    lines += ["", f"hardware limit: {h['gflop_per_window']:.3f} GFLOP per full window / {h['matmul_gflops']:.0f} "
+              f"GFLOP/s (1024^2 float32 matmul, {h['threads']} threads) = {h['limit_ms']:.2f} ms; "
+              f"per 60-s step {h['limit_60_ms']:.3f} ms, per 1-s step {h['limit_1_ms'] * 1e3:.1f} us"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default=str(ROOT / "checkpoints"))
+    ap.add_argument("--window-size", type=int, default=1536)
+    ap.add_argument("--threads", default="1,2", help="torch threads to time the models with (comma list)")
+    ap.add_argument("--daemon-threads", type=int, default=1, help="--threads of the benchmarked daemon")
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--e2e-seconds", type=int, default=60, help="live 1 Hz samples for the end-to-end latency")
+    ap.add_argument("--ingest-samples", type=int, default=50_000)
+    ap.add_argument("--no-daemon", action="store_true", help="skip the daemon (no redis-server needed)")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+
+    results = {"machine": machine(threads)}
+    tmp = Path(tempfile.mkdtemp(prefix="nilmd-bench-models-"))
+    ckpts, results["models"], results["architectures"] = load_models(args.model_dir, tmp)
+    results["models_by_threads"] = {}
+    for t in threads:
+        print(f"timing the models with {t} thread(s) ...", file=sys.stderr)
+        results["models_by_threads"][t] = bench_models(ckpts, args.window_size, t, args.reps)
+    flops = model_flops(ckpts, args.window_size)
+    best = max(threads)
+    gflops = matmul_gflops(best)
+    results["limit"] = {"gflop_per_window": flops / 1e9, "matmul_gflops": gflops, "threads": best,
+                        "limit_ms": flops / gflops / 1e6, "limit_60_ms": flops * 60 / args.window_size / gflops / 1e6,
+                        "limit_1_ms": flops / args.window_size / gflops / 1e6}
+    if not args.no_daemon:
+        if shutil.which("redis-server") is None:
+            print("redis-server not found: skipping the daemon (--no-daemon to silence)", file=sys.stderr)
+        else:
+            print("running the daemon against a private redis-server ...", file=sys.stderr)
+            results["daemon"] = {"threads": args.daemon_threads, **bench_daemon(
+                str(tmp), args.window_size, args.daemon_threads, args.e2e_seconds, args.ingest_samples)}
+    shutil.rmtree(tmp, ignore_errors=True)
+    results["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
