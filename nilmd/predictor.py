@@ -44,20 +44,20 @@ class Predictor:
                        for rows in by_arch.values()]
         # CUDA: fixed shapes replayed as CUDA graphs from static buffers. graphs=True on the CPU runs
         # the same logic eagerly (tests); graphs=False on CUDA runs eagerly (debugging).
-        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.graphs = (self.device.type == "cuda" if graphs is None else graphs) and bool(self.groups)
         self.full_recomputes = 0  # how often step() could not continue from its state
+        self._states = {}  # slack -> [State per group]; CPU: one slack, CHUNK
+        self._graphs = {}  # ("full" | "step", n) -> Graphed
+        self._inputs = {}  # n -> (pinned host staging buffer, static device input) [n, F]
         self.reset()
 
     def reset(self) -> None:
-        """Forget the incremental state: the next step() recomputes a full window. Call it when a
-        window turned out not to be intact (the writer overwrote it while it was read)."""
+        """Forget the position: the next step() recomputes a full window. Call it when a window
+        turned out not to be intact (the writer overwrote it while it was read)."""
         self._end = None  # ring index one past the last sample step() processed
         self._last_ts = None  # that sample's grid second: tells a ring that restarted from 0
         self._size = None
-        self._states = {}  # per slack: [State per group]; CPU: one, slack CHUNK
-        self._live = None  # the slack whose states hold the current position
-        self._graphs = {}  # ("full" | "step", n) -> Graphed
-        self._inputs = {}  # n -> (pinned host staging buffer, static device input) [n, F]
+        self._live = None  # the slack whose states hold the position
 
     # -- whole windows -------------------------------------------------------------------------
     @torch.inference_mode()

@@ -111,23 +111,23 @@ def window_features(n: int, seed: int = 0) -> np.ndarray:
     return np.stack([p, 0.3 * p, p / 230.0, 1.05 * p, np.ones(n)], axis=1).astype(np.float32)
 
 
-def bench_models(ckpts, size: int, threads: int, reps: int) -> dict:
+def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu") -> dict:
     import torch
 
     from nilmd.predictor import Predictor
     from nilmd.ringbuffer import RingBuffer
 
     torch.set_num_threads(threads)
-    pred = Predictor(ckpts, "cpu")
-    models = [c.model() for c in pred.checkpoints]
+    pred = Predictor(ckpts, device)
+    models = [c.model().to(pred.device) for c in pred.checkpoints]
     data = window_features(size + 200_000)
-    x = torch.from_numpy(data[:size]).T.unsqueeze(0)
+    x = torch.from_numpy(data[:size]).T.unsqueeze(0).to(pred.device)
 
     @torch.inference_mode()
-    def loop():  # the seed's Predictor.run: each model alone on the window
+    def loop():  # the seed's Predictor.run: each model alone on the window, results to the host
         for m in models:
             power, logit = m(x)
-            torch.sigmoid(logit)
+            power.cpu(), torch.sigmoid(logit).cpu()
 
     path = tempfile.mktemp(prefix="nilmd-bench-", dir="/dev/shm")
     ring = RingBuffer.create(path, capacity=4 * size, n_features=data.shape[1])  # small: wraps often
@@ -157,6 +157,8 @@ def bench_models(ckpts, size: int, threads: int, reps: int) -> dict:
             "incremental, 1 s": timed(step(1), reps * 3),
         }
         out["_full_recomputes"] = pred.full_recomputes
+        if pred.device.type == "cuda":
+            out["_gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     finally:
         ring.close()
         ring.unlink()
@@ -207,11 +209,13 @@ def wait(pred, timeout: float, what: str, interval: float = 0.01):
 
 
 class Daemon:
-    def __init__(self, port: int, model_dir: str, work: Path, name: str, interval: int, threads: int):
+    def __init__(self, port: int, model_dir: str, work: Path, name: str, interval: int, threads: int,
+                 device: str):
         self.b = f"bench{name}{os.getpid()}"
-        args = ["--redis-host", "127.0.0.1", "--redis-port", str(port), "--model-dir", model_dir, "--building-id", self.b,
-                "--inference-interval", str(interval), "--threads", str(threads), "--runtime-dir", str(work),
-                "--state-dir", str(work / f"state-{name}"), "--status-interval", "0.2", "--log-level", "warning"]
+        args = ["--redis-host", "127.0.0.1", "--redis-port", str(port), "--model-dir", model_dir,
+                "--building-id", self.b, "--inference-interval", str(interval), "--threads", str(threads),
+                "--device", device, "--runtime-dir", str(work), "--state-dir", str(work / f"state-{name}"),
+                "--status-interval", "0.2", "--log-level", "warning"]
         self.log = open(work / f"{name}.log", "wb")
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", *args], cwd=ROOT, stdout=self.log,
@@ -259,7 +263,8 @@ def publish(r, b: str, ts: np.ndarray, power: np.ndarray, batch: int = 2000) -> 
         pipe.execute()
 
 
-def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, ingest_samples: int) -> dict:
+def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, ingest_samples: int,
+                 device: str) -> dict:
     import redis
 
     work = Path(tempfile.mkdtemp(prefix="nilmd-bench-"))
@@ -271,7 +276,7 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
     try:
         wait(lambda: _ping(r), 10, "redis-server")
         # 1. start -> READY, then the ingest burst (INFERENCE_INTERVAL=60, the default)
-        d = Daemon(port, model_dir, work, "ingest", 60, threads)
+        d = Daemon(port, model_dir, work, "ingest", 60, threads, device)
         try:
             out["start -> READY"] = {"median_ms": round(d.ready_s(r) * 1e3, 1), "n": 1}
             n = ingest_samples
@@ -287,7 +292,7 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
         finally:
             d.stop()
         # 2. end-to-end at 1 Hz (INFERENCE_INTERVAL=1) and memory after warm-up
-        d = Daemon(port, model_dir, work, "e2e", 1, threads)
+        d = Daemon(port, model_dir, work, "e2e", 1, threads, device)
         try:
             d.ready_s(r)
             sub = r.pubsub(ignore_subscribe_messages=True)
@@ -333,7 +338,7 @@ def _ping(r) -> bool:
 # -- report ----------------------------------------------------------------------------------------
 def table(results: dict) -> str:
     m = results["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average "
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}, load average "
              f"{m['load_start'][0]} at start, {m['load_end'][0]} at end",
              f"models: {results['models']}; {'; '.join(results['architectures'])}",
              "", f"| {'measure':34s} | threads | median | p99 | cpu median |", "|---|---|---|---|---|"]
@@ -364,6 +369,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=str(ROOT / "checkpoints"))
     ap.add_argument("--window-size", type=int, default=1536)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the daemon runs with the same)")
     ap.add_argument("--threads", default="1,2", help="torch threads to time the models with (comma list)")
     ap.add_argument("--daemon-threads", type=int, default=1, help="--threads of the benchmarked daemon")
     ap.add_argument("--reps", type=int, default=200)
@@ -374,13 +380,13 @@ def main() -> int:
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
 
-    results = {"machine": machine(threads)}
+    results = {"machine": {**machine(threads), "device": args.device}}
     tmp = Path(tempfile.mkdtemp(prefix="nilmd-bench-models-"))
     ckpts, results["models"], results["architectures"] = load_models(args.model_dir, tmp)
     results["models_by_threads"] = {}
     for t in threads:
         print(f"timing the models with {t} thread(s) ...", file=sys.stderr)
-        results["models_by_threads"][t] = bench_models(ckpts, args.window_size, t, args.reps)
+        results["models_by_threads"][t] = bench_models(ckpts, args.window_size, t, args.reps, args.device)
     flops = model_flops(ckpts, args.window_size)
     best = max(threads)
     gflops = matmul_gflops(best)
@@ -393,7 +399,7 @@ def main() -> int:
         else:
             print("running the daemon against a private redis-server ...", file=sys.stderr)
             results["daemon"] = {"threads": args.daemon_threads, **bench_daemon(
-                str(tmp), args.window_size, args.daemon_threads, args.e2e_seconds, args.ingest_samples)}
+                str(tmp), args.window_size, args.daemon_threads, args.e2e_seconds, args.ingest_samples, args.device)}
     shutil.rmtree(tmp, ignore_errors=True)
     results["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
     print(table(results))

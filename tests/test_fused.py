@@ -79,7 +79,8 @@ def reference(predictor: Predictor, x: np.ndarray, dtype=torch.float64) -> tuple
     return np.stack(power), np.stack(prob)
 
 
-def assert_matches_models(predictor: Predictor, x: np.ndarray, power: np.ndarray, prob: np.ndarray, last: int | None = None):
+def assert_matches_models(predictor: Predictor, x: np.ndarray, power: np.ndarray, prob: np.ndarray,
+                          last: int | None = None):
     """(power, prob) [A, last] == each model alone on x, for the newest `last` samples."""
     last = x.shape[0] if last is None else last
     p64, q64 = (r[:, -last:] for r in reference(predictor, x))

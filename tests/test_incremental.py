@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,3 +201,19 @@ def test_daemon_sized_models_and_window(tmp_path, interval):
         assert pred.full_recomputes == 1
     finally:
         m.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("interval", [1, 60])
+def test_cuda_graphs_follow_the_ring(meter, interval):
+    pred = small_predictor(device="cuda")
+    assert pred.graphs
+    meter.write(96)
+    check_step(pred, meter.ring, 96, interval)
+    for _ in range(12):
+        meter.write(interval)
+        check_step(pred, meter.ring, 96, interval)
+    meter.ring.mark_break()
+    meter.write(96)
+    check_step(pred, meter.ring, 96, interval)
+    assert pred.full_recomputes == 2
