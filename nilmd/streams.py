@@ -1,0 +1,195 @@
+"""Durable input: the meter's samples in a Redis Stream, read from where the last run stopped.
+
+The stream is `nilm:{b}:input:stream` (nilmd.keys.input_stream). Each entry has one field,
+`data`, holding exactly the JSON a meter would PUBLISH on the pub/sub channel, so both modes
+share one validation path (nilmd.ingest); an entry without `data` is rejected as `not_json`.
+Producers add entries with `XADD ... MAXLEN ~ 86400 * data {json}` (`add` below,
+`nilmd produce --to stream`): about a day of 1 Hz samples stays in Redis.
+
+Delivery: at-least-once into the reader, exactly-once in effect in the ring. The reader reads
+with XREAD (one consumer per building: the reader is the ring's only writer), writes the batch
+into the ring, and only then records the id of the batch's newest entry as its position: in the
+control block (a restarted reader goes on from there) and in Redis under
+`nilm:{b}:input:stream:position` (a restarted daemon goes on from there). A crash between the
+ring write and the record makes the next reader read that batch again; every sample of it then
+lands on a grid second the ring already holds and is rejected (`duplicate` / `out_of_order`), so
+nothing is counted into the ring twice. That is what XREADGROUP + XACK would give for a single
+consumer, without a pending-entries list to maintain.
+
+Warm restart (the first reader of a daemon's life):
+  * the supervisor restored a ring snapshot carrying a position: go on after it;
+  * no snapshot, but a persisted position: read the window that ends at it (XREVRANGE, entries
+    an earlier run already predicted from: "history") and then everything after it;
+  * neither (the very first start): the newest window in the stream, all new data.
+Entries up to the persisted position are history: once the ring holds them, the reader sets the
+control block's `history_end` to just after the newest window the earlier run predicted (its
+`last_window_end` in the status hash, when the ring holds it; else the ring's head), and the
+inference process carries on from there instead of predicting those windows again. The warm-up
+read is a window and one interval long, so that the window of that last prediction fits in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+
+from nilmd import keys
+from nilmd.config import Config
+
+log = logging.getLogger("nilmd.reader")
+
+MAXLEN = 86400  # entries a producer keeps in the stream (XADD MAXLEN ~): a day of 1 Hz samples
+_ID = re.compile(r"^(\d+)-(\d+)$")
+
+
+def position_key(building: str) -> str:
+    return keys.input_stream(building) + ":position"
+
+
+def parse_id(entry_id) -> tuple[int, int]:
+    """'1706198400000-3' (str or bytes) -> (1706198400000, 3)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    m = _ID.match(text)
+    if m is None:
+        raise ValueError(f"not a stream entry id: {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def format_id(ms: int, seq: int) -> str:
+    return f"{ms}-{seq}"
+
+
+def add(pipe, building: str, text: str, maxlen: int | None = MAXLEN) -> None:
+    """Queue one sample (its JSON text) on a Redis pipeline or client as a stream entry."""
+    pipe.xadd(keys.input_stream(building), {"data": text}, maxlen=maxlen, approximate=True)
+
+
+class StreamSource:
+    """XREAD the input stream, resuming from the position in the control block (see above)."""
+
+    name = "stream"
+
+    def __init__(self, cfg: Config, ctl, ring):
+        from nilmd import redisconn  # redis-py only where Redis is used
+
+        self.cfg = cfg
+        self.ctl = ctl
+        self.ring = ring  # read only, to place history_end
+        self.key = keys.input_stream(cfg.building_id)
+        self.position_key = position_key(cfg.building_id)
+        self.errors = redisconn.CONNECTION_ERRORS
+        self._client = redisconn.client(cfg, name="reader", socket_timeout=10.0)
+        self.subscribed = False
+        self._position: tuple[int, int] | None = None  # newest entry whose sample is in the ring
+        self._history: tuple[int, int] | None = None  # entries up to here were processed by an earlier run
+        self._backfill: list = []  # entries read at start, handed out before anything else
+        self._pending: tuple[int, int] | None = None  # newest id of the batch being ingested
+        self._predicted: float | None = None  # window_end of the earlier run's last prediction
+        self._resumed = bool(ctl["input_resumed"])  # a restarted reader: no history to work out
+
+    @property
+    def position(self) -> str | None:
+        return format_id(*self._position) if self._position else None
+
+    def connect(self) -> None:
+        self.subscribed = False
+        self._client.ping()
+        if self._position is None:
+            ms, seq = int(self.ctl["input_pos_ms"]), int(self.ctl["input_pos_seq"])
+            self._position = (ms, seq) if ms or seq else None  # 0-0 is never a valid entry id
+        if not self._resumed:
+            self._resume()
+            self._resumed = True
+        newest = self._client.xrevrange(self.key, count=1)
+        if newest and self._position and parse_id(newest[0][0]) < self._position:
+            # Only a Redis that lost its data (restarted without persistence, FLUSHALL) and was
+            # given explicit ids puts the stream behind us: read what it holds now.
+            log.warning("the input stream's newest entry %s is older than our position %s (Redis lost its data?): "
+                        "reading the stream from its start", newest[0][0].decode(), self.position)
+            self._position = (0, 0)
+        self.subscribed = True
+        log.info("reading stream %s after entry %s", self.key, self.position or "(none yet)")
+
+    def _resume(self) -> None:
+        """First reader of this daemon's life: where the earlier run stopped, and its history."""
+        raw = self._client.get(self.position_key)
+        persisted = parse_id(raw) if raw else None
+        try:
+            self._predicted = float(self._client.hget(keys.status_key(self.cfg.building_id), "last_window_end"))
+        except (TypeError, ValueError):
+            self._predicted = None
+        if self._position is None:  # no snapshot: warm up from the stream itself
+            end = format_id(*persisted) if persisted else "+"
+            entries = self._client.xrevrange(self.key, max=end, min="-",
+                                             count=self.cfg.window_size + self.cfg.inference_interval)
+            self._backfill = entries[::-1]
+            if persisted and entries:
+                self._history = parse_id(entries[0][0])  # the newest entry the earlier run processed
+            elif not entries:
+                self._position = persisted or (0, 0)
+            log.info("warm start from the stream: %d entries %s", len(entries),
+                     f"up to {end}, the last one processed before the restart" if persisted
+                     else "(its newest: no earlier run recorded a position)")
+        elif persisted and persisted > self._position:
+            self._history = persisted  # the snapshot is older than what the earlier run processed
+        if self._history is None:
+            self.ctl["input_resumed"] = 1
+
+    # -- reading ----------------------------------------------------------------------------------
+    def read(self, timeout: float, limit: int = 4096) -> list:
+        """Raw messages of the next entries, waiting at most `timeout` for the first one."""
+        if self._backfill:
+            entries, self._backfill = self._backfill, []
+        elif self._history is not None:
+            # Only up to the old position: a batch must not mix history with new entries, or the
+            # new ones would count as already predicted.
+            low = "(" + format_id(*self._position) if self._position else "-"
+            entries = self._client.xrange(self.key, min=low, max=format_id(*self._history), count=limit)
+            if not entries:  # the rest of the history was trimmed away: it is over
+                self._history_done()
+                return []
+        else:
+            start = format_id(*self._position) if self._position else "0-0"
+            reply = self._client.xread({self.key: start}, count=limit, block=max(1, int(timeout * 1000)))
+            entries = reply[0][1] if reply else []
+        if not entries:
+            return []
+        self._pending = parse_id(entries[-1][0])
+        return [fields.get(b"data", b"") for _, fields in entries]
+
+    def commit(self) -> None:
+        """The batch just read is in the ring: record the position (ring first, then this)."""
+        if self._pending is None:
+            return
+        self._position, self._pending = self._pending, None
+        self.ctl["input_pos_ms"], self.ctl["input_pos_seq"] = self._position
+        if self._history is not None:
+            if self._position >= self._history:
+                self._history_done()
+            return  # Redis already holds a position at least this far
+        try:
+            self._client.set(self.position_key, self.position)
+        except self.errors:
+            pass  # Redis just went away: the control block has it, and the next commit writes it
+
+    def _history_done(self) -> None:
+        head, segment = self.ring.counters()
+        end = head
+        if self._predicted is not None and head > segment:
+            window = self.ring.window(head - segment)
+            i = int(np.searchsorted(window.ts, self._predicted))
+            if i < len(window.ts) and window.ts[i] == self._predicted:
+                end = window.start + i + 1
+            del window
+        self.ctl["history_end"] = end
+        self.ctl["input_resumed"] = 1
+        self._history = None
+
+    def close(self) -> None:
+        self.subscribed = False
+        try:
+            self._client.close()
+        except Exception:  # closing a broken connection may raise; it is gone either way
+            pass
