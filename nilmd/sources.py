@@ -2,7 +2,11 @@
 str, one JSON sample each) in batches; validation is the reader's job, the same for all.
 
   PubSubSource     SUBSCRIBE nilm:{b}:input (the original service's contract; at-most-once)
+  StreamSource     XREAD nilm:{b}:input:stream from a persisted position (nilmd.streams; at-least-once)
   SimulatedSource  `--mode test`: a simulated building, no Redis
+
+After the reader has written a batch into the ring it calls `commit()`: a durable source records
+its position then, never before, so a crash in between re-reads rather than loses.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class PubSubSource:
                 pass
             self._pubsub = None
 
+    def commit(self) -> None:
+        pass  # pub/sub has no position: what was published while we were away is gone
+
 
 class SimulatedSource:
     """A simulated meter for `--mode test`: the first window at once, then `speed` samples per
@@ -98,11 +105,20 @@ class SimulatedSource:
         self._next += n
         return [json.dumps(m) for m in trace.messages("full")]
 
+    def commit(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-def make_source(cfg: Config):
+def make_source(cfg: Config, ctl=None, ring=None):
+    """The configured source; a stream keeps its position in the control block `ctl` and looks
+    into the `ring` to mark where the history of an earlier run ends."""
     if cfg.mode == "test":
         return SimulatedSource(cfg)
+    if cfg.input_mode == "stream":
+        from nilmd.streams import StreamSource
+
+        return StreamSource(cfg, ctl, ring)
     return PubSubSource(cfg)
