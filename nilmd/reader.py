@@ -17,6 +17,7 @@ import numpy as np
 
 from nilmd import control as ctlmod
 from nilmd import log as logmod
+from nilmd import snapshot
 from nilmd.config import Config
 from nilmd.control import ControlBlock
 from nilmd.errors import EXIT_OK
@@ -34,11 +35,13 @@ class Reader:
         self.throttle = logmod.Throttle(self.log, period=60.0)
         self.ring = RingBuffer.attach(paths["ring"])
         self.ctl = ControlBlock.attach(paths["ctl"])
-        self.source = source if source is not None else make_source(cfg)
+        self.source = source if source is not None else make_source(cfg, self.ctl, self.ring)
         self.alive = True
         self.parent = os.getppid()
-        last = self.ring.last()  # a restarted reader carries on where the last one stopped
+        last = self.ring.last()  # a restarted reader (or a restored snapshot) carries on where it stopped
         self.grid = Grid(cfg.max_gap_fill, last_slot=int(last[0]) if last else None)
+        # Test mode replays simulated time from its start on every run: nothing worth keeping.
+        self.snapshots = None if cfg.mode == "test" else snapshot.Writer(cfg, self.ring, self.ctl, self.log)
         self._prev = last[1] if last else None  # features of the newest sample, for gap filling
 
     # -- ingest: the per-sample path --------------------------------------------------------------
@@ -50,7 +53,7 @@ class Reader:
         for raw in messages:
             try:
                 sample = parse_sample(raw, now, self.cfg.max_clock_skew)
-                placement = self.grid.place(sample.timestamp)
+                placement = self.grid.place(sample.timestamp, now)
             except Rejected as r:
                 ctl.add(f"rejected_{r.reason}")
                 self.throttle.log(r.reason, logging.WARNING,
@@ -80,7 +83,11 @@ class Reader:
                 self._flush(ts, rows, flags)
                 ts, rows, flags = [], [], []
                 self.ring.mark_break()
-                if prev is not None:
+                if p.clock_jump:
+                    self.ctl.add("clock_jumps")
+                    self.log.warning("the meter's clock was set back (its samples now stamped %s): following it; "
+                                     "the window restarts", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.slot)))
+                elif prev is not None:
                     self.ctl.add("gaps_broken")
                     self.throttle.log("gap", logging.WARNING,
                                       f"gap in the meter data longer than {self.cfg.max_gap_fill} s: "
@@ -147,8 +154,13 @@ class Reader:
                 backoff.reset()
             if batch:
                 self.ingest(batch)
+                self.source.commit()  # only now that the batch is in the ring
+            if self.snapshots is not None:
+                self.snapshots.maybe()
             self.throttle.flush()
         self.source.close()
+        if self.snapshots is not None:
+            self.snapshots.write()  # stopping (SIGTERM, or the supervisor is gone): the newest state
         return EXIT_OK
 
     def _lost(self, error, backoff: Backoff) -> None:
