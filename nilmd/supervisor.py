@@ -23,7 +23,7 @@ import time
 from collections import deque
 
 from nilmd import control as ctlmod
-from nilmd import inference, reader, status
+from nilmd import inference, reader, snapshot, status
 from nilmd.config import Config
 from nilmd.control import ControlBlock
 from nilmd.errors import EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_OK, NilmdError
@@ -127,6 +127,8 @@ class Supervisor:
                 os.unlink(p)
         self.ring = RingBuffer.create(self.paths["ring"], self.cfg.ring_capacity, N_FEATURES)
         self.ctl = ControlBlock.create(self.paths["ctl"])
+        if self.cfg.mode != "test":  # warm restart: before any child touches the ring
+            snapshot.restore_at_start(self.cfg, self.ring, self.ctl, self.log)
 
     def release(self) -> None:
         for shared in (self.ring, self.ctl):
