@@ -147,6 +147,9 @@ class InferenceWorker:
         if head - segment < size:
             return None
         last = int(self.ctl["last_window_end"])  # 0: none yet in this daemon's life
+        history = int(self.ctl["history_end"])  # warm restart: an earlier run predicted windows up to here
+        if history > last:  # keep its schedule (or start one) at the newest window it already predicted
+            last = last + (history - last) // step * step if last >= segment + size else history
         if last < segment + size or last > head:  # first window of this unbroken run of data
             end = segment + size
         else:
