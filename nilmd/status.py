@@ -84,6 +84,13 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
         "device": "cuda" if snap["device_cuda"] else "cpu",
         "input_connected": int(snap["redis_connected"]),
         "input_errors": int(snap["redis_errors"]),
+        "input_mode": cfg.input_mode,
+        # stream mode: the entry id of the newest sample in the ring (where a restart goes on from)
+        "input_position": f"{int(snap['input_pos_ms'])}-{int(snap['input_pos_seq'])}" if snap["input_pos_ms"] else "",
+        "clock_jumps": int(snap["clock_jumps"]),
+        "restored_samples": int(snap["restored_samples"]),  # from the ring snapshot at start (warm restart)
+        "snapshot_ts": snap["snapshot_ts"],
+        "snapshot_failures": int(snap["snapshot_failures"]),
         **{f"pid_{role}": pid for role, pid in pids.items()},
         "restarts": sum(restarts.values()),
         **{f"restarts_{role}": n for role, n in restarts.items()},
