@@ -49,12 +49,15 @@ def cmd_produce(args) -> int:
     client, redisconn = _redis(cfg, "producer")
     try:
         t0 = time.monotonic()
-        sent = producer.produce(client, cfg.building_id, samples, args.speed, rebase=rebase, count=args.count)
+        sent = producer.produce(client, cfg.building_id, samples, args.speed, rebase=rebase, count=args.count,
+                                to=args.to, maxlen=args.maxlen)
     except redisconn.CONNECTION_ERRORS as e:
         return _fail(f"Redis at {redisconn.describe(cfg)}: {e}", EXIT_ERROR)
     except KeyboardInterrupt:
         return EXIT_OK
-    print(f"published {sent} samples to {keys.input_channel(cfg.building_id)} in {time.monotonic() - t0:.1f} s",
+    where = {"pubsub": [keys.input_channel(cfg.building_id)], "stream": [keys.input_stream(cfg.building_id)]}
+    where["both"] = where["pubsub"] + where["stream"]
+    print(f"published {sent} samples to {' and '.join(where[args.to])} in {time.monotonic() - t0:.1f} s",
           file=sys.stderr)
     return EXIT_OK
 
@@ -198,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--seed", type=int, default=1, help="simulation: which simulated house")
     produce.add_argument("--timestamps", choices=("now", "file"), default="now",
                          help="CSV: shift the file's times to start at --start, or keep them")
+    produce.add_argument("--to", choices=("pubsub", "stream", "both"), default="pubsub",
+                         help="PUBLISH on the input channel (default), XADD to the input stream (for "
+                         "--input-mode stream: durable), or both")
+    produce.add_argument("--maxlen", type=int, default=None,
+                         help="stream: keep about this many entries (default 86400, a day at 1 Hz)")
     produce.set_defaults(func=cmd_produce)
     return parser
 

@@ -76,9 +76,14 @@ def simulated_samples(seed: int, start: float, count: int | None, fields: str, c
             left -= n
 
 
-def produce(client, building: str, samples, speed: float, *, rebase: float | None = None, count: int | None = None) -> int:
-    """Publish `samples` paced at `speed` x their own time; returns how many were sent."""
+def produce(client, building: str, samples, speed: float, *, rebase: float | None = None, count: int | None = None,
+            to: str = "pubsub", maxlen: int | None = None) -> int:
+    """Send `samples` paced at `speed` x their own time; returns how many were sent. `to`: pubsub
+    (PUBLISH on the input channel), stream (XADD to the input stream, trimmed to ~`maxlen`), both."""
+    from nilmd import streams
+
     channel = keys.input_channel(building)
+    maxlen = streams.MAXLEN if maxlen is None else maxlen
     sent, t_first, wall0 = 0, None, time.monotonic()
     pipe = client.pipeline(transaction=False)
     for msg in samples:
@@ -94,7 +99,11 @@ def produce(client, building: str, samples, speed: float, *, rebase: float | Non
         if delay > 0.002:
             pipe.execute()
             time.sleep(delay)
-        pipe.publish(channel, json.dumps(msg, separators=(",", ":")))
+        text = json.dumps(msg, separators=(",", ":"))
+        if to in ("pubsub", "both"):
+            pipe.publish(channel, text)
+        if to in ("stream", "both"):
+            streams.add(pipe, building, text, maxlen)
         sent += 1
         if len(pipe) >= 500:
             pipe.execute()
