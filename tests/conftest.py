@@ -124,6 +124,7 @@ class Daemon:
             "WINDOW_SIZE": "256",
             "INFERENCE_INTERVAL": "16",
             "NILMD_RUNTIME_DIR": str(runtime_dir),
+            "NILMD_STATE_DIR": str(runtime_dir / "state"),  # ring snapshots: never into the checkout
             "NILMD_RING_CAPACITY": "1024",
             "NILMD_STATUS_INTERVAL": "0.3",
             "NILMD_THREADS": "1",
@@ -178,12 +179,19 @@ def daemon_factory(redis_server, model_dir, tmp_path):
             d.stop(signal.SIGKILL)
 
 
-def publish_samples(client, building: str, n: int, start: float | None = None, power=None):
-    """Publish n valid 1 Hz samples ending about now; returns the last timestamp."""
+def publish_samples(client, building: str, n: int, start: float | None = None, power=None, to: str = "pubsub"):
+    """Publish n valid 1 Hz samples ending about now (`to` the input stream: XADD them); returns
+    the last timestamp."""
+    from nilmd import streams
+
     start = float(int(time.time() - n)) if start is None else start
     pipe = client.pipeline(transaction=False)
     for i in range(n):
         p = 500.0 + 400.0 * ((i // 30) % 3) if power is None else power(i)
-        pipe.publish(f"nilm:{building}:input", json.dumps({"timestamp": start + i, "power_total": p}))
+        text = json.dumps({"timestamp": start + i, "power_total": p})
+        if to == "stream":
+            streams.add(pipe, building, text)
+        else:
+            pipe.publish(f"nilm:{building}:input", text)
     pipe.execute()
     return start + n - 1
