@@ -93,8 +93,8 @@ act() {
     # show the command itself when it says more than the line above
     case "$1" in sh|true) ;; *) printf '          $'; printf ' %q' "$@"; printf '\n';; esac
   else
-    printf '   done: %s\n' "$what"
     "$@" || die "failed: $what ($*)"
+    printf '   done: %s\n' "$what"
   fi
 }
 quiet() { "$@" >/dev/null 2>&1; }
@@ -307,6 +307,7 @@ torch_step() {
   # Another build of the same version (2.13.0+cpu vs 2.13.0) satisfies the pin: force the switch.
   local -a extra=()
   [ -z "$have" ] || extra=(--force-reinstall)
+  [ "$DRY" = 1 ] || say "   installing torch $TORCH_VERSION ($want build): this takes a while"
   act "install torch $TORCH_VERSION ($want build${args[*]:+, from ${args[1]}})" \
     vpip install --quiet --upgrade-strategy only-if-needed "${args[@]}" "${extra[@]}" "torch==$TORCH_VERSION"
   RESTART=1
@@ -436,6 +437,14 @@ unit_step() {
   fi
 }
 
+# systemctl enable --now / restart; on failure show why (the unit's last log lines) before dying.
+start_service() {
+  systemctl "$@" --quiet "$UNIT" && return 0
+  systemctl status --no-pager --lines=0 "$UNIT" 2>&1 | sed 's/^/   | /' >&2 || true
+  journalctl --no-pager -o cat -n 15 -u "$UNIT" 2>&1 | sed 's/^/   | /' >&2 || true
+  return 1
+}
+
 service_step() {
   step "service"
   systemd_running || { say "   note: systemd is not running here: not starting anything"; return; }
@@ -443,12 +452,12 @@ service_step() {
     if systemctl is-enabled --quiet "$UNIT" 2>/dev/null && systemctl is-active --quiet "$UNIT"; then
       ok "$UNIT is enabled and running"
     else
-      act "systemctl enable --now $UNIT" systemctl enable --now --quiet "$UNIT"
+      act "systemctl enable --now $UNIT" start_service enable --now
       RESTART=0 RELOAD=0
     fi
   fi
   if systemctl is-active --quiet "$UNIT" 2>/dev/null; then
-    if [ "$RESTART" = 1 ]; then act "restart $UNIT (new code or unit)" systemctl restart "$UNIT"
+    if [ "$RESTART" = 1 ]; then act "restart $UNIT (new code or unit)" start_service restart
     elif [ "$RELOAD" = 1 ]; then act "reload $UNIT (new checkpoints)" systemctl reload "$UNIT"; fi
   elif [ "$ENABLE" = 0 ]; then
     say "   not running; start it with:  systemctl enable --now nilmd"

@@ -117,4 +117,4 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     tail = f"\n--- run-under-systemd output ({time.monotonic() - t0:.0f} s) ---\n{out[-15000:]}"
     assert "CHECK FAIL" not in out and proc.returncode == 0, "the installer test failed" + tail
     passes = re.findall(r"^CHECK PASS: .*$", out, re.M)
-    assert len(passes) == 6, f"expected 6 passing steps, got {passes}" + tail
+    assert len(passes) == 7, f"expected 7 passing steps, got {passes}" + tail

@@ -64,6 +64,20 @@ enable)
   printf 'REDIS_HOST=127.0.0.1\nREDIS_PORT=%s\nBUILDING_ID=%s\nWINDOW_SIZE=256\nINFERENCE_INTERVAL=16\nNILMD_RING_CAPACITY=1024\nNILMD_THREADS=1\n' \
     "$port" "$building" >> /etc/nilmd/nilmd.env
   sum="$(sha256sum /etc/nilmd/nilmd.env)"
+  # First without checkpoints: the daemon exits 78 (EX_CONFIG), which the unit does not restart
+  # (RestartPreventExitStatus=), and the installer fails saying why.
+  mv /var/lib/nilmd/checkpoints /run/ckpt-aside && install -d -m 0750 -g nilmd /var/lib/nilmd/checkpoints
+  echo "\$ install.sh --enable --checkpoints /nonexistent (expected to fail)"
+  bash "$installer" --enable --checkpoints /nonexistent >"$out" 2>&1 && fail "--enable without checkpoints succeeded"
+  sed 's/^/  | /' "$out"
+  grep -q "ERROR: failed: systemctl enable --now" "$out" || fail "no clear error from the installer"
+  grep -qi "checkpoint" "$out" || fail "the installer did not show the daemon's reason"
+  [ "$(systemctl show -p ExecMainStatus --value nilmd)" = 78 ] || fail "exit status $(systemctl show -p ExecMainStatus --value nilmd), expected 78"
+  sleep 1.5  # RestartSec=10s would not have fired yet anyway; NRestarts must simply stay 0
+  [ "$(systemctl show -p NRestarts --value nilmd)" = 0 ] && [ "$(systemctl show -p ActiveState --value nilmd)" = failed ] ||
+    fail "exit 78 was restarted or not failed: $(systemctl show -p NRestarts -p ActiveState nilmd | tr '\n' ' ')"
+  rm -rf /var/lib/nilmd/checkpoints && mv /run/ckpt-aside /var/lib/nilmd/checkpoints
+  pass "no checkpoints: exit 78, not restarted, the installer fails with the daemon's reason"
   inst --checkpoints "$ckpt" --enable
   [ "$sum" = "$(sha256sum /etc/nilmd/nilmd.env)" ] || fail "install.sh changed /etc/nilmd/nilmd.env"
   systemctl is-enabled --quiet nilmd || fail "not enabled"
