@@ -239,3 +239,41 @@ def test_daemon_speaks_sd_notify(daemon_factory, redis_client):
         assert senders == {d.proc.pid}, f"notify messages from {senders}, expected only the supervisor {d.proc.pid}"
     finally:
         listener.close()
+
+
+@pytest.mark.slow
+def test_ready_waits_for_redis(daemon_factory, model_dir, tmp_path):
+    """With Redis down at start the models load but READY=1 must not come; it comes once a
+    redis-server appears on the port and the reader has subscribed."""
+    from conftest import RedisServer, free_port
+
+    port = free_port()
+    holder = {}
+
+    def on_message(lines):
+        if "READY=1" in lines and "server" in holder:
+            with holder["server"].client() as c:
+                return {"numsub": c.pubsub_numsub(holder["channel"])[0][1]}
+        return {}
+
+    listener = NotifyListener(on_message)
+    server = None
+    try:
+        d = daemon_factory(extra_env={"NOTIFY_SOCKET": listener.address, "REDIS_PORT": str(port)})
+        holder["channel"] = f"nilm:{d.building}:input"
+        d.start()
+        wait_for(lambda: "models loaded" in d.log() or d.proc.poll() is not None, 60, "the models to load")
+        time.sleep(2.0)  # several supervisor ticks with the models loaded and no Redis
+        assert d.proc.poll() is None, d.log()[-3000:]
+        assert listener.index("READY=1") is None, "READY=1 while Redis is unreachable"
+        assert any(s.startswith("starting") for s in listener.statuses())
+        server = holder["server"] = RedisServer(port, tmp_path)  # known to on_message before it can answer
+        server.start()
+        wait_for(lambda: listener.index("READY=1") is not None, 60, "READY=1 once Redis is up")
+        msgs = listener.snapshot()
+        assert msgs[listener.index("READY=1")][3]["numsub"] > 0, "READY=1 before the reader subscribed"
+        assert d.stop() == 0, d.log()[-3000:]
+    finally:
+        listener.close()
+        if server is not None:
+            server.stop()
