@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 
 SYSLOG_IDENTIFIER = "nilmd"
@@ -113,7 +114,30 @@ def setup(role: str, building: str, level: str = "info") -> logging.Logger:
     handler.addFilter(_Context(role, building))
     handler.addFilter(_ApplianceField())
     root.addHandler(handler)
-    return logging.getLogger(f"nilmd.{role}")
+    logger = logging.getLogger(f"nilmd.{role}")
+    _route_uncaught(logger)
+    return logger
+
+
+def _route_uncaught(logger: logging.Logger) -> None:
+    """An uncaught exception would be printed raw to stderr: several journal entries at the
+    default priority. Log it instead: one entry (or one prefixed block) at priority crit."""
+
+    def excepthook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, tb)
+            return
+        logger.critical("uncaught %s: %s", kind.__name__, value, exc_info=(kind, value, tb))
+
+    def thread_excepthook(args):
+        if args.exc_type is SystemExit:
+            return
+        logger.critical("uncaught %s in thread %s: %s", args.exc_type.__name__,
+                        getattr(args.thread, "name", "?"), args.exc_value,
+                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 class Throttle:

@@ -32,6 +32,10 @@ try:
 except ZeroDivisionError:
     lg.exception("boom")
 logging.getLogger("nilmd.x").log(35, "custom level")
+import threading
+t = threading.Thread(target=lambda: {}["missing"], name="worker")
+t.start(); t.join()
+raise RuntimeError("unhandled")
 """
 
 
@@ -48,7 +52,7 @@ def run_child(journal_stream: bool, extra_env=None) -> list[str]:
     os.close(w)
     with os.fdopen(r) as f:
         out = f.read()
-    assert proc.wait(timeout=30) == 0, out
+    assert proc.wait(timeout=30) == 1, out  # CHILD ends with an uncaught exception
     return out.splitlines()
 
 
@@ -59,10 +63,16 @@ def test_journal_stream_gets_priority_prefixes_and_no_timestamps():
     assert lines[2] == "<4>reader: careful"
     assert lines[3] == "<3>reader: boom"
     # journald splits its stream at newlines: each traceback line must carry the same priority
-    tb = [ln for ln in lines[4:] if not ln.endswith("custom level")]
+    custom = lines.index("<3>reader: custom level")  # level 35 counts as the more severe neighbour
+    tb = lines[4:custom]
     assert tb and all(ln.startswith("<3>  ") for ln in tb), lines
     assert any("ZeroDivisionError" in ln for ln in tb)
-    assert lines[-1] == "<3>reader: custom level"  # level 35 counts as the more severe neighbour
+    # uncaught exceptions, in a thread and in the main thread: logged at crit, traceback included
+    rest = lines[custom + 1:]
+    assert rest[0] == "<2>reader: uncaught KeyError in thread worker: 'missing'", rest
+    main = rest.index("<2>reader: uncaught RuntimeError: unhandled")
+    assert all(ln.startswith("<2>") for ln in rest), rest
+    assert any("Traceback" in ln for ln in rest[main:])
     assert not any(re.search(r"\d\d:\d\d:\d\d", ln) for ln in lines), "journald stamps lines itself"
 
 
