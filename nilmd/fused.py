@@ -11,8 +11,9 @@ Same arithmetic as nilmd.model.WaveNILM, rearranged (each change exact or a floa
   * sigmoid(g) = (1 + tanh(g/2)) / 2: the gate rows of the conv are halved and the out conv's
     weights are halved, so a layer's gate is one tanh over [filter, gate] and one addcmul
     (sigmoid is several times slower than tanh on CPU, and powers of two scale exactly);
-  * the skip sum of all layers is one matmul over every layer's gated activations at the end,
-    and only for the samples whose output is wanted; the last layer's residual is never made.
+  * the skip sum and the head run only for the samples whose output is wanted (the newest
+    interval, not the whole window); the last layer's residual is never made;
+  * the head's sigmoids are one sigmoid_ over [mask, on] logits.
 
 Incremental ("fast WaveNet generation", Paine et al. 2016). Layer i's input at t is only ever
 needed again at t + 2**i, so a State keeps each layer's last `dilation` inputs followed by room
@@ -69,6 +70,18 @@ class FusedWaveNILM(nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value)
 
+        self._split()
+
+    def _split(self) -> None:
+        """Per-layer views of the stacked weights, made once (indexing per call costs ~2 us an op)."""
+        self.layer_weights = list(zip(*(getattr(self, k).unbind(0) for k in (
+            "w_cur", "w_prev", "b_conv", "w_res", "b_res", "w_skip"))))
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) replaces the buffers: split again
+        out = super()._apply(fn, *args, **kwargs)
+        self._split()
+        return out
+
     @property
     def receptive_field(self) -> int:
         return 2 * self.dilations[-1]
@@ -78,10 +91,10 @@ class FusedWaveNILM(nn.Module):
 
     @torch.inference_mode()
     def step(self, st: "State", x: torch.Tensor, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed the next n samples x [n, F] (physical units) -> (power W, on logit), each
+        """Feed the next n samples x [n, F] (physical units) -> (power W, on probability), each
         [A, outputs], for the last `outputs` of them."""
         n = x.shape[0]
-        powers, logits = [], []
+        powers, probs = [], []
         for a in range(0, n, st.slack):
             chunk = x[a:a + st.slack]
             m = chunk.shape[0]
@@ -89,54 +102,51 @@ class FusedWaveNILM(nn.Module):
             out = self._chunk(st, chunk, need)
             if need:
                 powers.append(out[0])
-                logits.append(out[1])
+                probs.append(out[1])
         if len(powers) == 1:
-            return powers[0], logits[0]
-        return torch.cat(powers, dim=1), torch.cat(logits, dim=1)
+            return powers[0], probs[0]
+        return torch.cat(powers, dim=1), torch.cat(probs, dim=1)
 
     def _chunk(self, st: "State", x: torch.Tensor, need: int):
         n, A, C = x.shape[0], self.n_models, self.channels
         if st.q + n > st.slack:
             st.shift()
         q = st.q
-        d0 = self.dilations[0]
-        torch.baddbmm(self.b_in, x.expand(A, n, x.shape[1]), self.w_in, out=st.hist[0][:, d0 + q:d0 + q + n])
-        for i, d in enumerate(self.dilations):
-            h = st.hist[i]
-            cur, prev = h[:, d + q:d + q + n], h[:, q:q + n]
-            y = st.y[:, :n]
-            torch.baddbmm(self.b_conv[i], cur, self.w_cur[i], out=y)
-            y.baddbmm_(prev, self.w_prev[i]).tanh_()
+        # Matmul results go to fresh tensors: baddbmm into a strided out= view takes a per-model
+        # loop in torch's CPU kernel (2-3x slower for a few samples).
+        h0 = torch.baddbmm(self.b_in, x.expand(A, n, x.shape[1]), self.w_in)
+        st.hist[0].narrow(1, self.dilations[0] + q, n).copy_(h0)
+        for i, (w_cur, w_prev, b_conv, w_res, b_res, _) in enumerate(self.layer_weights):
+            h, d = st.hist[i], self.dilations[i]
+            cur = h.narrow(1, d + q, n)
+            y = torch.baddbmm(b_conv, cur, w_cur).baddbmm_(h.narrow(1, q, n), w_prev).tanh_()
             # tanh(f) * (1 + tanh(g/2)) = 2 * tanh(f) * sigmoid(g); the 1/2 is in w_res, w_skip
-            z = torch.addcmul(y[..., :C], y[..., :C], y[..., C:], out=st.z[i, :, :n])
+            f = y[..., :C]
+            z = torch.addcmul(f, f, y[..., C:], out=st.z[i].narrow(1, 0, n))
             if i + 1 < self.depth:
-                d2 = self.dilations[i + 1]
-                nxt = st.hist[i + 1][:, d2 + q:d2 + q + n]
-                torch.baddbmm(cur, z, self.w_res[i], out=nxt).add_(self.b_res[i])
+                nxt = st.hist[i + 1].narrow(1, self.dilations[i + 1] + q, n)
+                torch.add(torch.baddbmm(cur, z, w_res), b_res, out=nxt)
         st.q = q + n
         if not need:
             return None
-        s = torch.baddbmm(self.b_skip, st.z[0, :, n - need:n], self.w_skip[0])
-        for i in range(1, self.depth):
-            s.baddbmm_(st.z[i, :, n - need:n], self.w_skip[i])
-        s.relu_()
-        g = torch.baddbmm(self.b_h1, s, self.w_h1).relu_()
-        out = torch.baddbmm(self.b_h2, g, self.w_h2)  # [A, need, 2]
-        power = torch.sigmoid(out[..., 0]) * x[n - need:, 0].clamp_min(0.0)
-        return power, out[..., 1]
+        s = self.b_skip
+        for z, (*_, w_skip) in zip(st.z, self.layer_weights):
+            s = torch.baddbmm(s, z.narrow(1, n - need, need), w_skip)
+        g = torch.baddbmm(self.b_h1, s.relu_(), self.w_h1).relu_()
+        out = torch.baddbmm(self.b_h2, g, self.w_h2).sigmoid_()  # [A, need, 2]: mask, on probability
+        return out[..., 0] * x[n - need:, 0].clamp_min(0.0), out[..., 1]
 
 
 class State:
     """Each layer's last `dilation` inputs (rows q .. q+dilation of hist[i]), then room for
-    `slack` new samples; plus scratch for one chunk, so a step allocates little."""
+    `slack` new samples; and every layer's gated activations of the chunk, for the skip sum."""
 
     def __init__(self, net: FusedWaveNILM, slack: int):
-        A, C, D = net.n_models, net.channels, net.depth
+        A, C = net.n_models, net.channels
         kw = dict(dtype=torch.float32, device=net.w_in.device)
         with torch.inference_mode():
             self.hist = [torch.zeros(A, d + slack, C, **kw) for d in net.dilations]
-            self.y = torch.empty(A, slack, 2 * C, **kw)
-            self.z = torch.empty(D, A, slack, C, **kw)  # every layer's gated activations
+            self.z = [torch.empty(A, slack, C, **kw) for _ in net.dilations]
             self.tmp = torch.empty(A, max(net.dilations), C, **kw)
         self.dilations = net.dilations
         self.slack = slack

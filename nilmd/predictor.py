@@ -174,12 +174,12 @@ class Predictor:
         return self._graphs[key]()
 
     def _collect(self, outs, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-group (power, logit) -> (power, probability) numpy [A, t] in appliance order."""
+        """Per-group (power, probability) -> numpy [A, t] each, in appliance order."""
         power = np.zeros((len(self.appliances), t), np.float32)
         prob = np.zeros((len(self.appliances), t), np.float32)
-        for (rows, _), (p, logit) in zip(self.groups, outs):
+        for (rows, _), (p, q) in zip(self.groups, outs):
             power[rows] = p.cpu().numpy()
-            prob[rows] = torch.sigmoid(logit).cpu().numpy()
+            prob[rows] = q.cpu().numpy()
         return power, prob
 
 
