@@ -31,7 +31,7 @@ _NAMES = [
     # with what an earlier life processed, and the ring index up to which windows were predicted
     # by that earlier life (the inference does not replay them)
     "input_pos_ms", "input_pos_seq", "input_resumed", "history_end", "restored_samples",
-    "snapshot_failures", "clock_jumps",
+    "snapshot_failures", "snapshot_errno", "clock_jumps",
 ]
 _NAMES += [f"rejected_{r}" for r in REJECT_REASONS]
 _NAMES += [f"repaired_{r}" for r in REPAIR_REASONS]
