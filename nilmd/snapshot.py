@@ -240,7 +240,8 @@ def restore_at_start(cfg: Config, ring, ctl, log: logging.Logger, now: float | N
 class Writer:
     """The reader's snapshots: every INTERVAL_S while new data arrives, and one when it stops.
     A state directory that is read-only, full or gone costs the warm restart, never the daemon:
-    one error line per distinct cause (and one when it works again), the rest only counted."""
+    one error line per distinct cause (and one when it works again), the rest only counted. The
+    failing cause lives in the control block, so a restarted reader does not repeat the line."""
 
     def __init__(self, cfg: Config, ring, ctl, log: logging.Logger, interval: float = INTERVAL_S,
                  clock=time.monotonic):
@@ -249,7 +250,6 @@ class Writer:
         self.interval, self.clock = interval, clock
         self._next = clock() + interval
         self._saved_head = 0  # ring head at the last snapshot written
-        self._failing: str | None = None
 
     def maybe(self) -> None:
         if self.clock() >= self._next:
@@ -267,15 +267,16 @@ class Writer:
             write_atomic(self.path, encode(snap))
         except OSError as e:
             self.ctl.add("snapshot_failures")
-            cause = e.strerror or type(e).__name__
-            if cause != self._failing:
+            cause = e.errno or -1
+            if cause != self.ctl["snapshot_errno"]:
                 self.log.error("cannot write the ring snapshot %s: %s. nilmd keeps running; a restart will wait for "
-                               "the window to fill until this works (logged once per cause)", self.path, cause)
-            self._failing = cause
+                               "the window to fill until this works (logged once per cause)", self.path,
+                               e.strerror or e)
+            self.ctl["snapshot_errno"] = cause
             return False
-        if self._failing is not None:
+        if self.ctl["snapshot_errno"]:
             self.log.info("ring snapshots to %s work again", self.path)
-            self._failing = None
+            self.ctl["snapshot_errno"] = 0
         self._saved_head = head
         self.ctl["snapshot_ts"] = snap.created
         return True
