@@ -80,7 +80,9 @@ class StreamSource:
         self.key = keys.input_stream(cfg.building_id)
         self.position_key = position_key(cfg.building_id)
         self.errors = redisconn.CONNECTION_ERRORS
-        self._client = redisconn.client(cfg, name="reader", socket_timeout=10.0)
+        # XREAD blocks 0.2 s at a time, so a reply slower than a few seconds means Redis is gone:
+        # say so (status, backoff) instead of sitting in a socket read without heartbeats.
+        self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)
         self.subscribed = False
         self._position: tuple[int, int] | None = None  # newest entry whose sample is in the ring
         self._history: tuple[int, int] | None = None  # entries up to here were processed by an earlier run
