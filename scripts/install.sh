@@ -318,7 +318,8 @@ torch_step() {
 }
 
 source_fingerprint() {
-  (cd "$SRC" && find nilmd -name '*.py' -print0 | sort -z | xargs -0 sha256sum && sha256sum pyproject.toml README.md) |
+  (cd "$SRC" && find nilmd -type f ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum &&
+    sha256sum pyproject.toml README.md) |
     sha256sum | cut -d' ' -f1
 }
 
