@@ -85,6 +85,10 @@ enable)
   main="$(systemctl show -p MainPID --value nilmd)"
   [ "$(ps -o user= -p "$main")" = nilmd ] || fail "the service does not run as nilmd"
   journalctl --no-pager -o cat -u nilmd | grep -q 'models loaded: 11 of 11' || fail "no 'models loaded' in the journal"
+  if /opt/nilmd/venv/bin/python -c 'import systemd.journal' 2>/dev/null; then
+    journalctl --no-pager -o cat -u nilmd NILMD_ROLE=inference | grep -q 'models loaded' ||
+      fail "systemd-python is installed but journalctl NILMD_ROLE=inference finds nothing"
+  fi
   # no /etc/nilmd/redis-password: the empty SetCredential= fallback let it start without one
   [ ! -e /etc/nilmd/redis-password ] || fail "test set-up: a password file exists"
   v="$(systemd-analyze verify /etc/systemd/system/nilmd.service 2>&1)"; [ -z "$v" ] || fail "verify of the installed unit: $v"
