@@ -106,6 +106,21 @@ def test_env_example_documents_every_setting():
     known = {e for s in SETTINGS for e in s.env}
     assert documented - known == set(), f"{ENV_EXAMPLE.name} documents settings nilmd does not have"
     assert not re.search(r"(?m)^[A-Z]", text), "the example must leave every setting commented out (defaults)"
+    # Each setting's line shows its default, and the comment above it names every choice.
+    lines = text.splitlines()
+    for s in SETTINGS:
+        i = next(i for i, ln in enumerate(lines) if ln.startswith(f"#{s.env[0]}="))
+        shown = lines[i].partition("=")[2]
+        if s.default is not None:
+            want = {True: "true", False: "false"}.get(s.default) if isinstance(s.default, bool) else (
+                f"{s.default:g}" if isinstance(s.default, float) else str(s.default))
+            assert shown == want, f"{s.env[0]}: the example shows {shown!r}, the default is {want!r}"
+        j = i
+        while j > 0 and lines[j - 1].startswith("#") and not re.match(r"#[A-Z_]+=", lines[j - 1]):
+            j -= 1
+        doc = " ".join(lines[j:i])
+        missing = [c for c in s.choices if not re.search(rf"\b{re.escape(c)}\b", doc)]
+        assert not missing, f"{s.env[0]}: the comment above it does not explain {missing}"
 
 
 def test_credential_fallback_means_no_password(tmp_path):
