@@ -217,3 +217,19 @@ def test_cuda_graphs_follow_the_ring(meter, interval):
     meter.write(96)
     check_step(pred, meter.ring, 96, interval)
     assert pred.full_recomputes == 2
+
+
+def test_the_cpu_path_never_touches_cuda(meter, monkeypatch):
+    """device=cpu must work where CUDA is broken or half-installed: no CUDA call at all."""
+    def boom(*args, **kwargs):
+        raise AssertionError("CUDA API called on the CPU path")
+
+    for name in ("is_available", "Stream", "CUDAGraph", "graph", "current_stream", "synchronize", "stream",
+                 "device_count", "init"):
+        monkeypatch.setattr(torch.cuda, name, boom)
+    pred = small_predictor()
+    meter.write(64)
+    check_step(pred, meter.ring, 64, 3)
+    meter.write(3)
+    check_step(pred, meter.ring, 64, 3)
+    pred.run(features(50))
