@@ -6,7 +6,8 @@ run-under-systemd.sh), installs systemd/nilmd.service plus tests/systemd/test-ov
 (paths of this checkout's venv), starts it against a password-protected redis-server on the
 host's loopback (the password travels as a LoadCredential= file), and checks: active (READY=1),
 journal lines and fields, watchdog restart of a SIGSTOPped supervisor, reload, a SIGKILLed
-inference child coming back, no secret anywhere, a clean stop that leaves no shared memory.
+inference child coming back, a SIGSTOPped one replaced by the supervisor before the watchdog can
+expire, no secret anywhere, a clean stop that leaves no shared memory.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def test_unit_under_real_systemd(tmp_path, model_dir, password_redis):
 
     settings = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": port, "BUILDING_ID": building,
                 "MODEL_DIR": "/srv/nilmd-test/checkpoints", "WINDOW_SIZE": 256, "INFERENCE_INTERVAL": 16,
-                "NILMD_RING_CAPACITY": 1024, "NILMD_STATUS_INTERVAL": 0.5,
+                "NILMD_RING_CAPACITY": 1024, "NILMD_STATUS_INTERVAL": 0.5, "NILMD_HEARTBEAT_TIMEOUT": 8,
                 "NILMD_THREADS": 0}  # the default: as many torch threads as cores, under the seccomp filter
     if sdpy:
         settings["PYTHONPATH"] = "/srv/nilmd-test/sdpy"
@@ -266,6 +267,7 @@ def test_unit_under_real_systemd(tmp_path, model_dir, password_redis):
            "--post", f"{checks} secrets {port} {building}",
            "--post", f"{checks} reload {port} {building}",
            "--post", f"{checks} kill-inference {port} {building}",
+           "--post", f"{checks} hang-inference {port} {building}",
            "--post", f"{checks} stop {port} {building}",
            "--expect-log", "models loaded: 11 of 11", "--expect-log", "ready: ",
            "--security-threshold", str(int(MAX_EXPOSURE * 10))]
@@ -290,7 +292,7 @@ def test_unit_under_real_systemd(tmp_path, model_dir, password_redis):
                      "RESULT: exposure <= threshold", "OVERALL: PASS"):
         assert expected in out, f"missing {expected!r}" + tail
     passes = re.findall(r"^CHECK PASS: .*$", out, re.M)
-    assert len(passes) == (6 if sdpy else 5), "every check step must report a pass" + tail
+    assert len(passes) == (7 if sdpy else 6), "every check step must report a pass" + tail
     assert "CHECK FAIL" not in out, tail
     # After the watchdog's SIGABRT the new supervisor found a clean runtime directory (systemd
     # emptied it), not a stale ring to reclaim.

@@ -61,6 +61,22 @@ kill-inference)
   journal -p err | grep -q "inference process (pid $old) died" || fail "no error line about the killed child"
   pass "SIGKILLed inference pid $old came back as pid $new under the same supervisor $main"
   ;;
+hang-inference)
+  # a hung (SIGSTOPped) inference process: the supervisor replaces it itself, before the
+  # watchdog can expire; systemd does not restart the service
+  old="$(status_field pid_inference)"
+  main="$(systemctl show -p MainPID --value "$unit")"; nr="$(systemctl show -p NRestarts --value "$unit")"
+  [ -n "$old" ] && [ "$old" -gt 0 ] && kill -0 "$old" || fail "no live inference pid in the status hash ($old)"
+  kill -STOP "$old"
+  wait_until 40 "the supervisor to replace the hung inference pid $old" sh -c \
+    "p=\$(REDISCLI_AUTH='$REDISCLI_AUTH' redis-cli --no-auth-warning -p $port hget nilm:$building:status pid_inference); [ -n \"\$p\" ] && [ \"\$p\" != 0 ] && [ \"\$p\" != $old ] && kill -0 \$p"
+  new="$(status_field pid_inference)"
+  sleep 8  # past the earliest moment the watchdog could have expired
+  [ "$(systemctl show -p MainPID --value "$unit")" = "$main" ] && [ "$(systemctl show -p NRestarts --value "$unit")" = "$nr" ] ||
+    fail "systemd restarted the service (NRestarts $nr -> $(systemctl show -p NRestarts --value "$unit")) instead of the supervisor replacing the child"
+  journal -p err | grep -q "inference process (pid $old) sent no heartbeat" || fail "no error line about the hung child"
+  pass "hung inference pid $old replaced by the supervisor (pid $new) before the watchdog could expire"
+  ;;
 secrets)
   secret="$(cat /etc/nilmd/redis-password)"
   [ -n "$secret" ] || fail "no test password"
