@@ -302,7 +302,8 @@ torch_step() {
   fi
   if [ "$got" != "$want" ]; then
     [ -f "${TMP:-}/resolve.err" ] && tail -n 3 "$TMP/resolve.err" | sed 's/^/   pip: /' >&2
-    die "no $want build of torch $TORCH_VERSION found (tried: $(IFS=';'; echo "${tried[*]}")). Use --torch-index URL, or --torch skip and install torch into $VENV yourself."
+    local joined; joined="$(printf '%s; ' "${tried[@]}")"
+    die "no $want build of torch $TORCH_VERSION found (tried: ${joined%; }). Use --torch-index URL, or --torch skip and install torch into $VENV yourself."
   fi
   # Another build of the same version (2.13.0+cpu vs 2.13.0) satisfies the pin: force the switch.
   local -a extra=()

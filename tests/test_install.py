@@ -4,7 +4,7 @@ The slow test runs the installer inside a systemd-nspawn container booted by
 ../shared/tools/run-under-systemd.sh, whose /etc, /opt and /var start empty and whose /usr is the
 host's (Debian 12 with python3, python3-venv): a fresh box, with systemd as PID 1. Steps
 (tests/systemd/install-checks.sh): --dry-run changes nothing; install from scratch; a second run
-changes nothing; --enable starts the service from the installed venv as user nilmd against a real
+changes nothing; a CUDA build of torch offered on this CPU box is refused; --enable starts the service from the installed venv as user nilmd against a real
 Redis (the shipped unit, no test drop-ins) and leaves the operator's nilmd.env alone; again
 nothing changed; --uninstall keeps config and state, a second one changes nothing, --purge
 removes everything. pip installs from the machine's local package mirror only.
@@ -45,6 +45,20 @@ def extra_wheels() -> Path | None:
     fetch = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "--no-deps",
                             "async-timeout>=4.0.3", "-d", str(cache)], capture_output=True, text=True, timeout=120)
     return cache if fetch.returncode == 0 and list(cache.glob("async_timeout-*.whl")) else None
+
+
+def cuda_only_wheelhouse(where: Path) -> Path:
+    """A wheelhouse holding just the metadata of a CUDA-tagged torch 2.13.1 (no code: it must never
+    get installed), for the installer's guard against CUDA builds on CPU boxes."""
+    import zipfile
+
+    where.mkdir()
+    name = "torch-2.13.1+cu128"
+    with zipfile.ZipFile(where / f"{name}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}.dist-info/METADATA", "Metadata-Version: 2.1\nName: torch\nVersion: 2.13.1+cu128\n")
+        z.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{name}.dist-info/RECORD", "")
+    return where
 
 
 def run_installer(*args, env=None):
@@ -96,16 +110,19 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
             shutil.copy(ROOT / part, src / part)
     for p in (src, *src.rglob("*")):
         p.chmod(0o755 if p.is_dir() or os.access(p, os.X_OK) else 0o644)
+    cuda_only_wheelhouse(tmp_path / "cuda-only")
     building = f"in{uuid.uuid4().hex[:8]}"
     mirror = {**MIRROR, "PIP_FIND_LINKS": MIRROR["PIP_FIND_LINKS"] + " /srv/wheels"}
     env = " ".join(f"{k}='{v}'" for k, v in mirror.items()) + " PIP_NO_CACHE_DIR=1"
     checks = f"{env} bash /srv/src/tests/systemd/install-checks.sh"
     common = "/srv/src /srv/ckpt"
     cmd = ["bash", str(TOOL), "--bind-ro", f"{src}:/srv/src", "--bind-ro", f"{ckpt}:/srv/ckpt",
-           "--bind-ro", f"{wheels}:/srv/wheels", "--no-analyze"]
+           "--bind-ro", f"{wheels}:/srv/wheels", "--bind-ro", f"{tmp_path / 'cuda-only'}:/srv/cuda-only", "--no-analyze"]
     for d in MIRROR_DIRS:
         cmd += ["--bind-ro", d]
-    for step in ("dry-run", "install", "again", f"enable {redis_server.port} {building}", "again --enable", "uninstall"):
+    steps = ("dry-run", "install", "again", "cuda-guard /srv/cuda-only", f"enable {redis_server.port} {building}",
+             "again --enable", "uninstall")
+    for step in steps:
         name, _, rest = step.partition(" ")
         cmd += ["--pre", f"{checks} {name} {common} {rest}".strip()]
     cmd.append(str(src / "tests" / "systemd" / "install-probe.service"))
@@ -117,4 +134,4 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     tail = f"\n--- run-under-systemd output ({time.monotonic() - t0:.0f} s) ---\n{out[-15000:]}"
     assert "CHECK FAIL" not in out and proc.returncode == 0, "the installer test failed" + tail
     passes = re.findall(r"^CHECK PASS: .*$", out, re.M)
-    assert len(passes) == 7, f"expected 7 passing steps, got {passes}" + tail
+    assert len(passes) == 8, f"expected 8 passing steps, got {passes}" + tail

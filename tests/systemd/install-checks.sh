@@ -59,6 +59,18 @@ again)
   grep -q "^nothing changed" "$out" || fail "a second run changed something: $(grep -E 'done:|would:' "$out" | head -5)"
   pass "second run: nothing changed"
   ;;
+cuda-guard)
+  # $4 holds only a CUDA-tagged torch 2.13.1 (a metadata-only wheel the test wrote): asked for
+  # 2.13.1 on this CPU box, the installer must refuse it before installing anything.
+  echo "\$ install.sh --torch-version 2.13.1 (only a CUDA build available: expected to fail)"
+  PIP_FIND_LINKS="$PIP_FIND_LINKS $4" PIP_RETRIES=0 PIP_DEFAULT_TIMEOUT=5 \
+    bash "$installer" --torch-version 2.13.1 --checkpoints "$ckpt" >"$out" 2>&1 && fail "the installer accepted a CUDA build"
+  sed 's/^/  | /' "$out"
+  grep -q "no cpu build of torch 2.13.1 found" "$out" || fail "no clear refusal"
+  grep -q "pip's configuration: cuda" "$out" || fail "the refusal does not say what pip resolved"
+  [ "$(/opt/nilmd/venv/bin/python -c 'import torch; print(torch.__version__)')" = 2.13.0+cpu ] || fail "torch changed"
+  pass "a CUDA build offered on a CPU box is refused before anything is installed"
+  ;;
 enable)
   # the operator's settings: never overwritten by the installer
   printf 'REDIS_HOST=127.0.0.1\nREDIS_PORT=%s\nBUILDING_ID=%s\nWINDOW_SIZE=256\nINFERENCE_INTERVAL=16\nNILMD_RING_CAPACITY=1024\nNILMD_THREADS=1\n' \
