@@ -180,7 +180,7 @@ class StreamSource:
         head, segment = self.ring.counters()
         end = head
         if self._predicted is not None and head > segment:
-            window = self.ring.window(head - segment)
+            window = self.ring.window(min(head - segment, self.ring.capacity))
             i = int(np.searchsorted(window.ts, self._predicted))
             if i < len(window.ts) and window.ts[i] == self._predicted:
                 end = window.start + i + 1
