@@ -82,7 +82,9 @@ class Predictor:
         the last processed sample still in the window with the same timestamp), computing only
         the samples since; otherwise (first call, a gap, a ring reset, a skipped-ahead schedule)
         recomputes the whole window. The newest outputs are the same either way: the window holds
-        the receptive field, so the zero padding of a full recompute never reaches them."""
+        the receptive field, so the zero padding of a full recompute never reaches them. (Only an
+        interval longer than window - receptive_field + 1 asks for older outputs, which a full
+        recompute gets from a zero-padded past and a continued step from the true one.)"""
         if not 0 < new <= window.size:
             raise ValueError(f"new={new} outside 1..{window.size}")
         n = window.end - self._end if self._continues(window) else 0
