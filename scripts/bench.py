@@ -232,31 +232,23 @@ class Daemon:
         wait(ready, 120, "READY")
         return time.monotonic() - self.t0
 
-    def memory(self, r) -> dict:
+    def processes(self, r) -> dict:
+        """role -> psutil.Process, from the pids in the status hash."""
         import psutil
 
+        fields = self.status(r)
+        return {role: psutil.Process(int(fields[f"pid_{role}"])) for role in ("supervisor", "reader", "inference")}
+
+    def memory(self, r) -> dict:
         out = {}
-        for role in ("supervisor", "reader", "inference"):
-            pid = int(self.status(r).get(f"pid_{role}", 0) or 0)
-            try:
-                info = psutil.Process(pid).memory_full_info()
-                out[role] = {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
-            except (psutil.Error, AttributeError, ValueError):
-                out[role] = {"rss_mb": None, "pss_mb": None}
-        out["total"] = {k: round(sum(v[k] or 0 for v in out.values()), 1) for k in ("rss_mb", "pss_mb")}
+        for role, proc in self.processes(r).items():
+            info = proc.memory_full_info()  # PSS needs /proc/PID/smaps: our own processes
+            out[role] = {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
+        out["total"] = {k: round(sum(v[k] for v in out.values()), 1) for k in ("rss_mb", "pss_mb")}
         return out
 
     def cpu_seconds(self, r) -> dict:
-        import psutil
-
-        out = {}
-        for role in ("supervisor", "reader", "inference"):
-            try:
-                t = psutil.Process(int(self.status(r).get(f"pid_{role}", 0) or 0)).cpu_times()
-                out[role] = t.user + t.system
-            except (psutil.Error, ValueError):
-                pass
-        return out
+        return {role: sum(proc.cpu_times()[:2]) for role, proc in self.processes(r).items()}
 
     def stop(self):
         self.proc.terminate()
@@ -347,7 +339,7 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
 def _ping(r) -> bool:
     try:
         return r.ping()
-    except Exception:
+    except Exception:  # not listening yet
         return False
 
 
