@@ -215,7 +215,10 @@ class InferenceWorker:
 
 def main(cfg: Config, paths: dict) -> None:
     """Entry point of the inference process (multiprocessing spawn target)."""
-    log = logmod.setup("inference", cfg.building_id, cfg.log_level)
+    logmod.process_main("inference", cfg.building_id, cfg.log_level, lambda log: _serve(cfg, paths, log))
+
+
+def _serve(cfg: Config, paths: dict, log) -> int:
     import torch  # only here: the supervisor and the reader never pay for torch
 
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
@@ -229,5 +232,8 @@ def main(cfg: Config, paths: dict) -> None:
         publisher = StdoutPublisher(cfg) if cfg.mode == "test" else RedisPublisher(cfg, log, worker.throttle)
     except (NilmdError, RuntimeError) as e:
         log.critical("cannot start: %s", e)
-        sys.exit(EXIT_BOOT_ERROR)
-    sys.exit(worker.run(publisher))
+        return EXIT_BOOT_ERROR
+    try:
+        return worker.run(publisher)
+    finally:
+        worker.throttle.flush(force=True)

@@ -178,3 +178,18 @@ class Throttle:
                 self._state[key] = [now, 0, logging.NOTSET, state[3]]  # next window: its own levels
             elif over:
                 del self._state[key]
+
+
+def process_main(role: str, building: str, level: str, body) -> None:
+    """Entry of a child process: set up logging, exit with `body(logger)`'s code, and log anything
+    it raises as one critical entry with its traceback (multiprocessing would print it raw:
+    one journal line per traceback line, at info) before exiting 1."""
+    logger = setup(role, building, level)
+    try:
+        code = body(logger)
+    except SystemExit:
+        raise
+    except BaseException:
+        logger.critical("the %s process failed", role, exc_info=True)
+        code = 1
+    sys.exit(code)

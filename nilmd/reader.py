@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 
 import numpy as np
@@ -176,10 +175,16 @@ class Reader:
 
 def main(cfg: Config, paths: dict) -> None:
     """Entry point of the reader process (multiprocessing spawn target)."""
-    logmod.setup("reader", cfg.building_id, cfg.log_level)
+    logmod.process_main("reader", cfg.building_id, cfg.log_level, lambda log: _serve(cfg, paths))
+
+
+def _serve(cfg: Config, paths: dict) -> int:
     reader = Reader(cfg, paths)
     signal.signal(signal.SIGTERM, reader.handle_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reader.ctl["reader_pid"] = os.getpid()
-    sys.exit(reader.run())
+    try:
+        return reader.run()
+    finally:
+        reader.throttle.flush(force=True)

@@ -83,7 +83,7 @@ class Supervisor:
         prefix = os.path.join(cfg.runtime_dir, f"nilmd-{cfg.building_id}")
         self.paths = {"ring": prefix + ".ring", "ctl": prefix + ".ctl", "lock": prefix + ".lock"}
         self.children = {"reader": Child("reader", reader.main), "inference": Child("inference", inference.main)}
-        self.notifier = Notifier()
+        self.notifier = Notifier(unset_environment=True)  # children must not inherit NOTIFY_SOCKET
         self.signals: deque[int] = deque()
         self.exit_code: int | None = None
         self.started = time.time()
@@ -352,4 +352,5 @@ class Supervisor:
                     child.process.join(2.0)
         self.state = "stopped"
         self.publish_status()
+        self.throttle.flush(force=True)
         self.log.info("stopped")
