@@ -199,3 +199,25 @@ def test_pubsub_daemon_restarts_warm_on_the_same_schedule(daemon_factory, redis_
     assert "warm restart: restored 272 samples" in two.log()
     print(f"time to first prediction after a warm restart: {ttfp:.1f} s")
     assert two.stop() == 0
+
+
+def test_writer_snapshots_periodically_only_when_there_is_new_data(shm, tmp_path):
+    """The periodic snapshot (what a power cut leaves): every interval, and only if the ring moved."""
+    ring, ctl = shm
+    now = [1000.0]
+    writer = snapshot.Writer(cfg_for(tmp_path), ring, ctl, logging.getLogger("test.periodic"), interval=60.0,
+                             clock=lambda: now[0])
+    s = make(n=600)
+    ring.write(s.ts[:300], s.features[:300], s.flags[:300])
+    writer.maybe()
+    assert not os.path.exists(writer.path), "written before the interval passed"
+    now[0] += 60.0
+    writer.maybe()
+    assert snapshot.load(writer.path, N_FEATURES).newest == s.ts[299]
+    ring.write(s.ts[300:], s.features[300:], s.flags[300:])
+    now[0] += 30.0
+    writer.maybe()
+    assert snapshot.load(writer.path, N_FEATURES).newest == s.ts[299]
+    now[0] += 30.0
+    writer.maybe()
+    assert snapshot.load(writer.path, N_FEATURES).newest == s.ts[599]
