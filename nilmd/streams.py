@@ -137,6 +137,9 @@ class StreamSource:
         elif persisted and persisted > self._position:
             self._history = persisted  # the snapshot is older than what the earlier run processed
         if self._history is None:
+            # A prediction made while the daemon stopped, after the reader's last snapshot, is in
+            # the status hash: do not make it again.
+            self._mark_predicted(fallback=None)
             self.ctl["input_resumed"] = 1
 
     # -- reading ----------------------------------------------------------------------------------
@@ -177,17 +180,23 @@ class StreamSource:
             pass  # Redis just went away: the control block has it, and the next commit writes it
 
     def _history_done(self) -> None:
+        self._mark_predicted(fallback=self.ring.counters()[0])
+        self.ctl["input_resumed"] = 1
+        self._history = None
+
+    def _mark_predicted(self, fallback: int | None) -> None:
+        """history_end := just after the earlier run's last predicted window when the ring holds
+        it, else `fallback` (None: leave it)."""
         head, segment = self.ring.counters()
-        end = head
+        end = fallback
         if self._predicted is not None and head > segment:
             window = self.ring.window(min(head - segment, self.ring.capacity))
             i = int(np.searchsorted(window.ts, self._predicted))
             if i < len(window.ts) and window.ts[i] == self._predicted:
                 end = window.start + i + 1
             del window
-        self.ctl["history_end"] = end
-        self.ctl["input_resumed"] = 1
-        self._history = None
+        if end is not None:
+            self.ctl["history_end"] = end
 
     def close(self) -> None:
         self.subscribed = False
