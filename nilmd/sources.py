@@ -30,7 +30,7 @@ class PubSubSource:
         self.cfg = cfg
         self.channel = keys.input_channel(cfg.building_id)
         self.errors = redisconn.CONNECTION_ERRORS
-        self._client = redisconn.client(cfg, name="reader", socket_timeout=10.0)
+        self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)  # < heartbeat timeout
         self._pubsub = None
         self.subscribed = False
 

@@ -193,7 +193,14 @@ class Supervisor:
         pass  # the loop reaps right after handling signals
 
     # -- children -------------------------------------------------------------------------------
+    # A successor must not inherit its dead predecessor's "subscribed" or "ready": until it says
+    # so itself, it is starting. (Its predecessor is gone, so this is the slot's only writer now.)
+    STARTING_STATE = {"reader": ("reader_state", ctlmod.READER_STARTING),
+                      "inference": ("inference_state", ctlmod.INFER_LOADING)}
+
     def spawn(self, child: Child) -> None:
+        slot, starting = self.STARTING_STATE[child.role]
+        self.ctl[slot] = starting
         child.process = self.ctx.Process(target=child.target, args=(self.cfg, self.paths),
                                          name=f"nilmd-{child.role}", daemon=False)
         child.process.start()
@@ -338,18 +345,19 @@ class Supervisor:
         self.state = "stopping"
         self.notifier.stopping()
         self.publish_status()
-        for child in self.children.values():
+        # Inference first: the reader's last snapshot then records every prediction that was
+        # published, so a warm restart never makes one twice.
+        for child in (self.children["inference"], self.children["reader"]):
+            if child.process is None:
+                continue
             if child.alive:
                 child.process.terminate()
-        deadline = time.monotonic() + self.STOP_TIMEOUT
-        for child in self.children.values():
-            if child.process is not None:
-                child.process.join(max(0.0, deadline - time.monotonic()))
-                if child.process.is_alive():
-                    self.log.warning("the %s process (pid %d) ignored SIGTERM for %.0f s: killing it",
-                                     child.role, child.pid, self.STOP_TIMEOUT)
-                    child.process.kill()
-                    child.process.join(2.0)
+            child.process.join(self.STOP_TIMEOUT)
+            if child.process.is_alive():
+                self.log.warning("the %s process (pid %d) ignored SIGTERM for %.0f s: killing it",
+                                 child.role, child.pid, self.STOP_TIMEOUT)
+                child.process.kill()
+                child.process.join(2.0)
         self.state = "stopped"
         self.publish_status()
         self.throttle.flush(force=True)
