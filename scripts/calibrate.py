@@ -59,17 +59,6 @@ def load_real(prefix: str):
     return minute_of_day, cols
 
 
-def appliance_summary(tr) -> dict:
-    """All 11 simulated appliances at 1 Hz: energy, time on and power while on."""
-    days = len(tr) / DAY
-    out = {}
-    for name, p in tr.appliances.items():
-        on = p > ON_THRESHOLD_W[name]
-        out[name] = (p.sum() / 3.6e6 / days, on.mean(), p[on].mean() if on.any() else np.nan,
-                     np.count_nonzero(np.diff(on.astype(np.int8)) == 1) / days)
-    return out
-
-
 def find_runs(on: np.ndarray, bridge: int, min_len: int):
     """Boolean minutes -> list of (start, end) index pairs of runs, short gaps bridged."""
     idx = np.flatnonzero(np.diff(np.concatenate(([0], on.astype(np.int8), [0]))))
