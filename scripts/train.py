@@ -71,6 +71,7 @@ class TrainConfig:
     hard_fraction: float = 0.3          # share of windows with something else big running (Windows)
     power_only_fraction: float = 0.5    # share of windows fed as a power-only meter would send them
     on_loss_weight: float = 1.0
+    power_loss: str = "l1"              # l1 (WaveNILM's MAE) | mse (see train_one)
     channels: int = 16
     depth: int = 10
     head_channels: int = 32
@@ -255,7 +256,7 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
     step, best, t_used, history = 0, None, 0.0, []
     if cfg.resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=True)
-        if st["config"] != _fingerprint(cfg):
+        if {"power_loss": "l1", **st["config"]} != _fingerprint(cfg):  # states saved before power_loss existed
             raise SystemExit(f"{state_path} was made with other settings; move it away or use the same flags")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
@@ -284,7 +285,10 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
         power, logit = model(x)
         # L1 on power in units of the appliance's typical running power (WaveNILM's MAE, but so a
         # 100 W TV and a 3 kW kettle learn at the same pace), BCE on on/off at the on-threshold.
-        l_power = (torch.abs(power - y) / typical_w)[m].mean()
+        # L1's optimum is the median: where "on" is less likely than not (a fridge among other
+        # compressors) it predicts 0 W; mse's optimum is the mean, p(on) x power.
+        err = ((power - y) / typical_w)[m]
+        l_power = err.abs().mean() if cfg.power_loss == "l1" else err.square().mean()
         l_on = F.binary_cross_entropy_with_logits(logit[m], (y[m] >= ON_THRESHOLD_W[appliance]).float())
         loss = l_power + cfg.on_loss_weight * l_on
         for g in opt.param_groups:
