@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the inference process does (nilmd/inference.py)
 
 
 def machine(threads: list[int]) -> dict:
@@ -49,7 +50,8 @@ def machine(threads: list[int]) -> dict:
     except OSError:
         pass
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "threads": threads, "load_start": [round(x, 2) for x in os.getloadavg()]}
+            "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def stats(ms: list[float], cpu: list[float] | None = None) -> dict:
