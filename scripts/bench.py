@@ -367,7 +367,7 @@ def table(results: dict) -> str:
             lines.append(f"| {'GPU memory (torch, peak)':34s} | {threads} | {rows['_gpu_max_allocated_mb']:.0f} MB | | |")
     d = results.get("daemon")
     if d:
-        t = d["threads"]
+        t = d["threads"] or f"all ({len(os.sched_getaffinity(0))})"
         e = d["end-to-end at 1 Hz"]
         lines.append(f"| {'end-to-end at 1 Hz':34s} | {t} | {e['median_ms']:.1f} ms | {e['p99_ms']:.1f} ms | |")
         lines.append(f"| {'start -> READY':34s} | {t} | {d['start -> READY']['median_ms'] / 1e3:.2f} s | | |")
@@ -392,7 +392,8 @@ def main() -> int:
     ap.add_argument("--window-size", type=int, default=1536)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the daemon runs with the same)")
     ap.add_argument("--threads", default="1,2", help="torch threads to time the models with (comma list)")
-    ap.add_argument("--daemon-threads", type=int, default=1, help="--threads of the benchmarked daemon")
+    ap.add_argument("--daemon-threads", type=int, default=0,
+                    help="--threads of the benchmarked daemon (default 0, the daemon's own default: all cores)")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--e2e-seconds", type=int, default=60, help="live 1 Hz samples for the end-to-end latency")
     ap.add_argument("--ingest-samples", type=int, default=50_000)
