@@ -105,6 +105,8 @@ class FusedWaveNILM(nn.Module):
                 probs.append(out[1])
         if len(powers) == 1:
             return powers[0], probs[0]
+        if not powers:  # nothing wanted (or no samples)
+            return x.new_zeros(self.n_models, 0), x.new_zeros(self.n_models, 0)
         return torch.cat(powers, dim=1), torch.cat(probs, dim=1)
 
     def _chunk(self, st: "State", x: torch.Tensor, need: int):

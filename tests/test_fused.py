@@ -139,9 +139,12 @@ def test_a_wrong_weight_is_caught():
         assert_matches_models(pred, x, *pred.run(x))
 
 
-def test_no_models():
+def test_no_models_or_no_samples():
     power, prob = Predictor({}).run(features(10))
     assert power.shape == prob.shape == (0, 10)
+    pred = Predictor(make_checkpoints({a: WaveNILMConfig(channels=4, depth=3, head_channels=4) for a in APPLIANCES[:2]}))
+    power, prob = pred.run(features(10)[:0])
+    assert power.shape == prob.shape == (2, 0)
 
 
 def test_shipped_checkpoints():
