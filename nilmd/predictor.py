@@ -67,7 +67,7 @@ class Predictor:
         -> (power W [A, T], probability [A, T]) as float32 numpy arrays. Stateless."""
         t = features.shape[0]
         x = torch.from_numpy(features).to(self.device)
-        slack = min(t, GPU_CHUNK if self.device.type == "cuda" else CHUNK)
+        slack = max(1, min(t, GPU_CHUNK if self.device.type == "cuda" else CHUNK))
         outs = []
         for _, net in self.groups:
             st = State(net, slack)
