@@ -319,7 +319,7 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
 
     final = WaveNILM(mcfg, SCALES)
     final.load_state_dict(best["model"])
-    training = {"data": data_desc, "seed": cfg.seed, "code_version": code_version(), "torch": str(torch.__version__),
+    training = {"data": data_desc, "seed": cfg.seed, "code_version": CODE_VERSION, "torch": str(torch.__version__),
                 "device": str(device), "threads": torch.get_num_threads(), "seconds": round(t_used, 1),
                 "best_step": best["step"], "history": history,
                 "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "appliance")},
@@ -349,8 +349,13 @@ def _fingerprint(cfg: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
+CODE_VERSION = None  # taken when training starts: the code that ran, not HEAD when a file is written
+
+
 def main(argv=None):
+    global CODE_VERSION
     cfg = parse_args(argv)
+    CODE_VERSION = code_version()
     torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
