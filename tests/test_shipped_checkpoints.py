@@ -33,9 +33,9 @@ FLOORS = {  # measured on FIXED_SET (full / power-only) with the shipped files, 
     "HeatPump": (0.90, 0.80),        # 0.994 / 0.894
     "Dishwasher": (0.50, 0.40),      # 0.582 / 0.473
     "WashingMachine": (0.90, 0.90),  # 0.962 / 0.953
-    "Dryer": (0.80, 0.75),           # 0.879 / 0.814
+    "Dryer": (0.75, 0.75),           # 0.844 / 0.839
     "Freezer": (0.50, 0.50),         # 0.563 / 0.578
-    "Refrigerator": (0.50, 0.50),    # 0.595 / 0.550
+    "Refrigerator": (0.55, 0.50),    # 0.613 / 0.553
     "ElectricOven": (0.75, 0.70),    # 0.813 / 0.751
     "Microwave": (0.50, 0.45),       # 0.580 / 0.505
     "ElectricKettle": (0.60, 0.55),  # 0.676 / 0.647
