@@ -4,6 +4,7 @@
   python scripts/train.py --appliance ElectricKettle --steps 200   # one appliance
   python scripts/train.py --data csv --csv 'shared/data/real-1min/REFIT_*.csv.gz' --appliance all
   python scripts/train.py --appliance all --resume                  # continue after a stop
+  python scripts/train.py --appliance Microwave --init checkpoints --seed 2026 --lr 2e-3   # warm start
 
 Every appliance gets the same hyper-parameters (so the daemon can fuse the models). Training state
 is saved under --run-dir every --save-every steps; --resume picks it up and gives bit-identical
@@ -38,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import nilmd  # noqa: E402
 from nilmd import checkpoints, datasets, evaluation, metrics  # noqa: E402
 from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename  # noqa: E402
+from nilmd.errors import CheckpointError  # noqa: E402
 from nilmd.features import SCALES, power_only  # noqa: E402
 from nilmd.model import WaveNILM, WaveNILMConfig  # noqa: E402
 from nilmd.predictor import Predictor  # noqa: E402
@@ -82,6 +84,7 @@ class TrainConfig:
     out_dir: str = "checkpoints"
     run_dir: str = "runs/train"
     resume: bool = False
+    init: str = ""                      # warm start: a folder of checkpoints (or one file) to continue from
 
     def model_config(self) -> WaveNILMConfig:
         return WaveNILMConfig(channels=self.channels, depth=self.depth, head_channels=self.head_channels)
@@ -254,6 +257,7 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
     model = WaveNILM(mcfg, SCALES).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, best, t_used, history = 0, None, 0.0, []
+    init = warm_start(cfg, appliance, model) if cfg.init else None
     if cfg.resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=True)
         if {"power_loss": "l1", **st["config"]} != _fingerprint(cfg):  # states saved before power_loss existed
@@ -272,6 +276,23 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
                                       "config": _fingerprint(cfg)})
 
     from tqdm import tqdm
+
+    def validate_step(best):
+        """Score the model as it is now; -> the better of it and `best`."""
+        model.eval()
+        score, th, val_metrics = validate(appliance, model, val, cfg, max_power_w)
+        history.append({"step": step, "score": score, "f1_full": val_metrics["full"]["f1"],
+                        "f1_power": val_metrics["power"]["f1"], "mae_w": val_metrics["full"]["mae_w"]})
+        tqdm.write(f"{appliance} step {step}: val F1 full {val_metrics['full']['f1']:.3f} "
+                   f"power-only {val_metrics['power']['f1']:.3f} MAE {val_metrics['full']['mae_w']:.1f} W "
+                   f"(threshold {th:.2f})")
+        if best is None or score > best["score"]:
+            best = {"score": score, "step": step, "threshold": th, "metrics": val_metrics,
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        return best
+
+    if init and step == 0:  # the starting point is a candidate too: a warm start never makes things worse
+        best = validate_step(best)
     state_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=cfg.steps, initial=step, desc=appliance, dynamic_ncols=True, mininterval=5)
     ema = None
@@ -302,16 +323,7 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", power=f"{l_power.item():.3f}", on=f"{l_on.item():.3f}", refresh=False)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            model.eval()
-            score, th, val_metrics = validate(appliance, model, val, cfg, max_power_w)
-            history.append({"step": step, "score": score, "f1_full": val_metrics["full"]["f1"],
-                            "f1_power": val_metrics["power"]["f1"], "mae_w": val_metrics["full"]["mae_w"]})
-            tqdm.write(f"{appliance} step {step}: val F1 full {val_metrics['full']['f1']:.3f} "
-                       f"power-only {val_metrics['power']['f1']:.3f} MAE {val_metrics['full']['mae_w']:.1f} W "
-                       f"(threshold {th:.2f})")
-            if best is None or score > best["score"]:
-                best = {"score": score, "step": step, "threshold": th, "metrics": val_metrics,
-                        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            best = validate_step(best)
         if step % cfg.save_every == 0 or step == cfg.steps:
             t_used = time.time() - t_start
             save_state()
@@ -321,7 +333,7 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
     final.load_state_dict(best["model"])
     training = {"data": data_desc, "seed": cfg.seed, "code_version": CODE_VERSION, "torch": str(torch.__version__),
                 "device": str(device), "threads": torch.get_num_threads(), "seconds": round(t_used, 1),
-                "best_step": best["step"], "history": history,
+                "best_step": best["step"], "history": history, **({"init": init} if init else {}),
                 "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "appliance")},
                 "command": "python " + " ".join(["scripts/train.py", *sys.argv[1:]])}
     data = checkpoints.to_dict(appliance, final, on_power_threshold_w=ON_THRESHOLD_W[appliance],
@@ -332,6 +344,25 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
     checkpoints.load(out_path, appliance)  # what we wrote must be what the daemon accepts
     print(f"{appliance}: wrote {out_path} (best step {best['step']}, {t_used / 60:.1f} min)", flush=True)
     return out_path
+
+
+def warm_start(cfg: TrainConfig, appliance: str, model: WaveNILM) -> dict:
+    """Load the weights of an earlier checkpoint (the optimizer starts afresh, the schedule from
+    step 0). -> the record of where they came from, so the chain of runs stays reproducible."""
+    path = Path(cfg.init)
+    if path.is_dir():
+        path = path / checkpoint_filename(appliance)
+    try:
+        ckpt = checkpoints.load(path, appliance)
+    except CheckpointError as exc:
+        raise SystemExit(f"--init: {exc}") from None
+    if ckpt.config != model.config:
+        raise SystemExit(f"--init: {path} has {ckpt.config}, this run {model.config}; use the same "
+                         "--channels/--depth/--head-channels")
+    model.load_state_dict(ckpt.state_dict)
+    print(f"{appliance}: starting from {path}", flush=True)
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "training": ckpt.training}
 
 
 def _loads(path, appliance) -> bool:

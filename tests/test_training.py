@@ -4,6 +4,7 @@ streaming evaluation equals the daemon's windows, and a few real training steps 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import math
 import sys
@@ -191,6 +192,34 @@ def test_training_writes_a_checkpoint_the_daemon_accepts_and_resumes_exactly(tmp
     for k in state_one:
         assert torch.equal(state_one[k], state_two[k]), k
     assert resumed.training["history"][-1]["step"] == 4
+
+
+def test_warm_start_continues_from_a_checkpoint_and_records_it(tmp_path):
+    train = load_script("train")
+    synthetic_csv(tmp_path / "a.csv")
+    synthetic_csv(tmp_path / "b.csv", seed=1)
+    common = TINY + ["--data", "csv", "--csv", str(tmp_path / "a.csv"), "--val-csv", str(tmp_path / "b.csv")]
+    train.main(common + ["--steps", "4", "--out-dir", str(tmp_path / "one"), "--run-dir", str(tmp_path / "r1")])
+    first = checkpoints.load(tmp_path / "one" / checkpoint_filename("ElectricKettle"))
+
+    train.main(common + ["--steps", "2", "--seed", "7", "--init", str(tmp_path / "one"),
+                         "--out-dir", str(tmp_path / "two"), "--run-dir", str(tmp_path / "r2")])
+    second = checkpoints.load(tmp_path / "two" / checkpoint_filename("ElectricKettle"))
+    init = second.training["init"]
+    assert init["sha256"] == hashlib.sha256((tmp_path / "one" / checkpoint_filename("ElectricKettle"))
+                                            .read_bytes()).hexdigest()
+    assert init["training"]["history"] == first.training["history"]
+    # step 0 is the loaded model (the first run's best state), scored on the same validation data
+    start = second.training["history"][0]
+    best_first = next(h for h in first.training["history"] if h["step"] == first.training["best_step"])
+    assert start["step"] == 0 and start["score"] == pytest.approx(best_first["score"])
+
+    with pytest.raises(SystemExit, match="--channels"):
+        train.main(common + ["--steps", "2", "--channels", "8", "--init", str(tmp_path / "one"),
+                             "--out-dir", str(tmp_path / "three"), "--run-dir", str(tmp_path / "r3")])
+    with pytest.raises(SystemExit, match="--init"):
+        train.main(common + ["--steps", "2", "--init", str(tmp_path / "nowhere"),
+                             "--out-dir", str(tmp_path / "three"), "--run-dir", str(tmp_path / "r3")])
 
 
 @pytest.mark.slow
