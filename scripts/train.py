@@ -157,7 +157,7 @@ def cached(cfg, kind, seeds, segments, days):
         print(f"simulating {kind} house {seed} ({segments} x {days} days)", flush=True)
         series += datasets.simulated_set([seed], segments, days)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # two trainings may share a run dir
     np.savez(tmp, names=np.array([s.name for s in series]), lengths=np.array([len(s) for s in series]),
              features=np.concatenate([s.features for s in series]), valid=np.concatenate([s.valid for s in series]),
              **{"t_" + a: np.concatenate([s.targets[a] for s in series]) for a in series[0].targets})
