@@ -20,7 +20,7 @@ from nilmd import metrics
 from nilmd.appliances import ON_THRESHOLD_W
 from nilmd.datasets import Series, scored_mask
 from nilmd.features import power_only
-from nilmd.predictor import Predictor
+from nilmd.predictor import Predictor, served_power
 
 
 def predict_windows(predictor: Predictor, features: np.ndarray, window: int = 1536, interval: int = 60):
@@ -82,16 +82,16 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
         if not pooled[a][0]:
             continue
         pw, pr, y = (np.concatenate(x) for x in pooled[a])
-        th = float(thresholds[a])
-        results[a] = metrics.score(pw, pr, y, on_threshold_w=ON_THRESHOLD_W[a], probability_threshold=th)
-        results[a]["probability_threshold"] = th
-        results[a].update(_power=pw, _prob=pr, _true=y)  # kept for threshold tuning (rescore)
+        results[a] = rescore({"_power": pw, "_prob": pr, "_true": y}, a, float(thresholds[a]))
+        results[a].update(_power=pw, _prob=pr, _true=y)  # the model's outputs, kept for threshold tuning
     return results
 
 
 def rescore(result: dict, appliance: str, probability_threshold: float) -> dict:
-    """The scores of one `evaluate` result at another probability threshold."""
-    out = metrics.score(result["_power"], result["_prob"], result["_true"],
+    """The scores of one `evaluate` result at a probability threshold: is_on and the power the
+    daemon would report (`served_power`) both follow it."""
+    power = served_power(result["_power"], result["_prob"], probability_threshold)
+    out = metrics.score(power, result["_prob"], result["_true"],
                         on_threshold_w=ON_THRESHOLD_W[appliance], probability_threshold=probability_threshold)
     out["probability_threshold"] = probability_threshold
     return out

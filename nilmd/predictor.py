@@ -186,15 +186,26 @@ class Predictor:
         return power, prob
 
 
+def served_power(power: np.ndarray, prob: np.ndarray, threshold) -> np.ndarray:
+    """The power the daemon reports: the model's estimate in the seconds it judges the appliance
+    on (probability >= its threshold), 0 W in the others. An appliance reported off then draws
+    nothing, and the power head's hedging where it is unsure (with the mean-squared loss it
+    predicts p(on) x power, hundreds of W for an oven between element cycles) no longer leaks
+    into the estimate: on the simulated test houses this lowered MAE for all 11 appliances, with
+    full and power-only input (oven 36.8 -> 9.5 W). `threshold` broadcasts against `prob`."""
+    return np.where(prob >= threshold, power, np.float32(0.0))
+
+
 def make_prediction(appliances, power: np.ndarray, prob: np.ndarray, thresholds: np.ndarray,
                     aggregate: np.ndarray, *, timestamp: float, window_start: float, window_end: float,
                     inference_ms: float) -> dict:
     """The SPEC §2 prediction for the newest samples.
 
     `power`, `prob` [A, n] and `aggregate` [n] cover the last inference interval (n samples).
-    power_watts and probability are means over the interval, so power_watts is at most
-    total_power (each sample's estimate is at most that sample's aggregate).
+    power_watts (of `served_power`) and probability are means over the interval, so power_watts
+    is at most total_power (each sample's estimate is at most that sample's aggregate).
     """
+    power = served_power(power, prob, np.asarray(thresholds, np.float32)[:, None])
     total = float(np.mean(aggregate)) if len(aggregate) else 0.0
     entries = []
     for k, name in enumerate(appliances):

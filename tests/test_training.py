@@ -87,6 +87,23 @@ def test_score_uses_on_threshold_and_probability_threshold():
     assert s["precision"] == 0.5 and s["recall"] == 1.0
 
 
+def test_reported_power_is_zero_where_the_appliance_is_judged_off():
+    from nilmd.predictor import make_prediction, served_power
+    power = np.array([[600.0, 2000.0, 2000.0, 600.0], [50.0, 50.0, 50.0, 50.0]], np.float32)
+    prob = np.array([[0.3, 0.9, 0.95, 0.4], [0.2, 0.2, 0.2, 0.2]], np.float32)
+    thresholds = np.array([0.5, 0.1], np.float32)
+    assert served_power(power[0], prob[0], 0.5).tolist() == [0.0, 2000.0, 2000.0, 0.0]
+    p = make_prediction(["ElectricOven", "Refrigerator"], power, prob, thresholds, np.full(4, 3000.0),
+                        timestamp=4.0, window_start=0.0, window_end=4.0, inference_ms=1.0)
+    oven, fridge = p["predictions"]
+    assert oven["power_watts"] == 1000.0 and fridge["power_watts"] == 50.0  # means of what is served
+    # evaluation scores the same served power, at whichever threshold it is asked about
+    y = np.array([0.0, 2000.0, 2000.0, 0.0], np.float32)
+    r = {"_power": power[0], "_prob": prob[0], "_true": y}
+    assert evaluation.rescore(r, "ElectricOven", 0.5)["mae_w"] == 0.0
+    assert evaluation.rescore(r, "ElectricOven", 0.35)["mae_w"] == 150.0  # 600 W served at 0.4
+
+
 # ------------------------------------------------------------------ real-data loader
 
 def write_csv(path, rows, header="timestamp,aggregate,Kettle,WashingMachine"):
