@@ -186,11 +186,16 @@ TINY = ["--channels", "4", "--depth", "4", "--head-channels", "4", "--window", "
         "--eval-every", "2", "--save-every", "1", "--threads", "1", "--appliance", "ElectricKettle"]
 
 
-def test_training_writes_a_checkpoint_the_daemon_accepts_and_resumes_exactly(tmp_path):
-    train = load_script("train")
+def tiny_csv_training(tmp_path):
+    """-> (the train script, arguments for a tiny model on two synthetic CSV houses)."""
     synthetic_csv(tmp_path / "a.csv")
     synthetic_csv(tmp_path / "b.csv", seed=1)
-    common = TINY + ["--data", "csv", "--csv", str(tmp_path / "a.csv"), "--val-csv", str(tmp_path / "b.csv")]
+    return load_script("train"), TINY + ["--data", "csv", "--csv", str(tmp_path / "a.csv"),
+                                         "--val-csv", str(tmp_path / "b.csv")]
+
+
+def test_training_writes_a_checkpoint_the_daemon_accepts_and_resumes_exactly(tmp_path):
+    train, common = tiny_csv_training(tmp_path)
 
     train.main(common + ["--steps", "4", "--out-dir", str(tmp_path / "one"), "--run-dir", str(tmp_path / "r1")])
     ckpt = checkpoints.load(tmp_path / "one" / checkpoint_filename("ElectricKettle"), "ElectricKettle")
@@ -212,10 +217,7 @@ def test_training_writes_a_checkpoint_the_daemon_accepts_and_resumes_exactly(tmp
 
 
 def test_warm_start_continues_from_a_checkpoint_and_records_it(tmp_path):
-    train = load_script("train")
-    synthetic_csv(tmp_path / "a.csv")
-    synthetic_csv(tmp_path / "b.csv", seed=1)
-    common = TINY + ["--data", "csv", "--csv", str(tmp_path / "a.csv"), "--val-csv", str(tmp_path / "b.csv")]
+    train, common = tiny_csv_training(tmp_path)
     train.main(common + ["--steps", "4", "--out-dir", str(tmp_path / "one"), "--run-dir", str(tmp_path / "r1")])
     first = checkpoints.load(tmp_path / "one" / checkpoint_filename("ElectricKettle"))
 
