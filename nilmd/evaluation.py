@@ -82,8 +82,8 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
         if not pooled[a][0]:
             continue
         pw, pr, y = (np.concatenate(x) for x in pooled[a])
-        results[a] = rescore({"_power": pw, "_prob": pr, "_true": y}, a, float(thresholds[a]))
-        results[a].update(_power=pw, _prob=pr, _true=y)  # the model's outputs, kept for threshold tuning
+        raw = {"_power": pw, "_prob": pr, "_true": y}  # the model's outputs, kept for threshold tuning
+        results[a] = {**rescore(raw, a, float(thresholds[a])), **raw}
     return results
 
 
