@@ -23,7 +23,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 def cmd_run(args) -> int:
     cfg = config.resolve(args)
     logmod.setup("supervisor", cfg.building_id, cfg.log_level)
-    from nilmd.supervisor import Supervisor
+    from nilmd.daemon.supervisor import Supervisor
 
     return Supervisor(cfg).run()
 
@@ -95,7 +95,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from nilmd import status
+    from nilmd.daemon import status
 
     cfg = config.resolve(args, names=_names("common", "redis"))
     client, redisconn = _redis(cfg, "status")
@@ -123,7 +123,7 @@ def cmd_check(args) -> int:
         return EXIT_ERROR
     shown = {k: v for k, v in cfg.public().items() if v not in ("", None)}
     print("config       ok    " + " ".join(f"{k}={v}" for k, v in shown.items()))
-    from nilmd import checkpoints
+    from nilmd.models import checkpoints
     from nilmd.appliances import APPLIANCES
 
     loaded, errors = checkpoints.load_dir(cfg.model_dir)

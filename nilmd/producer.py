@@ -64,7 +64,7 @@ def csv_samples(path: str):
 
 
 def simulated_samples(seed: int, start: float, count: int | None, fields: str, chunk: int = 3600):
-    from nilmd.simulator import Building
+    from nilmd.sim.simulator import Building
 
     building = Building(seed)
     t, left = float(int(start)), count
@@ -80,7 +80,7 @@ def produce(client, building: str, samples, speed: float, *, rebase: float | Non
             to: str = "pubsub", maxlen: int | None = None) -> int:
     """Send `samples` paced at `speed` x their own time; returns how many were sent. `to`: pubsub
     (PUBLISH on the input channel), stream (XADD to the input stream, trimmed to ~`maxlen`), both."""
-    from nilmd import streams
+    from nilmd.daemon import streams
 
     channel = keys.input_channel(building)
     maxlen = streams.MAXLEN if maxlen is None else maxlen

@@ -1,13 +1,11 @@
 """Redis clients built from the Config: auth, TLS, timeouts and a bounded retry, set explicitly
 (redis-py's defaults changed between releases; a daemon should not depend on them).
 
-Callers own reconnection with backoff (see Backoff): the client retries a failed command only
+Callers own reconnection with backoff (nilmd.backoff): the client retries a failed command only
 briefly, so a dead Redis shows up quickly as an error the process can count and report.
 """
 
 from __future__ import annotations
-
-import random
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -44,19 +42,3 @@ def describe(cfg: Config) -> str:
     scheme = "rediss" if cfg.redis_tls else "redis"
     user = f"{cfg.redis_username}@" if cfg.redis_username else ""
     return f"{scheme}://{user}{cfg.redis_host}:{cfg.redis_port}/{cfg.redis_db}"
-
-
-class Backoff:
-    """Exponential backoff with full jitter: 0.5 s doubling to `cap`, reset on success."""
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng=random.random):
-        self.base, self.cap, self.rng = base, cap, rng
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.base * 2**self.failures)
-        self.failures += 1
-        return delay * (0.5 + 0.5 * self.rng())
-
-    def reset(self) -> None:
-        self.failures = 0

@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the inference process does (nilmd/inference.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the inference process does (nilmd/daemon/inference.py)
 
 
 def machine(threads: list[int]) -> dict:
@@ -81,9 +81,9 @@ def load_models(model_dir: str, out_dir: Path):
     also written to out_dir in the real format, for the daemon."""
     import torch
 
-    from nilmd import checkpoints
+    from nilmd.models import checkpoints
     from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename
-    from nilmd.model import WaveNILM, WaveNILMConfig
+    from nilmd.models.model import WaveNILM, WaveNILMConfig
 
     loaded, _ = checkpoints.load_dir(model_dir)
     like = next(iter(loaded.values()), None)
@@ -116,8 +116,8 @@ def window_features(n: int, seed: int = 0) -> np.ndarray:
 def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu") -> dict:
     import torch
 
-    from nilmd.predictor import Predictor
-    from nilmd.ringbuffer import RingBuffer
+    from nilmd.models.predictor import Predictor
+    from nilmd.daemon.ringbuffer import RingBuffer
 
     torch.set_num_threads(threads)
     pred = Predictor(ckpts, device)
@@ -285,7 +285,7 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
         d = Daemon(port, model_dir, work, "ingest", 60, threads, device)
         try:
             out["start -> READY"] = {"median_ms": round(d.ready_s(r) * 1e3, 1), "n": 1}
-            from nilmd.ringbuffer import RingBuffer
+            from nilmd.daemon.ringbuffer import RingBuffer
 
             n = ingest_samples
             ts = np.floor(time.time()) - n - 10 + np.arange(n)

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nilmd.appliances import ON_THRESHOLD_W  # noqa: E402
-from nilmd.simulator import HOUSE_SEEDS_TRAIN, Building  # noqa: E402
+from nilmd.sim.simulator import HOUSE_SEEDS_TRAIN, Building  # noqa: E402
 
 DATA_DIR = os.environ.get("NILMD_REAL_DATA", "/work/shared/data/real-1min")
 DAY = 86400

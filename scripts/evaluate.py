@@ -6,13 +6,13 @@
 
 (a) simulated houses never used in training (HOUSE_SEEDS_TEST), with every meter field and with
     power_total only; (b) real 1-minute homes (the shared/data layout or any CSV of the generic
-    layout, see nilmd/datasets.py), each minute held for 60 samples so that the 1 Hz models can
+    layout, see nilmd/training/datasets.py), each minute held for 60 samples so that the 1 Hz models can
     run on them: a 1 Hz model scored on 1-minute data, reported apart. Samples whose receptive
     field holds a gap are not scored.
 
 --mode windows runs Predictor.run on a 1536-sample window every 60 s, exactly as the inference
 process does; --mode stream runs long overlapping chunks, which gives the same outputs for a
-causal model (nilmd/evaluation.py) at a 25th of the cost. --check-windows H measures the largest
+causal model (nilmd/training/evaluation.py) at a 25th of the cost. --check-windows H measures the largest
 difference between the two on H hours of a test house, so a table made with --mode stream says
 how far it is from the literal daemon path.
 """
@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from nilmd import checkpoints, datasets, evaluation  # noqa: E402
+from nilmd.models import checkpoints
+from nilmd.training import datasets, evaluation  # noqa: E402
 from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W  # noqa: E402
-from nilmd.predictor import Predictor  # noqa: E402
+from nilmd.models.predictor import Predictor  # noqa: E402
 
 COLUMNS = (("f1", "F1"), ("precision", "precision"), ("recall", "recall"), ("mae_w", "MAE W"), ("sae", "SAE"),
            ("estimation_accuracy", "EA"), ("f1_power", "F1 (power ≥ thr.)"), ("on_fraction", "on share"))
@@ -58,7 +59,7 @@ def markdown(title: str, results: dict, note: str = "") -> str:
 
 
 def simulated_test(args) -> list:
-    from nilmd.simulator import HOUSE_SEEDS_TEST
+    from nilmd.sim.simulator import HOUSE_SEEDS_TEST
     seeds = list(HOUSE_SEEDS_TEST)[:args.test_houses]
     return datasets.simulated_set(seeds, args.test_segments, args.test_days), seeds
 

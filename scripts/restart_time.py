@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import redis  # noqa: E402
 
-from nilmd import keys, streams  # noqa: E402
+from nilmd import keys
+from nilmd.daemon import streams  # noqa: E402
 from nilmd.producer import simulated_samples  # noqa: E402
 from soak import _free_port, _ping, _status, _wait  # noqa: E402
 

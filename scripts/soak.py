@@ -40,7 +40,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nilmd import keys, streams  # noqa: E402
+from nilmd import keys
+from nilmd.daemon import streams  # noqa: E402
 from nilmd.producer import simulated_samples  # noqa: E402
 
 ROLES = ("supervisor", "reader", "inference")

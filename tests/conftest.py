@@ -89,10 +89,10 @@ def write_checkpoints(directory: Path, appliances=None, channels: int = 8, depth
     """Real-format checkpoints with untrained weights (for daemon tests; never shipped)."""
     import torch
 
-    from nilmd import checkpoints
+    from nilmd.models import checkpoints
     from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename
     from nilmd.features import SCALES
-    from nilmd.model import WaveNILM, WaveNILMConfig
+    from nilmd.models.model import WaveNILM, WaveNILMConfig
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -182,7 +182,7 @@ def daemon_factory(redis_server, model_dir, tmp_path):
 def publish_samples(client, building: str, n: int, start: float | None = None, power=None, to: str = "pubsub"):
     """Publish n valid 1 Hz samples ending about now (`to` the input stream: XADD them); returns
     the last timestamp."""
-    from nilmd import streams
+    from nilmd.daemon import streams
 
     start = float(int(time.time() - n)) if start is None else start
     pipe = client.pipeline(transaction=False)

@@ -11,7 +11,8 @@ from argparse import Namespace
 import pytest
 
 from conftest import ROOT, wait_for
-from nilmd import config, status
+from nilmd import config
+from nilmd.daemon import status
 from nilmd.appliances import APPLIANCES
 from nilmd.errors import ConfigError
 
@@ -126,7 +127,7 @@ def test_mode_test_prints_predictions_with_truth_without_redis(model_dir, tmp_pa
 
 
 def test_readme_documents_every_setting_and_every_rule():
-    from nilmd.ingest import REJECT_REASONS, REPAIR_REASONS
+    from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 
     readme = (ROOT / "README.md").read_text()
     for s in config.SETTINGS:

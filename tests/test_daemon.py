@@ -11,7 +11,7 @@ import pytest
 
 from conftest import publish_samples, wait_for, write_checkpoints
 from nilmd.appliances import APPLIANCES, checkpoint_filename
-from nilmd.ingest import REJECT_REASONS
+from nilmd.daemon.ingest import REJECT_REASONS
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import publish_samples, wait_for, write_checkpoints
 from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.config import Config
-from nilmd.ingest import REJECT_REASONS
+from nilmd.daemon.ingest import REJECT_REASONS
 from test_daemon import Subscriber, check_prediction, wait_ready
 from test_streams import Life, wait_ready_stream
 

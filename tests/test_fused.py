@@ -1,4 +1,4 @@
-"""Fused inference (nilmd.fused through Predictor.run) == each model run alone.
+"""Fused inference (nilmd.models.fused through Predictor.run) == each model run alone.
 
 Tolerance: the fused network sums the same products in another order (batched matmuls instead
 of convolutions) and computes sigmoid through tanh, so it may differ from a model run alone by
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from nilmd import checkpoints
+from nilmd.models import checkpoints
 from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename
 from nilmd.features import SCALES
-from nilmd.model import WaveNILM, WaveNILMConfig
-from nilmd.predictor import Predictor
+from nilmd.models.model import WaveNILM, WaveNILMConfig
+from nilmd.models.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDING_FACTOR = 8  # fused error <= this x the per-model float32 reference's own error
@@ -65,7 +65,7 @@ _models = {}
 
 
 def reference(predictor: Predictor, x: np.ndarray, dtype=torch.float64) -> tuple[np.ndarray, np.ndarray]:
-    """Each model alone (nilmd.model.WaveNILM), in predictor.appliances order."""
+    """Each model alone (nilmd.models.model.WaveNILM), in predictor.appliances order."""
     xt = torch.from_numpy(x).T.unsqueeze(0).to(dtype)
     power, prob = [], []
     with torch.no_grad():

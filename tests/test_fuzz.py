@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import Daemon, publish_samples, wait_for
 from nilmd.appliances import APPLIANCES
-from nilmd.ingest import REJECT_REASONS
+from nilmd.daemon.ingest import REJECT_REASONS
 from test_daemon import Subscriber, check_prediction, wait_ready
 
 pytestmark = pytest.mark.slow

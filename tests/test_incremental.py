@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nilmd.appliances import APPLIANCES
-from nilmd.model import WaveNILMConfig
-from nilmd.predictor import MAX_GRAPHS, Predictor
-from nilmd.ringbuffer import RingBuffer
+from nilmd.models.model import WaveNILMConfig
+from nilmd.models.predictor import MAX_GRAPHS, Predictor
+from nilmd.daemon.ringbuffer import RingBuffer
 from test_fused import assert_matches_models, features, make_checkpoints, one_thread  # noqa: F401 (autouse)
 
 SMALL = WaveNILMConfig(channels=8, depth=5, head_channels=8)  # receptive field 32

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nilmd.features import derive
-from nilmd.ingest import MAX_MESSAGE_BYTES, REJECT_REASONS, Grid, Rejected, parse_sample
+from nilmd.daemon.ingest import MAX_MESSAGE_BYTES, REJECT_REASONS, Grid, Rejected, parse_sample
 
 NOW = 1_706_198_400.0
 

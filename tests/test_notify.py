@@ -18,7 +18,7 @@ import uuid
 import pytest
 from conftest import publish_samples, wait_for
 
-from nilmd.notify import Notifier
+from nilmd.daemon.notify import Notifier
 
 
 def _bind(address: str) -> socket.socket:
@@ -94,7 +94,7 @@ def test_unset_environment_keeps_children_off_the_socket(monkeypatch, tmp_path):
 
 # -- the real daemon ------------------------------------------------------------------------------
 
-FRESH_S = 5.0  # nilmd.supervisor.FRESH_S: a heartbeat older than this stops the pings
+FRESH_S = 5.0  # nilmd.daemon.supervisor.FRESH_S: a heartbeat older than this stops the pings
 
 
 class NotifyListener:

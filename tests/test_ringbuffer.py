@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nilmd.ringbuffer import FLAG_MEASURED, RingBuffer
+from nilmd.daemon.ringbuffer import FLAG_MEASURED, RingBuffer
 
 
 @pytest.fixture

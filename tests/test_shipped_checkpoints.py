@@ -7,7 +7,7 @@ The set: five 16-hour days (07:00-23:00, winter) of the simulated TEST houses, n
 training or validation, picked so that every appliance runs in it (together: 5 dryer, 7
 dishwasher, 5 washing-machine runs, 8 oven sessions, ...); 288,000 samples, scored from the first
 full daemon window of each day on. Streaming through Predictor.run gives the daemon's per-window
-outputs (nilmd/evaluation.py; tests/test_training.py checks it). ~8 s on two idle cores.
+outputs (nilmd/training/evaluation.py; tests/test_training.py checks it). ~8 s on two idle cores.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from nilmd import checkpoints, datasets, evaluation
+from nilmd.models import checkpoints
+from nilmd.training import datasets, evaluation
 from nilmd.appliances import APPLIANCES
-from nilmd.predictor import Predictor
+from nilmd.models.predictor import Predictor
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def scores(shipped):
-    from nilmd.simulator import HOUSE_SEEDS_TEST
+    from nilmd.sim.simulator import HOUSE_SEEDS_TEST
     assert all(seed in HOUSE_SEEDS_TEST for seed, _ in FIXED_SET)
     loaded, _ = shipped
     test = [datasets.simulated(seed, YEAR_START + day * 86400 + 7 * 3600, 16 * 3600) for seed, day in FIXED_SET]

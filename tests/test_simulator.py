@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nilmd.appliances import APPLIANCES
-from nilmd.simulator import (DAY, HOUSE_SEEDS_TEST, HOUSE_SEEDS_TRAIN, HOUSE_SEEDS_VAL, Building,
+from nilmd.sim.simulator import (DAY, HOUSE_SEEDS_TEST, HOUSE_SEEDS_TRAIN, HOUSE_SEEDS_VAL, Building,
                              Trace)
 
 SEED = HOUSE_SEEDS_TRAIN[0]

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import publish_samples, wait_for
-from nilmd import snapshot
+from nilmd.daemon import snapshot
 from nilmd.config import Config
-from nilmd.control import ControlBlock
+from nilmd.daemon.control import ControlBlock
 from nilmd.features import N_FEATURES
-from nilmd.ringbuffer import RingBuffer
+from nilmd.daemon.ringbuffer import RingBuffer
 from test_daemon import Subscriber, wait_ready
 
 

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, publish_samples, wait_for
-from nilmd import keys, snapshot, streams
+from nilmd import keys
+from nilmd.daemon import snapshot, streams
 from nilmd.config import Config
-from nilmd.control import ControlBlock
+from nilmd.daemon.control import ControlBlock
 from nilmd.features import N_FEATURES
-from nilmd.reader import Reader
-from nilmd.ringbuffer import RingBuffer
+from nilmd.daemon.reader import Reader
+from nilmd.daemon.ringbuffer import RingBuffer
 from test_daemon import Subscriber, wait_ready
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -14,21 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from nilmd import checkpoints, datasets, evaluation, metrics
+from nilmd.models import checkpoints
+from nilmd.training import datasets, evaluation, metrics
+from nilmd.training import train as train_mod
 from nilmd.appliances import checkpoint_filename
 from nilmd.features import SCALES
-from nilmd.model import WaveNILM, WaveNILMConfig
-from nilmd.predictor import Predictor
+from nilmd.models.model import WaveNILM, WaveNILMConfig
+from nilmd.models.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------ metrics
@@ -88,7 +81,7 @@ def test_score_uses_on_threshold_and_probability_threshold():
 
 
 def test_reported_power_is_zero_where_the_appliance_is_judged_off():
-    from nilmd.predictor import make_prediction, served_power
+    from nilmd.models.predictor import make_prediction, served_power
     power = np.array([[600.0, 2000.0, 2000.0, 600.0], [50.0, 50.0, 50.0, 50.0]], np.float32)
     prob = np.array([[0.3, 0.9, 0.95, 0.4], [0.2, 0.2, 0.2, 0.2]], np.float32)
     thresholds = np.array([0.5, 0.1], np.float32)
@@ -190,7 +183,7 @@ def tiny_csv_training(tmp_path):
     """-> (the train script, arguments for a tiny model on two synthetic CSV houses)."""
     synthetic_csv(tmp_path / "a.csv")
     synthetic_csv(tmp_path / "b.csv", seed=1)
-    return load_script("train"), TINY + ["--data", "csv", "--csv", str(tmp_path / "a.csv"),
+    return train_mod, TINY + ["--data", "csv", "--csv", str(tmp_path / "a.csv"),
                                          "--val-csv", str(tmp_path / "b.csv")]
 
 
@@ -243,10 +236,10 @@ def test_warm_start_continues_from_a_checkpoint_and_records_it(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_simulated_houses(tmp_path):
-    pytest.importorskip("nilmd.simulator")
-    train = load_script("train")
+    pytest.importorskip("nilmd.sim.simulator")
+    train = train_mod
     train.main(TINY + ["--steps", "2", "--train-houses", "1", "--train-segments", "1", "--train-days", "0.05",
                        "--val-houses", "1", "--val-segments", "1", "--val-days", "0.05",
                        "--out-dir", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     ckpt = checkpoints.load(tmp_path / checkpoint_filename("ElectricKettle"), "ElectricKettle")
-    assert ckpt.training["data"]["source"] == "nilmd.simulator"
+    assert ckpt.training["data"]["source"] == "nilmd.sim.simulator"

@@ -17,14 +17,14 @@ import time
 
 import numpy as np
 
-from nilmd import control as ctlmod
+from nilmd.daemon import control as ctlmod
 from nilmd import keys
 from nilmd import log as logmod
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
-from nilmd.control import ControlBlock
+from nilmd.daemon.control import ControlBlock
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
-from nilmd.ringbuffer import RingBuffer
+from nilmd.daemon.ringbuffer import RingBuffer
 
 POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms added latency
 
@@ -63,7 +63,7 @@ class StdoutPublisher:
     """`--mode test`: one JSON line per prediction, with the simulator's truth beside it."""
 
     def __init__(self, cfg: Config):
-        from nilmd.simulator import Building
+        from nilmd.sim.simulator import Building
 
         self.building = Building(cfg.seed)
         self.interval = cfg.inference_interval
@@ -93,8 +93,8 @@ class InferenceWorker:
 
     # -- models ----------------------------------------------------------------------------------
     def _load_set(self):
-        from nilmd import checkpoints
-        from nilmd.predictor import Predictor
+        from nilmd.models import checkpoints
+        from nilmd.models.predictor import Predictor
 
         loaded, errors = checkpoints.load_dir(self.cfg.model_dir)
         return loaded, errors, (Predictor(loaded, self.cfg.device) if loaded else None)
@@ -160,14 +160,14 @@ class InferenceWorker:
         return end if end <= head else None
 
     def infer(self, end: int) -> dict | None:
-        from nilmd.predictor import make_prediction
+        from nilmd.models.predictor import make_prediction
 
         size, n = self.cfg.window_size, self.cfg.inference_interval
         window = self.ring.window(size, end)
         if window is None:
             return None
         t0 = time.perf_counter()
-        power, prob = self.predictor.step(window, n)  # only the new samples when it can (nilmd.predictor)
+        power, prob = self.predictor.step(window, n)  # only the new samples when it can (nilmd.models.predictor)
         ms = (time.perf_counter() - t0) * 1000.0
         aggregate = window.features[-n:, 0].copy()
         window_end = float(window.ts[-1])

@@ -16,21 +16,21 @@ import fcntl
 import logging
 import multiprocessing as mp
 import os
-import random
 import select
 import signal
 import time
 from collections import deque
 
-from nilmd import control as ctlmod
-from nilmd import inference, reader, snapshot, status
+from nilmd.daemon import control as ctlmod
+from nilmd.daemon import inference, reader, snapshot, status
 from nilmd.config import Config
-from nilmd.control import ControlBlock
+from nilmd.daemon.control import ControlBlock
 from nilmd.errors import EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_OK, NilmdError
 from nilmd.features import N_FEATURES
 from nilmd.log import Throttle
-from nilmd.notify import Notifier
-from nilmd.ringbuffer import RingBuffer
+from nilmd.daemon.notify import Notifier
+from nilmd.backoff import Backoff
+from nilmd.daemon.ringbuffer import RingBuffer
 
 FRESH_S = 5.0  # a heartbeat older than this stops WATCHDOG=1 pings (children beat every <= 0.5 s)
 
@@ -41,10 +41,14 @@ class Child:
         self.target = target
         self.process = None
         self.started_at = 0.0  # monotonic
-        self.failures = 0  # deaths since the child last lived HEALTHY_AFTER seconds
+        self.backoff = Backoff()  # its failures: deaths since the child last lived HEALTHY_AFTER seconds
         self.restarts = 0
         self.next_start = 0.0
         self.killed_for_hang = False
+
+    @property
+    def failures(self) -> int:
+        return self.backoff.failures
 
     @property
     def alive(self) -> bool:
@@ -227,13 +231,14 @@ class Supervisor:
             self.log.critical("the %s process cannot start (see its error above): stopping", child.role)
             self.exit_code = EXIT_BOOT_ERROR
             return
-        child.failures = 1 if lived >= self.HEALTHY_AFTER else child.failures + 1
+        if lived >= self.HEALTHY_AFTER:
+            child.backoff.reset()
+        delay = child.backoff.next_delay()
         if child.failures >= self.MAX_FAILURES:
             self.log.critical("the %s process failed %d times in a row (last: pid %d, %s, after %.1f s): giving up",
                               child.role, child.failures, pid, why, lived)
             self.exit_code = EXIT_CHILD_FAILING
             return
-        delay = min(30.0, 0.5 * 2 ** (child.failures - 1)) * (0.75 + 0.5 * random.random())
         child.next_start = time.monotonic() + delay
         child.restarts += 1
         self.log.error("the %s process (pid %d) died: %s after %.1f s; restarting in %.1f s (failure %d of %d)",

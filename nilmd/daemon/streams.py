@@ -2,7 +2,7 @@
 
 The stream is `nilm:{b}:input:stream` (nilmd.keys.input_stream). Each entry has one field,
 `data`, holding exactly the JSON a meter would PUBLISH on the pub/sub channel, so both modes
-share one validation path (nilmd.ingest); an entry without `data` is rejected as `not_json`.
+share one validation path (nilmd.daemon.ingest); an entry without `data` is rejected as `not_json`.
 Producers add entries with `XADD ... MAXLEN ~ 86400 * data {json}` (`add` below,
 `nilmd produce --to stream`): about a day of 1 Hz samples stays in Redis.
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nilmd.mapped import MappedFile
+from nilmd.daemon.mapped import MappedFile
 
 MAGIC = 0x4E494C4D52494E47  # "NILMRING"
 VERSION = 1

@@ -6,7 +6,7 @@ models (torch.baddbmm: a grouped convolution with groups = A), so one window cos
 slice of time is then a view, and a kernel-2 convolution with dilation d is two matmuls,
 y[t] = h[t-d] @ W_prev + h[t] @ W_cur + b.
 
-Same arithmetic as nilmd.model.WaveNILM, rearranged (each change exact or a float32 rounding):
+Same arithmetic as nilmd.models.model.WaveNILM, rearranged (each change exact or a float32 rounding):
   * the input scales are folded into the input conv's weights;
   * sigmoid(g) = (1 + tanh(g/2)) / 2: the gate rows of the conv are halved and the out conv's
     weights are halved, so a layer's gate is one tanh over [filter, gate] and one addcmul
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from nilmd.model import WaveNILM, WaveNILMConfig
+from nilmd.models.model import WaveNILM, WaveNILMConfig
 
 
 def arch_key(config: WaveNILMConfig) -> tuple:

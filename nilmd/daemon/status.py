@@ -15,7 +15,7 @@ import psutil
 from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
-from nilmd.ingest import REJECT_REASONS, REPAIR_REASONS
+from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 
 STATES = ("starting", "warming_up", "running", "degraded", "reloading", "stopping", "stopped")
 

@@ -2,7 +2,7 @@
 str, one JSON sample each) in batches; validation is the reader's job, the same for all.
 
   PubSubSource     SUBSCRIBE nilm:{b}:input (the original service's contract; at-most-once)
-  StreamSource     XREAD nilm:{b}:input:stream from a persisted position (nilmd.streams; at-least-once)
+  StreamSource     XREAD nilm:{b}:input:stream from a persisted position (nilmd.daemon.streams; at-least-once)
   SimulatedSource  `--mode test`: a simulated building, no Redis
 
 After the reader has written a batch into the ring it calls `commit()`: a durable source records
@@ -77,7 +77,7 @@ class SimulatedSource:
     START = 1704096000.0  # 2024-01-01 08:00 UTC: a morning, so appliances start soon
 
     def __init__(self, cfg: Config, clock=time.monotonic):
-        from nilmd.simulator import Building
+        from nilmd.sim.simulator import Building
 
         self.building = Building(cfg.seed)
         self.speed = cfg.speed
@@ -118,7 +118,7 @@ def make_source(cfg: Config, ctl=None, ring=None):
     if cfg.mode == "test":
         return SimulatedSource(cfg)
     if cfg.input_mode == "stream":
-        from nilmd.streams import StreamSource
+        from nilmd.daemon.streams import StreamSource
 
         return StreamSource(cfg, ctl, ring)
     return PubSubSource(cfg)

@@ -31,7 +31,7 @@ import torch
 from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.errors import CheckpointError
 from nilmd.features import FEATURES
-from nilmd.model import WaveNILM, WaveNILMConfig
+from nilmd.models.model import WaveNILM, WaveNILMConfig
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "wavenilm_v3"

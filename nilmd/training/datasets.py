@@ -3,7 +3,7 @@
 Two sources, one shape (`Series`):
   * real CSV files (`read_csv`): the shared/data layout (REFIT / UK-DALE at 1 minute) or the
     generic layout documented below, brought to 1 Hz by holding each row for its period;
-  * simulated houses (`simulated`): nilmd.simulator, at 1 Hz with every meter field.
+  * simulated houses (`simulated`): nilmd.sim.simulator, at 1 Hz with every meter field.
 
 Generic CSV layout (header row required, any column order, `.csv` or `.csv.gz`):
   timestamp      epoch seconds, or ISO date-time ("2013-10-01 00:00:00", taken as UTC)
@@ -134,7 +134,7 @@ def read_csv(path) -> Series:
 
 def simulated(seed: int, t0: float, n: int) -> Series:
     """n seconds of simulated house `seed` from epoch time t0, with every meter field."""
-    from nilmd.simulator import Building  # imported here: the real-data path must not need it
+    from nilmd.sim.simulator import Building  # imported here: the real-data path must not need it
 
     tr = Building(seed).trace(t0, n)
     features = derive(tr.power_total, tr.voltage, tr.current, tr.power_factor)

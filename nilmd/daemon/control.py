@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nilmd.ingest import REJECT_REASONS, REPAIR_REASONS
-from nilmd.mapped import MappedFile
+from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
+from nilmd.daemon.mapped import MappedFile
 
 # Reader states
 READER_STARTING, READER_CONNECTING, READER_SUBSCRIBED = 0, 1, 2
@@ -26,7 +26,7 @@ _NAMES = [
     "device_cuda", "inferences", "last_inference_ts", "last_inference_ms", "last_window_end",
     "reload_requested", "reload_done", "reload_failed", "overruns",
     "snapshot_ts",
-    # durable input and warm restarts (nilmd.streams, nilmd.snapshot): the stream entry id of the
+    # durable input and warm restarts (nilmd.daemon.streams, nilmd.daemon.snapshot): the stream entry id of the
     # newest sample in the ring (ms, seq), whether the first reader of this life has caught up
     # with what an earlier life processed, and the ring index up to which windows were predicted
     # by that earlier life (the inference does not replay them)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from nilmd.appliance_models import (CYCLERS, EVENT_SIGNATURES, ApplianceParams, block,
+from nilmd.sim.appliance_models import (CYCLERS, EVENT_SIGNATURES, ApplianceParams, block,
                                     compressor_run, q_of)
 from nilmd.appliances import APPLIANCES
 

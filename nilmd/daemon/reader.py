@@ -1,7 +1,7 @@
 """Reader process: meter messages -> validated, gap-filled features in the ring buffer.
 
 The only writer of the ring and of the reader's slots in the control block. It never crashes on
-input (nilmd.ingest rejects or repairs every message, by reason) and survives Redis going away
+input (nilmd.daemon.ingest rejects or repairs every message, by reason) and survives Redis going away
 by reconnecting with backoff while it keeps stamping its heartbeat.
 """
 
@@ -14,17 +14,17 @@ import time
 
 import numpy as np
 
-from nilmd import control as ctlmod
+from nilmd.daemon import control as ctlmod
 from nilmd import log as logmod
-from nilmd import snapshot
+from nilmd.daemon import snapshot
 from nilmd.config import Config
-from nilmd.control import ControlBlock
+from nilmd.daemon.control import ControlBlock
 from nilmd.errors import EXIT_OK
 from nilmd.features import derive
-from nilmd.ingest import Grid, Rejected, parse_sample
-from nilmd.redisconn import Backoff
-from nilmd.ringbuffer import FLAG_FILLED, FLAG_MEASURED, RingBuffer
-from nilmd.sources import make_source
+from nilmd.daemon.ingest import Grid, Rejected, parse_sample
+from nilmd.backoff import Backoff
+from nilmd.daemon.ringbuffer import FLAG_FILLED, FLAG_MEASURED, RingBuffer
+from nilmd.daemon.sources import make_source
 
 
 class Reader:

@@ -1,5 +1,5 @@
 """Run the daemon's model call over long series and score it (scripts/evaluate.py, training
-validation, tests). Imports torch through nilmd.predictor: never import this from the supervisor.
+validation, tests). Imports torch through nilmd.models.predictor: never import this from the supervisor.
 
 Two ways to cover a series, both through `Predictor.run` on `features.derive` output:
   * `predict_windows`: literally what the inference process does: a window of `window` samples
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from nilmd import metrics
+from nilmd.training import metrics
 from nilmd.appliances import ON_THRESHOLD_W
-from nilmd.datasets import Series, scored_mask
+from nilmd.training.datasets import Series, scored_mask
 from nilmd.features import power_only
-from nilmd.predictor import Predictor, served_power
+from nilmd.models.predictor import Predictor, served_power
 
 
 def predict_windows(predictor: Predictor, features: np.ndarray, window: int = 1536, interval: int = 60):

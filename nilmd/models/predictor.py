@@ -2,7 +2,7 @@
 and the SPEC §2 prediction built from it. The inference process and scripts/evaluate.py both go
 through here, so what is evaluated is what is served.
 
-Models that share an architecture run as one fused network (nilmd.fused); a model with another
+Models that share an architecture run as one fused network (nilmd.models.fused); a model with another
 architecture runs beside them as a group of its own. `run` computes a whole window; `step`
 follows the ring buffer and computes only the samples that are new since its last call.
 """
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from nilmd.appliances import APPLIANCES
-from nilmd.checkpoints import Checkpoint
-from nilmd.fused import FusedWaveNILM, Graphed, State, arch_key
+from nilmd.models.checkpoints import Checkpoint
+from nilmd.models.fused import FusedWaveNILM, Graphed, State, arch_key
 
 CHUNK = 512  # samples per CPU chunk: a chunk's activations stay in L2; measured best of 128..1536
 GPU_CHUNK = 8192  # run() on long series: bounds GPU memory (~1 MB per 1000 samples per model)

@@ -1,0 +1,414 @@
+"""Train WaveNILM v3 checkpoints, one appliance or all, on simulated houses or real CSV files.
+
+  python scripts/train.py --appliance all                          # simulated houses (train seeds)
+  python scripts/train.py --appliance ElectricKettle --steps 200   # one appliance
+  python scripts/train.py --data csv --csv 'shared/data/real-1min/REFIT_*.csv.gz' --appliance all
+  python scripts/train.py --appliance all --resume                  # continue after a stop
+  python scripts/train.py --appliance Microwave --init checkpoints --seed 2026 --lr 2e-3   # warm start
+
+Every appliance gets the same hyper-parameters (so the daemon can fuse the models). Training state
+is saved under --run-dir every --save-every steps; --resume picks it up and gives bit-identical
+results, because every batch is drawn from an RNG seeded by (seed, appliance, step) alone. The
+checkpoint (the best validation state) is written to --out-dir only when an appliance finishes.
+CSV layout: see nilmd/training/datasets.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import torch
+import torch.nn.functional as F
+
+import nilmd
+from nilmd.models import checkpoints
+from nilmd.training import datasets, evaluation, metrics
+from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename
+from nilmd.errors import CheckpointError
+from nilmd.features import SCALES, power_only
+from nilmd.models.model import WaveNILM, WaveNILMConfig
+from nilmd.models.predictor import Predictor
+
+# High-power appliances first: they are the most useful and the quickest to learn.
+TRAIN_ORDER = ("ElectricKettle", "HeatPump", "Dryer", "ElectricOven", "Microwave", "Dishwasher",
+               "WashingMachine", "Refrigerator", "Freezer", "Television", "Computer")
+
+
+@dataclass
+class TrainConfig:
+    appliance: str = "all"
+    data: str = "sim"                   # sim | csv
+    csv: list = field(default_factory=list)      # training files (globs ok), --data csv
+    val_csv: list = field(default_factory=list)  # validation files; default: the last training file
+    train_houses: int = 40              # simulated: the first N of HOUSE_SEEDS_TRAIN
+    train_segments: int = 6             # stretches per house, spread over the year (seasons)
+    train_days: float = 1.0             # length of each stretch
+    val_houses: int = 5
+    val_segments: int = 4
+    val_days: float = 1.0
+    seed: int = 1337
+    steps: int = 3000                   # ~7.5 min per appliance on one CPU thread (0.14 s/step)
+    batch_size: int = 8
+    window: int = 3072                  # the first receptive_field outputs are left out of the loss
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 50
+    grad_clip: float = 1.0
+    on_fraction: float = 0.4            # share of windows that contain the appliance running
+    hard_fraction: float = 0.3          # share of windows with something else big running (Windows)
+    power_only_fraction: float = 0.5    # share of windows fed as a power-only meter would send them
+    on_loss_weight: float = 1.0
+    power_loss: str = "l1"              # l1 (WaveNILM's MAE) | mse (see train_one)
+    channels: int = 16
+    depth: int = 10
+    head_channels: int = 32
+    eval_every: int = 1000
+    save_every: int = 100
+    threads: int = 1
+    device: str = "auto"
+    out_dir: str = "checkpoints"
+    run_dir: str = "runs/train"
+    resume: bool = False
+    init: str = ""                      # warm start: a folder of checkpoints (or one file) to continue from
+
+    def model_config(self) -> WaveNILMConfig:
+        return WaveNILMConfig(channels=self.channels, depth=self.depth, head_channels=self.head_channels)
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(name, action="store_true", default=default)
+        elif isinstance(default, list):
+            p.add_argument(name, nargs="*", default=default)
+        else:
+            p.add_argument(name, type=type(default), default=default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, for `git describe`
+SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
+
+
+def _simulator_source() -> bytes:
+    """What the simulated data depends on: a cache made by other simulator code is not reused."""
+    return (SIM_DIR / "simulator.py").read_bytes() + (SIM_DIR / "appliance_models.py").read_bytes()
+
+
+def code_version() -> str:
+    try:
+        desc = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        desc = ""
+    return f"{nilmd.__version__}+{desc}" if desc else nilmd.__version__
+
+
+# ---------------------------------------------------------------- data
+
+def load_data(cfg: TrainConfig):
+    """-> (train series, validation series, description). Simulated sets are cached under run_dir."""
+    if cfg.data == "csv":
+        files = sorted(f for pattern in cfg.csv for f in glob.glob(pattern))
+        val = sorted(f for pattern in cfg.val_csv for f in glob.glob(pattern)) or files[-1:]
+        files = [f for f in files if f not in val]
+        if not files:
+            raise SystemExit("--data csv needs --csv files (and they must not all be validation files)")
+        print(f"reading {len(files)} training and {len(val)} validation CSV files", flush=True)
+        desc = {"source": "csv", "train_files": [os.path.basename(f) for f in files],
+                "val_files": [os.path.basename(f) for f in val]}
+        return [datasets.read_csv(f) for f in files], [datasets.read_csv(f) for f in val], desc
+    from nilmd.sim.simulator import HOUSE_SEEDS_TRAIN, HOUSE_SEEDS_VAL
+    train_seeds = list(HOUSE_SEEDS_TRAIN)[:cfg.train_houses]
+    val_seeds = list(HOUSE_SEEDS_VAL)[:cfg.val_houses]
+    desc = {"source": "nilmd.sim.simulator", "simulator_sha256": hashlib.sha256(
+                _simulator_source()
+            ).hexdigest()[:16], "train_seeds": train_seeds, "train_segments": cfg.train_segments,
+            "train_days": cfg.train_days, "val_seeds": val_seeds, "val_segments": cfg.val_segments,
+            "val_days": cfg.val_days}
+    train = cached(cfg, "train", train_seeds, cfg.train_segments, cfg.train_days)
+    val = cached(cfg, "val", val_seeds, cfg.val_segments, cfg.val_days)
+    return train, val, desc
+
+
+def cached(cfg, kind, seeds, segments, days):
+    """Simulating is slow next to reading a file: do it once per data description and code."""
+    sim_src = _simulator_source()
+    key = hashlib.sha256(json.dumps([seeds, segments, days]).encode() + sim_src).hexdigest()[:12]
+    path = Path(cfg.run_dir) / "cache" / f"sim-{kind}-{key}.npz"
+    if path.exists():
+        with np.load(path) as npz:  # each npz[key] reads the whole array again: read each once
+            z = {k: npz[k] for k in npz.files}
+        bounds = np.cumsum([0, *z["lengths"]])
+        return [datasets.Series(name=str(name), features=z["features"][a:b], valid=z["valid"][a:b],
+                                targets={n: z["t_" + n][a:b] for n in APPLIANCES if "t_" + n in z})
+                for name, a, b in zip(z["names"], bounds[:-1], bounds[1:])]
+    series = []
+    for seed in seeds:
+        print(f"simulating {kind} house {seed} ({segments} x {days} days)", flush=True)
+        series += datasets.simulated_set([seed], segments, days)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # two trainings may share a run dir
+    np.savez(tmp, names=np.array([s.name for s in series]), lengths=np.array([len(s) for s in series]),
+             features=np.concatenate([s.features for s in series]), valid=np.concatenate([s.valid for s in series]),
+             **{"t_" + a: np.concatenate([s.targets[a] for s in series]) for a in series[0].targets})
+    os.replace(tmp, path)
+    return series
+
+
+class Windows:
+    """Random training windows of one appliance. Most appliances are off most of the time, so
+    uniform windows would teach little but "off": `on_fraction` of the windows hold the appliance
+    running in their scored part, and `hard_fraction` hold something else drawing at least half
+    the appliance's typical power while it is off (an oven cycling, a heat pump starting: what
+    it gets confused with)."""
+
+    def __init__(self, series, appliance: str, window: int, skip: int, typical_w: float):
+        self.series = [s for s in series if appliance in s.targets and len(s) >= window]
+        if not self.series:
+            raise SystemExit(f"no training series of at least {window} samples has {appliance}")
+        self.appliance, self.window, self.skip = appliance, window, skip
+        self.lengths = np.array([len(s) - window + 1 for s in self.series], dtype=np.float64)
+        thr = ON_THRESHOLD_W[appliance]
+        self.on = [np.flatnonzero(s.valid & (s.targets[appliance] >= thr)) for s in self.series]
+        self.hard = [np.flatnonzero(s.valid & (s.targets[appliance] < thr)
+                                    & (s.features[:, 0] - s.targets[appliance] >= 0.5 * typical_w))
+                     for s in self.series]
+
+    def _around(self, rng, indices):
+        counts = np.array([len(i) for i in indices], dtype=np.float64)
+        if not counts.sum():
+            return None
+        k = rng.choice(len(self.series), p=counts / counts.sum())
+        i = indices[k][rng.integers(len(indices[k]))]
+        return k, i - self.skip - rng.integers(self.window - self.skip)
+
+    def batch(self, rng, batch_size: int, on_fraction: float, hard_fraction: float, power_only_fraction: float):
+        x = np.empty((batch_size, self.window, len(SCALES)), np.float32)
+        y = np.empty((batch_size, self.window), np.float32)
+        m = np.empty((batch_size, self.window), bool)
+        for b in range(batch_size):
+            u = rng.random()
+            pick = self._around(rng, self.on) if u < on_fraction else \
+                self._around(rng, self.hard) if u < on_fraction + hard_fraction else None
+            if pick is None:
+                k = rng.choice(len(self.series), p=self.lengths / self.lengths.sum())
+                pick = k, rng.integers(self.lengths[k])
+            k, start = pick
+            s = self.series[k]
+            start = int(np.clip(start, 0, len(s) - self.window))
+            sl = slice(start, start + self.window)
+            x[b] = power_only(s.features[sl]) if rng.random() < power_only_fraction else s.features[sl]
+            y[b] = s.targets[self.appliance][sl]
+            m[b] = s.valid[sl]
+        m[:, :self.skip] = False
+        return x, y, m
+
+
+# ---------------------------------------------------------------- training
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def validate(appliance, model, val, cfg, max_power_w):
+    """Validation through the daemon's Predictor (stream mode), with full and power-only inputs.
+    The probability threshold is tuned for F1 on both together (one threshold serves both kinds
+    of meter). -> (score to maximise, threshold, metrics)."""
+    ckpt = checkpoints.Checkpoint(path="<training>", appliance=appliance, config=model.config,
+                                  state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                  feature_scales=tuple(SCALES), on_power_threshold_w=ON_THRESHOLD_W[appliance],
+                                  probability_threshold=0.5, max_power_w=max_power_w)
+    predictor = Predictor({appliance: ckpt})
+    runs = {inp: evaluation.evaluate(predictor, val, {appliance: 0.5}, inputs=inp, mode="stream")[appliance] for inp in ("full", "power")}
+    th, _ = metrics.best_threshold(np.concatenate([r["_prob"] for r in runs.values()]),
+                                   np.concatenate([r["_true"] >= ON_THRESHOLD_W[appliance] for r in runs.values()]))
+    out = {inp: evaluation.rescore(r, appliance, th) for inp, r in runs.items()}
+    f1s = [v["f1"] for v in out.values()]
+    score = float(np.mean([0.0 if np.isnan(f) else f for f in f1s]))
+    return score, th, out
+
+
+def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -> Path | None:
+    out_path = Path(cfg.out_dir) / checkpoint_filename(appliance)
+    state_path = Path(cfg.run_dir) / f"{appliance}.pt"
+    index = APPLIANCES.index(appliance)
+    mcfg = cfg.model_config()
+    skip = mcfg.receptive_field
+    truth = np.concatenate([s.targets[appliance][s.valid] for s in train if appliance in s.targets])
+    max_power_w = float(np.ceil(truth.max()))
+    running = truth[truth >= ON_THRESHOLD_W[appliance]]
+    typical_w = float(np.mean(running)) if len(running) else max_power_w  # also the loss's power unit
+    windows = Windows(train, appliance, cfg.window, skip, typical_w)
+
+    torch.manual_seed(cfg.seed * 1000 + index)
+    model = WaveNILM(mcfg, SCALES).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step, best, t_used, history = 0, None, 0.0, []
+    init = warm_start(cfg, appliance, model) if cfg.init else None
+    if cfg.resume and state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        if {"power_loss": "l1", **st["config"]} != _fingerprint(cfg):  # states saved before power_loss existed
+            raise SystemExit(f"{state_path} was made with other settings; move it away or use the same flags")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        step, best, t_used, history = st["step"], st["best"], st["seconds"], st["history"]
+        print(f"{appliance}: resuming at step {step}", flush=True)
+        if step >= cfg.steps and _loads(out_path, appliance):
+            print(f"{appliance}: already finished ({out_path})", flush=True)
+            return out_path
+
+    def save_state():
+        checkpoints.save(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                      "best": best, "seconds": t_used, "history": history,
+                                      "config": _fingerprint(cfg)})
+
+    from tqdm import tqdm
+
+    def validate_step(best):
+        """Score the model as it is now; -> the better of it and `best`."""
+        model.eval()
+        score, th, val_metrics = validate(appliance, model, val, cfg, max_power_w)
+        history.append({"step": step, "score": score, "f1_full": val_metrics["full"]["f1"],
+                        "f1_power": val_metrics["power"]["f1"], "mae_w": val_metrics["full"]["mae_w"]})
+        tqdm.write(f"{appliance} step {step}: val F1 full {val_metrics['full']['f1']:.3f} "
+                   f"power-only {val_metrics['power']['f1']:.3f} MAE {val_metrics['full']['mae_w']:.1f} W "
+                   f"(threshold {th:.2f})")
+        if best is None or score > best["score"]:
+            best = {"score": score, "step": step, "threshold": th, "metrics": val_metrics,
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        return best
+
+    if init and step == 0:  # the starting point is a candidate too: a warm start never makes things worse
+        best = validate_step(best)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=appliance, dynamic_ncols=True, mininterval=5)
+    ema = None
+    t_start = time.time() - t_used
+    while step < cfg.steps:
+        model.train()
+        rng = np.random.default_rng([cfg.seed, index, step])
+        x, y, m = windows.batch(rng, cfg.batch_size, cfg.on_fraction, cfg.hard_fraction, cfg.power_only_fraction)
+        x = torch.from_numpy(x).to(device).transpose(1, 2)
+        y, m = torch.from_numpy(y).to(device), torch.from_numpy(m).to(device)
+        power, logit = model(x)
+        # L1 on power in units of the appliance's typical running power (WaveNILM's MAE, but so a
+        # 100 W TV and a 3 kW kettle learn at the same pace), BCE on on/off at the on-threshold.
+        # L1's optimum is the median: where "on" is less likely than not (a fridge among other
+        # compressors) it predicts 0 W; mse's optimum is the mean, p(on) x power.
+        err = ((power - y) / typical_w)[m]
+        l_power = err.abs().mean() if cfg.power_loss == "l1" else err.square().mean()
+        l_on = F.binary_cross_entropy_with_logits(logit[m], (y[m] >= ON_THRESHOLD_W[appliance]).float())
+        loss = l_power + cfg.on_loss_weight * l_on
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.4f}", power=f"{l_power.item():.3f}", on=f"{l_on.item():.3f}", refresh=False)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            best = validate_step(best)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            t_used = time.time() - t_start
+            save_state()
+    bar.close()
+
+    final = WaveNILM(mcfg, SCALES)
+    final.load_state_dict(best["model"])
+    training = {"data": data_desc, "seed": cfg.seed, "code_version": CODE_VERSION, "torch": str(torch.__version__),
+                "device": str(device), "threads": torch.get_num_threads(), "seconds": round(t_used, 1),
+                "best_step": best["step"], "history": history, **({"init": init} if init else {}),
+                "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "appliance")},
+                "command": "python " + " ".join(["scripts/train.py", *sys.argv[1:]])}
+    data = checkpoints.to_dict(appliance, final, on_power_threshold_w=ON_THRESHOLD_W[appliance],
+                               probability_threshold=best["threshold"], max_power_w=max_power_w,
+                               training=training, metrics={"validation": best["metrics"]})
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    checkpoints.save(out_path, data)
+    checkpoints.load(out_path, appliance)  # what we wrote must be what the daemon accepts
+    print(f"{appliance}: wrote {out_path} (best step {best['step']}, {t_used / 60:.1f} min)", flush=True)
+    return out_path
+
+
+def warm_start(cfg: TrainConfig, appliance: str, model: WaveNILM) -> dict:
+    """Load the weights of an earlier checkpoint (the optimizer starts afresh, the schedule from
+    step 0). -> the record of where they came from, so the chain of runs stays reproducible."""
+    path = Path(cfg.init)
+    if path.is_dir():
+        path = path / checkpoint_filename(appliance)
+    try:
+        ckpt = checkpoints.load(path, appliance)
+    except CheckpointError as exc:
+        raise SystemExit(f"--init: {exc}") from None
+    if ckpt.config != model.config:
+        raise SystemExit(f"--init: {path} has {ckpt.config}, this run {model.config}; use the same "
+                         "--channels/--depth/--head-channels")
+    model.load_state_dict(ckpt.state_dict)
+    print(f"{appliance}: starting from {path}", flush=True)
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "training": ckpt.training}
+
+
+def _loads(path, appliance) -> bool:
+    try:
+        checkpoints.load(path, appliance)
+        return True
+    except Exception:  # a missing or broken file is rewritten from the saved best state
+        return False
+
+
+def _fingerprint(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the run it continues. --steps may grow: that
+    continues a finished run (its cosine schedule stretched) to improve it."""
+    skip = ("steps", "resume", "appliance", "threads", "device", "out_dir", "run_dir", "eval_every", "save_every")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+CODE_VERSION = None  # taken when training starts: the code that ran, not HEAD when a file is written
+
+
+def main(argv=None):
+    global CODE_VERSION
+    cfg = parse_args(argv)
+    CODE_VERSION = code_version()
+    torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    names = [a for a in TRAIN_ORDER] if cfg.appliance == "all" else cfg.appliance.split(",")
+    unknown = [a for a in names if a not in APPLIANCES]
+    if unknown:
+        raise SystemExit(f"unknown appliance(s) {unknown}; known: {', '.join(APPLIANCES)}")
+    train, val, desc = load_data(cfg)
+    available = set().union(*(s.targets for s in train))
+    for appliance in names:
+        if appliance not in available:
+            print(f"{appliance}: not in the training data, skipped", flush=True)
+            continue
+        train_one(cfg, appliance, train, val, desc, device)
+
+
+if __name__ == "__main__":
+    main()

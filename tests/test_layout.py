@@ -1,0 +1,68 @@
+"""The package's house rules, enforced: which roles may import what (README, "How it works").
+
+Each check runs in a fresh interpreter, so what an earlier test imported cannot hide a violation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+DAEMON = ("supervisor", "reader", "inference", "ringbuffer", "control", "mapped", "snapshot", "ingest",
+          "sources", "streams", "status", "notify")
+
+BLOCK_REDIS = """
+import sys
+class _NoRedis:
+    def find_spec(self, name, path=None, target=None):
+        if name == "redis" or name.startswith("redis."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, _NoRedis())
+"""
+
+
+def imported_after(code: str) -> set[str]:
+    """The top-level packages and nilmd modules in sys.modules after running `code`."""
+    probe = code + "\nimport sys\nprint('\\n'.join(sorted(sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"{code!r} failed:\n{out.stderr}"
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["nilmd.daemon.supervisor", "nilmd.daemon.reader", "nilmd.cli"])
+def test_supervisor_reader_and_cli_never_import_torch(module):
+    mods = imported_after(f"import {module}")
+    assert "torch" not in mods, f"importing {module} imported torch"
+
+
+def test_the_daemon_needs_neither_the_simulator_nor_the_training_code():
+    mods = imported_after("\n".join(f"import nilmd.daemon.{m}" for m in DAEMON))
+    leaked = sorted(m for m in mods if m.startswith(("nilmd.sim", "nilmd.training")))
+    assert not leaked, f"importing the daemon imported {leaked}"
+
+
+def test_models_never_need_the_daemon_simulator_or_training():
+    mods = imported_after("import nilmd.models.predictor, nilmd.models.checkpoints, nilmd.models.fused")
+    leaked = sorted(m for m in mods if m.startswith(("nilmd.daemon", "nilmd.sim", "nilmd.training")))
+    assert not leaked, f"importing the models imported {leaked}"
+
+
+def test_the_simulator_is_numpy_only():
+    mods = imported_after("import nilmd.sim.simulator")
+    leaked = sorted(m for m in mods if m == "torch" or m.startswith(("nilmd.daemon", "nilmd.models",
+                                                                     "nilmd.training", "redis")))
+    assert not leaked, f"importing the simulator imported {leaked}"
+
+
+def test_supervisor_imports_without_redis_py():
+    """The supervisor module itself is Redis-free: redis-py is imported where a process connects."""
+    mods = imported_after(BLOCK_REDIS + "import nilmd.daemon.supervisor")
+    assert "redis" not in mods
+
+
+def test_the_redis_blocker_works():
+    """The check above can fail: a module that needs redis-py does not import behind the blocker."""
+    out = subprocess.run([sys.executable, "-c", BLOCK_REDIS + "import nilmd.redisconn"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "blocked by the test" in out.stderr
