@@ -35,3 +35,23 @@ ON_THRESHOLD_W = {
 
 def checkpoint_filename(appliance: str) -> str:
     return f"wavenilm_v3_SOTA_{appliance}_best.pth"
+
+
+# Column names of other datasets (REFIT, UK-DALE, tracebase kinds) -> nilmd appliance names.
+ALIASES = {
+    "kettle": "ElectricKettle", "waterkettle": "ElectricKettle", "microwave": "Microwave",
+    "microwaveoven": "Microwave", "dishwasher": "Dishwasher", "dish_washer": "Dishwasher",
+    "washingmachine": "WashingMachine", "washing_machine": "WashingMachine", "washer_dryer": "WashingMachine",
+    "fridge": "Refrigerator", "fridge_freezer": "Refrigerator", "refrigerator": "Refrigerator",
+    "freezer": "Freezer", "dryer": "Dryer", "tumble_dryer": "Dryer", "laundrydryer": "Dryer",
+    "laundrydrier": "Dryer", "oven": "ElectricOven", "electric_oven": "ElectricOven", "cookingstove": "ElectricOven",
+    "heat_pump": "HeatPump", "heatpump": "HeatPump", "computer": "Computer", "pc-desktop": "Computer",
+    "tv": "Television", "television": "Television", "tv-lcd": "Television", "tv-crt": "Television",
+}
+
+
+def appliance_name(column: str) -> str | None:
+    """A column or dataset name -> the nilmd appliance it measures, or None."""
+    if column in APPLIANCES:
+        return column
+    return ALIASES.get(column.strip().lower())

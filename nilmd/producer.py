@@ -7,60 +7,37 @@ it starts --count seconds in the past (a day when --count is not given).
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import logging
+import math
 import time
-from datetime import datetime
 from pathlib import Path
 
-from nilmd import keys
+from nilmd import csvfile, keys
 from nilmd.errors import NilmdError
 
 log = logging.getLogger("nilmd.producer")
 
-TIME_COLUMNS = ("timestamp", "time", "Time", "datetime", "date")
-POWER_COLUMNS = ("power_total", "aggregate", "Aggregate", "power", "Power", "P")
-OPTIONAL = ("voltage", "current", "power_factor")
-
-
-def _parse_time(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
-        raise NilmdError(f"cannot read {text!r} as a time (epoch seconds or ISO 8601)") from None
-
 
 def csv_samples(path: str):
-    """Yield input messages from a CSV with a time column and a power column."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        handle = opener(path, "rt", newline="")
-    except OSError as e:
-        raise NilmdError(f"cannot open {path}: {e.strerror or e}") from None
-    with handle:
-        rows = csv.DictReader(handle)
-        header = rows.fieldnames or []
-        tcol = next((c for c in TIME_COLUMNS if c in header), None)
-        pcol = next((c for c in POWER_COLUMNS if c in header), None)
-        if tcol is None or pcol is None:
-            raise NilmdError(f"{path}: needs a time column ({', '.join(TIME_COLUMNS)}) and a power column "
-                             f"({', '.join(POWER_COLUMNS)}); found {', '.join(header)}")
-        for line, row in enumerate(rows, start=2):
-            try:
-                msg = {"timestamp": _parse_time(row[tcol]), "power_total": float(row[pcol])}
-                for name in OPTIONAL:
-                    if row.get(name) not in (None, ""):
-                        msg[name] = float(row[name])
-            except (ValueError, NilmdError) as e:
-                log.warning("%s line %d skipped: %s", path, line, e)
-                continue
-            yield msg
+    """Yield input messages from a CSV file (nilmd.csvfile: the layout training reads too)."""
+    table = csvfile.read(path)
+    for line, why in table.skipped[:20]:
+        log.warning("%s line %d skipped: %s", path, line, why)
+    bad = 0
+    for k in range(len(table)):
+        power = float(table.power[k])
+        if not math.isfinite(power):
+            bad += 1
+            continue
+        msg = {"timestamp": float(table.time[k]), "power_total": power}
+        for name, values in table.meter.items():
+            if math.isfinite(values[k]):
+                msg[name] = float(values[k])
+        yield msg
+    if bad or len(table.skipped) > 20:
+        log.warning("%s: %d rows skipped in all (no readable time: %d, no number for the power: %d)",
+                    path, bad + len(table.skipped), len(table.skipped), bad)
 
 
 def simulated_samples(seed: int, start: float, count: int | None, fields: str, chunk: int = 3600):

@@ -243,3 +243,30 @@ def test_training_on_simulated_houses(tmp_path):
                        "--out-dir", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     ckpt = checkpoints.load(tmp_path / checkpoint_filename("ElectricKettle"), "ElectricKettle")
     assert ckpt.training["data"]["source"] == "nilmd.sim.simulator"
+
+
+def test_produce_and_training_read_one_file_the_same_way(tmp_path):
+    """One reader (nilmd.csvfile): the same naive ISO time is the same instant for `nilmd produce`
+    and for training, whatever the box's time zone, and both accept the same column names."""
+    import os
+    import time as _time
+
+    from nilmd import producer
+
+    path = tmp_path / "m.csv"
+    path.write_text("Time,Aggregate,Kettle,voltage\n2013-10-01 00:00:00,250,0,231\n2013-10-01 00:00:01,2600,2400,229\n")
+    old = os.environ.get("TZ")
+    try:
+        os.environ["TZ"] = "America/New_York"  # a box far from UTC
+        _time.tzset()
+        msgs = list(producer.csv_samples(str(path)))
+        series = datasets.read_csv(path)
+    finally:
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        _time.tzset()
+    assert msgs[0]["timestamp"] == series.info["start"] == 1380585600.0  # 2013-10-01T00:00:00Z
+    assert [m["power_total"] for m in msgs] == [250.0, 2600.0] and msgs[1]["voltage"] == 229.0
+    assert list(series.targets["ElectricKettle"]) == [0.0, 2400.0]

@@ -5,43 +5,26 @@ Two sources, one shape (`Series`):
     generic layout documented below, brought to 1 Hz by holding each row for its period;
   * simulated houses (`simulated`): nilmd.sim.simulator, at 1 Hz with every meter field.
 
-Generic CSV layout (header row required, any column order, `.csv` or `.csv.gz`):
-  timestamp      epoch seconds, or ISO date-time ("2013-10-01 00:00:00", taken as UTC)
-  aggregate      whole-house active power in W (also accepted: power_total, Aggregate)
-  voltage, current, power_factor   optional meter fields (V, A, 0..1)
-  <appliance>    one column per appliance in W, named as in nilmd.appliances.APPLIANCES or by a
-                 REFIT/UK-DALE name (Kettle, Microwave, Dishwasher, WashingMachine, Fridge, ...)
-A row with an empty, non-finite or exactly 0 W aggregate is a gap (a real house always draws
-something; the shared 1-minute files write their gaps as 0), as is any second not covered by a
-row. Gaps are kept in `valid` and left out of losses and scores.
+CSV layout: nilmd.csvfile (the reader `nilmd produce` uses too). A row with an empty, non-finite
+or exactly 0 W aggregate is a gap (a real house always draws something; the shared 1-minute files
+write their gaps as 0), as is any second not covered by a row, or a REFIT sensor glitch value
+(GLITCH_W). Gaps are kept in `valid` and left out of losses and scores.
 
 No torch here: only numpy and the daemon's own `features.derive`.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 
-from nilmd.appliances import APPLIANCES
+from nilmd import csvfile
+from nilmd.appliances import APPLIANCES, appliance_name  # noqa: F401 (re-exported)
 from nilmd.features import derive
 
-# Column names of other datasets -> nilmd appliance names.
-ALIASES = {
-    "kettle": "ElectricKettle", "microwave": "Microwave", "dishwasher": "Dishwasher",
-    "dish_washer": "Dishwasher", "washingmachine": "WashingMachine", "washing_machine": "WashingMachine",
-    "washer_dryer": "WashingMachine", "fridge": "Refrigerator", "fridge_freezer": "Refrigerator",
-    "freezer": "Freezer", "dryer": "Dryer", "tumble_dryer": "Dryer", "oven": "ElectricOven",
-    "electric_oven": "ElectricOven", "heat_pump": "HeatPump", "heatpump": "HeatPump",
-    "computer": "Computer", "tv": "Television", "television": "Television",
-}
-_TIME = ("timestamp", "time", "datetime", "date_time")
-_AGGREGATE = ("aggregate", "power_total", "mains", "total")
-_METER = ("voltage", "current", "power_factor")
+# REFIT's sensor glitch values (its publishers' notes): never a real reading.
+GLITCH_W = (12288.0, 32767.0, 32768.0, 49150.0)
 
 
 @dataclass
@@ -58,54 +41,11 @@ class Series:
         return len(self.valid)
 
 
-def appliance_name(column: str) -> str | None:
-    if column in APPLIANCES:
-        return column
-    return ALIASES.get(column.strip().lower())
-
-
-def _parse_time(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        dt = datetime.fromisoformat(text.strip())
-        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
-
-
 def read_csv(path) -> Series:
-    """A real-data CSV file (see the module docstring) -> one 1 Hz Series, gaps marked invalid."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        rows = csv.reader(f)
-        header = next(rows)
-        body = list(rows)
-    lower = [h.strip().lower() for h in header]
-    col = {}
-    for role, names in (("time", _TIME), ("aggregate", _AGGREGATE)):
-        hit = [i for i, h in enumerate(lower) if h in names]
-        if not hit:
-            raise ValueError(f"{path}: no {role} column (one of {names}) in header {header}")
-        col[role] = hit[0]
-    meter = {m: lower.index(m) for m in _METER if m in lower}
-    appliances = {appliance_name(h): i for i, h in enumerate(header)
-                  if i not in col.values() and h.strip().lower() not in _METER and appliance_name(h)}
-    if not body:
-        raise ValueError(f"{path}: no data rows")
-
-    t = np.array([_parse_time(r[col["time"]]) for r in body])
-    order = np.argsort(t, kind="stable")
-    t = t[order]
-
-    def column(i):
-        return np.array([_number(r[i]) if i < len(r) else np.nan for r in body])[order]
-
+    """A real-data CSV file (nilmd.csvfile) -> one 1 Hz Series, each row held for its period,
+    gaps marked invalid."""
+    table = csvfile.read(path)
+    t = table.time
     diffs = np.diff(t)
     period = max(1, int(round(np.median(diffs[diffs > 0])))) if np.any(diffs > 0) else 1
     # Hold each row for `period` seconds on a 1 Hz grid; seconds no row covers stay NaN (gaps).
@@ -118,18 +58,18 @@ def read_csv(path) -> Series:
         out[pos[keep]] = np.repeat(values, period)[keep]
         return out
 
-    agg = hold(column(col["aggregate"]))
+    agg = hold(np.where(np.isin(table.power, GLITCH_W), np.nan, table.power))
     valid = np.isfinite(agg) & (agg > 0)
-    fields = {m: hold(column(i)) for m, i in meter.items()}
+    fields = {m: hold(v) for m, v in table.meter.items()}
     features = derive(np.where(valid, agg, 0.0), fields.get("voltage"), fields.get("current"),
                       fields.get("power_factor"))
     targets = {}
-    for name, i in appliances.items():
-        y = hold(column(i))
+    for name, values in table.appliances.items():
+        y = hold(np.where(np.isin(values, GLITCH_W), np.nan, values))
         valid &= np.isfinite(y)
         targets[name] = np.nan_to_num(np.maximum(y, 0.0)).astype(np.float32)
     return Series(name=str(path), features=features, targets=targets, valid=valid, period_s=period,
-                  info={"start": float(t[0]), "rows": len(t), "meter_fields": sorted(meter)})
+                  info={"start": float(t[0]), "rows": len(t), "meter_fields": sorted(table.meter)})
 
 
 def simulated(seed: int, t0: float, n: int) -> Series:

@@ -1,0 +1,109 @@
+"""The one CSV reader: `nilmd produce --source FILE` replays a file as a meter would send it, and
+training and evaluation read the same files as labelled series, so both take the same layout and
+read its times the same way.
+
+Layout: a header row, any column order, `.csv` or `.csv.gz`:
+  time       `timestamp` / `time` / `datetime` / `date_time` / `date`: epoch seconds, or ISO 8601.
+             An ISO time without an offset is read as **UTC**, on every box (reading it as the
+             box's local time shifted the same file by the box's UTC offset); write the offset
+             (`2013-10-01 00:00:00+01:00`) when the file is in local time.
+  power      `power_total` / `aggregate` / `mains` / `total` / `power` / `P`: whole-house active W
+  voltage, current, power_factor    optional meter fields (V, A, 0..1)
+  <appliance>   optional true power per appliance in W, named as in nilmd.appliances.APPLIANCES
+             or by a REFIT / UK-DALE name (Kettle, Fridge, washing_machine, ...): training only.
+Column names are matched without regard to case. A cell that is not a number reads as NaN; a
+row whose time cannot be read is skipped and named (`Table.skipped`: line number and why).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from nilmd.appliances import appliance_name
+from nilmd.errors import NilmdError
+
+TIME_COLUMNS = ("timestamp", "time", "datetime", "date_time", "date")
+POWER_COLUMNS = ("power_total", "aggregate", "mains", "total", "power", "p")
+METER_FIELDS = ("voltage", "current", "power_factor")
+
+
+def parse_time(text: str) -> float:
+    """Epoch seconds or ISO 8601 (naive = UTC) -> epoch seconds; ValueError if neither."""
+    try:
+        return float(text)
+    except ValueError:
+        dt = datetime.fromisoformat(text.strip())
+        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+@dataclass
+class Table:
+    path: str
+    time: np.ndarray                                   # float64 epoch seconds, ascending (stable)
+    power: np.ndarray                                  # float64 W
+    meter: dict[str, np.ndarray] = field(default_factory=dict)       # voltage, current, power_factor
+    appliances: dict[str, np.ndarray] = field(default_factory=dict)  # nilmd appliance name -> W
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, why) of rows left out
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+
+def read(path) -> Table:
+    """Read a whole file (see the module docstring). NilmdError names the file and what is wrong."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            body = list(rows)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
+        raise NilmdError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not header:
+        raise NilmdError(f"{path}: empty file (a header row is needed)")
+    lower = [h.strip().lower() for h in header]
+
+    def first(names, role):
+        hit = next((lower.index(n) for n in names if n in lower), None)
+        if hit is None:
+            raise NilmdError(f"{path}: needs a {role} column (one of {', '.join(names)}); found {', '.join(header)}")
+        return hit
+
+    tcol, pcol = first(TIME_COLUMNS, "time"), first(POWER_COLUMNS, "power")
+    meter = {m: lower.index(m) for m in METER_FIELDS if m in lower}
+    appliances = {}
+    for i, h in enumerate(header):
+        name = appliance_name(h)
+        if name and i not in (tcol, pcol) and i not in meter.values():
+            appliances.setdefault(name, i)
+
+    times, kept, skipped = [], [], []
+    for line, r in enumerate(body, start=2):
+        try:
+            times.append(parse_time(r[tcol]))
+            kept.append(r)
+        except (ValueError, IndexError):
+            skipped.append((line, f"cannot read {r[tcol] if tcol < len(r) else ''!r} as a time "
+                                  "(epoch seconds or ISO 8601)"))
+    if not kept:
+        raise NilmdError(f"{path}: no data row with a readable time")
+    t = np.array(times)
+    order = np.argsort(t, kind="stable")
+
+    def column(i):
+        return np.array([_number(r[i]) if i < len(r) else np.nan for r in kept])[order]
+
+    return Table(path=str(path), time=t[order], power=column(pcol), meter={m: column(i) for m, i in meter.items()},
+                 appliances={a: column(i) for a, i in appliances.items()}, skipped=skipped)
