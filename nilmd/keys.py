@@ -11,6 +11,11 @@ def input_stream(building: str) -> str:
     return f"nilm:{building}:input:stream"
 
 
+def position_key(building: str) -> str:
+    """The id of the newest stream entry already in the ring (nilmd.daemon.streams)."""
+    return input_stream(building) + ":position"
+
+
 def predictions_channel(building: str) -> str:
     return f"nilm:{building}:predictions"
 

@@ -11,7 +11,7 @@ from argparse import Namespace
 import pytest
 
 from conftest import ROOT, wait_for
-from nilmd import config
+from nilmd import config, keys
 from nilmd.daemon import status
 from nilmd.appliances import APPLIANCES
 from nilmd.errors import ConfigError
@@ -76,7 +76,7 @@ def test_status_exit_codes(redis_server, redis_client):
     building = f"s{int(time.time() * 1000)}"
     args = ("status", "--redis-port", str(redis_server.port), "--building-id", building)
     assert nilmd(*args).returncode == status.UNKNOWN
-    key = f"nilm:{building}:status"
+    key = keys.status_key(building)
     redis_client.hset(key, mapping={"state": "running", "updated_at": time.time(), "status_interval_s": 2})
     assert nilmd(*args).returncode == status.OK
     redis_client.hset(key, mapping={"state": "warming_up"})
@@ -149,9 +149,9 @@ def _collect(pubsub, n, timeout=20.0):
 def test_produce_simulation_and_csv(redis_server, redis_client, tmp_path):
     building = f"p{int(time.time() * 1000)}"
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(f"nilm:{building}:input")
+    pubsub.subscribe(keys.input_channel(building))
     wait_for(lambda: pubsub.get_message(timeout=0.1) is None and redis_client.pubsub_numsub(
-        f"nilm:{building}:input")[0][1] == 1, 5, "the test's subscription")
+        keys.input_channel(building))[0][1] == 1, 5, "the test's subscription")
     base = ("produce", "--redis-port", str(redis_server.port), "--building-id", building)
     r = nilmd(*base, "--source", "simulation", "--speed", "1000", "--count", "50", "--fields", "power")
     assert r.returncode == 0, r.stderr

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import publish_samples, wait_for, write_checkpoints
+from nilmd import keys
 from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.daemon.ingest import REJECT_REASONS
 
@@ -43,7 +44,7 @@ def check_prediction(p: dict, appliances, window_size: int) -> None:
 class Subscriber:
     def __init__(self, client, building):
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(f"nilm:{building}:predictions")
+        self.pubsub.subscribe(keys.predictions_channel(building))
         self.received = []
 
     def next(self, timeout=20.0) -> dict:
@@ -68,7 +69,7 @@ class Subscriber:
 def wait_ready(daemon, client, timeout=30.0, states=("warming_up", "running")):
     wait_for(lambda: daemon.status(client).get("state") in states, timeout,
              f"daemon {daemon.building} to become ready\n{daemon.log()[-2000:]}")
-    wait_for(lambda: client.pubsub_numsub(f"nilm:{daemon.building}:input")[0][1] == 1, 10,
+    wait_for(lambda: client.pubsub_numsub(keys.input_channel(daemon.building))[0][1] == 1, 10,
              "the reader to subscribe to the input channel")
 
 
@@ -79,7 +80,7 @@ def test_prediction_end_to_end(daemon_factory, redis_client):
     publish_samples(redis_client, d.building, 256 + 16)
     p = sub.next()
     check_prediction(p, APPLIANCES, 256)
-    latest = redis_client.get(f"nilm:{d.building}:latest")
+    latest = redis_client.get(keys.latest_key(d.building))
     assert json.loads(latest) in [json.loads(r) for r in sub.received] or json.loads(latest) == sub.next()
     s = wait_for(lambda: (lambda s: s if s.get("state") == "running" and int(s["samples_received"]) == 272 else None)(
         d.status(redis_client)), 10, "status to show all 272 samples and state running")
@@ -103,7 +104,7 @@ def test_children_killed_are_restarted_and_keep_the_buffer(daemon_factory, redis
                               else None)(d.status(redis_client)), 30, f"the {role} process to be restarted")
         assert int(s["restarts"]) == n and int(s[f"restarts_{role}"]) == 1
         assert int(s["buffer_fill"]) == 256, "the ring buffer lost its samples"
-        wait_for(lambda: redis_client.pubsub_numsub(f"nilm:{d.building}:input")[0][1] == 1, 10, "resubscribe")
+        wait_for(lambda: redis_client.pubsub_numsub(keys.input_channel(d.building))[0][1] == 1, 10, "resubscribe")
         last = publish_samples(redis_client, d.building, 16, start=last + 1)
         sub.until(last)  # predictions resume on the same schedule, covering the new samples
     assert "the reader process" in d.log() and "killed by SIGKILL" in d.log()
@@ -113,7 +114,7 @@ def test_children_killed_are_restarted_and_keep_the_buffer(daemon_factory, redis
 def test_bad_input_is_rejected_by_reason_and_good_samples_all_arrive(daemon_factory, redis_client):
     d = daemon_factory().start()
     wait_ready(d, redis_client)
-    channel = f"nilm:{d.building}:input"
+    channel = keys.input_channel(d.building)
     t0 = time.time() - 400
     bad = {
         "oversized": json.dumps({"timestamp": t0, "power_total": 1.0, "pad": "x" * 5000}),

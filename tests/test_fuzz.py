@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Daemon, publish_samples, wait_for
+from nilmd import keys
 from nilmd.appliances import APPLIANCES
 from nilmd.daemon.ingest import REJECT_REASONS
 from test_daemon import Subscriber, check_prediction, wait_ready
@@ -96,7 +97,7 @@ def test_any_input_never_kills_the_daemon_and_every_message_is_counted_once(fuzz
         if m is GOOD:
             Sent.good_ts = max(Sent.good_ts + 1, float(int(time.time()) + 2))
             m = json.dumps({"timestamp": Sent.good_ts, "power_total": 750.0})
-        pipe.publish(f"nilm:{d.building}:input", m)
+        pipe.publish(keys.input_channel(d.building), m)
     pipe.execute()
     Sent.total += len(batch)
     s = wait_for(lambda: counted(d, client), 20, f"all {Sent.total} messages to be counted\n{d.log()[-2000:]}")

@@ -18,6 +18,7 @@ import uuid
 import pytest
 from conftest import publish_samples, wait_for
 
+from nilmd import keys
 from nilmd.daemon.notify import Notifier
 
 
@@ -177,7 +178,7 @@ def test_daemon_speaks_sd_notify(daemon_factory, redis_client):
             "WATCHDOG_USEC": "4000000",  # pings every 2 s
             "NILMD_HEARTBEAT_TIMEOUT": "120",  # the supervisor must not kill the child we SIGSTOP
         })
-        holder["channel"] = f"nilm:{d.building}:input"
+        holder["channel"] = keys.input_channel(d.building)
         d.start()
         wait_for(lambda: listener.index("READY=1") is not None or d.proc.poll() is not None, 90,
                  "READY=1 from the daemon")
@@ -261,7 +262,7 @@ def test_ready_waits_for_redis(daemon_factory, model_dir, tmp_path):
     server = None
     try:
         d = daemon_factory(extra_env={"NOTIFY_SOCKET": listener.address, "REDIS_PORT": str(port)})
-        holder["channel"] = f"nilm:{d.building}:input"
+        holder["channel"] = keys.input_channel(d.building)
         d.start()
         wait_for(lambda: "models loaded" in d.log() or d.proc.poll() is not None, 60, "the models to load")
         time.sleep(2.0)  # several supervisor ticks with the models loaded and no Redis

@@ -88,7 +88,7 @@ def test_a_batch_in_the_ring_but_not_committed_is_read_again_and_counted_once(st
     assert life.ctl["rejected_duplicate"] + life.ctl["rejected_out_of_order"] == 100
     np.testing.assert_array_equal(life.ts(), t0 + np.arange(120))
     last_id = redis_client.xrevrange(keys.input_stream(stream_cfg.building_id), count=1)[0][0]
-    assert redis_client.get(streams.position_key(stream_cfg.building_id)) == last_id
+    assert redis_client.get(keys.position_key(stream_cfg.building_id)) == last_id
 
 
 def test_a_new_life_warms_up_from_the_stream_and_reads_everything_after_its_position(stream_cfg, redis_client,
@@ -148,7 +148,7 @@ def test_stream_entries_that_are_not_samples_are_rejected_by_reason(stream_cfg, 
     c = life.ctl
     assert (c["samples_accepted"], c["rejected_not_json"], c["rejected_oversized"], c["rejected_non_numeric"]) == \
         (2, 2, 1, 1)
-    assert redis_client.get(streams.position_key(stream_cfg.building_id)) == redis_client.xrevrange(key, count=1)[0][0]
+    assert redis_client.get(keys.position_key(stream_cfg.building_id)) == redis_client.xrevrange(key, count=1)[0][0]
 
 
 def test_produce_to_stream_and_both(redis_server, redis_client):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, wait_for
 
-from nilmd import config
+from nilmd import config, keys
 from nilmd.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ class Publisher(threading.Thread):
 
     def __init__(self, client, building: str):
         super().__init__(daemon=True)
-        self.client, self.channel = client, f"nilm:{building}:input"
+        self.client, self.channel = client, keys.input_channel(building)
         self.ts = time.time() - 30000
         self.done = threading.Event()
 

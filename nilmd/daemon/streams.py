@@ -44,10 +44,6 @@ MAXLEN = 86400  # entries a producer keeps in the stream (XADD MAXLEN ~): a day 
 _ID = re.compile(r"^(\d+)-(\d+)$")
 
 
-def position_key(building: str) -> str:
-    return keys.input_stream(building) + ":position"
-
-
 def parse_id(entry_id) -> tuple[int, int]:
     """'1706198400000-3' (str or bytes) -> (1706198400000, 3)."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -78,7 +74,7 @@ class StreamSource:
         self.ctl = ctl
         self.ring = ring  # read only, to place history_end
         self.key = keys.input_stream(cfg.building_id)
-        self.position_key = position_key(cfg.building_id)
+        self.position_key = keys.position_key(cfg.building_id)
         self.errors = redisconn.CONNECTION_ERRORS
         # XREAD blocks 0.2 s at a time, so a reply slower than a few seconds means Redis is gone:
         # say so (status, backoff) instead of sitting in a socket read without heartbeats.
