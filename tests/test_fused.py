@@ -179,3 +179,15 @@ def test_checkpoint_files_round_trip(tmp_path):
     assert not errors.keys() & ckpts.keys()
     x = features(100)
     np.testing.assert_array_equal(Predictor(loaded).run(x)[0], Predictor(ckpts).run(x)[0])
+
+
+def test_per_layer_weights_follow_the_module_when_its_buffers_are_replaced():
+    """.to(device) (here: another dtype, the same mechanism) replaces the stacked buffers; the
+    per-layer views that every step uses must be cut from the new ones, never left on the old."""
+    cfg = WaveNILMConfig(channels=4, depth=3, head_channels=4)
+    net = Predictor(make_checkpoints({a: cfg for a in APPLIANCES[:2]})).groups[0][1]
+    net.to(torch.float64)
+    assert len(net.layer_weights) == cfg.depth
+    for i, weights in enumerate(net.layer_weights):
+        for name, w in zip(("w_cur", "w_prev", "b_conv", "w_res", "b_res", "w_skip"), weights):
+            assert w.dtype == torch.float64 and w.data_ptr() == getattr(net, name)[i].data_ptr(), name

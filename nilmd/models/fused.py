@@ -30,6 +30,9 @@ import torch.nn as nn
 from nilmd.models.model import WaveNILM, WaveNILMConfig
 
 
+_PER_LAYER = ("w_cur", "w_prev", "b_conv", "w_res", "b_res", "w_skip")  # stacked [depth, A, ...]
+
+
 def arch_key(config: WaveNILMConfig) -> tuple:
     """What must match for models to fuse (dropout is inactive at inference)."""
     return (config.n_features, config.channels, config.depth, config.head_channels)
@@ -62,25 +65,28 @@ class FusedWaveNILM(nn.Module):
             "b_res": layers(lambda l: l.out.bias[:C].view(1, C)),
             "w_skip": layers(lambda l: 0.5 * l.out.weight[C:, :, 0].T),  # [D, A, C, C]
             "b_skip": stack(lambda m: sum(l.out.bias[C:] for l in m.layers).view(1, C)),
-            "w_h1": stack(lambda m: m.head[1].weight[:, :, 0].T),  # [A, C, H]
-            "b_h1": stack(lambda m: m.head[1].bias.view(1, -1)),
-            "w_h2": stack(lambda m: m.head[3].weight[:, :, 0].T),  # [A, H, 2]: mask, on
-            "b_h2": stack(lambda m: m.head[3].bias.view(1, 2)),
+            "w_h1": stack(lambda m: m.head.hidden.weight[:, :, 0].T),  # [A, C, H]
+            "b_h1": stack(lambda m: m.head.hidden.bias.view(1, -1)),
+            "w_h2": stack(lambda m: m.head.out.weight[:, :, 0].T),  # [A, H, 2]: mask, on
+            "b_h2": stack(lambda m: m.head.out.bias.view(1, 2)),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value)
+        self._cut()
 
-        self._split()
+    def _cut(self) -> None:
+        """Per-layer views of the stacked weights, cut once: indexing per call costs ~2 us an op."""
+        self._views_of = tuple(getattr(self, k) for k in _PER_LAYER)
+        self._layer_views = list(zip(*(t.unbind(0) for t in self._views_of)))
 
-    def _split(self) -> None:
-        """Per-layer views of the stacked weights, made once (indexing per call costs ~2 us an op)."""
-        self.layer_weights = list(zip(*(getattr(self, k).unbind(0) for k in (
-            "w_cur", "w_prev", "b_conv", "w_res", "b_res", "w_skip"))))
-
-    def _apply(self, fn, *args, **kwargs):  # .to(device) replaces the buffers: split again
-        out = super()._apply(fn, *args, **kwargs)
-        self._split()
-        return out
+    @property
+    def layer_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer (w_cur, w_prev, b_conv, w_res, b_res, w_skip). .to(device), .cuda() and the
+        like replace the buffers with new tensors; the views are cut again the first time this
+        sees other tensors than it cut them from, so they always follow the module."""
+        if any(getattr(self, k) is not t for k, t in zip(_PER_LAYER, self._views_of)):
+            self._cut()
+        return self._layer_views
 
     @property
     def receptive_field(self) -> int:
@@ -114,11 +120,12 @@ class FusedWaveNILM(nn.Module):
         if st.q + n > st.slack:
             st.shift()
         q = st.q
+        layers = self.layer_weights
         # Matmul results go to fresh tensors: baddbmm into a strided out= view takes a per-model
         # loop in torch's CPU kernel (2-3x slower for a few samples).
         h0 = torch.baddbmm(self.b_in, x.expand(A, n, x.shape[1]), self.w_in)
         st.hist[0].narrow(1, self.dilations[0] + q, n).copy_(h0)
-        for i, (w_cur, w_prev, b_conv, w_res, b_res, _) in enumerate(self.layer_weights):
+        for i, (w_cur, w_prev, b_conv, w_res, b_res, _) in enumerate(layers):
             h, d = st.hist[i], self.dilations[i]
             cur = h.narrow(1, d + q, n)
             y = torch.baddbmm(b_conv, cur, w_cur).baddbmm_(h.narrow(1, q, n), w_prev).tanh_()
@@ -132,7 +139,7 @@ class FusedWaveNILM(nn.Module):
         if not need:
             return None
         s = self.b_skip
-        for z, (*_, w_skip) in zip(st.z, self.layer_weights):
+        for z, (*_, w_skip) in zip(st.z, layers):
             s = torch.baddbmm(s, z.narrow(1, n - need, need), w_skip)
         g = torch.baddbmm(self.b_h1, s.relu_(), self.w_h1).relu_()
         out = torch.baddbmm(self.b_h2, g, self.w_h2).sigmoid_()  # [A, need, 2]: mask, on probability

@@ -1,4 +1,4 @@
-"""WaveNILM v3: one appliance's causal, gated, dilated 1-D CNN (SPEC §4).
+"""WaveNILM v3: one appliance's causal, gated, dilated 1-D CNN (docs/CONTRACT.md §8).
 
 WaveNILM (Harell, Makonin & Bajić, ICASSP 2019) with three changes:
   * the gate is real: tanh(filter) * sigmoid(gate) (the reference code computes the sigmoid and
@@ -48,6 +48,29 @@ class GatedLayer(nn.Module):
         return x + residual, skip
 
 
+class Head(nn.Sequential):
+    """ReLU, `hidden` 1x1 conv, ReLU, `out` 1x1 conv to the two logits (mask, on).
+
+    An nn.Sequential, so the weights keep the names every checkpoint has (`head.1.*` for hidden,
+    `head.3.*` for out); code outside reads the convolutions by these names, never by position."""
+
+    def __init__(self, channels: int, head_channels: int):
+        super().__init__(
+            nn.ReLU(),
+            nn.Conv1d(channels, head_channels, kernel_size=1),
+            nn.ReLU(),
+            nn.Conv1d(head_channels, 2, kernel_size=1),
+        )
+
+    @property
+    def hidden(self) -> nn.Conv1d:
+        return self[1]
+
+    @property
+    def out(self) -> nn.Conv1d:
+        return self[3]
+
+
 class WaveNILM(nn.Module):
     def __init__(self, config: WaveNILMConfig, scales):
         super().__init__()
@@ -58,12 +81,7 @@ class WaveNILM(nn.Module):
         self.layers = nn.ModuleList(
             GatedLayer(config.channels, 2**i, config.dropout) for i in range(config.depth)
         )
-        self.head = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv1d(config.channels, config.head_channels, kernel_size=1),
-            nn.ReLU(),
-            nn.Conv1d(config.head_channels, 2, kernel_size=1),
-        )
+        self.head = Head(config.channels, config.head_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, F, T] -> (power in W [B, T], on/off logit [B, T]); output t sees inputs <= t."""
