@@ -1,9 +1,22 @@
 """Settings: command line over environment over defaults (SPEC §3).
 
-One table, SETTINGS, names every setting once: its flag, its environment variables (the
-original service's names first), its type and default. The CLI builds its flags from it and
-`resolve` turns flags + environment into a validated, picklable `Config` that is passed to the
-child processes as is.
+One table names every setting once: the fields of `Config`. Each field carries, in
+`dataclasses.field(metadata=...)` (see `setting()`), its flag, its environment variables (the
+original service's names first), its bounds, help text and the note the example settings file
+shows. `SETTINGS` is that table read back from `dataclasses.fields(Config)`; the CLI builds its
+flags from it, `resolve` turns flags + environment into a validated, picklable `Config` that is
+passed to the child processes as is, and `nilmd.settingsdoc` renders the README's table and
+systemd/nilmd.env from it (tests/test_settings.py keeps those files equal to what it renders).
+
+Why the dataclass carries the table rather than a table generating the dataclass: `Config` is
+what the rest of the code reads and what tests build directly (`Config(window_size=256, ...)`),
+so it stays a plain class that a reader, an editor and a type checker can see, with each
+field's name, type and default on one line; the type annotation also gives the setting's type,
+so nothing is said twice.
+
+A default can depend on the box (`dynamic`: computed when resolving, e.g. $RUNTIME_DIRECTORY) or
+on the mode (`per_mode`): in test mode simulated time runs years ahead of the wall clock, so the
+clock-skew limit defaults to its maximum there. A value the user gives always wins.
 """
 
 from __future__ import annotations
@@ -14,9 +27,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from nilmd.errors import ConfigError
-
 # pip installs the shipped checkpoints as data files under {prefix}/share/nilmd/checkpoints
 # (pyproject.toml); an editable install finds them beside the package instead.
 PACKAGED_CHECKPOINTS = (Path(sys.prefix) / "share" / "nilmd" / "checkpoints",
@@ -44,100 +57,149 @@ class Setting:
     flag: str | None
     env: tuple[str, ...]
     type: str  # str, int, float, bool, choice, path
-    default: object
+    default: object  # None: computed when resolving (`dynamic`), described by `default_doc`
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
     secret: bool = False
     group: str = "daemon"  # which commands take it: common, redis, daemon
+    section: str = ""  # where systemd/nilmd.env lists it (nilmd.settingsdoc.SECTIONS)
+    note: str | None = None  # its comment in systemd/nilmd.env; None: the help; "": shares the one above
+    example: str = ""  # the value nilmd.env shows when the default is computed
+    dynamic: Callable[[], object] | None = None
+    default_doc: str = ""  # how the README describes a computed default
+    per_mode: tuple[tuple[str, object, str], ...] = ()  # (mode, default there, why)
+
+    def default_for(self, mode: str) -> object:
+        return next((value for m, value, _ in self.per_mode if m == mode), self.default)
 
 
-SETTINGS: tuple[Setting, ...] = (
-    # Redis connection (every command that talks to Redis).
-    Setting("redis_host", "--redis-host", ("REDIS_HOST",), "str", "localhost", "Redis host", group="redis"),
-    Setting("redis_port", "--redis-port", ("REDIS_PORT",), "int", 6379, "Redis port", minimum=1, maximum=65535, group="redis"),
-    Setting("redis_db", "--redis-db", ("REDIS_DB",), "int", 0, "Redis database number", minimum=0, maximum=1023, group="redis"),
-    Setting("redis_username", "--redis-username", ("REDIS_USERNAME",), "str", "", "Redis ACL user name", group="redis"),
-    # No --redis-password flag on purpose: a flag shows in `ps`. Use the file or the variable.
-    Setting("redis_password", None, ("REDIS_PASSWORD",), "str", "", "Redis password (prefer the file)", secret=True, group="redis"),
-    Setting("redis_password_file", "--redis-password-file", ("REDIS_PASSWORD_FILE",), "path", "",
-            "file holding the Redis password (default: $CREDENTIALS_DIRECTORY/redis-password when systemd passes one)", group="redis"),
-    Setting("redis_tls", "--redis-tls", ("REDIS_TLS",), "bool", False, "connect to Redis over TLS", group="redis"),
-    Setting("redis_tls_ca", "--redis-tls-ca", ("REDIS_TLS_CA",), "path", "", "CA bundle that signs the Redis server certificate", group="redis"),
-    Setting("redis_tls_cert", "--redis-tls-cert", ("REDIS_TLS_CERT",), "path", "", "client certificate for TLS", group="redis"),
-    Setting("redis_tls_key", "--redis-tls-key", ("REDIS_TLS_KEY",), "path", "", "client key for TLS", group="redis"),
-    Setting("building_id", "--building-id", ("BUILDING_ID",), "str", "building_1", "building id in the Redis key names", group="common"),
-    Setting("log_level", "--log-level", ("LOG_LEVEL", "NILMD_LOG_LEVEL"), "choice", "info", "log level",
-            choices=("debug", "info", "warning", "error"), group="common"),
-    # The daemon.
-    Setting("mode", "--mode", ("NILMD_MODE",), "choice", "subscriber",
-            "subscriber: read the meter from Redis; test: simulated building, no Redis, predictions on stdout",
-            choices=("subscriber", "test")),
-    Setting("model_dir", "--model-dir", ("MODEL_DIR",), "path", None, "folder of the checkpoints"),
-    Setting("window_size", "--window-size", ("WINDOW_SIZE",), "int", 1536, "samples (seconds) per model window", minimum=64, maximum=86400),
-    Setting("inference_interval", "--inference-interval", ("INFERENCE_INTERVAL",), "int", 60,
-            "seconds of new data between inferences", minimum=1, maximum=86400),
-    Setting("device", "--device", ("NILMD_DEVICE", "DEVICE"), "choice", "auto", "where the models run", choices=("auto", "cpu", "cuda")),
-    Setting("threads", "--threads", ("NILMD_THREADS",), "int", 0, "torch threads for inference (0: the cores this process may use)",
-            minimum=0, maximum=256),
-    Setting("input_mode", "--input-mode", ("NILMD_INPUT_MODE",), "choice", "pubsub",
-            "pubsub: SUBSCRIBE the input channel (at-most-once); stream: read the input stream "
-            "nilm:{b}:input:stream from where the last run stopped (at-least-once, nothing lost while down)",
-            choices=("pubsub", "stream")),
-    Setting("ring_capacity", "--ring-capacity", ("NILMD_RING_CAPACITY",), "int", 86400,
-            "samples kept in the shared-memory ring (at least 2x the window)", minimum=128, maximum=10_000_000),
-    Setting("runtime_dir", "--runtime-dir", ("NILMD_RUNTIME_DIR",), "path", None, "where the shared memory files live (tmpfs)"),
-    Setting("state_dir", "--state-dir", ("NILMD_STATE_DIR",), "path", None, "where ring snapshots are kept across restarts"),
-    Setting("heartbeat_timeout", "--heartbeat-timeout", ("NILMD_HEARTBEAT_TIMEOUT",), "float", 30.0,
-            "seconds without a heartbeat before a child counts as hung", minimum=1.0, maximum=3600.0),
-    Setting("status_interval", "--status-interval", ("NILMD_STATUS_INTERVAL",), "float", 2.0,
-            "seconds between status hash refreshes", minimum=0.2, maximum=300.0),
-    Setting("max_gap_fill", "--max-gap-fill", ("NILMD_MAX_GAP_FILL",), "int", 60,
-            "longest gap (s) filled by holding the last sample; a longer gap breaks the window", minimum=0, maximum=3600),
-    Setting("max_clock_skew", "--max-clock-skew", ("NILMD_MAX_CLOCK_SKEW",), "float", 300.0,
-            "samples stamped more than this many seconds ahead of the box's clock are rejected", minimum=1.0, maximum=10 * 365 * 86400.0),
-    Setting("speed", "--speed", ("NILMD_TEST_SPEED",), "float", 60.0,
-            "test mode: simulated seconds per real second after the first window", minimum=0.01, maximum=1e6),
-    Setting("seed", "--seed", ("NILMD_TEST_SEED",), "int", 1, "test mode: simulated building seed", minimum=0, maximum=2**31 - 1),
-)
+def setting(default, flag: str | None, env: str | tuple[str, ...], help: str, *, type: str | None = None,
+            secret: bool = False, **more):
+    """A Config field that is also a row of the settings table. `default` is the field's own default
+    (what `Config()` gets); with `dynamic`, `resolve` computes the default instead."""
+    env = (env,) if isinstance(env, str) else tuple(env)
+    row = dict(flag=flag, env=env, help=help, type=type, secret=secret, **more)
+    return field(default=default, repr=not secret, metadata={"setting": row})
 
-_BY_NAME = {s.name: s for s in SETTINGS}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-_BUILDING_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+TEN_YEARS = 10 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
 class Config:
-    redis_host: str = "localhost"
-    redis_port: int = 6379
-    redis_db: int = 0
-    redis_username: str = ""
-    redis_password: str = field(default="", repr=False)
-    redis_password_file: str = ""
-    redis_tls: bool = False
-    redis_tls_ca: str = ""
-    redis_tls_cert: str = ""
-    redis_tls_key: str = ""
-    building_id: str = "building_1"
-    log_level: str = "info"
-    mode: str = "subscriber"
-    model_dir: str = "./checkpoints"
-    window_size: int = 1536
-    inference_interval: int = 60
-    device: str = "auto"
-    threads: int = 0
-    input_mode: str = "pubsub"
-    ring_capacity: int = 86400
-    runtime_dir: str = "/dev/shm"
-    state_dir: str = "./state"
-    heartbeat_timeout: float = 30.0
-    status_interval: float = 2.0
-    max_gap_fill: int = 60
-    max_clock_skew: float = 300.0
-    speed: float = 60.0
-    seed: int = 1
+    # Redis connection (every command that talks to Redis).
+    redis_host: str = setting("localhost", "--redis-host", "REDIS_HOST", "Redis host", group="redis",
+                              section="redis", note="Host and port of the Redis server that carries the meter "
+                              "input and the predictions.")
+    redis_port: int = setting(6379, "--redis-port", "REDIS_PORT", "Redis port", minimum=1, maximum=65535,
+                              group="redis", section="redis", note="")
+    redis_db: int = setting(0, "--redis-db", "REDIS_DB", "Redis database number", minimum=0, maximum=1023,
+                            group="redis", section="redis", note="Database number (0-1023).")
+    redis_username: str = setting("", "--redis-username", "REDIS_USERNAME", "Redis ACL user name", group="redis",
+                                  section="redis", note="ACL user name (Redis 6+); empty: the default user.")
+    # No --redis-password flag on purpose: a flag shows in `ps`. Use the file or the variable.
+    redis_password: str = setting(
+        "", None, "REDIS_PASSWORD", "Redis password (prefer the file)", secret=True, group="redis", section="redis",
+        note="The password: put it in /etc/nilmd/redis-password (root:nilmd, mode 0640, the password alone on "
+        "one line). The unit hands that file to the service as a systemd credential "
+        "($CREDENTIALS_DIRECTORY/redis-password), which nilmd reads by default; nothing to set here. Last "
+        "resort, discouraged: the password itself here, visible to anything that can read this file or the "
+        "service's environment.")
+    redis_password_file: str = setting(
+        "", "--redis-password-file", "REDIS_PASSWORD_FILE", "file holding the Redis password (default: "
+        "$CREDENTIALS_DIRECTORY/redis-password when systemd passes one)", type="path", group="redis",
+        section="redis", note="Another file holding the password (readable by the nilmd user).")
+    redis_tls: bool = setting(False, "--redis-tls", "REDIS_TLS", "connect to Redis over TLS", group="redis",
+                              section="redis", note='TLS (rediss://): "true" to connect over TLS, with the CA that '
+                              "signed the server certificate and, for mutual TLS, a client certificate and key. "
+                              "Put the files under /etc/nilmd (readable by nilmd).")
+    redis_tls_ca: str = setting("", "--redis-tls-ca", "REDIS_TLS_CA", "CA bundle that signs the Redis server "
+                                "certificate", type="path", group="redis", section="redis", note="")
+    redis_tls_cert: str = setting("", "--redis-tls-cert", "REDIS_TLS_CERT", "client certificate for TLS",
+                                  type="path", group="redis", section="redis", note="")
+    redis_tls_key: str = setting("", "--redis-tls-key", "REDIS_TLS_KEY", "client key for TLS", type="path",
+                                 group="redis", section="redis", note="")
+    building_id: str = setting(
+        "building_1", "--building-id", "BUILDING_ID", "building id in the Redis key names", group="common",
+        section="building", note="Building id in the Redis names: input nilm:<id>:input, output "
+        "nilm:<id>:predictions, nilm:<id>:latest, status hash nilm:<id>:status. 1-64 of letters, digits, "
+        '"_", "-", ".".')
+    log_level: str = setting("info", "--log-level", ("LOG_LEVEL", "NILMD_LOG_LEVEL"), "log level",
+                             choices=("debug", "info", "warning", "error"), group="common", section="building",
+                             note="debug, info, warning or error. info logs no line per sample.")
+    # The daemon.
+    mode: str = setting(
+        "subscriber", "--mode", "NILMD_MODE",
+        "subscriber: read the meter from Redis; test: simulated building, no Redis, predictions on stdout",
+        choices=("subscriber", "test"), section="models", note="subscriber: read the meter from Redis. test: a "
+        "simulated building, no Redis, predictions on stdout (for trying a box out; not for the service).")
+    model_dir: str = setting(
+        "./checkpoints", "--model-dir", "MODEL_DIR", "folder of the checkpoints", type="path",
+        dynamic=_default_model_dir, default_doc="`./checkpoints` if it exists, else the packaged "
+        "checkpoints", example="/var/lib/nilmd/checkpoints", section="models",
+        note="Folder of the 11 checkpoints (wavenilm_v3_SOTA_<Appliance>_best.pth). The unit sets this to "
+        "/var/lib/nilmd/checkpoints, where the installer puts them.")
+    window_size: int = setting(1536, "--window-size", "WINDOW_SIZE", "samples (seconds) per model window",
+                               minimum=64, maximum=86400, section="models",
+                               note="Samples (seconds at 1 Hz) per model window, 64-86400.")
+    inference_interval: int = setting(
+        60, "--inference-interval", "INFERENCE_INTERVAL", "seconds of new data between inferences", minimum=1,
+        maximum=86400, section="models",
+        note="Seconds of new data between two inferences (1 = every second), at most WINDOW_SIZE.")
+    device: str = setting(
+        "auto", "--device", ("NILMD_DEVICE", "DEVICE"), "where the models run", choices=("auto", "cpu", "cuda"),
+        section="models", note="auto (CUDA when a GPU is usable, else CPU), cpu or cuda. A GPU box also needs the "
+        "drop-in systemd/gpu.conf (device access) and a CUDA build of torch.")
+    threads: int = setting(
+        0, "--threads", "NILMD_THREADS", "torch threads for inference (0: the cores this process may use)",
+        minimum=0, maximum=256, section="models", note="torch threads for inference; 0: the cores this process "
+        "may use. Set it to match a CPUQuota= drop-in: a quota does not change the core count torch sees.")
+    input_mode: str = setting(
+        "pubsub", "--input-mode", "NILMD_INPUT_MODE", "pubsub: SUBSCRIBE the input channel (at-most-once); "
+        "stream: read the input stream nilm:{b}:input:stream from where the last run stopped (at-least-once, "
+        "nothing lost while down)", choices=("pubsub", "stream"), section="models",
+        note="How the meter input is read. pubsub: SUBSCRIBE the channel nilm:<id>:input (at-most-once: what is "
+        "published while nilmd is down or restarting is lost). stream: read the Redis stream "
+        "nilm:<id>:input:stream from where the last run stopped (at-least-once: nothing lost while down).")
+    ring_capacity: int = setting(
+        86400, "--ring-capacity", "NILMD_RING_CAPACITY", "samples kept in the shared-memory ring (at least 2x the "
+        "window)", minimum=128, maximum=10_000_000, section="buffering", note="Samples kept in the shared-memory "
+        "ring, at least twice WINDOW_SIZE (86400 = one day, ~2.5 MB).")
+    runtime_dir: str = setting(
+        "/dev/shm", "--runtime-dir", "NILMD_RUNTIME_DIR", "where the shared memory files live (tmpfs)",
+        type="path", dynamic=_default_runtime_dir, default_doc="`$RUNTIME_DIRECTORY`, else `/dev/shm`",
+        section="files", note="Shared memory (the ring, nilmd-<building>.ring/.ctl/.lock). Default: "
+        "$RUNTIME_DIRECTORY (/run/nilmd, emptied by systemd on every stop), else /dev/shm.")
+    state_dir: str = setting(
+        "./state", "--state-dir", "NILMD_STATE_DIR", "where ring snapshots are kept across restarts",
+        type="path", dynamic=_default_state_dir, default_doc="`$STATE_DIRECTORY`, else `./state`",
+        section="files", note="Ring snapshots kept across restarts. Default: $STATE_DIRECTORY "
+        "(/var/lib/nilmd), else ./state.")
+    heartbeat_timeout: float = setting(
+        30.0, "--heartbeat-timeout", "NILMD_HEARTBEAT_TIMEOUT", "seconds without a heartbeat before a child "
+        "counts as hung", minimum=1.0, maximum=3600.0, section="supervision", note="Seconds without a heartbeat "
+        "before the supervisor kills and restarts a hung child. Keep it well below half of WatchdogSec= of the "
+        "unit (90 s), so the supervisor recovers a hung child before systemd restarts everything.")
+    status_interval: float = setting(2.0, "--status-interval", "NILMD_STATUS_INTERVAL", "seconds between status "
+                                     "hash refreshes", minimum=0.2, maximum=300.0, section="supervision",
+                                     note="Seconds between refreshes of the status hash in Redis.")
+    max_gap_fill: int = setting(
+        60, "--max-gap-fill", "NILMD_MAX_GAP_FILL", "longest gap (s) filled by holding the last sample; a "
+        "longer gap breaks the window", minimum=0, maximum=3600, section="buffering",
+        note="Longest gap (s) filled by holding the last sample; a longer gap breaks the window.")
+    max_clock_skew: float = setting(
+        300.0, "--max-clock-skew", "NILMD_MAX_CLOCK_SKEW", "samples stamped more than this many seconds ahead "
+        "of the box's clock are rejected", minimum=1.0, maximum=TEN_YEARS, section="buffering",
+        per_mode=(("test", TEN_YEARS, "simulated time runs ahead of the wall clock"),),
+        note="Samples stamped more than this many seconds ahead of the box's clock are rejected.")
+    speed: float = setting(60.0, "--speed", "NILMD_TEST_SPEED", "test mode: simulated seconds per real second "
+                           "after the first window", minimum=0.01, maximum=1e6, section="test",
+                           note="Simulated seconds per real second after the first window, and the simulated "
+                           "building's seed.")
+    seed: int = setting(1, "--seed", "NILMD_TEST_SEED", "test mode: simulated building seed", minimum=0,
+                        maximum=2**31 - 1, section="test", note="")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -151,6 +213,20 @@ class Config:
         return out
 
 
+def _row(f: dataclasses.Field) -> Setting:
+    row = dict(f.metadata["setting"])
+    kind = row.pop("type") or ("choice" if row.get("choices") else f.type)
+    default = None if row.get("dynamic") else f.default
+    return Setting(name=f.name, type=kind, default=default, **row)
+
+
+SETTINGS: tuple[Setting, ...] = tuple(_row(f) for f in dataclasses.fields(Config))
+_BY_NAME = {s.name: s for s in SETTINGS}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_BUILDING_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 def add_arguments(parser, groups: tuple[str, ...]) -> None:
     """Add the flags of the settings in `groups` to an argparse parser (defaults stay None, so
     that resolve() can tell "not given" from "given")."""
@@ -160,6 +236,7 @@ def add_arguments(parser, groups: tuple[str, ...]) -> None:
         metavar = "|".join(s.choices) if s.choices else s.type.upper()
         env = " or ".join("$" + e for e in s.env)
         default = "see README" if s.default is None else s.default
+        default = ", ".join([str(default)] + [f"{v} with --mode {m}" for m, v, _ in s.per_mode])
         help_text = f"{s.help} [{env}; default {default}]" if env else f"{s.help} [default {default}]"
         if s.type == "bool":
             parser.add_argument(s.flag, dest=s.name, action="store_const", const="true", default=None, help=help_text)
@@ -214,9 +291,10 @@ def resolve(args=None, environ=None, names=None) -> Config:
                     break
         if raw is not None:
             values[s.name] = _convert(s, raw, origin)
-    values.setdefault("model_dir", _default_model_dir())
-    values.setdefault("runtime_dir", _default_runtime_dir())
-    values.setdefault("state_dir", _default_state_dir())
+    mode = values.get("mode", _BY_NAME["mode"].default)
+    for s in SETTINGS:  # defaults that depend on the box or the mode, for what the user left unset
+        if s.name not in values and (s.dynamic or s.per_mode):
+            values[s.name] = s.dynamic() if s.dynamic else s.default_for(mode)
     cfg = Config(**values)
     return _check(cfg, environ)
 
