@@ -1,0 +1,124 @@
+"""The one settings table (nilmd/config.py) and everything derived from it: the command line's
+flags, the README's table, systemd/nilmd.env, and the defaults that depend on the mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+
+from conftest import ROOT
+from nilmd import cli, config, settingsdoc
+from nilmd.config import SETTINGS, Config
+
+HINT = f"out of date: regenerate it with `{settingsdoc.REGENERATE}` (from the repository root)"
+
+
+def test_readme_table_is_the_rendered_table():
+    readme = (ROOT / "README.md").read_text()
+    start, end = settingsdoc.readme_table(readme)
+    assert readme[start:end] == settingsdoc.render_markdown(), f"README.md's settings table is {HINT}"
+
+
+def test_env_example_is_the_rendered_file():
+    text = (ROOT / "systemd" / "nilmd.env").read_text()
+    assert text == settingsdoc.render_env_file(), f"systemd/nilmd.env is {HINT}"
+
+
+def test_a_new_setting_changes_both_renderings():
+    """The two checks above can fail: a setting added to the table shows up in both files."""
+    extra = dataclasses.replace(SETTINGS[-1], name="extra", flag="--extra", env=("NILMD_EXTRA",),
+                                help="a setting nobody documented", section="test", note=None)
+    table, env = settingsdoc.render_markdown(SETTINGS + (extra,)), settingsdoc.render_env_file(SETTINGS + (extra,))
+    assert table != settingsdoc.render_markdown() and "| `NILMD_EXTRA` | `--extra` |" in table
+    assert env != settingsdoc.render_env_file() and "# A setting nobody documented.\n#NILMD_EXTRA=1\n" in env
+    with pytest.raises(ValueError, match="extra"):
+        settingsdoc.render_env_file(SETTINGS + (dataclasses.replace(extra, section="nowhere"),))
+
+
+def _setting_flags(subparser) -> set[str]:
+    return {o for a in subparser._actions for o in a.option_strings} - {"-h", "--help"}
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if a.choices and "run" in a.choices).choices
+
+
+def test_run_and_check_take_exactly_the_flags_of_the_table():
+    table = {s.flag for s in SETTINGS if s.flag}
+    for command in ("run", "check"):
+        assert _setting_flags(_subparsers()[command]) == table, f"`nilmd {command}` flags differ from the table"
+
+
+def test_the_redis_commands_take_the_common_and_redis_flags():
+    wanted = {s.flag for s in SETTINGS if s.flag and s.group in ("common", "redis")}
+    for command in ("status", "watch", "produce"):
+        flags = _setting_flags(_subparsers()[command])
+        assert wanted <= flags, f"`nilmd {command}` lacks {sorted(wanted - flags)}"
+
+
+def test_every_flag_reaches_its_setting(tmp_path):
+    """Each flag of the table, given on the command line, is what resolve() returns for it."""
+    a_file = tmp_path / "file"
+    a_file.write_text("secret\n")
+    given = {"redis_host": "redis.example", "redis_port": "7001", "redis_db": "3", "redis_username": "nilm",
+             "redis_password_file": str(a_file), "redis_tls_ca": str(a_file), "redis_tls_cert": str(a_file),
+             "redis_tls_key": str(a_file), "building_id": "flagged", "log_level": "debug", "mode": "test",
+             "model_dir": str(tmp_path), "window_size": "512", "inference_interval": "30", "device": "cpu",
+             "threads": "2", "input_mode": "stream", "ring_capacity": "4096", "runtime_dir": str(tmp_path / "run"),
+             "state_dir": str(tmp_path / "state"), "heartbeat_timeout": "12", "status_interval": "1.5",
+             "max_gap_fill": "9", "max_clock_skew": "42", "speed": "5", "seed": "7"}
+    switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"}
+    assert set(given) | switches == {s.name for s in SETTINGS if s.flag}, "a flag of the table is not tried here"
+    argv = ["run"] + [s.flag for s in SETTINGS if s.name in switches]
+    for s in SETTINGS:
+        if s.name in given:
+            argv += [s.flag, given[s.name]]
+    cfg = config.resolve(cli.build_parser().parse_args(argv), environ={})
+    assert all(getattr(cfg, name) is True for name in switches)
+    for name, raw in given.items():
+        value = getattr(cfg, name)
+        assert value == type(value)(raw), f"{name}: {value!r} from {raw!r}"
+    assert cfg.redis_password == "secret"
+
+
+def test_defaults_of_the_table_are_the_defaults_of_config():
+    cfg = config.resolve(Namespace(), environ={})
+    plain = Config(model_dir=cfg.model_dir, runtime_dir=cfg.runtime_dir, state_dir=cfg.state_dir)
+    assert cfg == plain
+
+
+@pytest.mark.parametrize("args, environ, want", [
+    (Namespace(), {}, 300.0),
+    (Namespace(mode="test"), {}, config.TEN_YEARS),
+    (Namespace(), {"NILMD_MODE": "test"}, config.TEN_YEARS),
+    (Namespace(mode="test", max_clock_skew="5"), {}, 5.0),
+    (Namespace(mode="test"), {"NILMD_MAX_CLOCK_SKEW": "7"}, 7.0),
+    (Namespace(mode="subscriber"), {"NILMD_MAX_CLOCK_SKEW": "8"}, 8.0),
+])
+def test_test_mode_defaults_the_clock_skew_to_ten_years(args, environ, want):
+    """Simulated time runs ahead of the wall clock, so test mode needs a wide skew; what the user
+    sets still wins."""
+    assert config.resolve(args, environ=environ).max_clock_skew == want
+
+
+def test_the_printing_commands_work_from_a_shell():
+    for flag, first in (("--markdown", "| environment | flag |"), ("--env-file", "# /etc/nilmd/nilmd.env")):
+        r = subprocess.run([sys.executable, "-m", "nilmd.settingsdoc", flag], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT)
+        assert r.returncode == 0 and r.stdout.startswith(first), r.stderr
+
+
+def test_write_rewrites_only_the_table(tmp_path):
+    readme, env = tmp_path / "README.md", tmp_path / "nilmd.env"
+    start, end = settingsdoc.readme_table((ROOT / "README.md").read_text())
+    original = (ROOT / "README.md").read_text()
+    readme.write_text(original[:start] + "| stale | table |\n|---|---|\n" + original[end:])
+    env.write_text("#STALE=1\n")
+    settingsdoc.write(readme, env)
+    assert readme.read_text() == original[:start] + settingsdoc.render_markdown() + original[end:]
+    assert env.read_text() == settingsdoc.render_env_file()
