@@ -6,67 +6,17 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from nilmd import keys
+# The harness is nilmd.testing (shared with scripts/); test files import these names from here.
+from nilmd.testing import DaemonProcess, RedisServer, free_port, wait_for  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll `predicate` until it returns a truthy value; fail saying `what` did not happen."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as e:  # a condition that cannot be read yet is just "not yet"
-            last_error = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what}"
-                         + (f" (last error: {last_error!r})" if last_error else ""))
-
-
-class RedisServer:
-    def __init__(self, port: int, workdir: Path):
-        self.port = port
-        self.workdir = workdir
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        client = redis.Redis(port=self.port)
-        wait_for(lambda: client.ping(), 10, f"redis-server on port {self.port} to answer PING")
-        client.close()
-        return self
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def client(self, **kw):
-        import redis
-
-        return redis.Redis(port=self.port, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -109,18 +59,18 @@ def model_dir(tmp_path_factory):
     return write_checkpoints(tmp_path_factory.mktemp("models"))
 
 
-class Daemon:
-    """`python -m nilmd run` as a real child process, with its own building id."""
+class Daemon(DaemonProcess):
+    """`python -m nilmd run` with the tests' small settings and its own building id."""
 
     def __init__(self, port: int, model_dir: Path, runtime_dir: Path, extra_env=None, args=()):
-        self.building = f"t{uuid.uuid4().hex[:10]}"
+        building = f"t{uuid.uuid4().hex[:10]}"
         self.runtime_dir = runtime_dir
-        self.env = {
+        env = {
             **os.environ,
             "REDIS_PORT": str(port),
             "REDIS_HOST": "127.0.0.1",
             "MODEL_DIR": str(model_dir),
-            "BUILDING_ID": self.building,
+            "BUILDING_ID": building,
             "WINDOW_SIZE": "256",
             "INFERENCE_INTERVAL": "16",
             "NILMD_RUNTIME_DIR": str(runtime_dir),
@@ -131,36 +81,10 @@ class Daemon:
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
-        self.args = list(args)
-        self.proc = None
-        self.log_path = runtime_dir / f"{self.building}.log"
-
-    def start(self):
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", *self.args], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def status(self, client) -> dict:
-        return {k.decode(): v.decode() for k, v in client.hgetall(f"nilm:{self.building}:status").items()}
+        super().__init__(building, runtime_dir / f"{building}.log", env, args)
 
     def shm_files(self):
         return sorted(p.name for p in self.runtime_dir.glob(f"nilmd-{self.building}*"))
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"daemon did not stop within {timeout} s after {sig!r}\n{self.log()[-3000:]}")
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -192,6 +116,6 @@ def publish_samples(client, building: str, n: int, start: float | None = None, p
         if to == "stream":
             streams.add(pipe, building, text)
         else:
-            pipe.publish(f"nilm:{building}:input", text)
+            pipe.publish(keys.input_channel(building), text)
     pipe.execute()
     return start + n - 1

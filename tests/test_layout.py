@@ -42,6 +42,13 @@ def test_the_daemon_needs_neither_the_simulator_nor_the_training_code():
     assert not leaked, f"importing the daemon imported {leaked}"
 
 
+def test_the_daemon_never_imports_the_test_harness():
+    """nilmd.testing and nilmd.soak start servers and processes: tests and scripts only."""
+    mods = imported_after("\n".join(f"import nilmd.daemon.{m}" for m in DAEMON) + "\nimport nilmd.cli")
+    leaked = sorted(m for m in mods if m in ("nilmd.testing", "nilmd.soak"))
+    assert not leaked, f"importing the daemon imported {leaked}"
+
+
 def test_models_never_need_the_daemon_simulator_or_training():
     mods = imported_after("import nilmd.models.predictor, nilmd.models.checkpoints, nilmd.models.fused")
     leaked = sorted(m for m in mods if m.startswith(("nilmd.daemon", "nilmd.sim", "nilmd.training")))

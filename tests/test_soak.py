@@ -4,24 +4,15 @@ The week-long run is `python scripts/soak.py --days 7` (README, Reliability)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import wait_for
+from nilmd import soak
 
 pytestmark = pytest.mark.slow
 
 
-def load_soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_three_hours_of_data_leave_memory_files_and_connections_flat(daemon_factory, redis_client):
-    soak = load_soak()
     d = daemon_factory(extra_env={"NILMD_INPUT_MODE": "stream", "NILMD_RING_CAPACITY": "8192"}).start()
     wait_for(lambda: d.status(redis_client).get("input_connected") == "1", 30, f"the daemon to start\n{d.log()}")
     report = soak.drive(redis_client, d.building, hours=3, window=256, interval=16, log=lambda line: None)

@@ -1,0 +1,146 @@
+"""The harness that the tests and the scripts (bench, soak, restart_time) share: a private
+redis-server on a free port, a wait on a condition with a deadline, and `nilmd run` as a real
+child process.
+
+It lives in the package, as numpy.testing does, so that there is one copy instead of one per
+script; the daemon never imports it (tests/test_layout.py checks).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nilmd import keys
+
+# `python -m nilmd` must find this checkout's package even where it is not installed.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+ROLES = ("supervisor", "reader", "inference")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05, not_yet=(Exception,)):
+    """Call `condition` until it returns a truthy value, and return that; after `timeout` s raise
+    AssertionError saying `what` did not happen. An exception of a type in `not_yet` means "not
+    yet" (a server still starting); pass `not_yet=()` to fail at the first one instead."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except not_yet as e:
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what}"
+                         + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+class RedisServer:
+    """A redis-server of our own on `port`, keeping its files in `workdir`. It can be stopped and
+    started again on the same port and directory (a Redis restart, with what SAVE wrote)."""
+
+    def __init__(self, port: int, workdir: Path):
+        self.port = port
+        self.workdir = Path(workdir)
+        self.proc = None
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers():
+            if self.proc.poll() is not None:  # e.g. the port was taken meanwhile: no use waiting
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
+            return client.ping()
+
+        with redis.Redis(port=self.port) as client:
+            wait_for(answers, timeout, f"redis-server on port {self.port} to answer PING",
+                     not_yet=(redis.ConnectionError, redis.TimeoutError))
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self, **kw):
+        import redis
+
+        return redis.Redis(port=self.port, **kw)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def status(client, building: str) -> dict:
+    """The building's status hash, decoded."""
+    return {k.decode(): v.decode() for k, v in client.hgetall(keys.status_key(building)).items()}
+
+
+def role_processes(fields: dict) -> dict:
+    """role -> psutil.Process, from the pids in a status hash."""
+    import psutil
+
+    return {role: psutil.Process(int(fields[f"pid_{role}"])) for role in ROLES}
+
+
+class DaemonProcess:
+    """`python -m nilmd run` as a real child process for `building`, its output in `log_path`."""
+
+    def __init__(self, building: str, log_path: Path, env: dict | None = None, args=()):
+        self.building = building
+        self.log_path = Path(log_path)
+        self.env = dict(os.environ if env is None else env)
+        self.args = list(args)
+        self.proc = None
+        self.started_at = None
+
+    def start(self) -> "DaemonProcess":
+        self._log = open(self.log_path, "wb")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", *self.args], env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=PACKAGE_ROOT)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self, client) -> dict:
+        return status(client, self.building)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send `sig` and return the exit code; one that does not exit in time is SIGKILLed and
+        the stop fails, with the end of its log."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise AssertionError(f"daemon did not stop within {timeout} s after {sig!r}\n"
+                                         f"{self.log()[-3000:]}") from None
+        finally:
+            self._log.close()
+        return self.proc.returncode
