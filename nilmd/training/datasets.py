@@ -72,6 +72,16 @@ def read_csv(path) -> Series:
                   info={"start": float(t[0]), "rows": len(t), "meter_fields": sorted(table.meter)})
 
 
+def tail(series: Series, seconds: int) -> Series:
+    """The last `seconds` of a series (a validation stretch of bounded cost)."""
+    if len(series) <= seconds:
+        return series
+    sl = slice(len(series) - seconds, None)
+    return Series(name=f"{series.name} (last {seconds / 86400:g} days)", features=series.features[sl],
+                  targets={a: y[sl] for a, y in series.targets.items()}, valid=series.valid[sl],
+                  period_s=series.period_s, info=series.info)
+
+
 def simulated(seed: int, t0: float, n: int) -> Series:
     """n seconds of simulated house `seed` from epoch time t0, with every meter field."""
     from nilmd.sim.simulator import Building  # imported here: the real-data path must not need it

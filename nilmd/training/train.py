@@ -50,7 +50,15 @@ TRAIN_ORDER = ("ElectricKettle", "HeatPump", "Dryer", "ElectricOven", "Microwave
 @dataclass
 class TrainConfig:
     appliance: str = "all"
-    data: str = "sim"                   # sim | csv
+    data: str = "sim"                   # sim | csv | mix (real + semi-synthetic + sim, see nilmd.training.mixture)
+    real_dir: str = ""                  # --data mix: the real-data folder (layout: nilmd.training.realdata)
+    leave_out: str = ""                 # --data mix: a real house (e.g. REFIT_House2) kept out of training and validation
+    mix: str = "real:1,synth:1,sim:0.3" # --data mix: source weights (share of training windows)
+    hold_periods: str = "1,2,5,8,10,60" # meter periods the input is held at (one checkpoint for them all)
+    hold_fraction: float = 0.5          # share of 1 Hz windows fed held at one of hold_periods
+    synth_houses: int = 48              # semi-synthetic training houses per appliance (a quarter as many for validation)
+    synth_hours: float = 12.0
+    max_1min_files: int = 4             # 1-minute months per real house (evenly spread): memory
     csv: list = field(default_factory=list)      # training files (globs ok), --data csv
     val_csv: list = field(default_factory=list)  # validation files; default: the last training file
     train_houses: int = 40              # simulated: the first N of HOUSE_SEEDS_TRAIN
@@ -122,8 +130,20 @@ def code_version() -> str:
 
 # ---------------------------------------------------------------- data
 
-def load_data(cfg: TrainConfig):
-    """-> (train series, validation series, description). Simulated sets are cached under run_dir."""
+def load_data(cfg: TrainConfig, appliance: str | None = None):
+    """-> (train series, validation series, description); for --data mix, of one appliance and as
+    {source: [Series]}. Simulated sets are cached under run_dir."""
+    if cfg.data == "mix":
+        from nilmd.training import mixture
+        weights = parse_mix(cfg.mix)
+        sources = mixture.build(appliance, cfg.real_dir, cfg.leave_out, weights, Path(cfg.run_dir) / "cache",
+                                cfg.seed, synth_houses=cfg.synth_houses, synth_hours=cfg.synth_hours,
+                                max_1min_files=cfg.max_1min_files,
+                                sim_loader=lambda: load_data(dataclasses.replace(cfg, data="sim")))
+        for name, series in sources.train.items():
+            print(f"{appliance}: {name}: {len(series)} training series, {sum(map(len, series)) / 86400:.1f} days; "
+                  f"{len(sources.val.get(name, []))} validation series", flush=True)
+        return sources.train, sources.val, {"source": "mix", **sources.description}
     if cfg.data == "csv":
         files = sorted(f for pattern in cfg.csv for f in glob.glob(pattern))
         val = sorted(f for pattern in cfg.val_csv for f in glob.glob(pattern)) or files[-1:]
@@ -145,6 +165,17 @@ def load_data(cfg: TrainConfig):
     train = cached(cfg, "train", train_seeds, cfg.train_segments, cfg.train_days)
     val = cached(cfg, "val", val_seeds, cfg.val_segments, cfg.val_days)
     return train, val, desc
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """'real:1,synth:1,sim:0.3' -> {'real': 1.0, ...}; unknown sources are an error."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, weight = part.partition(":")
+        if name not in ("real", "synth", "sim"):
+            raise SystemExit(f"--mix: unknown source {name!r} (real, synth, sim)")
+        out[name] = float(weight or 1.0)
+    return out
 
 
 def cached(cfg, kind, seeds, segments, days):
@@ -199,26 +230,71 @@ class Windows:
         i = indices[k][rng.integers(len(indices[k]))]
         return k, i - self.skip - rng.integers(self.window - self.skip)
 
-    def batch(self, rng, batch_size: int, on_fraction: float, hard_fraction: float, power_only_fraction: float):
+    def batch(self, rng, batch_size: int, on_fraction: float, hard_fraction: float, power_only_fraction: float,
+              hold=((1,), 0.0)):
         x = np.empty((batch_size, self.window, len(SCALES)), np.float32)
         y = np.empty((batch_size, self.window), np.float32)
         m = np.empty((batch_size, self.window), bool)
         for b in range(batch_size):
-            u = rng.random()
-            pick = self._around(rng, self.on) if u < on_fraction else \
-                self._around(rng, self.hard) if u < on_fraction + hard_fraction else None
-            if pick is None:
-                k = rng.choice(len(self.series), p=self.lengths / self.lengths.sum())
-                pick = k, rng.integers(self.lengths[k])
-            k, start = pick
-            s = self.series[k]
-            start = int(np.clip(start, 0, len(s) - self.window))
-            sl = slice(start, start + self.window)
-            x[b] = power_only(s.features[sl]) if rng.random() < power_only_fraction else s.features[sl]
-            y[b] = s.targets[self.appliance][sl]
-            m[b] = s.valid[sl]
-        m[:, :self.skip] = False
+            x[b], y[b], m[b] = self.sample(rng, on_fraction, hard_fraction, power_only_fraction, hold)
         return x, y, m
+
+    def sample(self, rng, on_fraction, hard_fraction, power_only_fraction, hold=((1,), 0.0)):
+        """One training window: (features [window, F], true W [window], scored mask [window])."""
+        u = rng.random()
+        pick = self._around(rng, self.on) if u < on_fraction else \
+            self._around(rng, self.hard) if u < on_fraction + hard_fraction else None
+        if pick is None:
+            k = rng.choice(len(self.series), p=self.lengths / self.lengths.sum())
+            pick = k, rng.integers(self.lengths[k])
+        k, start = pick
+        s = self.series[k]
+        start = int(np.clip(start, 0, len(s) - self.window))
+        sl = slice(start, start + self.window)
+        x = power_only(s.features[sl]) if rng.random() < power_only_fraction else s.features[sl]
+        periods, fraction = hold
+        if fraction > 0 and s.period_s == 1 and rng.random() < fraction:
+            x = hold_input(x, int(periods[rng.integers(len(periods))]), int(rng.integers(60)))
+        m = s.valid[sl].copy()
+        m[:self.skip] = False
+        return x, s.targets[self.appliance][sl], m
+
+
+class Mixture:
+    """Windows from several sources, each element of a batch drawn from a source by weight."""
+
+    def __init__(self, sources: dict[str, "Windows"], weights: dict[str, float]):
+        self.names = [n for n in sources if weights.get(n, 0) > 0]
+        if not self.names:
+            raise SystemExit("no training source with a weight > 0 has data")
+        self.sources = sources
+        w = np.array([weights[n] for n in self.names], dtype=np.float64)
+        self.p = w / w.sum()
+
+    def batch(self, rng, batch_size, on_fraction, hard_fraction, power_only_fraction, hold=((1,), 0.0)):
+        picks = rng.choice(len(self.names), size=batch_size, p=self.p)
+        items = [self.sources[self.names[k]].sample(rng, on_fraction, hard_fraction, power_only_fraction, hold)
+                 for k in picks]
+        return tuple(np.stack(parts) for parts in zip(*items))
+
+
+def hold_input(x: np.ndarray, period: int, phase: int) -> np.ndarray:
+    """What a meter reporting every `period` s gives the daemon, which holds each reading until
+    the next: a spot reading held (periods up to 10 s), or for 1-minute meters the minute's mean
+    held over that minute, as the 1-minute files are read (nilmd.training.datasets.read_csv)."""
+    if period <= 1:
+        return x
+    n = len(x)
+    idx = np.arange(n)
+    start = ((idx - phase % period) // period) * period + phase % period
+    start = np.clip(start, 0, n - 1)
+    if period < 60:
+        return x[start]
+    block = np.searchsorted(np.unique(start), start)
+    sums = np.zeros((block[-1] + 1, x.shape[1]), np.float64)
+    np.add.at(sums, block, x)
+    counts = np.bincount(block)[:, None]
+    return (sums / counts)[block].astype(np.float32)
 
 
 # ---------------------------------------------------------------- training
@@ -254,11 +330,16 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
     index = APPLIANCES.index(appliance)
     mcfg = cfg.model_config()
     skip = mcfg.receptive_field
+    sources = train if isinstance(train, dict) else {"data": train}
+    weights = parse_mix(cfg.mix) if isinstance(train, dict) else {"data": 1.0}
+    train = [s for series in sources.values() for s in series]
     truth = np.concatenate([s.targets[appliance][s.valid] for s in train if appliance in s.targets])
     max_power_w = float(np.ceil(truth.max()))
     running = truth[truth >= ON_THRESHOLD_W[appliance]]
     typical_w = float(np.mean(running)) if len(running) else max_power_w  # also the loss's power unit
-    windows = Windows(train, appliance, cfg.window, skip, typical_w)
+    windows = Mixture({name: Windows(series, appliance, cfg.window, skip, typical_w)
+                       for name, series in sources.items() if series}, weights)
+    hold = (tuple(int(p) for p in cfg.hold_periods.split(",") if p), cfg.hold_fraction)
 
     torch.manual_seed(cfg.seed * 1000 + index)
     model = WaveNILM(mcfg, SCALES).to(device)
@@ -307,7 +388,8 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
     while step < cfg.steps:
         model.train()
         rng = np.random.default_rng([cfg.seed, index, step])
-        x, y, m = windows.batch(rng, cfg.batch_size, cfg.on_fraction, cfg.hard_fraction, cfg.power_only_fraction)
+        x, y, m = windows.batch(rng, cfg.batch_size, cfg.on_fraction, cfg.hard_fraction, cfg.power_only_fraction,
+                                hold)
         x = torch.from_numpy(x).to(device).transpose(1, 2)
         y, m = torch.from_numpy(y).to(device), torch.from_numpy(m).to(device)
         power, logit = model(x)
@@ -401,12 +483,15 @@ def main(argv=None):
     unknown = [a for a in names if a not in APPLIANCES]
     if unknown:
         raise SystemExit(f"unknown appliance(s) {unknown}; known: {', '.join(APPLIANCES)}")
-    train, val, desc = load_data(cfg)
-    available = set().union(*(s.targets for s in train))
+    shared = load_data(cfg) if cfg.data != "mix" else None  # a mix is built per appliance
     for appliance in names:
-        if appliance not in available:
+        train, val, desc = shared or load_data(cfg, appliance)
+        pooled = [s for group in (train.values() if isinstance(train, dict) else [train]) for s in group]
+        if not any(appliance in s.targets for s in pooled):
             print(f"{appliance}: not in the training data, skipped", flush=True)
             continue
+        if isinstance(val, dict):
+            val = [s for group in val.values() for s in group]
         train_one(cfg, appliance, train, val, desc, device)
 
 
