@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the inference process does (nilmd/daemon/inference.py)
+
+from nilmd import keys  # noqa: E402
+from nilmd.testing import DaemonProcess, RedisServer, free_port, role_processes, wait_for  # noqa: E402
 
 
 def machine(threads: list[int]) -> dict:
@@ -131,8 +133,9 @@ def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu")
             power, logit = m(x)
             power.cpu(), torch.sigmoid(logit).cpu()
 
-    path = tempfile.mktemp(prefix="nilmd-bench-", dir="/dev/shm")
-    ring = RingBuffer.create(path, capacity=4 * size, n_features=data.shape[1])  # small: wraps often
+    # A directory of our own (mode 0700): a guessable name in /dev/shm could be a planted symlink.
+    shm = tempfile.mkdtemp(prefix="nilmd-bench-", dir="/dev/shm")
+    ring = RingBuffer.create(os.path.join(shm, "ring"), capacity=4 * size, n_features=data.shape[1])  # wraps often
     head = [0]
 
     def feed(n):
@@ -163,7 +166,7 @@ def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu")
             out["_gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     finally:
         ring.close()
-        ring.unlink()
+        shutil.rmtree(shm, ignore_errors=True)
     return out
 
 
@@ -194,52 +197,27 @@ def matmul_gflops(threads: int) -> float:
 
 
 # -- the daemon ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(pred, timeout: float, what: str, interval: float = 0.01):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-class Daemon:
+class Daemon(DaemonProcess):
     def __init__(self, port: int, model_dir: str, work: Path, name: str, interval: int, threads: int,
                  device: str):
-        self.b = f"bench{name}{os.getpid()}"
+        b = f"bench{name}{os.getpid()}"
         args = ["--redis-host", "127.0.0.1", "--redis-port", str(port), "--model-dir", model_dir,
-                "--building-id", self.b, "--inference-interval", str(interval), "--threads", str(threads),
+                "--building-id", b, "--inference-interval", str(interval), "--threads", str(threads),
                 "--device", device, "--runtime-dir", str(work), "--state-dir", str(work / f"state-{name}"),
                 "--status-interval", "0.2", "--log-level", "warning"]
-        self.log = open(work / f"{name}.log", "wb")
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", *args], cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    def status(self, r) -> dict:
-        return {k.decode(): v.decode() for k, v in r.hgetall(f"nilm:{self.b}:status").items()}
+        super().__init__(b, work / f"{name}.log", args=args)
+        self.start()
 
     def ready_s(self, r) -> float:
         def ready():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log.name}")
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
             return self.status(r).get("state", "starting") not in ("starting", "")
-        wait(ready, 120, "READY")
-        return time.monotonic() - self.t0
+        wait_for(ready, 120, "READY", interval=0.01, not_yet=())
+        return time.monotonic() - self.started_at
 
     def processes(self, r) -> dict:
-        """role -> psutil.Process, from the pids in the status hash."""
-        import psutil
-
-        fields = self.status(r)
-        return {role: psutil.Process(int(fields[f"pid_{role}"])) for role in ("supervisor", "reader", "inference")}
+        return role_processes(self.status(r))
 
     def memory(self, r) -> dict:
         out = {}
@@ -253,34 +231,29 @@ class Daemon:
         return {role: sum(proc.cpu_times()[:2]) for role, proc in self.processes(r).items()}
 
     def stop(self):
-        self.proc.terminate()
         try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+            super().stop(timeout=30)
+        except AssertionError as e:  # killed: the timings taken so far still stand
+            print(f"warning: {e}", file=sys.stderr)
 
 
 def publish(r, b: str, ts: np.ndarray, power: np.ndarray, batch: int = 2000) -> None:
+    channel = keys.input_channel(b)
     for i in range(0, len(ts), batch):
         pipe = r.pipeline(transaction=False)
         for t, p in zip(ts[i:i + batch], power[i:i + batch]):
-            pipe.publish(f"nilm:{b}:input", f'{{"timestamp":{t:.1f},"power_total":{p:.1f}}}')
+            pipe.publish(channel, f'{{"timestamp":{t:.1f},"power_total":{p:.1f}}}')
         pipe.execute()
 
 
 def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, ingest_samples: int,
                  device: str) -> dict:
-    import redis
-
     work = Path(tempfile.mkdtemp(prefix="nilmd-bench-"))
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
-    r = redis.Redis(port=port)
+    server = RedisServer(free_port(), work)
+    port, r = server.port, server.client()  # a client connects at its first command
     out = {}
     try:
-        wait(lambda: _ping(r), 10, "redis-server")
+        server.start()
         # 1. start -> READY, then the ingest burst (INFERENCE_INTERVAL=60, the default)
         d = Daemon(port, model_dir, work, "ingest", 60, threads, device)
         try:
@@ -289,13 +262,13 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
 
             n = ingest_samples
             ts = np.floor(time.time()) - n - 10 + np.arange(n)
-            ring = RingBuffer.attach(str(work / f"nilmd-{d.b}.ring"))  # its head counts what is in
+            ring = RingBuffer.attach(str(work / f"nilmd-{d.building}.ring"))  # its head counts what is in
             try:
                 base = ring.counters()[0]
                 t = time.monotonic()
-                publish(r, d.b, ts, window_features(n)[:, 0])
+                publish(r, d.building, ts, window_features(n)[:, 0])
                 sent = time.monotonic() - t
-                wait(lambda: ring.counters()[0] - base >= n, 120, "the ingest burst", interval=0.001)
+                wait_for(lambda: ring.counters()[0] - base >= n, 120, "the ingest burst", interval=0.001, not_yet=())
                 took = time.monotonic() - t
             finally:
                 ring.close()
@@ -307,10 +280,10 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
         try:
             d.ready_s(r)
             sub = r.pubsub(ignore_subscribe_messages=True)
-            sub.subscribe(f"nilm:{d.b}:predictions")
+            sub.subscribe(keys.predictions_channel(d.building))
             now = np.floor(time.time())
-            publish(r, d.b, now - size + np.arange(size), window_features(size)[:, 0])  # fill the window
-            wait(lambda: sub.get_message(timeout=0.1), 60, "the first prediction")
+            publish(r, d.building, now - size + np.arange(size), window_features(size)[:, 0])  # fill the window
+            wait_for(lambda: sub.get_message(timeout=0.1), 60, "the first prediction", interval=0.01, not_yet=())
             lat, power = [], window_features(e2e_seconds, seed=1)[:, 0]
             cpu0, t_cpu = d.cpu_seconds(r), time.monotonic()
             for i in range(e2e_seconds):
@@ -319,7 +292,7 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
                 while sub.get_message(timeout=0):  # drop anything older
                     pass
                 t = time.perf_counter()
-                r.publish(f"nilm:{d.b}:input", f'{{"timestamp":{ts:.1f},"power_total":{power[i]:.1f}}}')
+                r.publish(keys.input_channel(d.building), f'{{"timestamp":{ts:.1f},"power_total":{power[i]:.1f}}}')
                 while True:
                     msg = sub.get_message(timeout=2.0)
                     if msg is None:
@@ -337,17 +310,9 @@ def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, inge
             d.stop()
     finally:
         r.close()
-        server.terminate()
-        server.wait(10)
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def _ping(r) -> bool:
-    try:
-        return r.ping()
-    except Exception:  # not listening yet
-        return False
 
 
 # -- report ----------------------------------------------------------------------------------------
