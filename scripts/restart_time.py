@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,14 +28,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import redis  # noqa: E402
-
-from nilmd import keys
+from nilmd import keys  # noqa: E402
 from nilmd.daemon import streams  # noqa: E402
 from nilmd.producer import simulated_samples  # noqa: E402
-from soak import _free_port, _ping, _status, _wait  # noqa: E402
+from nilmd.testing import DaemonProcess, RedisServer, free_port, status, wait_for  # noqa: E402
 
 
 class Meter(threading.Thread):
@@ -71,19 +66,16 @@ def run_case(name, client, env, work, window: int, timeout: float) -> dict:
     sub = client.pubsub(ignore_subscribe_messages=True)
     sub.subscribe(keys.predictions_channel(building))
     t0 = time.monotonic()
-    with open(work / (name.replace("/", "").replace(" ", "_") + ".log"), "wb") as out:
-        daemon = subprocess.Popen([sys.executable, "-m", "nilmd", "run"], env=env, cwd=ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(building, work / (name.replace("/", "").replace(" ", "_") + ".log"), env).start()
     full = first = None
     client.hset(keys.status_key(building), "buffer_fill", 0)
     deadline = t0 + timeout
     while time.monotonic() < deadline and first is None:
-        if full is None and _status(client, building).get("buffer_fill") == str(window):
+        if full is None and status(client, building).get("buffer_fill") == str(window):
             full = time.monotonic() - t0
         if sub.get_message(timeout=0.1) is not None:
             first = time.monotonic() - t0
-    daemon.send_signal(signal.SIGTERM)
-    daemon.wait(30)
+    daemon.stop(timeout=30)
     sub.close()
     return {"case": name, "window_full_s": full, "first_prediction_s": first}
 
@@ -95,12 +87,9 @@ def main() -> int:
     parser.add_argument("--interval", type=int, default=60)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nilmd-restart-"))
-    port = _free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    _wait(lambda: _ping(client), 10, "redis-server")
-    base = {**os.environ, "REDIS_PORT": str(port), "REDIS_HOST": "127.0.0.1", "MODEL_DIR": args.model_dir,
+    server = RedisServer(free_port(), work).start()
+    client = server.client()
+    base = {**os.environ, "REDIS_PORT": str(server.port), "REDIS_HOST": "127.0.0.1", "MODEL_DIR": args.model_dir,
             "WINDOW_SIZE": str(args.window), "INFERENCE_INTERVAL": str(args.interval),
             "NILMD_RUNTIME_DIR": str(work), "NILMD_STATE_DIR": str(work / "state"), "NILMD_STATUS_INTERVAL": "0.2"}
     results = []
@@ -109,7 +98,8 @@ def main() -> int:
             env = {**base, "BUILDING_ID": f"restart-{mode}", "NILMD_INPUT_MODE": mode}
             meter = Meter(client, env["BUILDING_ID"])
             meter.start()
-            time.sleep(3)  # the accelerated hour is in
+            wait_for(lambda: client.xlen(keys.input_stream(env["BUILDING_ID"])) >= 3600, 60,
+                     "the accelerated hour of history in Redis")
             if mode == "stream":
                 results.append(run_case("first start, stream", client, env, work, args.window, 120))
                 os.unlink(work / "state" / f"nilmd-{env['BUILDING_ID']}.snapshot")
@@ -124,8 +114,7 @@ def main() -> int:
             meter.stop.set()
             meter.join()
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
     for r in results:
         print(f"{r['case']:28s} window full after {_fmt(r['window_full_s'])}, first prediction after "
               f"{_fmt(r['first_prediction_s'])}")
