@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 
@@ -19,12 +18,10 @@ import numpy as np
 
 from nilmd.daemon import control as ctlmod
 from nilmd import keys
-from nilmd import log as logmod
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
-from nilmd.daemon.control import ControlBlock
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
-from nilmd.daemon.ringbuffer import RingBuffer
+from nilmd.daemon.worker import Worker
 
 POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms added latency
 
@@ -79,15 +76,11 @@ class StdoutPublisher:
         return True
 
 
-class InferenceWorker:
+class InferenceWorker(Worker):
+    role = "inference"
+
     def __init__(self, cfg: Config, paths: dict):
-        self.cfg = cfg
-        self.log = logging.getLogger("nilmd.inference")
-        self.throttle = logmod.Throttle(self.log, period=60.0)
-        self.ring = RingBuffer.attach(paths["ring"])
-        self.ctl = ControlBlock.attach(paths["ctl"])
-        self.alive = True
-        self.parent = os.getppid()
+        super().__init__(cfg, paths)
         self.predictor = None
         self.reload_seen = self.ctl["reload_requested"]
 
@@ -182,16 +175,31 @@ class InferenceWorker:
                                self.predictor.probability_thresholds, aggregate, timestamp=time.time(),
                                window_start=window_end - size, window_end=window_end, inference_ms=ms)
 
+    # -- the process -----------------------------------------------------------------------------
+    @classmethod
+    def prepare_process(cls, cfg: Config) -> None:
+        # OpenMP threads that spin while they wait take the core from the thread they wait for when
+        # anything else runs on a small box: measured on 2 busy cores, 2 spinning threads made a 1-s
+        # step 240 ms instead of 0.5 ms. Read by the OpenMP runtime when torch loads; a set value wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import torch  # only here: the supervisor and the reader never pay for torch
+
+        torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+
+    def run(self) -> int:
+        try:
+            self.load()
+            if self.cfg.mode == "test":
+                publisher = StdoutPublisher(self.cfg)
+            else:
+                publisher = RedisPublisher(self.cfg, self.log, self.throttle)
+        except (NilmdError, RuntimeError) as e:
+            self.log.critical("cannot start: %s", e)
+            return EXIT_BOOT_ERROR
+        return self.serve(publisher)
+
     # -- the loop --------------------------------------------------------------------------------
-    def beat(self) -> None:
-        self.ctl["inference_heartbeat"] = time.monotonic()
-        if os.getppid() != self.parent:  # the supervisor died (SIGKILL): do not outlive it
-            self.alive = False
-
-    def handle_term(self, signum, frame) -> None:
-        self.alive = False
-
-    def run(self, publisher) -> int:
+    def serve(self, publisher) -> int:
         ctl = self.ctl
         while self.alive:
             self.beat()
@@ -215,29 +223,4 @@ class InferenceWorker:
 
 def main(cfg: Config, paths: dict) -> None:
     """Entry point of the inference process (multiprocessing spawn target)."""
-    logmod.process_main("inference", cfg.building_id, cfg.log_level, lambda log: _serve(cfg, paths, log))
-
-
-def _serve(cfg: Config, paths: dict, log) -> int:
-    # OpenMP threads that spin while they wait take the core from the thread they wait for when
-    # anything else runs on a small box: measured on 2 busy cores, 2 spinning threads made a 1-s
-    # step 240 ms instead of 0.5 ms. Read by the OpenMP runtime when torch loads; a set value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch  # only here: the supervisor and the reader never pay for torch
-
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
-    worker = InferenceWorker(cfg, paths)
-    signal.signal(signal.SIGTERM, worker.handle_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are asked for through the control block
-    worker.ctl["inference_pid"] = os.getpid()
-    try:
-        worker.load()
-        publisher = StdoutPublisher(cfg) if cfg.mode == "test" else RedisPublisher(cfg, log, worker.throttle)
-    except (NilmdError, RuntimeError) as e:
-        log.critical("cannot start: %s", e)
-        return EXIT_BOOT_ERROR
-    try:
-        return worker.run(publisher)
-    finally:
-        worker.throttle.flush(force=True)
+    InferenceWorker.main(cfg, paths)

@@ -8,35 +8,28 @@ by reconnecting with backoff while it keeps stamping its heartbeat.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 
 import numpy as np
 
 from nilmd.daemon import control as ctlmod
-from nilmd import log as logmod
 from nilmd.daemon import snapshot
 from nilmd.config import Config
-from nilmd.daemon.control import ControlBlock
 from nilmd.errors import EXIT_OK
 from nilmd.features import derive
 from nilmd.daemon.ingest import Grid, Rejected, parse_sample
 from nilmd.backoff import Backoff
-from nilmd.daemon.ringbuffer import FLAG_FILLED, FLAG_MEASURED, RingBuffer
+from nilmd.daemon.ringbuffer import FLAG_FILLED, FLAG_MEASURED
 from nilmd.daemon.sources import make_source
+from nilmd.daemon.worker import Worker
 
 
-class Reader:
+class Reader(Worker):
+    role = "reader"
+
     def __init__(self, cfg: Config, paths: dict, source=None):
-        self.cfg = cfg
-        self.log = logging.getLogger("nilmd.reader")
-        self.throttle = logmod.Throttle(self.log, period=60.0)
-        self.ring = RingBuffer.attach(paths["ring"])
-        self.ctl = ControlBlock.attach(paths["ctl"])
+        super().__init__(cfg, paths)
         self.source = source if source is not None else make_source(cfg, self.ctl, self.ring)
-        self.alive = True
-        self.parent = os.getppid()
         last = self.ring.last()  # a restarted reader (or a restored snapshot) carries on where it stopped
         self.grid = Grid(cfg.max_gap_fill, last_slot=int(last[0]) if last else None)
         # Test mode replays simulated time from its start on every run: nothing worth keeping.
@@ -109,20 +102,12 @@ class Reader:
                             np.asarray(flags, dtype=np.uint8))
 
     # -- the loop ----------------------------------------------------------------------------------
-    def beat(self) -> None:
-        self.ctl["reader_heartbeat"] = time.monotonic()
-        if os.getppid() != self.parent:  # the supervisor died (SIGKILL): do not outlive it
-            self.alive = False
-
     def _wait(self, seconds: float) -> None:
         """Sleep with heartbeats, so a long backoff never looks like a hang."""
         deadline = time.monotonic() + seconds
         while self.alive and time.monotonic() < deadline:
             self.beat()
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-    def handle_term(self, signum, frame) -> None:
-        self.alive = False
 
     def run(self) -> int:
         ctl = self.ctl
@@ -175,16 +160,4 @@ class Reader:
 
 def main(cfg: Config, paths: dict) -> None:
     """Entry point of the reader process (multiprocessing spawn target)."""
-    logmod.process_main("reader", cfg.building_id, cfg.log_level, lambda log: _serve(cfg, paths))
-
-
-def _serve(cfg: Config, paths: dict) -> int:
-    reader = Reader(cfg, paths)
-    signal.signal(signal.SIGTERM, reader.handle_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    reader.ctl["reader_pid"] = os.getpid()
-    try:
-        return reader.run()
-    finally:
-        reader.throttle.flush(force=True)
+    Reader.main(cfg, paths)
