@@ -215,6 +215,8 @@ def test_hung_child_is_killed_and_a_crash_loop_ends_the_daemon(daemon_factory, r
     wait_for(lambda: int(d.status(redis_client)["pid_inference"]) not in (0, hung), 30,
              "the stopped inference process to be replaced")
     assert "sent no heartbeat" in d.log()
+    # SIGABRT stays pending in a stopped process: the SIGKILL on the next tick is what ends it
+    assert f"the inference process (pid {hung}) is still alive" in d.log() and "after SIGABRT: sending SIGKILL" in d.log()
     # Now a reader that dies again and again: the supervisor gives up and says so.
     for _ in range(5):
         pid = wait_for(lambda: (lambda p: p if p and d.proc.poll() is None else None)(

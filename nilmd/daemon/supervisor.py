@@ -44,7 +44,9 @@ class Child:
         self.backoff = Backoff()  # its failures: deaths since the child last lived HEALTHY_AFTER seconds
         self.restarts = 0
         self.next_start = 0.0
-        self.killed_for_hang = False
+        self.killed_for_hang = False  # judged hung: SIGABRT sent, SIGKILL to follow
+        self.aborted_at = 0.0  # monotonic time of that SIGABRT
+        self.sigkilled = False
 
     @property
     def failures(self) -> int:
@@ -76,6 +78,9 @@ class Supervisor:
     MAX_FAILURES = 5
     STOP_TIMEOUT = 5.0
     EXTEND_S = 30.0
+    # SIGABRT to SIGKILL: shorter than TICK, so the next regular tick sends it even when a signal
+    # woke the loop in between; faulthandler needs milliseconds to write a traceback.
+    ABORT_GRACE = 0.4
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -207,7 +212,7 @@ class Supervisor:
                                          name=f"nilmd-{child.role}", daemon=False)
         child.process.start()
         child.started_at = time.monotonic()
-        child.killed_for_hang = False
+        child.killed_for_hang = child.sigkilled = False
         self.ctl[f"{child.role}_pid"] = child.process.pid
         self.log.info("started the %s process (pid %d)", child.role, child.process.pid)
 
@@ -253,15 +258,29 @@ class Supervisor:
         return time.monotonic() - beat
 
     def check_heartbeats(self) -> None:
+        """A hung child gets SIGABRT (its faulthandler writes where it is stuck to the journal and
+        the signal ends it), then SIGKILL on the next tick if it is still alive (SIGSTOPped, or
+        stuck where no signal is delivered). A hung process cannot act on SIGTERM."""
+        now = time.monotonic()
         for child in self.children.values():
-            if not child.alive or child.killed_for_hang:
+            if not child.alive:
+                continue
+            if child.killed_for_hang:
+                if not child.sigkilled and now - child.aborted_at >= self.ABORT_GRACE:
+                    self.log.error("the %s process (pid %d) is still alive %.1f s after SIGABRT: sending SIGKILL",
+                                   child.role, child.pid, now - child.aborted_at)
+                    child.sigkilled = True
+                    os.kill(child.pid, signal.SIGKILL)
                 continue
             age = self.heartbeat_age(child)
             if age > self.cfg.heartbeat_timeout:
                 self.log.error("the %s process (pid %d) sent no heartbeat for %.0f s: killing it",
                                child.role, child.pid, age)
                 child.killed_for_hang = True
-                os.kill(child.pid, signal.SIGKILL)  # a hung (or stopped) process cannot act on SIGTERM
+                child.aborted_at = now
+                os.kill(child.pid, signal.SIGABRT)
+                self.log.error("sent SIGABRT to the %s process (pid %d): its traceback shows where it hung; "
+                               "SIGKILL on the next tick if it is still alive", child.role, child.pid)
 
     def all_fresh(self) -> bool:
         return all(c.alive and self.heartbeat_age(c) < FRESH_S for c in self.children.values())
