@@ -2,6 +2,20 @@
 
 Only the supervisor sends (the unit has NotifyAccess=main, so systemd ignores anything else the
 children might send). systemd-python is optional and has no wheels, so this does not use it.
+
+Nor does it use the `sdnotify` package (0.3.2, 2017) that the design names, which cannot do what
+nilmd needs here:
+- its constructor reads NOTIFY_SOCKET from os.environ and connects there and then, once: nilmd
+  reads the variables from the environment it is given (the tests give one), removes them so the
+  children cannot inherit them, and retries a socket that is not there on every message;
+- it encodes messages as Latin-1 and raises on any other character, where sd_notify(3) speaks
+  UTF-8;
+- it either swallows every error (a bare except) or raises every one, construction included, so
+  "was it sent" (what every method here returns) needs a wrapper around both;
+- it is published as an sdist only, so an offline box installing from a wheelhouse or a local
+  mirror (scripts/install.sh, tests/test_install.py) has to build it.
+What it would do for nilmd is one sendall() on a connected socket; send() below does the same
+with a sendto() to the address it resolved.
 """
 
 from __future__ import annotations
@@ -68,17 +82,14 @@ class Notifier:
     def ready(self, status: str | None = None) -> bool:
         return self.send("READY=1", *([f"STATUS={_one_line(status)}"] if status else []))
 
-    def reloading(self, status: str | None = None) -> bool:
+    def reloading(self) -> bool:
         # systemd >= 253 (Type=notify-reload) requires MONOTONIC_USEC with RELOADING=1 to match
         # the reload to the request; 252 ignores it. CLOCK_MONOTONIC, in microseconds.
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        lines = ["RELOADING=1", f"MONOTONIC_USEC={usec}"]
-        if status:
-            lines.append(f"STATUS={_one_line(status)}")
-        return self.send(*lines)
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
-    def stopping(self, status: str | None = None) -> bool:
-        return self.send("STOPPING=1", *([f"STATUS={_one_line(status)}"] if status else []))
+    def stopping(self) -> bool:
+        return self.send("STOPPING=1")
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={_one_line(text)}")
@@ -92,6 +103,7 @@ class Notifier:
         return self.send(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1e6))}")
 
     def close(self) -> None:
+        """Close the socket (a later message opens a new one)."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -358,6 +358,7 @@ class Supervisor:
             self.shutdown()
         finally:
             self.release()
+            self.notifier.close()
             if self.redis is not None:
                 self.redis.close()
         return self.exit_code
