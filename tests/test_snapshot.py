@@ -221,3 +221,47 @@ def test_writer_snapshots_periodically_only_when_there_is_new_data(shm, tmp_path
     now[0] += 30.0
     writer.maybe()
     assert snapshot.load(writer.path, N_FEATURES).newest == s.ts[599]
+
+
+def test_a_meter_clock_behind_the_box_does_not_decide_the_warm_restart(tmp_path):
+    """The rule compares the box's clock with itself (when the newest sample was received), so a
+    meter stamping 180 s behind restores after a 5-s restart, and a long stop is still refused."""
+    box_now = 1_700_000_000.0
+    behind = make(t0=box_now - 180 - 300)  # newest stamped 181 s before the box's clock
+    cfg = cfg_for(tmp_path)
+    fresh = snapshot.Snapshot(behind.ts, behind.flags, behind.features, created=box_now - 5, arrived=box_now - 5)
+    assert snapshot.unusable(fresh, cfg, box_now) is None
+    long_stop = snapshot.Snapshot(behind.ts, behind.flags, behind.features, created=box_now - 600,
+                                  arrived=box_now - 600)
+    assert "received 600 s ago, more than --max-gap-fill" in snapshot.unusable(long_stop, cfg, box_now)
+    back = snapshot.decode(snapshot.encode(fresh), N_FEATURES)
+    assert back.arrived == box_now - 5
+    v1 = snapshot._HEADER_V1.pack(snapshot.MAGIC, 1, len(behind), N_FEATURES, 0, behind.created, math.nan, 0, 0)
+    v1 += snapshot.encode(behind)[snapshot._HEADER.size:-4]
+    old = snapshot.decode(v1 + snapshot._TRAILER.pack(__import__("zlib").crc32(v1)), N_FEATURES)
+    assert math.isnan(old.arrived) and "181 s old" in snapshot.unusable(old, cfg, box_now)  # version 1: as before
+
+
+@pytest.mark.slow
+def test_pubsub_warm_restart_with_a_meter_clock_180_s_behind(daemon_factory, redis_client):
+    """Issue 12, defect 4, for real: a 1 Hz meter stamping 180 s behind the box, SIGTERM, a new
+    daemon, the next sample 5 s after the snapshot's newest. Warm: the old schedule goes on."""
+    one = daemon_factory().start()
+    b = one.building
+    sub = Subscriber(redis_client, b)
+    wait_ready(one, redis_client)
+    t0 = float(int(time.time()) - 300 - 180)
+    last = publish_samples(redis_client, b, 256 + 16 + 5, start=t0)
+    sub.until(t0 + 255 + 16)
+    assert one.stop() == 0
+    two = daemon_factory()
+    two.building, two.env["BUILDING_ID"] = b, b
+    two.start()
+    wait_ready(two, redis_client)
+    assert "ignored" not in two.log() and two.status(redis_client)["restored_samples"] == "272"
+    publish_samples(redis_client, b, 20, start=last + 5)
+    assert sub.next()["window_end"] == t0 + 255 + 32, "the next window of the old schedule"
+    wait_for(lambda: "warm restart continued: the first new sample is stamped 5 s after" in two.log(), 10,
+             f"the reader to say the restored window was continued\n{two.log()[-2000:]}")
+    assert two.status(redis_client)["gaps_broken"] == "0"
+    assert two.stop() == 0

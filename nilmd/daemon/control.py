@@ -32,9 +32,15 @@ _NAMES = [
     # by that earlier life (the inference does not replay them)
     "input_pos_ms", "input_pos_seq", "input_resumed", "history_end", "restored_samples",
     "snapshot_failures", "snapshot_errno", "clock_jumps",
+    # the box's time (epoch s) when a sample was last accepted: a warm restart and the health
+    # rules judge by it, never by the meter's own stamps (its clock need not match the box's)
+    "last_arrival",
 ]
 _NAMES += [f"rejected_{r}" for r in REJECT_REASONS]
 _NAMES += [f"repaired_{r}" for r in REPAIR_REASONS]
+# Redis commands that failed (any error: unreachable, OOM, NOPERM, ...), per process; the reader's
+# are "redis_errors" above. Counted here so that the count survives until Redis takes a write again.
+_NAMES += ["supervisor_redis_errors", "inference_redis_errors"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 SIZE = 8 * 128
 assert len(_NAMES) <= 128

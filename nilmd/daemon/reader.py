@@ -15,7 +15,7 @@ import numpy as np
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon import snapshot
 from nilmd.config import Config
-from nilmd.errors import EXIT_OK
+from nilmd.errors import EXIT_OK, redis_error
 from nilmd.features import derive
 from nilmd.daemon.ingest import Grid, Rejected, parse_sample
 from nilmd.backoff import Backoff
@@ -35,6 +35,9 @@ class Reader(Worker):
         # Test mode replays simulated time from its start on every run: nothing worth keeping.
         self.snapshots = None if cfg.mode == "test" else snapshot.Writer(cfg, self.ring, self.ctl, self.log)
         self._prev = last[1] if last else None  # features of the newest sample, for gap filling
+        # A restored snapshot and no new sample yet: the first one decides whether it is continued.
+        restored = int(self.ctl["restored_samples"])
+        self._restored_slot = int(last[0]) if last and restored and self.ring.counters()[0] == restored else None
 
     # -- ingest: the per-sample path --------------------------------------------------------------
     def ingest(self, messages, now: float | None = None) -> int:
@@ -65,7 +68,21 @@ class Reader(Worker):
         self._write(placements, feats)
         ctl.add("samples_accepted", len(accepted))
         ctl["last_sample_ts"] = float(placements[-1].slot)
+        ctl["last_arrival"] = now
+        if self._restored_slot is not None:
+            self._report_restored(placements[0])
         return len(accepted)
+
+    def _report_restored(self, first) -> None:
+        gap = first.slot - self._restored_slot
+        self._restored_slot = None
+        if first.breaks:
+            self.log.warning("the restored ring snapshot was not continued: the first new sample is stamped %d s "
+                             "%s its newest (more than --max-gap-fill, %d s, after it is a gap); the window restarts",
+                             abs(gap), "after" if gap >= 0 else "before", self.cfg.max_gap_fill)
+        else:
+            self.log.info("warm restart continued: the first new sample is stamped %d s after the snapshot's newest",
+                          gap)
 
     def _write(self, placements, feats: np.ndarray) -> None:
         ts, rows, flags = [], [], []
@@ -152,9 +169,9 @@ class Reader(Worker):
         self.ctl["reader_state"] = ctlmod.READER_CONNECTING
         self.ctl.add("redis_errors")
         delay = backoff.next_delay()
-        self.throttle.log("redis", logging.ERROR,
-                          f"input source {self.source.name} unreachable ({type(error).__name__}: {error}); "
-                          f"retrying with backoff (next in {delay:.1f} s)")
+        kind, line = redis_error(error)
+        self.throttle.log(f"redis {kind}", logging.ERROR,
+                          f"input source {self.source.name}: {line}; retrying with backoff (next in {delay:.1f} s)")
         self._wait(delay)
 
 

@@ -13,7 +13,8 @@ into the fresh ring before it starts the children.
 
 File `{state_dir}/nilmd-{building}.snapshot`, little-endian:
   header   magic "NILMSNAP", u32 version, u32 n, u32 n_features, u32 0,
-           f64 created (epoch s), f64 window_end_ts (NaN: none), u64 position ms, u64 seq
+           f64 created (epoch s), f64 window_end_ts (NaN: none), u64 position ms, u64 seq,
+           f64 arrived (version 2: the box's time when the newest sample was received; NaN: unknown)
   payload  f64 ts[n], u8 flags[n], f32 features[n, n_features]
   trailer  u32 CRC-32 of header and payload
 Written atomically (a temporary file in the same directory, fsync, rename, fsync of the
@@ -21,10 +22,15 @@ directory): a reader of the path sees the old snapshot or the new one, never hal
 that is short, fails its CRC, has another version or feature count, or does not hold one
 increasing run of samples is ignored with a log line saying why.
 
-Used only if recent enough: its newest sample at most max_gap_fill seconds before now (an older
-one would be cut off by the first new sample's gap anyway), or, in stream mode, any age when it
-carries a stream position: the stream's backlog continues it sample by sample (and where the
-stream no longer holds the continuation, the grid's gap rule starts a new window, as always).
+Used only if the first new sample may continue it. The meter's clock need not match the box's
+(a meter stamping 3 minutes behind is common), so the decision compares the box's clock with
+itself: the newest sample was received at `arrived`; a real-time meter's next sample, received
+after now, is stamped at least `now - arrived` seconds after it. When that alone is more than
+max_gap_fill the grid would start a new window anyway, and the snapshot is ignored; otherwise it
+is restored, and the grid's gap rule decides for good at the first new sample (the reader logs
+which way it went). In stream mode any age is fine when it carries a stream position: the
+stream's backlog continues it sample by sample. A version-1 file does not know `arrived`: its
+newest timestamp is compared with the box's clock, as before.
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ import numpy as np
 from nilmd.config import Config
 
 MAGIC = b"NILMSNAP"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 INTERVAL_S = 60.0  # at most a minute of data is missing from the snapshot after a power cut
-_HEADER = struct.Struct("<8sIIIIddQQ")
+_HEADER_V1 = struct.Struct("<8sIIIIddQQ")
+_HEADER = struct.Struct("<8sIIIIddQQd")
 _TRAILER = struct.Struct("<I")
 
 
@@ -61,6 +69,7 @@ class Snapshot:
     created: float
     window_end_ts: float = math.nan  # grid second of the newest sample of the last predicted window
     position: tuple[int, int] | None = None  # stream entry id of the newest sample
+    arrived: float = math.nan  # the box's time (epoch s) when the newest sample was received
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -78,7 +87,7 @@ def path_for(cfg: Config) -> str:
 def encode(snap: Snapshot) -> bytes:
     n, f = snap.features.shape
     ms, seq = snap.position or (0, 0)
-    body = _HEADER.pack(MAGIC, VERSION, n, f, 0, snap.created, snap.window_end_ts, ms, seq) + b"".join((
+    body = _HEADER.pack(MAGIC, VERSION, n, f, 0, snap.created, snap.window_end_ts, ms, seq, snap.arrived) + b"".join((
         np.ascontiguousarray(snap.ts, dtype="<f8").tobytes(),
         np.ascontiguousarray(snap.flags, dtype=np.uint8).tobytes(),
         np.ascontiguousarray(snap.features, dtype="<f4").tobytes(),
@@ -87,14 +96,19 @@ def encode(snap: Snapshot) -> bytes:
 
 
 def decode(data: bytes, n_features: int) -> Snapshot:
-    if len(data) < _HEADER.size + _TRAILER.size:
+    if len(data) < _HEADER_V1.size + _TRAILER.size:
         raise SnapshotError(f"only {len(data)} bytes: not a snapshot")
-    magic, version, n, f, _, created, window_end_ts, ms, seq = _HEADER.unpack_from(data)
+    magic, version = struct.unpack_from("<8sI", data)
     if magic != MAGIC:
         raise SnapshotError("not a nilmd snapshot (bad magic)")
-    if version != VERSION:
-        raise SnapshotError(f"format version {version}, this nilmd reads {VERSION}")
-    expected = _HEADER.size + n * (8 + 1 + 4 * f) + _TRAILER.size
+    if version not in READS:
+        raise SnapshotError(f"format version {version}, this nilmd reads {' and '.join(map(str, READS))}")
+    header = _HEADER if version == 2 else _HEADER_V1
+    if len(data) < header.size + _TRAILER.size:
+        raise SnapshotError(f"only {len(data)} bytes: not a snapshot")
+    _, _, n, f, _, created, window_end_ts, ms, seq, *rest = header.unpack_from(data)
+    arrived = rest[0] if rest else math.nan
+    expected = header.size + n * (8 + 1 + 4 * f) + _TRAILER.size
     if len(data) != expected:
         raise SnapshotError(f"{len(data)} bytes where the header promises {expected} (truncated?)")
     (crc,) = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
@@ -104,13 +118,13 @@ def decode(data: bytes, n_features: int) -> Snapshot:
         raise SnapshotError(f"{f} features per sample, this nilmd uses {n_features}")
     if n == 0:
         raise SnapshotError("no samples")
-    at = _HEADER.size
+    at = header.size
     ts = np.frombuffer(data, dtype="<f8", count=n, offset=at).astype(np.float64)
     flags = np.frombuffer(data, dtype=np.uint8, count=n, offset=at + 8 * n).copy()
     feats = np.frombuffer(data, dtype="<f4", count=n * f, offset=at + 9 * n).astype(np.float32).reshape(n, f)
     if not (np.all(np.isfinite(ts)) and np.all(np.diff(ts) > 0) and np.all(np.isfinite(feats))):
         raise SnapshotError("its samples are not one increasing run of finite values")
-    return Snapshot(ts, flags, feats, created, window_end_ts, (ms, seq) if ms or seq else None)
+    return Snapshot(ts, flags, feats, created, window_end_ts, (ms, seq) if ms or seq else None, arrived)
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -168,8 +182,9 @@ def take(ring, ctl, keep: int, now: float | None = None) -> Snapshot | None:
     end = int(ctl["last_window_end"])
     window_end_ts = float(ts[end - 1 - (head - n)]) if head - n < end <= head else math.nan
     ms, seq = int(ctl["input_pos_ms"]), int(ctl["input_pos_seq"])
+    arrived = ctl["last_arrival"] or math.nan  # 0: not known (nothing received in this daemon's life)
     return Snapshot(ts, flags, feats, time.time() if now is None else now, window_end_ts,
-                    (ms, seq) if ms or seq else None)
+                    (ms, seq) if ms or seq else None, arrived)
 
 
 def unusable(snap: Snapshot, cfg: Config, now: float) -> str | None:
@@ -177,12 +192,19 @@ def unusable(snap: Snapshot, cfg: Config, now: float) -> str | None:
     age = now - snap.newest
     if age < -cfg.max_clock_skew:
         return f"its newest sample is {-age:.0f} s in the future (was the clock set back?)"
-    if age <= cfg.max_gap_fill:
-        return None
     if cfg.input_mode == "stream" and snap.position is not None:
         return None  # the stream holds what came after it
-    return (f"its newest sample is {age:.0f} s old, more than --max-gap-fill ({cfg.max_gap_fill} s): "
-            "the next sample starts a new window anyway")
+    if math.isnan(snap.arrived):  # a version-1 file: only the sample's own stamp to go by
+        if age <= cfg.max_gap_fill:
+            return None
+        return (f"its newest sample is {age:.0f} s old, more than --max-gap-fill ({cfg.max_gap_fill} s): "
+                "the next sample starts a new window anyway")
+    waited = now - snap.arrived
+    # +2: both stamps are rounded to whole grid seconds, and a gap of max_gap_fill + 1 is still filled
+    if waited <= cfg.max_gap_fill + 2:  # negative: the box's clock was set back; the first sample decides
+        return None
+    return (f"its newest sample was received {waited:.0f} s ago, more than --max-gap-fill ({cfg.max_gap_fill} s): "
+            "the meter's next sample comes at least that long after it and starts a new window anyway")
 
 
 def keep_for(cfg: Config) -> int:
@@ -207,6 +229,7 @@ def restore(snap: Snapshot, ring, ctl, keep: int) -> int:
             ctl["last_window_end"] = i + 1
     ctl["restored_samples"] = keep
     ctl["last_sample_ts"] = float(ts[-1])
+    ctl["last_arrival"] = 0.0 if math.isnan(snap.arrived) else snap.arrived  # a snapshot taken before new data keeps it
     return keep
 
 
@@ -232,7 +255,9 @@ def restore_at_start(cfg: Config, ring, ctl, log: logging.Logger, now: float | N
         log.warning("ring snapshot %s ignored: %s", path, why)
         return 0
     n = restore(snap, ring, ctl, keep_for(cfg))
-    log.info("warm restart: restored %d samples from %s (newest %.0f s ago%s)", n, path, now - snap.newest,
+    received = "" if math.isnan(snap.arrived) else f", received {now - snap.arrived:.0f} s ago"
+    log.info("warm restart: restored %d samples from %s (newest stamped %s UTC%s%s)", n, path,
+             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(snap.newest)), received,
              f", stream entry {snap.position[0]}-{snap.position[1]}" if snap.position else "")
     return n
 
