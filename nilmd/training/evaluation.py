@@ -66,32 +66,58 @@ def predict(predictor, series: Series, *, inputs: str = "full", mode: str = "win
 
 
 def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str = "full", mode: str = "windows",
-             window: int = 1536, interval: int = 60) -> dict:
+             window: int = 1536, interval: int = 60, published: bool = False) -> dict:
     """Scores per appliance over all series pooled (sums over every scored sample), is_on at
-    `thresholds` (appliance -> probability threshold: the checkpoints', or a trial one)."""
-    pooled = {a: ([], [], []) for a in predictor.appliances}
+    `thresholds` (appliance -> probability threshold: the checkpoints', or a trial one).
+
+    published=False scores each second by the model's own output for it (what the daemon
+    publishes with INFERENCE_INTERVAL=1); published=True scores each second by the state the
+    daemon publishes for the interval that holds it (`make_prediction`: the interval's mean
+    probability against the threshold, the mean served power), the honest figure for the
+    default 60-s interval."""
+    pooled = {a: ([], [], [], []) for a in predictor.appliances}
+    blocks_before = 0
     for s in series_list:
         power, prob, mask = predict(predictor, s, inputs=inputs, mode=mode, window=window, interval=interval)
+        block = np.full(len(s), -1, np.int64)
+        if published:  # the daemon's intervals: the first ends with the first full window
+            first = window - interval
+            whole = (len(s) - first) // interval
+            block[first:first + whole * interval] = blocks_before + np.arange(whole * interval) // interval
+            blocks_before += max(whole, 0)
+            mask = mask & (block >= 0)
         for k, a in enumerate(predictor.appliances):
             if a in s.targets:
-                pooled[a][0].append(power[k][mask])
-                pooled[a][1].append(prob[k][mask])
-                pooled[a][2].append(s.targets[a][mask])
+                for acc, values in zip(pooled[a], (power[k], prob[k], s.targets[a], block)):
+                    acc.append(values[mask])
     results = {}
     for a in predictor.appliances:
         if not pooled[a][0]:
             continue
-        pw, pr, y = (np.concatenate(x) for x in pooled[a])
+        pw, pr, y, blk = (np.concatenate(x) for x in pooled[a])
         raw = {"_power": pw, "_prob": pr, "_true": y}  # the model's outputs, kept for threshold tuning
+        if published:
+            raw["_block"] = blk
         results[a] = {**rescore(raw, a, float(thresholds[a])), **raw}
     return results
 
 
+def _interval_mean(values: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Each sample's value replaced by the mean over its interval (of the samples scored in it)."""
+    _, inverse = np.unique(block, return_inverse=True)
+    sums = np.bincount(inverse, weights=values.astype(np.float64))
+    return (sums / np.bincount(inverse))[inverse]
+
+
 def rescore(result: dict, appliance: str, probability_threshold: float) -> dict:
     """The scores of one `evaluate` result at a probability threshold: is_on and the power the
-    daemon would report (`served_power`) both follow it."""
+    daemon would report (`served_power`) both follow it; with interval blocks (published=True),
+    as the interval's mean probability and mean served power."""
     power = served_power(result["_power"], result["_prob"], probability_threshold)
-    out = metrics.score(power, result["_prob"], result["_true"],
+    prob = result["_prob"]
+    if "_block" in result:
+        power, prob = _interval_mean(power, result["_block"]), _interval_mean(prob, result["_block"])
+    out = metrics.score(power, prob, result["_true"],
                         on_threshold_w=ON_THRESHOLD_W[appliance], probability_threshold=probability_threshold)
     out["probability_threshold"] = probability_threshold
     return out

@@ -96,5 +96,7 @@ def score(pred_power, prob, true_power, *, on_threshold_w: float, probability_th
         "on_fraction": float(np.mean(t >= on_threshold_w)) if len(t) else float("nan"),
         "energy_kwh_true": float(t.sum() / 3.6e6),
         "energy_kwh_pred": float(p.sum() / 3.6e6),
+        "kwh_per_day_true": float(t.sum() / 3.6e6 / (len(t) / 86400)) if len(t) else float("nan"),
+        "kwh_per_day_pred": float(p.sum() / 3.6e6 / (len(t) / 86400)) if len(t) else float("nan"),
         "samples": int(len(t)),
     }
