@@ -1,4 +1,4 @@
-"""The 11 appliances nilmd knows, in the fixed order of every prediction (SPEC §4)."""
+"""The 11 appliances nilmd knows, in the fixed order of every prediction (docs/CONTRACT.md §8.1)."""
 
 APPLIANCES = (
     "HeatPump",

@@ -1,4 +1,4 @@
-"""`nilmd` command line: run, produce, watch, status, check (SPEC §3).
+"""`nilmd` command line: run, produce, watch, status, check (docs/CONTRACT.md §5).
 
 Every error a user can cause ends in one line, `nilmd: error: ...`, and a non-zero exit code.
 """
@@ -12,7 +12,7 @@ import time
 
 from nilmd import __version__, config, keys
 from nilmd import log as logmod
-from nilmd.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, NilmdError
+from nilmd.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, NilmdError, redis_error
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -51,8 +51,8 @@ def cmd_produce(args) -> int:
         t0 = time.monotonic()
         sent = producer.produce(client, cfg.building_id, samples, args.speed, rebase=rebase, count=args.count,
                                 to=args.to, maxlen=args.maxlen)
-    except redisconn.CONNECTION_ERRORS as e:
-        return _fail(f"Redis at {redisconn.describe(cfg)}: {e}", EXIT_ERROR)
+    except redisconn.ERRORS as e:
+        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
     except KeyboardInterrupt:
         return EXIT_OK
     where = {"pubsub": [keys.input_channel(cfg.building_id)], "stream": [keys.input_stream(cfg.building_id)]}
@@ -87,8 +87,8 @@ def cmd_watch(args) -> int:
                     print(_format_prediction(json.loads(msg["data"])), flush=True)
                 except (ValueError, KeyError, TypeError):
                     print(f"(unreadable prediction: {msg['data'][:80]!r})", flush=True)
-    except redisconn.CONNECTION_ERRORS as e:
-        return _fail(f"Redis at {redisconn.describe(cfg)}: {e}", EXIT_ERROR)
+    except redisconn.ERRORS as e:
+        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
     except KeyboardInterrupt:
         pass
     return EXIT_OK
@@ -101,8 +101,8 @@ def cmd_status(args) -> int:
     client, redisconn = _redis(cfg, "status")
     try:
         raw = client.hgetall(keys.status_key(cfg.building_id))
-    except redisconn.CONNECTION_ERRORS as e:
-        print(f"nilmd: UNKNOWN: cannot read the status from Redis at {redisconn.describe(cfg)}: {e}")
+    except redisconn.ERRORS as e:
+        print(f"nilmd: UNKNOWN: cannot read the status from Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}")
         return status.UNKNOWN
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     code, verdict = status.judge(fields)
@@ -144,11 +144,8 @@ def cmd_check(args) -> int:
             t0 = time.perf_counter()
             client.ping()
             print(f"redis        ok    {redisconn.describe(cfg)} answered in {(time.perf_counter() - t0) * 1000:.1f} ms")
-        except redisconn.CONNECTION_ERRORS as e:
-            print(f"redis        FAIL  {redisconn.describe(cfg)}: {e}")
-            ok = False
-        except Exception as e:  # auth errors and the like: still one line
-            print(f"redis        FAIL  {redisconn.describe(cfg)}: {type(e).__name__}: {e}")
+        except redisconn.ERRORS as e:  # unreachable, a wrong password, a missing permission: one line
+            print(f"redis        FAIL  {redisconn.describe(cfg)}: {redis_error(e)[1]}")
             ok = False
     return EXIT_OK if ok else EXIT_ERROR
 

@@ -1,4 +1,4 @@
-"""Settings: command line over environment over defaults (SPEC §3).
+"""Settings: command line over environment over defaults (docs/CONTRACT.md §5).
 
 One table names every setting once: the fields of `Config`. Each field carries, in
 `dataclasses.field(metadata=...)` (see `setting()`), its flag, its environment variables (the

@@ -1,5 +1,7 @@
 """Errors that end in one clear line, and the exit codes that say what happened."""
 
+import re
+
 # Exit codes of `nilmd run` (and of the child processes, which the supervisor reads).
 EXIT_OK = 0
 EXIT_ERROR = 1  # unexpected failure
@@ -22,3 +24,38 @@ class CheckpointError(NilmdError):
         super().__init__(f"checkpoint {path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+_NOPERM_COMMAND = re.compile(r"permissions to run the '([^']+)' command")
+_REDIS_REFUSALS = (  # redis-py's class name -> what Redis refused and why, in words
+    ("OutOfMemoryError", "OOM", "Redis is out of memory (used memory > maxmemory and nothing to evict): it "
+                                "refuses writes until it has room"),
+    ("ReadOnlyError", "READONLY", "Redis is a read-only replica: point nilmd at the primary"),
+    ("BusyLoadingError", "LOADING", "Redis is loading its data set"),
+    ("AuthenticationError", "AUTH", "Redis refused the user name or password"),
+)
+
+
+def redis_error(e: BaseException) -> tuple[str, str]:
+    """(kind, one line) for anything a Redis call raised: the kind keys a log throttle (one line
+    per kind and period), the line says what Redis refused and what to do. By class name, so
+    that processes without redis-py imported can use it; never holds the password (redis-py's
+    messages do not)."""
+    names = {cls.__name__ for cls in type(e).__mro__}
+    text = str(e)
+    if "NoPermissionError" in names:
+        m = _NOPERM_COMMAND.search(text)
+        if m:
+            cmd = m.group(1)
+            return (f"NOPERM {cmd}", f"Redis refuses the command '{cmd}' to this ACL user (NOPERM): "
+                    f"add +{cmd} to its ACL rule (README, \"Redis ACL\")")
+        return "NOPERM names", (f"Redis refuses this ACL user a key or channel (NOPERM: {text}): its rule needs "
+                                "~nilm:* and &nilm:* (README, \"Redis ACL\")")
+    for name, kind, line in _REDIS_REFUSALS:
+        if name in names:
+            return kind, f"{line} ({kind}: {text})"
+    if names & {"ConnectionError", "TimeoutError", "OSError"}:
+        return "unreachable", f"unreachable ({type(e).__name__}: {text})"
+    if text.startswith("BUSY"):
+        return "BUSY", f"Redis is busy running a script or function ({text})"
+    return type(e).__name__, f"Redis refused a command ({type(e).__name__}: {text})"

@@ -1,4 +1,4 @@
-"""Redis key and channel names (SPEC §2). Every other module asks here."""
+"""Redis key and channel names (docs/CONTRACT.md §3.1). Every other module asks here."""
 
 
 def input_channel(building: str) -> str:

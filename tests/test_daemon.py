@@ -16,7 +16,7 @@ from nilmd.daemon.ingest import REJECT_REASONS
 
 pytestmark = pytest.mark.slow
 
-SPEC_STATUS_FIELDS = {
+CONTRACT_STATUS_FIELDS = {  # docs/CONTRACT.md §3.5: the fields the original service had
     "state", "buffer_fill", "window_size", "samples_received", "samples_rejected", "last_sample_ts",
     "last_inference_ts", "last_inference_ms", "models_loaded", "device", "pid_supervisor", "pid_reader",
     "pid_inference", "restarts", "uptime_s", "version", "updated_at", "memory_supervisor_mb",
@@ -28,7 +28,7 @@ ENTRY_FIELDS = {"appliance": str, "power_watts": float, "probability": float, "i
 
 
 def check_prediction(p: dict, appliances, window_size: int) -> None:
-    """SPEC §2: exact names and types, and the invariants."""
+    """docs/CONTRACT.md §3.4: exact names and types, and the invariants."""
     for name, kind in PREDICTION_FIELDS.items():
         assert isinstance(p[name], kind), f"{name} is {type(p[name]).__name__}, expected {kind.__name__}"
     assert p["window_end"] - p["window_start"] == window_size
@@ -84,7 +84,7 @@ def test_prediction_end_to_end(daemon_factory, redis_client):
     assert json.loads(latest) in [json.loads(r) for r in sub.received] or json.loads(latest) == sub.next()
     s = wait_for(lambda: (lambda s: s if s.get("state") == "running" and int(s["samples_received"]) == 272 else None)(
         d.status(redis_client)), 10, "status to show all 272 samples and state running")
-    missing = SPEC_STATUS_FIELDS - set(s)
+    missing = CONTRACT_STATUS_FIELDS - set(s)
     assert not missing, f"status hash lacks {missing}"
     assert int(s["buffer_fill"]) == 256 and s["models_loaded"] == "11" and s["device"] == "cpu"
     assert int(s["pid_reader"]) > 0 and int(s["pid_inference"]) > 0 and float(s["memory_inference_mb"]) > 0

@@ -20,7 +20,7 @@ from nilmd.daemon import control as ctlmod
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
-from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
+from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError, redis_error
 from nilmd.daemon.worker import Worker
 
 POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms added latency
@@ -29,13 +29,13 @@ POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms a
 class RedisPublisher:
     """PUBLISH the prediction, SET latest and the inference's status fields in one pipeline."""
 
-    def __init__(self, cfg: Config, logger, throttle):
+    def __init__(self, cfg: Config, logger, throttle, ctl):
         from nilmd import redisconn
 
         self.client = redisconn.client(cfg, name="inference", socket_timeout=2.0)
-        self.errors = redisconn.CONNECTION_ERRORS
+        self.errors = redisconn.ERRORS  # every Redis error, a refusal (OOM, NOPERM) too
         self.b = cfg.building_id
-        self.log, self.throttle = logger, throttle
+        self.log, self.throttle, self.ctl = logger, throttle, ctl
 
     def publish(self, prediction: dict) -> bool:
         text = json.dumps(prediction, separators=(",", ":"))
@@ -52,7 +52,9 @@ class RedisPublisher:
             return True
         except self.errors as e:
             # A prediction is about "now": dropping it while Redis is away beats queueing it.
-            self.throttle.log("publish", logging.ERROR, f"could not publish a prediction ({type(e).__name__}: {e})")
+            self.ctl.add("inference_redis_errors")
+            kind, line = redis_error(e)
+            self.throttle.log(f"publish {kind}", logging.ERROR, f"could not publish a prediction: {line}")
             return False
 
 
@@ -192,7 +194,7 @@ class InferenceWorker(Worker):
             if self.cfg.mode == "test":
                 publisher = StdoutPublisher(self.cfg)
             else:
-                publisher = RedisPublisher(self.cfg, self.log, self.throttle)
+                publisher = RedisPublisher(self.cfg, self.log, self.throttle, self.ctl)
         except (NilmdError, RuntimeError) as e:
             self.log.critical("cannot start: %s", e)
             return EXIT_BOOT_ERROR

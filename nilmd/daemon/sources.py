@@ -29,7 +29,7 @@ class PubSubSource:
 
         self.cfg = cfg
         self.channel = keys.input_channel(cfg.building_id)
-        self.errors = redisconn.CONNECTION_ERRORS
+        self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
         self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)  # < heartbeat timeout
         self._pubsub = None
         self.subscribed = False

@@ -1,8 +1,11 @@
-"""The status hash (SPEC §2): what the supervisor writes, and how `nilmd status` judges it.
+"""The status hash (docs/CONTRACT.md §3.5): what the supervisor writes, and how `nilmd status` judges it.
 
 A live daemon rewrites the hash every `status_interval_s`; a reader tells a dead daemon from a
 live one by the age of `updated_at` (older than 3 intervals + 5 s: dead), and a clean stop
 leaves `state=stopped`.
+
+`fill` below is always the ring's fill level: samples of its current unbroken run, what the hash
+calls `buffer_fill` (not `samples_filled`, the gap seconds the reader filled by holding a sample).
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
-
-STATES = ("starting", "warming_up", "running", "degraded", "reloading", "stopping", "stopped")
 
 # `nilmd status` exit codes, the monitoring-plugin convention
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -60,7 +61,7 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
     missing = [a for i, a in enumerate(APPLIANCES) if not mask >> i & 1]
     rejected = {f"rejected_{r}": int(snap[f"rejected_{r}"]) for r in REJECT_REASONS}
     rss = {f"memory_{role}_mb": _rss_mb(pid) for role, pid in pids.items()}
-    out = {
+    return {
         "state": state,
         "building_id": cfg.building_id,
         "buffer_fill": min(fill, cfg.window_size),
@@ -84,6 +85,9 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
         "device": "cuda" if snap["device_cuda"] else "cpu",
         "input_connected": int(snap["redis_connected"]),
         "input_errors": int(snap["redis_errors"]),
+        # Redis commands refused or failed (OOM, NOPERM, unreachable, ...) of the other two processes
+        "redis_errors_supervisor": int(snap["supervisor_redis_errors"]),
+        "redis_errors_inference": int(snap["inference_redis_errors"]),
         "input_mode": cfg.input_mode,
         # stream mode: the entry id of the newest sample in the ring (where a restart goes on from)
         "input_position": f"{int(snap['input_pos_ms'])}-{int(snap['input_pos_seq'])}" if snap["input_pos_ms"] else "",
@@ -102,7 +106,6 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
         "status_interval_s": cfg.status_interval,
         "host": os.uname().nodename,
     }
-    return out
 
 
 def judge(fields: dict, now: float | None = None) -> tuple[int, str]:

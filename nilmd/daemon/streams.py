@@ -37,6 +37,8 @@ import numpy as np
 
 from nilmd import keys
 from nilmd.config import Config
+from nilmd.errors import redis_error
+from nilmd.log import Throttle
 
 log = logging.getLogger("nilmd.reader")
 
@@ -75,7 +77,8 @@ class StreamSource:
         self.ring = ring  # read only, to place history_end
         self.key = keys.input_stream(cfg.building_id)
         self.position_key = keys.position_key(cfg.building_id)
-        self.errors = redisconn.CONNECTION_ERRORS
+        self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
+        self._throttle = Throttle(log, period=60.0)
         # XREAD blocks 0.2 s at a time, so a reply slower than a few seconds means Redis is gone:
         # say so (status, backoff) instead of sitting in a socket read without heartbeats.
         self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)
@@ -172,8 +175,12 @@ class StreamSource:
             return  # Redis already holds a position at least this far
         try:
             self._client.set(self.position_key, self.position)
-        except self.errors:
-            pass  # Redis just went away: the control block has it, and the next commit writes it
+        except self.errors as e:
+            # Redis went away or refuses the write (OOM, NOPERM): the control block has the
+            # position, and the next commit writes it.
+            self.ctl.add("redis_errors")
+            kind, line = redis_error(e)
+            self._throttle.log(f"position {kind}", logging.WARNING, f"could not record the stream position: {line}")
 
     def _history_done(self) -> None:
         self._mark_predicted(fallback=self.ring.counters()[0])

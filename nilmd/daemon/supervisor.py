@@ -25,7 +25,8 @@ from nilmd.daemon import control as ctlmod
 from nilmd.daemon import inference, reader, snapshot, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
-from nilmd.errors import EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_OK, NilmdError
+from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, NilmdError,
+                          redis_error)
 from nilmd.features import N_FEATURES
 from nilmd.log import Throttle
 from nilmd.daemon.notify import Notifier
@@ -110,7 +111,7 @@ class Supervisor:
             from nilmd import redisconn
 
             self.redis = redisconn.client(cfg, name="supervisor", socket_timeout=2.0)
-            self.redis_errors = redisconn.CONNECTION_ERRORS
+            self.redis_errors = redisconn.ERRORS
 
     # -- shared memory and the instance lock ------------------------------------------------------
     def acquire(self) -> None:
@@ -330,7 +331,9 @@ class Supervisor:
         try:
             self.redis.hset(status.key(self.cfg), mapping=fields)
         except self.redis_errors as e:
-            self.throttle.log("status", logging.WARNING, f"could not write the status hash ({type(e).__name__}: {e})")
+            self.ctl.add("supervisor_redis_errors")
+            kind, line = redis_error(e)
+            self.throttle.log(f"status {kind}", logging.WARNING, f"could not write the status hash: {line}")
 
     # -- life cycle -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -346,22 +349,34 @@ class Supervisor:
             self.notifier.status("starting: loading models")
             for child in self.children.values():
                 self.spawn(child)
-            while self.exit_code is None:
-                self.sleep()
-                self.handle_signals()
-                self.reap()
-                if self.exit_code is not None:
-                    break
-                self.check_heartbeats()
-                self.respawn()
-                self.update()
+            try:
+                self.loop()
+            except Exception:
+                # A bug must not leave the daemon half alive: the children would keep running,
+                # nothing would answer SIGTERM and the interpreter's exit would wait on them.
+                self.log.critical("unexpected error in the supervisor: stopping", exc_info=True)
+                self.exit_code = EXIT_ERROR
             self.shutdown()
         finally:
+            for child in self.children.values():  # shutdown() itself failed: no child may outlive us
+                if child.alive:
+                    child.process.kill()
             self.release()
             self.notifier.close()
             if self.redis is not None:
                 self.redis.close()
         return self.exit_code
+
+    def loop(self) -> None:
+        while self.exit_code is None:
+            self.sleep()
+            self.handle_signals()
+            self.reap()
+            if self.exit_code is not None:
+                break
+            self.check_heartbeats()
+            self.respawn()
+            self.update()
 
     def shutdown(self) -> None:
         self.stopping = True
