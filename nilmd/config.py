@@ -185,6 +185,12 @@ class Config:
     status_interval: float = setting(2.0, "--status-interval", "NILMD_STATUS_INTERVAL", "seconds between status "
                                      "hash refreshes", minimum=0.2, maximum=300.0, section="supervision",
                                      note="Seconds between refreshes of the status hash in Redis.")
+    input_timeout: float = setting(
+        0.0, "--input-timeout", "NILMD_INPUT_TIMEOUT", "seconds without an accepted sample (or, with the window "
+        "full, without a prediction) before the state is degraded; 0: twice --inference-interval", minimum=0.0,
+        maximum=86400.0, section="supervision", note="Seconds without an accepted sample (a silent meter, or "
+        "every sample rejected), or with the window full but no prediction, before the state becomes degraded "
+        "(nilmd status exits 1, the reason in degraded_reason); 0: twice INFERENCE_INTERVAL.")
     max_gap_fill: int = setting(
         60, "--max-gap-fill", "NILMD_MAX_GAP_FILL", "longest gap (s) filled by holding the last sample; a "
         "longer gap breaks the window", minimum=0, maximum=3600, section="buffering",

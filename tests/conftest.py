@@ -78,6 +78,9 @@ class Daemon(DaemonProcess):
             "NILMD_RING_CAPACITY": "1024",
             "NILMD_STATUS_INTERVAL": "0.3",
             "NILMD_THREADS": "1",
+            # Tests pause between bursts of samples for longer than twice their 16-s interval;
+            # tests/test_health.py sets its own limit to see `degraded` come and go.
+            "NILMD_INPUT_TIMEOUT": "600",
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }

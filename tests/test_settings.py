@@ -71,7 +71,7 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "model_dir": str(tmp_path), "window_size": "512", "inference_interval": "30", "device": "cpu",
              "threads": "2", "input_mode": "stream", "ring_capacity": "4096", "runtime_dir": str(tmp_path / "run"),
              "state_dir": str(tmp_path / "state"), "heartbeat_timeout": "12", "status_interval": "1.5",
-             "max_gap_fill": "9", "max_clock_skew": "42", "speed": "5", "seed": "7"}
+             "max_gap_fill": "9", "input_timeout": "45", "max_clock_skew": "42", "speed": "5", "seed": "7"}
     switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"}
     assert set(given) | switches == {s.name for s in SETTINGS if s.flag}, "a flag of the table is not tried here"
     argv = ["run"] + [s.flag for s in SETTINGS if s.name in switches]

@@ -29,19 +29,20 @@ def key(cfg: Config) -> str:
 
 
 def judge_state(*, ready: bool, reloading: bool, children_ok: bool, input_ok: bool, models_loaded: int,
-                fill: int, window: int) -> str:
+                fill: int, window: int, problems=()) -> str:
+    """`problems`: nilmd.daemon.health's reasons; any of them makes a ready daemon degraded."""
     if not ready:
         return "starting"
     if reloading:
         return "reloading"
-    if not children_ok or not input_ok or models_loaded < len(APPLIANCES):
+    if not children_ok or not input_ok or models_loaded < len(APPLIANCES) or problems:
         return "degraded"
     return "warming_up" if fill < window else "running"
 
 
-def summary_line(state: str, fill: int, window: int, snap: dict) -> str:
+def summary_line(state: str, fill: int, window: int, snap: dict, problems=()) -> str:
     """The one-line STATUS= for systemd."""
-    parts = [state, f"buffer {min(fill, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
+    parts = [f"{state} ({'; '.join(problems)})" if state == "degraded" and problems else state, f"buffer {min(fill, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
     if snap["inferences"]:
         parts.append(f"last inference {snap['last_inference_ms']:.1f} ms")
     if not snap["redis_connected"]:
@@ -56,13 +57,15 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
-def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pids: dict, restarts: dict) -> dict:
+def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pids: dict, restarts: dict,
+           problems=()) -> dict:
     mask = int(snap["models_mask"])
     missing = [a for i, a in enumerate(APPLIANCES) if not mask >> i & 1]
     rejected = {f"rejected_{r}": int(snap[f"rejected_{r}"]) for r in REJECT_REASONS}
     rss = {f"memory_{role}_mb": _rss_mb(pid) for role, pid in pids.items()}
     return {
         "state": state,
+        "degraded_reason": "; ".join(problems) if state == "degraded" else "",
         "building_id": cfg.building_id,
         "buffer_fill": min(fill, cfg.window_size),
         "window_size": cfg.window_size,
@@ -125,6 +128,8 @@ def judge(fields: dict, now: float | None = None) -> tuple[int, str]:
         return CRITICAL, f"dead: last update {age:.0f} s ago while {state}"
     if state == "running":
         return OK, "running"
+    if state == "degraded" and fields.get("degraded_reason"):
+        return WARNING, f"degraded: {fields['degraded_reason']}"
     return WARNING, state
 
 

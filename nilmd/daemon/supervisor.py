@@ -22,7 +22,7 @@ import time
 from collections import deque
 
 from nilmd.daemon import control as ctlmod
-from nilmd.daemon import inference, reader, snapshot, status
+from nilmd.daemon import health, inference, reader, snapshot, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, NilmdError,
@@ -99,6 +99,8 @@ class Supervisor:
         self.reloading = False
         self.stopping = False
         self.state = "starting"
+        self.health = health.Health(cfg)
+        self.problems: list[str] = []  # why the state is degraded (nilmd.daemon.health)
         self.ring = self.ctl = None
         self._lock_fd = -1
         self._wake_r = self._wake_w = -1
@@ -297,11 +299,13 @@ class Supervisor:
             self.reloading = False
             self.log.info("reload finished (%d models serving)", snap["models_loaded"])
             self.notifier.ready()
+        down = [r for r, c in self.children.items() if not c.alive]
+        self.problems = self.health.reasons(snap, fill, down=down, input_ok=reader_up) if self.ready_sent else []
         self.state = status.judge_state(
             ready=self.ready_sent or (reader_up and models_up), reloading=self.reloading,
-            children_ok=all(c.alive for c in self.children.values()), input_ok=reader_up,
-            models_loaded=int(snap["models_loaded"]), fill=fill, window=self.cfg.window_size)
-        line = status.summary_line(self.state, fill, self.cfg.window_size, snap)
+            children_ok=not down, input_ok=reader_up, models_loaded=int(snap["models_loaded"]), fill=fill,
+            window=self.cfg.window_size, problems=self.problems)
+        line = status.summary_line(self.state, fill, self.cfg.window_size, snap, self.problems)
         if not self.ready_sent and reader_up and models_up:
             self.ready_sent = True
             self.notifier.ready(line)
@@ -327,7 +331,7 @@ class Supervisor:
         fields = status.fields(self.cfg, self.state, snap, self.ring.fill() if fill is None else fill,
                                started=self.started,
                                pids={"supervisor": os.getpid(), **{r: c.pid for r, c in self.children.items()}},
-                               restarts={r: c.restarts for r, c in self.children.items()})
+                               restarts={r: c.restarts for r, c in self.children.items()}, problems=self.problems)
         try:
             self.redis.hset(status.key(self.cfg), mapping=fields)
         except self.redis_errors as e:

@@ -1,0 +1,82 @@
+"""Health: why a daemon whose processes are all alive is still not doing its job.
+
+The supervisor asks every tick; each reason makes the state `degraded` (README "Redis
+interface"), is written to the status hash as `degraded_reason` and to systemd's STATUS=, and
+goes away by itself when its cause does:
+
+- a child is down, the input is not connected, a model is missing (what `degraded` always meant);
+- no sample accepted for `input_timeout` seconds (the meter went silent, or everything it sends
+  is rejected): measured by the box's clock from when the reader last accepted one, or from when
+  the daemon became ready if it never has;
+- most samples received in the last REJECT_WINDOW_S seconds rejected (at least MIN_SAMPLES of them);
+- the window is full but no prediction for `input_timeout` seconds (an inference that stopped
+  predicting without dying, or a window that never fills up again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from nilmd.appliances import APPLIANCES
+from nilmd.config import Config
+from nilmd.daemon.ingest import REJECT_REASONS
+
+REJECT_WINDOW_S = 300.0  # "the last minutes" of the rejection rule
+MIN_SAMPLES = 10  # fewer received than this in the window: too few to call "most"
+
+
+def input_timeout(cfg: Config) -> float:
+    """The silence allowed before `degraded`: the setting, or twice the inference interval."""
+    return cfg.input_timeout or 2.0 * cfg.inference_interval
+
+
+class Health:
+    def __init__(self, cfg: Config, clock=time.time, monotonic=time.monotonic):
+        self.timeout = input_timeout(cfg)
+        self.window = cfg.window_size
+        self.clock, self.monotonic = clock, monotonic
+        self._since = None  # when the first check ran (the daemon was ready): silence counts from there
+        self._full_since = None  # when the window became full, in this unbroken run
+        self._history: deque = deque()  # (monotonic, received, rejected per reason), oldest first
+
+    def reasons(self, snap: dict, fill: int, *, down: list[str], input_ok: bool) -> list[str]:
+        """Every reason to be degraded now; empty when healthy. `down`: roles of dead children."""
+        now = self.clock()
+        if self._since is None:
+            self._since = now
+        out = [f"the {role} process is down" for role in down]
+        if not input_ok:
+            out.append("input not connected")
+        loaded = int(snap["models_loaded"])
+        if loaded and loaded < len(APPLIANCES):
+            out.append(f"{len(APPLIANCES) - loaded} models missing")
+        # The texts name the limits, not the seconds elapsed: STATUS= changes only when health does.
+        if now - max(snap["last_arrival"], self._since) > self.timeout:
+            out.append(f"no sample accepted for over {self.timeout:.0f} s")
+        rejected = self._rejected(snap)
+        if rejected:
+            out.append(rejected)
+        if fill >= self.window:
+            self._full_since = now if self._full_since is None else self._full_since
+            if now - max(snap["last_inference_ts"], self._full_since) > self.timeout:
+                out.append(f"no prediction for over {self.timeout:.0f} s")
+        else:
+            self._full_since = None
+        return out
+
+    def _rejected(self, snap: dict) -> str:
+        now = self.monotonic()
+        by_reason = {r: snap[f"rejected_{r}"] for r in REJECT_REASONS}
+        if not self._history or now - self._history[-1][0] >= 1.0:  # one point a second is plenty
+            self._history.append((now, snap["samples_received"], by_reason))
+        while now - self._history[0][0] > REJECT_WINDOW_S:
+            self._history.popleft()
+        _, received0, by_reason0 = self._history[0]
+        received = snap["samples_received"] - received0
+        delta = {r: by_reason[r] - by_reason0[r] for r in REJECT_REASONS}
+        total = sum(delta.values())
+        if received < MIN_SAMPLES or 2 * total <= received:
+            return ""
+        worst = max(delta, key=delta.get)
+        return f"most samples of the last {REJECT_WINDOW_S:.0f} s rejected (mostly {worst})"

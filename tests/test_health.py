@@ -1,0 +1,102 @@
+"""Health that means something (issue 12, defect 6): `degraded`, with the reason, when every
+sample is rejected, when the meter is silent, when predictions stop; `running` again by itself.
+A real daemon, a real redis-server, a real SIGSTOP of the inference process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import publish_samples, wait_for
+
+from nilmd import keys
+from nilmd.daemon import status
+from test_daemon import wait_ready
+
+
+class Meter(threading.Thread):
+    """Good 1 Hz samples, 100 of them a second of real time, on from `ts`."""
+
+    def __init__(self, client, building: str, ts: float):
+        super().__init__(daemon=True)
+        self.client, self.channel, self.ts = client, keys.input_channel(building), ts
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.1):
+            pipe = self.client.pipeline(transaction=False)
+            for _ in range(10):
+                pipe.publish(self.channel, json.dumps({"timestamp": self.ts, "power_total": 800.0}))
+                self.ts += 1
+            pipe.execute()
+
+
+def reasons_when(d, client, condition, what: str, timeout: float = 20.0) -> dict:
+    return wait_for(lambda: (lambda s: s if condition(s) else None)(d.status(client)), timeout,
+                    f"{what}; last status: {d.status(client).get('state')!r} {d.status(client).get('degraded_reason')!r}"
+                    f"\n{d.log()[-1500:]}")
+
+
+def nilmd_status(d) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nilmd", "status"], env=d.env, capture_output=True, text=True,
+                          timeout=30)
+
+
+@pytest.mark.slow
+def test_rejected_silent_or_not_predicting_is_degraded_with_the_reason_and_recovers(daemon_factory, redis_client):
+    d = daemon_factory(extra_env={"NILMD_INPUT_TIMEOUT": "3"}).start()
+    b = d.building
+    wait_ready(d, redis_client)
+    t0 = float(int(time.time()) - 3000)
+    last = publish_samples(redis_client, b, 256 + 16, start=t0)
+    reasons_when(d, redis_client, lambda s: s["state"] == "running" and s["degraded_reason"] == "", "running")
+
+    # Every sample rejected (stamped a day ahead): degraded, for both reasons, and `nilmd status` says so.
+    future = time.time() + 86400
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(600):
+        pipe.publish(keys.input_channel(b), json.dumps({"timestamp": future + i, "power_total": 800.0}))
+    pipe.execute()
+    s = reasons_when(d, redis_client, lambda s: s["state"] == "degraded" and "mostly future" in s["degraded_reason"]
+                     and "no sample accepted for over 3 s" in s["degraded_reason"], "degraded: rejected and silent")
+    assert "no prediction for over 3 s" in s["degraded_reason"]
+    out = nilmd_status(d)
+    assert out.returncode == status.WARNING and "degraded: " in out.stdout and "mostly future" in out.stdout, out
+
+    # Good samples again, enough to outnumber the rejected ones: running by itself.
+    meter = Meter(redis_client, b, last + 1)
+    meter.start()
+    try:
+        reasons_when(d, redis_client, lambda s: s["state"] == "running" and s["degraded_reason"] == "",
+                     "running again once good samples outnumber the rejected")
+        # Predictions stop while samples arrive (the inference process stopped, its heartbeat not yet stale).
+        pid = int(d.status(redis_client)["pid_inference"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            s = reasons_when(d, redis_client, lambda s: s["state"] == "degraded", "degraded: no prediction")
+            assert s["degraded_reason"] == "no prediction for over 3 s", s["degraded_reason"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        reasons_when(d, redis_client, lambda s: s["state"] == "running" and s["degraded_reason"] == "",
+                     "running again once predictions resume")
+    finally:
+        meter.done.set()
+        meter.join()
+    assert d.stop() == 0
+
+
+def test_the_reason_is_in_the_systemd_status_line_and_the_verdict():
+    snap = {"models_loaded": 11, "inferences": 0, "last_inference_ms": 0.0, "redis_connected": 1}
+    line = status.summary_line("degraded", 256, 256, snap, ["no sample accepted for over 120 s"])
+    assert line.startswith("degraded (no sample accepted for over 120 s), buffer 256/256")
+    assert status.summary_line("running", 256, 256, snap, []).startswith("running, buffer")
+    now = 1000.0
+    fields = {"state": "degraded", "degraded_reason": "no prediction for over 120 s", "updated_at": "999",
+              "status_interval_s": "2"}
+    assert status.judge(fields, now) == (status.WARNING, "degraded: no prediction for over 120 s")
