@@ -1,4 +1,4 @@
-"""The simulated building: deterministic random access, physics that adds up, SPEC-valid output."""
+"""The simulated building: deterministic random access, physics that adds up, valid input samples (docs/CONTRACT.md §3.2)."""
 
 import math
 

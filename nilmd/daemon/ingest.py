@@ -1,6 +1,6 @@
 """Input rules: one message -> one validated sample, and where it goes on the 1-second grid.
 
-Pure functions and one small state machine, so every rule of SPEC §6 is unit-testable without
+Pure functions and one small state machine, so every rule of docs/CONTRACT.md §6 is unit-testable without
 Redis. The README's "Bad input" table is this file in prose; keep them together.
 """
 
@@ -119,7 +119,7 @@ def parse_sample(raw, now: float, max_clock_skew: float) -> Sample:
 
 @dataclass(frozen=True)
 class Placement:
-    slot: int  # integer epoch second this sample fills
+    slot: int  # integer epoch second this sample occupies
     fill: int  # grid seconds before it to fill by holding the previous sample
     breaks: bool  # the gap was too long to fill: the window restarts here
     clock_jump: bool = False  # the meter's clock was set back: accepted as its new clock (with a break)

@@ -3,7 +3,7 @@
 The ring buffer and the control block are both one of these. Subclasses keep their numpy views
 in the attributes named by VIEWS, so close() can drop them before unmapping: numpy views made
 with np.frombuffer make mmap.close() raise BufferError while any view lives (the safe failure),
-where np.ndarray(buffer=...) would segfault later (DESIGN-NOTES).
+where np.ndarray(buffer=...) would segfault later (docs/DESIGN.md §1).
 """
 
 from __future__ import annotations

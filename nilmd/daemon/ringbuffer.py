@@ -19,7 +19,7 @@ The lock is flock(2) on the file. It is the memory barrier that orders "rows wri
 released by the kernel when its holder dies, so a SIGKILLed writer can never wedge a reader.
 
 A plain file and mmap rather than multiprocessing.shared_memory: no resource tracker to unlink
-it behind our back (DESIGN-NOTES), a deterministic path to clean up after a SIGKILL, and flock.
+it behind our back (docs/DESIGN.md §1), a deterministic path to clean up after a SIGKILL, and flock.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checkpoint files: one plain dict per appliance, loaded with weights_only=True (SPEC §4).
+"""Checkpoint files: one plain dict per appliance, loaded with weights_only=True (docs/CONTRACT.md §8.2).
 
 {
   "format_version": 1,

@@ -1,4 +1,4 @@
-"""WaveNILM v3: one appliance's causal, gated, dilated 1-D CNN (docs/CONTRACT.md §8).
+"""WaveNILM v3: one appliance's causal, gated, dilated 1-D CNN (docs/CONTRACT.md §8.4).
 
 WaveNILM (Harell, Makonin & Bajić, ICASSP 2019) with three changes:
   * the gate is real: tanh(filter) * sigmoid(gate) (the reference code computes the sigmoid and

@@ -1,5 +1,5 @@
 """The one model call: a window of features -> every loaded appliance's power and on-probability,
-and the SPEC §2 prediction built from it. The inference process and scripts/evaluate.py both go
+and the prediction (docs/CONTRACT.md §3.4) built from it. The inference process and scripts/evaluate.py both go
 through here, so what is evaluated is what is served.
 
 Models that share an architecture run as one fused network (nilmd.models.fused); a model with another
@@ -199,7 +199,7 @@ def served_power(power: np.ndarray, prob: np.ndarray, threshold) -> np.ndarray:
 def make_prediction(appliances, power: np.ndarray, prob: np.ndarray, thresholds: np.ndarray,
                     aggregate: np.ndarray, *, timestamp: float, window_start: float, window_end: float,
                     inference_ms: float) -> dict:
-    """The SPEC §2 prediction for the newest samples.
+    """The prediction (docs/CONTRACT.md §3.4) for the newest samples.
 
     `power`, `prob` [A, n] and `aggregate` [n] cover the last inference interval (n samples).
     power_watts (of `served_power`) and probability are means over the interval, so power_watts

@@ -1,7 +1,7 @@
 """Appliance signatures for the simulated building: one small function per appliance, each
 returning one run of it as 1 Hz arrays of active power P (W) and reactive power Q (var).
 
-Numbers come from DESIGN-NOTES ("Appliance signatures") and were tuned against real 1-minute
+Numbers come from docs/DESIGN.md §7 ("Appliance signatures") and were tuned against real 1-minute
 REFIT / UK-DALE data with scripts/calibrate.py. numpy only: the daemon's test mode imports this.
 """
 

@@ -192,7 +192,7 @@ class Trace:
                      self.power_factor[sl], {k: v[sl] for k, v in self.appliances.items()})
 
     def messages(self, fields: str = "full") -> Iterator[dict]:
-        """SPEC §2 input samples, one per second; fields="power" is a power-only meter."""
+        """Input samples (docs/CONTRACT.md §3.2), one per second; fields="power" is a power-only meter."""
         if fields not in ("full", "power"):
             raise ValueError(f"fields must be 'full' or 'power', not {fields!r}")
         for i in range(len(self)):
