@@ -46,3 +46,21 @@ def describe(cfg: Config) -> str:
     scheme = "rediss" if cfg.redis_tls else "redis"
     user = f"{cfg.redis_username}@" if cfg.redis_username else ""
     return f"{scheme}://{user}{cfg.redis_host}:{cfg.redis_port}/{cfg.redis_db}"
+
+
+# Least privilege (README, "Redis ACL"): what the daemon's clients send, per input mode. Every
+# connection authenticates (HELLO/AUTH), names itself (CLIENT SETNAME) and PINGs when idle; the
+# reader SUBSCRIBEs (pubsub) or reads the stream (EVAL of a script that XRANGEs it, nilmd.daemon.streams)
+# and its position; the inference PUBLISHes, SETs
+# `latest` and HSETs the status hash, which the supervisor HSETs too.
+ACL_COMMANDS = {
+    "pubsub": ("hello", "auth", "client|setname", "ping", "subscribe", "publish", "set", "hset"),
+    "stream": ("hello", "auth", "client|setname", "ping", "get", "hget", "eval", "xrange", "xrevrange", "publish",
+               "set", "hset"),
+}
+
+
+def acl_rule(input_mode: str, user: str = "nilmd") -> str:
+    """The ACL SETUSER line for the daemon's user: only its keys and channels, only its commands."""
+    commands = " ".join(f"+{c}" for c in ACL_COMMANDS[input_mode])
+    return f"ACL SETUSER {user} on >PASSWORD resetkeys ~nilm:* resetchannels &nilm:* nocommands {commands}"

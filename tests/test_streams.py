@@ -219,3 +219,38 @@ def wait_ready_stream(daemon, client, timeout=30.0):
     wait_for(lambda: daemon.status(client).get("state") in ("warming_up", "running") and
              daemon.status(client).get("input_connected") == "1", timeout,
              f"daemon {daemon.building} to read its stream\n{daemon.log()[-2000:]}")
+
+
+def _peak_rss_kb(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), from the kernel."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_huge_entries_never_enter_the_readers_memory(daemon_factory, redis_client):
+    """Lost: only the oversized entries (rejected and counted, as before). 24 entries of 4 MiB
+    land in the stream at once (one MULTI/EXEC), between valid samples: a reader that fetched
+    whole batches would hold all 96 MiB at once. The reader fetches only their lengths, so its
+    peak resident memory grows by less than two of them, and every valid sample is accepted."""
+    d = daemon_factory(extra_env={"NILMD_INPUT_MODE": "stream"}).start()
+    wait_ready_stream(d, redis_client)
+    pid = int(d.status(redis_client)["pid_reader"])
+    before = _peak_rss_kb(pid)
+    t0 = float(int(time.time()) - 1000)
+    huge = json.dumps({"timestamp": t0, "power_total": 1.0, "pad": "x" * (4 << 20)})
+    pipe = redis_client.pipeline(transaction=True)
+    for i in range(50):
+        streams.add(pipe, d.building, json.dumps({"timestamp": t0 + i, "power_total": 500.0}))
+    for _ in range(24):
+        streams.add(pipe, d.building, huge)
+    for i in range(50, 100):
+        streams.add(pipe, d.building, json.dumps({"timestamp": t0 + i, "power_total": 500.0}))
+    pipe.execute()
+    wait_for(lambda: int(d.status(redis_client)["samples_accepted"]) == 100, 30,
+             f"the 100 valid samples around the huge entries\n{d.log()[-2000:]}")
+    s = d.status(redis_client)
+    assert int(s["rejected_oversized"]) == 24 and int(s["pid_reader"]) == pid
+    grown_mib = (_peak_rss_kb(pid) - before) / 1024
+    assert grown_mib < 8, f"the reader's peak memory grew by {grown_mib:.0f} MiB reading 24 entries of 4 MiB"
+    assert d.stop() == 0

@@ -2,7 +2,7 @@
 str, one JSON sample each) in batches; validation is the reader's job, the same for all.
 
   PubSubSource     SUBSCRIBE nilm:{b}:input (the original service's contract; at-most-once)
-  StreamSource     XREAD nilm:{b}:input:stream from a persisted position (nilmd.daemon.streams; at-least-once)
+  StreamSource     nilm:{b}:input:stream in bounded batches from a persisted position (nilmd.daemon.streams; at-least-once)
   SimulatedSource  `--mode test`: a simulated building, no Redis
 
 After the reader has written a batch into the ring it calls `commit()`: a durable source records

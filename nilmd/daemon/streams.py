@@ -7,7 +7,7 @@ Producers add entries with `XADD ... MAXLEN ~ 86400 * data {json}` (`add` below,
 `nilmd produce --to stream`): about a day of 1 Hz samples stays in Redis.
 
 Delivery: at-least-once into the reader, exactly-once in effect in the ring. The reader reads
-with XREAD (one consumer per building: the reader is the ring's only writer), writes the batch
+in bounded batches (one consumer per building: the reader is the ring's only writer), writes the batch
 into the ring, and only then records the id of the batch's newest entry as its position: in the
 control block (a restarted reader goes on from there) and in Redis under
 `nilm:{b}:input:stream:position` (a restarted daemon goes on from there). A crash between the
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import numpy as np
 
@@ -44,6 +45,49 @@ log = logging.getLogger("nilmd.reader")
 
 MAXLEN = 86400  # entries a producer keeps in the stream (XADD MAXLEN ~): a day of 1 Hz samples
 _ID = re.compile(r"^(\d+)-(\d+)$")
+BATCH = 4096  # entries per read: with MAX_MESSAGE_BYTES each, at most 16 MiB of input in the reader
+POLL_S = 0.05  # how often a caught-up reader looks for new entries
+
+# XREAD and XRANGE hand over whole entries, so a batch of large ones (10 MB each, 4096 to a
+# batch) would be in the reader's memory before the size rule could reject one. This script
+# walks the stream one entry at a time inside Redis and hands over each entry's id and its
+# `data` field, or only that field's length when it is longer than any valid sample can be
+# (ARGV[4]): the reader never holds more than BATCH x MAX_MESSAGE_BYTES of input, whatever is in
+# the stream. ARGV: first bound (an id, "(id" to exclude it, "-" or "+"), last bound, count,
+# the size limit, "1" to walk backwards (newest first, like XREVRANGE: first bound the newest).
+_READ_SCRIPT = """
+local key, cursor, stop = KEYS[1], ARGV[1], ARGV[2]
+local count, limit, reverse = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+local out = {}
+for _ = 1, count do
+  local step
+  if reverse then step = redis.call('XREVRANGE', key, cursor, stop, 'COUNT', 1)
+  else step = redis.call('XRANGE', key, cursor, stop, 'COUNT', 1) end
+  local entry = step[1]
+  if entry == nil then break end
+  local data, fields = '', entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'data' then data = fields[i + 1]; break end
+  end
+  out[#out + 1] = entry[1]
+  if #data > limit then out[#out + 1] = #data else out[#out + 1] = data end
+  cursor = '(' .. entry[1]
+end
+return out
+"""
+
+
+class Unread:
+    """A stream entry's `data` that was too large to fetch: only its length. The size rule
+    (nilmd.daemon.ingest.parse_sample) looks at len() first, so it is rejected as `oversized`."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def parse_id(entry_id) -> tuple[int, int]:
@@ -65,7 +109,7 @@ def add(pipe, building: str, text: str, maxlen: int | None = MAXLEN) -> None:
 
 
 class StreamSource:
-    """XREAD the input stream, resuming from the position in the control block (see above)."""
+    """Read the input stream in bounded batches, resuming from the position in the control block (see above)."""
 
     name = "stream"
 
@@ -79,7 +123,7 @@ class StreamSource:
         self.position_key = keys.position_key(cfg.building_id)
         self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
         self._throttle = Throttle(log, period=60.0)
-        # XREAD blocks 0.2 s at a time, so a reply slower than a few seconds means Redis is gone:
+        # A read waits 0.2 s at most, so a reply slower than a few seconds means Redis is gone:
         # say so (status, backoff) instead of sitting in a socket read without heartbeats.
         self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)
         self.subscribed = False
@@ -103,7 +147,7 @@ class StreamSource:
         if not self._resumed:
             self._resume()
             self._resumed = True
-        newest = self._client.xrevrange(self.key, count=1)
+        newest = self._entries("+", "-", 1, reverse=True)
         if newest and self._position and parse_id(newest[0][0]) < self._position:
             # Only a Redis that lost its data (restarted without persistence, FLUSHALL) and was
             # given explicit ids puts the stream behind us: read what it holds now.
@@ -123,8 +167,7 @@ class StreamSource:
             self._predicted = None
         if self._position is None:  # no snapshot: warm up from the stream itself
             end = format_id(*persisted) if persisted else "+"
-            entries = self._client.xrevrange(self.key, max=end, min="-",
-                                             count=self.cfg.window_size + self.cfg.inference_interval)
+            entries = self._entries(end, "-", self.cfg.window_size + self.cfg.inference_interval, reverse=True)
             self._backfill = entries[::-1]
             if persisted and entries:
                 self._history = parse_id(entries[0][0])  # the newest entry the earlier run processed
@@ -142,7 +185,17 @@ class StreamSource:
             self.ctl["input_resumed"] = 1
 
     # -- reading ----------------------------------------------------------------------------------
-    def read(self, timeout: float, limit: int = 4096) -> list:
+    def _entries(self, first: str, last: str, count: int, reverse: bool = False) -> list:
+        """[(entry id, data or Unread)] from `first` to `last` (stream range syntax), at most
+        `count`, without ever fetching a `data` field larger than a valid sample can be."""
+        from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
+
+        flat = self._client.eval(_READ_SCRIPT, 1, self.key, first, last, count, MAX_MESSAGE_BYTES,
+                                 "1" if reverse else "0")
+        return [(flat[i], Unread(flat[i + 1]) if isinstance(flat[i + 1], int) else flat[i + 1])
+                for i in range(0, len(flat), 2)]
+
+    def read(self, timeout: float, limit: int = BATCH) -> list:
         """Raw messages of the next entries, waiting at most `timeout` for the first one."""
         if self._backfill:
             entries, self._backfill = self._backfill, []
@@ -150,18 +203,23 @@ class StreamSource:
             # Only up to the old position: a batch must not mix history with new entries, or the
             # new ones would count as already predicted.
             low = "(" + format_id(*self._position) if self._position else "-"
-            entries = self._client.xrange(self.key, min=low, max=format_id(*self._history), count=limit)
+            entries = self._entries(low, format_id(*self._history), limit)
             if not entries:  # the rest of the history was trimmed away: it is over
                 self._history_done()
                 return []
         else:
-            start = format_id(*self._position) if self._position else "0-0"
-            reply = self._client.xread({self.key: start}, count=limit, block=max(1, int(timeout * 1000)))
-            entries = reply[0][1] if reply else []
+            # No XREAD BLOCK: it would hand over whole entries. A caught-up reader polls instead
+            # (POLL_S: at most that much latency, a few cheap calls a second).
+            low = "(" + format_id(*self._position) if self._position else "-"
+            deadline = time.monotonic() + timeout
+            entries = self._entries(low, "+", limit)
+            while not entries and time.monotonic() + POLL_S < deadline:
+                time.sleep(POLL_S)
+                entries = self._entries(low, "+", limit)
         if not entries:
             return []
         self._pending = parse_id(entries[-1][0])
-        return [fields.get(b"data", b"") for _, fields in entries]
+        return [data for _, data in entries]
 
     def commit(self) -> None:
         """The batch just read is in the ring: record the position (ring first, then this)."""
