@@ -1,11 +1,19 @@
-"""Compare the simulated building with real 1-minute data of two UK homes.
+"""Compare the simulated building with real 1-minute data of two UK homes, and (--tracebase) each
+simulated appliance model with the real single appliances it imitates.
 
-    python scripts/calibrate.py                      # table on stdout
-    python scripts/calibrate.py --houses 8 --days 14 --out checkpoints/CALIBRATION.md
+    python scripts/calibrate.py --real-1min DIR                      # tables on stdout
+    python scripts/calibrate.py --real-1min DIR --tracebase DIR2 --out checkpoints/CALIBRATION.md
 
-Real: REFIT house 2 and UK-DALE house 2 (shared/data/real-1min). Simulated: the mean (and
-min-max) over N training houses, each resampled to 1-minute means exactly like the real data
-were, so both sides go through the same run detection below.
+Real, public data (not in this repository; the folder layout is in nilmd/training/realdata.py):
+* REFIT house 2 (CC BY 4.0, Murray et al., University of Strathclyde) and UK-DALE house 2
+  (CC BY 4.0, Kelly & Knottenbelt, Imperial College London), as 1-minute
+  means in `{REFIT,UKDALE}_House2_YYYY-MM.csv.gz` (Time, Aggregate, Kettle, ...): --real-1min,
+  or the environment variable NILMD_REAL_DATA;
+* tracebase (ODbL 1.0, github.com/areinhardt/tracebase): the `tracebase` folder holding
+  `{complete,incomplete}/<Kind>/*.csv.gz`, German 230 V appliances on smart plugs at ~1 s.
+Simulated: the mean (and min-max) over N training houses, each resampled to 1-minute means
+exactly like the real data were, so both sides go through the same run detection below; for
+tracebase the same houses at 1 Hz, runs cut by realdata.RUN_RULES on both sides.
 """
 
 from __future__ import annotations
@@ -19,10 +27,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nilmd.appliances import ON_THRESHOLD_W  # noqa: E402
-from nilmd.sim.simulator import HOUSE_SEEDS_TRAIN, Building  # noqa: E402
+from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W  # noqa: E402
+from nilmd.sim.simulator import HOUSE_SEEDS_TRAIN, Building, draw_house  # noqa: E402
+from nilmd.training import calibration, realdata  # noqa: E402
 
-DATA_DIR = os.environ.get("NILMD_REAL_DATA", "/work/shared/data/real-1min")
 DAY = 86400
 
 # column in the real files -> simulator appliance, and how a "run" is found in 1-minute means:
@@ -38,11 +46,14 @@ HOUR_BINS = (("night 0-6", 0, 6), ("morning 6-12", 6, 12), ("afternoon 12-18", 1
              ("evening 18-24", 18, 24))
 
 
-def load_real(prefix: str):
+def load_real(data_dir: str, prefix: str):
     """-> (minute of day array, dict column -> float array); gaps (aggregate 0) become NaN."""
     cols = {}
     times = []
-    for path in sorted(glob.glob(os.path.join(DATA_DIR, f"{prefix}_*.csv.gz"))):
+    paths = sorted(glob.glob(os.path.join(data_dir, f"{prefix}_*.csv.gz")))
+    if not paths:
+        raise SystemExit(f"no {prefix}_*.csv.gz in {data_dir}")
+    for path in paths:
         with gzip.open(path, "rt") as f:
             header = f.readline().strip().split(",")
             lines = f.read().split("\n")
@@ -129,11 +140,20 @@ def main(argv=None):
     ap.add_argument("--houses", type=int, default=8, help="simulated training houses to average")
     ap.add_argument("--days", type=int, default=14, help="simulated days per house")
     ap.add_argument("--day0", type=int, default=0, help="first house's first day (0 = 1 January)")
-    ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--out", help="also write the markdown tables to this file")
+    ap.add_argument("--real-1min", default=os.environ.get("NILMD_REAL_DATA"),
+                    help="folder of the REFIT / UK-DALE 1-minute files (default: $NILMD_REAL_DATA)")
+    ap.add_argument("--tracebase", help="tracebase folder ({complete,incomplete}/<Kind>/): also "
+                    "compare each appliance model with the real devices it imitates")
+    ap.add_argument("--tracebase-days", type=int, default=6, help="days read per tracebase device")
     args = ap.parse_args(argv)
+    if not args.real_1min:
+        ap.error("give --real-1min DIR or set NILMD_REAL_DATA (the public data: see the docstring)")
 
-    real = {name: stats(*load_real(prefix)) for name, prefix in
+    real = {name: stats(*load_real(args.real_1min, prefix)) for name, prefix in
             (("REFIT h2", "REFIT_House2"), ("UK-DALE h2", "UKDALE_House2"))}
+    # the appliances that tracebase has, checked at 1 Hz on the very traces the 1-minute table uses
+    per_run = {a: calibration.RunSample() for a in APPLIANCES if a in realdata.TRACEBASE_KINDS.values()}
     # each house starts 46 days after the previous one, so the houses cover the seasons
     sims, summaries = [], []
     for i, seed in enumerate(HOUSE_SEEDS_TRAIN[: args.houses]):
@@ -141,6 +161,10 @@ def main(argv=None):
         tr = b.trace(b.start + (args.day0 + 46 * i) * DAY, args.days * DAY)
         sims.append(stats(*as_minutes(tr)))
         summaries.append(appliance_summary(tr))
+        if args.tracebase:
+            for name, sample in per_run.items():
+                sample.add(f"house {seed}", tr.appliances[name], realdata.RUN_RULES[name],
+                           full_days=args.days)
 
     lines = [
         f"Simulated: mean (min–max) over {args.houses} training houses x {args.days} days "
@@ -175,12 +199,55 @@ def main(argv=None):
         pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
         lines.append(f"| {name} | {cell(0, fmt)} | {cell(1, pct)} | {cell(2, fmt)} | {cell(3, fmt)} |")
     text = "\n".join(lines) + "\n"
+    if args.tracebase:
+        text += "\n" + tracebase_section(args, per_run)
     print(text)
     if args.out:
+        title = "real data" if args.tracebase else "real 1-minute data"
         with open(args.out, "w") as f:
-            f.write("# Simulator calibration against real 1-minute data\n\n"
+            f.write(f"# Simulator calibration against {title}\n\n"
                     "Generated by `python scripts/calibrate.py "
-                    + " ".join(argv if argv is not None else sys.argv[1:]) + "`.\n\n" + text)
+                    + " ".join(shown_args(argv if argv is not None else sys.argv[1:])) + "`"
+                    + (" (`$REAL_1MIN`, `$TRACEBASE`: where the public data lie, see the script's "
+                       "docstring)" if args.tracebase else "") + ".\n\n" + text)
+
+
+def tracebase_section(args, per_run: dict) -> str:
+    tb, kinds = calibration.tracebase_samples(args.tracebase, args.tracebase_days)
+    # heating elements follow V^2: the share of a UK-vs-German power gap that the mains explains
+    resistive = {a for a, p in draw_house(HOUSE_SEEDS_TRAIN[0]).appliances.items() if p.v_exp >= 2.0}
+    lines = [
+        "## Appliance models against tracebase (1 Hz)",
+        "",
+        f"Each simulated appliance model against the real tracebase devices it imitates (German "
+        f"230 V, smart plugs at ~1 s; at most {args.tracebase_days} days per device, whole days "
+        f"first). Simulated: the same {args.houses} houses x {args.days} days at 1 Hz, each "
+        "appliance's true power. Runs on both sides by `realdata.runs` with `RUN_RULES` (on at "
+        ">= on_w, closer runs merged, shorter dropped); a run cut by a gap or the end of a file "
+        "is left out of the per-run rows. Cells: median (p10–p90) over runs; runs/day: pooled "
+        "over whole days (tracebase `complete/` days only), p10–p90 over devices / houses; "
+        "tracebase's whole days are almost all days on which the device ran, so its runs/day is "
+        "a rate per day of use, and 'what differs' compares runs per day used. "
+        "Mean power while on: over the run's seconds at or above on_w. The heat pump has no "
+        "tracebase kind (nothing real here covers it); Cookingstove stands in for the oven.",
+        "",
+    ]
+    lines += calibration.tracebase_table(tb, kinds, per_run, resistive, "houses")
+    return "\n".join(lines) + "\n"
+
+
+def shown_args(argv: list[str]) -> list[str]:
+    """argv with the data folders as placeholders: where they lie is this machine's business."""
+    out, hide = [], {"--real-1min": "$REAL_1MIN", "--tracebase": "$TRACEBASE"}
+    for i, a in enumerate(argv):
+        key = a.split("=", 1)[0]
+        if key in hide and "=" in a:
+            out.append(f"{key}={hide[key]}")
+        elif i and argv[i - 1] in hide:
+            out.append(hide[argv[i - 1]])
+        else:
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":
