@@ -41,6 +41,8 @@ _NAMES += [f"repaired_{r}" for r in REPAIR_REASONS]
 # Redis commands that failed (any error: unreachable, OOM, NOPERM, ...), per process; the reader's
 # are "redis_errors" above. Counted here so that the count survives until Redis takes a write again.
 _NAMES += ["supervisor_redis_errors", "inference_redis_errors"]
+# 1 while the inference holds a prediction that Redis did not take (its schedule waits on it)
+_NAMES += ["predictions_pending"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 SIZE = 8 * 128
 assert len(_NAMES) <= 128

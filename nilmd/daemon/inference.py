@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -19,6 +20,7 @@ import numpy as np
 from nilmd.daemon import control as ctlmod
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
+from nilmd.backoff import Backoff
 from nilmd.config import Config
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError, redis_error
 from nilmd.daemon.worker import Worker
@@ -51,7 +53,7 @@ class RedisPublisher:
             pipe.execute()
             return True
         except self.errors as e:
-            # A prediction is about "now": dropping it while Redis is away beats queueing it.
+            # The caller keeps the prediction and tries again (InferenceWorker.serve).
             self.ctl.add("inference_redis_errors")
             kind, line = redis_error(e)
             self.throttle.log(f"publish {kind}", logging.ERROR, f"could not publish a prediction: {line}")
@@ -73,8 +75,16 @@ class StdoutPublisher:
         prediction["truth"] = {
             name: round(float(np.mean(trace.appliances[name])), 2) for name in APPLIANCES
         }
-        sys.stdout.write(json.dumps(prediction, separators=(",", ":")) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(prediction, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `nilmd run --mode test | head`: whoever read the predictions is gone, and with it the
+            # point of test mode. Stop the whole daemon as SIGTERM does (exit 0), not crash five times.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            logging.getLogger("nilmd.inference").info("stdout was closed by its reader: ending test mode")
+            os.kill(os.getppid(), signal.SIGTERM)
+            return False
         return True
 
 
@@ -202,23 +212,47 @@ class InferenceWorker(Worker):
 
     # -- the loop --------------------------------------------------------------------------------
     def serve(self, publisher) -> int:
+        """Predict the schedule's windows in order. A prediction Redis does not take is held and
+        tried again with backoff, and the schedule waits on it: `last_window_end` moves only once
+        a window's prediction is out, so none is lost while Redis is away, and an inference process
+        that dies meanwhile leaves its successor the same window to make again (the ring holds it)."""
         ctl = self.ctl
+        backoff = Backoff()
+        held, retry_at = None, 0.0  # (end, prediction) not yet published; when to try it again
         while self.alive:
             self.beat()
             if ctl["reload_requested"] != self.reload_seen:
                 self.reload_seen = ctl["reload_requested"]
                 self.reload()
-            end = self.next_end()
-            if end is None:
+            if held is None:
+                end = self.next_end()
+                if end is None:
+                    time.sleep(POLL_S)
+                    continue
+                prediction = self.infer(end)
+                if prediction is None:  # overrun: skipped, nothing to publish
+                    ctl["last_window_end"] = end
+                    continue
+                held = (end, prediction)
+            elif time.monotonic() < retry_at:
                 time.sleep(POLL_S)
+                self.throttle.flush()
                 continue
-            prediction = self.infer(end)
-            ctl["last_window_end"] = end
-            if prediction is not None:
-                publisher.publish(prediction)
+            end, prediction = held
+            if publisher.publish(prediction):
+                held = None
+                ctl["last_window_end"] = end
+                ctl["predictions_pending"] = 0
                 ctl.add("inferences")
                 ctl["last_inference_ts"] = prediction["timestamp"]
                 ctl["last_inference_ms"] = prediction["inference_time_ms"]
+                if backoff.failures:
+                    self.log.info("published the held prediction (window ending %s) after %d failed attempts; "
+                                  "catching up", prediction["window_end"], backoff.failures)
+                    backoff.reset()
+            else:
+                ctl["predictions_pending"] = 1
+                retry_at = time.monotonic() + backoff.next_delay()
             self.throttle.flush()
         return EXIT_OK
 

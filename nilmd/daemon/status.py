@@ -80,7 +80,8 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
         "last_sample_ts": snap["last_sample_ts"],
         "last_inference_ts": snap["last_inference_ts"],
         "last_inference_ms": snap["last_inference_ms"],
-        "inferences": int(snap["inferences"]),
+        "inferences": int(snap["inferences"]),  # published: a prediction Redis did not take is not counted
+        "predictions_pending": int(snap["predictions_pending"]),  # 1: one is held until Redis takes it
         "overruns": int(snap["overruns"]),
         "models_loaded": int(snap["models_loaded"]),
         "models_missing": ",".join(missing) if snap["models_loaded"] else "",  # nothing is missing before a load
