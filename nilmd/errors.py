@@ -51,6 +51,11 @@ def redis_error(e: BaseException) -> tuple[str, str]:
                     f"add +{cmd} to its ACL rule (README, \"Redis ACL\")")
         return "NOPERM names", (f"Redis refuses this ACL user a key or channel (NOPERM: {text}): its rule needs "
                                 "~nilm:* and &nilm:* (README, \"Redis ACL\")")
+    if "can't run this command or subcommand script" in text:
+        # Redis does not say which command a script was refused; nilmd's one script (the stream
+        # reader's, nilmd.daemon.streams) runs only these two.
+        return "NOPERM script", ("Redis refuses this ACL user a command of nilmd's stream read script (NOPERM: XRANGE "
+                                 "or XREVRANGE): add +xrange +xrevrange to its ACL rule (README, \"Redis ACL\")")
     for name, kind, line in _REDIS_REFUSALS:
         if name in names:
             return kind, f"{line} ({kind}: {text})"

@@ -114,6 +114,9 @@ class Supervisor:
 
             self.redis = redisconn.client(cfg, name="supervisor", socket_timeout=2.0)
             self.redis_errors = redisconn.ERRORS
+        # The children get the password inside their Config; in their environment it would be
+        # readable in /proc/<pid>/environ and `ps eww` for as long as they live.
+        os.environ.pop("REDIS_PASSWORD", None)
 
     # -- shared memory and the instance lock ------------------------------------------------------
     def acquire(self) -> None:
