@@ -39,12 +39,14 @@ def cmd_produce(args) -> int:
 
     cfg = config.resolve(args, names=_names("common", "redis"))
     logmod.setup("producer", cfg.building_id, cfg.log_level)
-    start = producer.default_start(args.speed, args.count) if args.start is None else args.start
     if args.source == "simulation":
+        start = producer.default_start(args.speed, args.count) if args.start is None else args.start
         samples = producer.simulated_samples(args.seed, start, args.count, args.fields)
         rebase = None
     else:
-        samples = producer.csv_samples(str(producer.csv_path(args.source)))
+        samples = list(producer.csv_samples(str(producer.csv_path(args.source))))
+        span = producer.time_span(samples, args.count)  # a 1-minute file moves 60 s a row, not 1
+        start = producer.default_start(args.speed, args.count, span=span) if args.start is None else args.start
         rebase = None if args.timestamps == "file" else start
     client, redisconn = _redis(cfg, "producer")
     try:

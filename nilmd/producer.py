@@ -1,8 +1,10 @@
 """`nilmd produce`: meter samples into Redis, from the simulated building or a CSV file.
 
-Timestamps advance one second per simulated sample whatever the speed. So that accelerated data
-is not rejected as coming from the future, an accelerated run (--speed > 1) ends at "now":
-it starts --count seconds in the past (a day when --count is not given).
+Timestamps advance one second per simulated sample (a CSV file's own steps) whatever the speed.
+So that accelerated data is not rejected as coming from the future, an accelerated run
+(--speed > 1) ends at "now": it starts as far in the past as the samples it will send span
+(a day when there is no end), and a sample that would still be stamped after the box's clock
+waits for it: the run goes on at real time from there, and says so.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def produce(client, building: str, samples, speed: float, *, rebase: float | Non
     channel = keys.input_channel(building)
     maxlen = streams.MAXLEN if maxlen is None else maxlen
     sent, t_first, wall0 = 0, None, time.monotonic()
+    live = speed <= 1.0  # an accelerated run becomes live (real time) once it reaches now
     pipe = client.pipeline(transaction=False)
     for msg in samples:
         if count is not None and sent >= count:
@@ -73,6 +76,13 @@ def produce(client, building: str, samples, speed: float, *, rebase: float | Non
             msg["timestamp"] = rebase + offset
         due = wall0 + offset / speed
         delay = due - time.monotonic()
+        ahead = msg["timestamp"] - time.time()
+        if not live and ahead > 0:
+            live = True
+            log.info("caught up with now after %d samples: going on at real time, so that no sample is stamped "
+                     "in the future", sent)
+        if live and speed > 1.0:
+            delay = max(delay, ahead)
         if delay > 0.002:
             pipe.execute()
             time.sleep(delay)
@@ -88,11 +98,21 @@ def produce(client, building: str, samples, speed: float, *, rebase: float | Non
     return sent
 
 
-def default_start(speed: float, count: int | None, now: float | None = None) -> float:
+def default_start(speed: float, count: int | None, now: float | None = None, span: float | None = None) -> float:
+    """Where a run starts: now at real speed; accelerated, as far back as its samples span (`span`:
+    a file's, from its first to its last sample sent; else one second a sample), a day if endless."""
     now = time.time() if now is None else now
     if speed <= 1.0:
         return float(int(now))
-    return float(int(now - (count if count is not None else 86400)))
+    if span is None:
+        span = count - 1 if count is not None else 86400
+    return float(int(now - span))
+
+
+def time_span(samples: list, count: int | None) -> float:
+    """Seconds from the first to the last of the samples a run will send."""
+    sent = samples[:count] if count is not None else samples
+    return sent[-1]["timestamp"] - sent[0]["timestamp"] if sent else 0.0
 
 
 def csv_path(source: str) -> Path:
