@@ -70,6 +70,7 @@ class Setting:
     dynamic: Callable[[], object] | None = None
     default_doc: str = ""  # how the README describes a computed default
     per_mode: tuple[tuple[str, object, str], ...] = ()  # (mode, default there, why)
+    empty_is_unset: bool = True  # False: a variable set to "" is an error, not the default in disguise
 
     def default_for(self, mode: str) -> object:
         return next((value for m, value, _ in self.per_mode if m == mode), self.default)
@@ -125,7 +126,7 @@ class Config:
         "building_1", "--building-id", "BUILDING_ID", "building id in the Redis key names", group="common",
         section="building", note="Building id in the Redis names: input nilm:<id>:input, output "
         "nilm:<id>:predictions, nilm:<id>:latest, status hash nilm:<id>:status. 1-64 of letters, digits, "
-        '"_", "-", ".".')
+        '"_", "-", ".".', empty_is_unset=False)
     log_level: str = setting("info", "--log-level", ("LOG_LEVEL", "NILMD_LOG_LEVEL"), "log level",
                              choices=("debug", "info", "warning", "error"), group="common", section="building",
                              note="debug, info, warning or error. info logs no line per sample.")
@@ -295,6 +296,9 @@ def resolve(args=None, environ=None, names=None) -> Config:
                 if env in environ and environ[env] != "":
                     raw, origin = environ[env], f"${env}"
                     break
+                if env in environ and not s.empty_is_unset:
+                    raise ConfigError(f"${env} is set but empty: give it a value, or unset it for the default "
+                                      f"({s.default})")
         if raw is not None:
             values[s.name] = _convert(s, raw, origin)
     mode = values.get("mode", _BY_NAME["mode"].default)

@@ -166,6 +166,17 @@ class Throttle:
             self.logger.log(level, "%s", msg)
         self._state[key] = [now, 0, level, msg]
 
+    def ok(self, key: str, level: int = logging.INFO, msg: str | None = None) -> None:
+        """The condition behind `key` is over: report its suppressed count now, as the past it is
+        (at INFO: a recovered error must not reappear a minute later at its own level as if it
+        were new), log `msg` if given, and forget the key."""
+        state = self._state.pop(key, None)
+        if msg is not None:
+            self.logger.log(level, "%s", msg)
+        if state is not None and state[1]:
+            self.logger.log(level, "until then: %s (%d more like it suppressed in the last %.0f s)",
+                            state[3], state[1], self.clock() - state[0])
+
     def flush(self, force: bool = False) -> None:
         """Report suppressed counts whose period is over (all of them with force=True), and forget
         keys that have been quiet for a whole period so that the table cannot grow without end."""

@@ -217,3 +217,19 @@ def test_throttle_flush_reports_suppressed_counts():
     assert th._state == {}, "quiet keys are forgotten"
     th.log("k", logging.INFO, "e")
     assert out[-1] == (logging.INFO, "e")
+
+
+def test_throttle_ok_reports_a_recovered_error_now_as_past_and_never_again():
+    """Issue 12: a minute after Redis came back, the throttle re-logged its error as if new."""
+    th, out, clock = _throttle()
+    for _ in range(5):
+        th.log("redis", logging.ERROR, "Redis unreachable")
+        clock.t += 1
+    th.ok("redis", msg="Redis is back")
+    assert out[1:] == [(logging.INFO, "Redis is back"),
+                       (logging.INFO, "until then: Redis unreachable (4 more like it suppressed in the last 5 s)")]
+    clock.t += 61
+    th.flush()
+    assert len(out) == 3, "nothing about the old error after recovery"
+    th.log("redis", logging.ERROR, "Redis unreachable")
+    assert out[-1] == (logging.ERROR, "Redis unreachable"), "a new failure is logged at once"

@@ -151,7 +151,8 @@ class Reader(Worker):
                 ctl["reader_state"] = ctlmod.READER_SUBSCRIBED
                 ctl["redis_connected"] = 1
                 if backoff.failures:
-                    self.log.info("input source %s is back after %d failed attempts", self.source.name, backoff.failures)
+                    self.throttle.ok("redis", msg=f"input source {self.source.name} is back after "
+                                     f"{backoff.failures} failed attempts")
                 backoff.reset()
             if batch:
                 self.ingest(batch)

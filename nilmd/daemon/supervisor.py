@@ -25,8 +25,8 @@ from nilmd.daemon import control as ctlmod
 from nilmd.daemon import health, inference, reader, snapshot, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
-from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, NilmdError,
-                          redis_error)
+from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
+                          NilmdError, redis_error)
 from nilmd.features import N_FEATURES
 from nilmd.log import Throttle
 from nilmd.daemon.notify import Notifier
@@ -126,12 +126,13 @@ class Supervisor:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            pid, _, where = os.pread(fd, 512, 0).decode(errors="replace").strip().partition(" ")
             os.close(fd)
-            raise NilmdError(f"another nilmd (pid {other}) is running for building {self.cfg.building_id} "
-                             f"({self.paths['lock']})") from None
+            raise NilmdError(f"another nilmd (pid {pid or '?'}{', ' + where if where else ''}) is running for building "
+                             f"{self.cfg.building_id} ({self.paths['lock']}); to run a second one for this building "
+                             "(another Redis), give it its own --runtime-dir and --state-dir") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {self._where()}\n".encode(), 0)
         self._lock_fd = fd
         stale = [p for key, p in self.paths.items() if key != "lock" and os.path.exists(p)]
         if stale:
@@ -142,6 +143,14 @@ class Supervisor:
         self.ctl = ControlBlock.create(self.paths["ctl"])
         if self.cfg.mode != "test":  # warm restart: before any child touches the ring
             snapshot.restore_at_start(self.cfg, self.ring, self.ctl, self.log)
+
+    def _where(self) -> str:
+        """What this daemon serves, for the lock file and so for a second daemon's error line."""
+        if self.cfg.mode == "test":
+            return "--mode test"
+        from nilmd import redisconn
+
+        return f"Redis {redisconn.describe(self.cfg)}"
 
     def release(self) -> None:
         for shared in (self.ring, self.ctl):
@@ -349,6 +358,10 @@ class Supervisor:
         except NilmdError as e:
             self.log.critical("%s", e)
             return EXIT_ALREADY_RUNNING
+        except OSError as e:  # e.g. --runtime-dir /proc/nilmd: a configuration error, not a crash
+            self.log.critical("cannot create the shared memory in %s (--runtime-dir, $NILMD_RUNTIME_DIR): %s",
+                              self.cfg.runtime_dir, e.strerror or e)
+            return EXIT_USAGE
         try:
             self.install_signals()
             self.log.info("nilmd starting: building %s, window %d s, a prediction every %d s, models from %s",

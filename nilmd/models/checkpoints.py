@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,14 +96,29 @@ def _require(data: dict, key: str, kind, path):
 def load(path, appliance: str | None = None) -> Checkpoint:
     """Load and check one file. Every failure is a CheckpointError naming the file and why."""
     path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(path, "file not found")
+    try:
+        # torch.save writes a zip archive; one cut short has lost its central directory, at the end,
+        # and torch then says only "[Errno 22] Invalid argument".
+        whole = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CheckpointError(path, f"unreadable ({e.strerror or e})") from None
+    if not whole:
+        raise CheckpointError(path, f"not a whole torch checkpoint ({os.path.getsize(path)} bytes, no zip "
+                              "directory at its end): truncated, or not written by torch.save")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(path, "file not found") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
-        # weights_only refuses anything that would run code; say so rather than "corrupt"
+    except pickle.UnpicklingError as e:
+        # weights_only refused something that would run code when unpickled. torch's message goes on
+        # to advise loading it with weights_only=False: never repeat that about a file that may be hostile.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(path, f"refused: it holds Python objects{what} that could run code when loaded, not "
+                              "only weights; nilmd never loads such a file") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, f"unreadable ({text[:200]})") from None
+        raise CheckpointError(path, f"unreadable ({text.split('. ')[0][:200]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, f"holds a {type(data).__name__}, not a checkpoint dict")
     version = _require(data, "format_version", int, path)
