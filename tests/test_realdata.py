@@ -16,7 +16,7 @@ from nilmd.models import checkpoints
 from nilmd.models.model import WaveNILM, WaveNILMConfig
 from nilmd.models.predictor import Predictor, make_prediction
 from nilmd.training import datasets, evaluation, mixture, realdata, synthetic
-from nilmd.training.train import hold_input
+from nilmd.training.datasets import hold_input
 
 
 def write_gz(path: Path, text: str) -> Path:

@@ -82,6 +82,25 @@ def tail(series: Series, seconds: int) -> Series:
                   period_s=series.period_s, info=series.info)
 
 
+def hold_input(x: np.ndarray, period: int, phase: int) -> np.ndarray:
+    """What a meter reporting every `period` s gives the daemon, which holds each reading until
+    the next: a spot reading held (periods up to 10 s), or for 1-minute meters the minute's mean
+    held over that minute, as the 1-minute files are read (nilmd.training.datasets.read_csv)."""
+    if period <= 1:
+        return x
+    n = len(x)
+    idx = np.arange(n)
+    start = ((idx - phase % period) // period) * period + phase % period
+    start = np.clip(start, 0, n - 1)
+    if period < 60:
+        return x[start]
+    block = np.searchsorted(np.unique(start), start)
+    sums = np.zeros((block[-1] + 1, x.shape[1]), np.float64)
+    np.add.at(sums, block, x)
+    counts = np.bincount(block)[:, None]
+    return (sums / counts)[block].astype(np.float32)
+
+
 def simulated(seed: int, t0: float, n: int) -> Series:
     """n seconds of simulated house `seed` from epoch time t0, with every meter field."""
     from nilmd.sim.simulator import Building  # imported here: the real-data path must not need it

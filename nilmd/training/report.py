@@ -20,6 +20,7 @@ one for the appliance, else with --checkpoints; each table names the files it us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -130,7 +131,8 @@ def real_houses(args, names, out: dict) -> None:
 def synth_test(args, names, out: dict) -> None:
     from nilmd.training import mixture
     loaded, used = load_set(args.checkpoints, None, names)
-    res = {}
+    res: dict[int, dict] = {}
+    periods = [int(x) for x in args.synth_hold.split(",")]
     for a in names:
         if a not in loaded:
             continue
@@ -138,13 +140,16 @@ def synth_test(args, names, out: dict) -> None:
         if not series:
             continue
         predictor = Predictor({a: loaded[a]}, device=args.device)
-        res.update(pooled(predictor, series, {a: loaded[a].probability_threshold}, interval=args.interval,
-                          window=args.window))
-    out["synth_test"] = {"results": res, "checkpoints": used}
-    print(markdown("Semi-synthetic test houses (tracebase test devices on GJW test days)", res,
-                   f"Real runs of devices never used in training or validation, placed on real 1 Hz "
-                   f"days of a house never used as a training background; power_total only; "
-                   f"{args.interval}-s published states."), flush=True)
+        for period in periods:  # the same houses as a meter reporting every `period` s would send them
+            held = [dataclasses.replace(s, features=datasets.hold_input(s.features, period, 0)) for s in series]
+            res.setdefault(period, {}).update(pooled(predictor, held, {a: loaded[a].probability_threshold},
+                                                     interval=args.interval, window=args.window))
+    out["synth_test"] = {"results": {str(k): v for k, v in res.items()}, "checkpoints": used}
+    for period, r in res.items():
+        print(markdown(f"Semi-synthetic test houses (tracebase test devices on GJW test days), meter every {period} s",
+                       r, f"Real runs of devices never used in training or validation, placed on real 1 Hz days "
+                          f"of a house never used as a training background, held as a {period}-s meter would "
+                          f"send them; power_total only; {args.interval}-s published states."), flush=True)
 
 
 def main(argv=None):
@@ -163,6 +168,7 @@ def main(argv=None):
     p.add_argument("--fold", action="append", default=[], metavar="HOUSE=DIR",
                    help="score HOUSE with the checkpoints in DIR (trained with HOUSE left out)")
     p.add_argument("--synth-test", default=None, metavar="DATA", help="real-data folder for semi-synthetic test houses")
+    p.add_argument("--synth-hold", default="1", metavar="PERIODS", help="meter periods (s) to score the semi-synthetic houses at, e.g. 1,10,60")
     p.add_argument("--check-windows", type=int, default=0, metavar="HOURS")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import nilmd
 from nilmd.models import checkpoints
 from nilmd.training import datasets, evaluation, metrics
+from nilmd.training.datasets import hold_input
 from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename
 from nilmd.errors import CheckpointError
 from nilmd.features import SCALES, power_only
@@ -280,25 +281,6 @@ class Mixture:
         items = [self.sources[self.names[k]].sample(rng, on_fraction, hard_fraction, power_only_fraction, hold)
                  for k in picks]
         return tuple(np.stack(parts) for parts in zip(*items))
-
-
-def hold_input(x: np.ndarray, period: int, phase: int) -> np.ndarray:
-    """What a meter reporting every `period` s gives the daemon, which holds each reading until
-    the next: a spot reading held (periods up to 10 s), or for 1-minute meters the minute's mean
-    held over that minute, as the 1-minute files are read (nilmd.training.datasets.read_csv)."""
-    if period <= 1:
-        return x
-    n = len(x)
-    idx = np.arange(n)
-    start = ((idx - phase % period) // period) * period + phase % period
-    start = np.clip(start, 0, n - 1)
-    if period < 60:
-        return x[start]
-    block = np.searchsorted(np.unique(start), start)
-    sums = np.zeros((block[-1] + 1, x.shape[1]), np.float64)
-    np.add.at(sums, block, x)
-    counts = np.bincount(block)[:, None]
-    return (sums / counts)[block].astype(np.float32)
 
 
 # ---------------------------------------------------------------- training
