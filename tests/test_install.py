@@ -1,13 +1,14 @@
 """scripts/install.sh: option handling here; the real thing in a throw-away root.
 
-The slow test runs the installer inside a systemd-nspawn container booted by
-../shared/tools/run-under-systemd.sh, whose /etc, /opt and /var start empty and whose /usr is the
-host's (Debian 12 with python3, python3-venv): a fresh box, with systemd as PID 1. Steps
-(tests/systemd/install-checks.sh): --dry-run changes nothing; install from scratch; a second run
-changes nothing; a CUDA build of torch offered on this CPU box is refused; --enable starts the service from the installed venv as user nilmd against a real
-Redis (the shipped unit, no test drop-ins) and leaves the operator's nilmd.env alone; again
-nothing changed; --uninstall keeps config and state, a second one changes nothing, --purge
-removes everything. pip installs from the machine's local package mirror only.
+The slow test runs the installer inside a systemd-nspawn container booted by run-under-systemd.sh
+(test_systemd.TOOL, a helper outside this repository; skipped without it), whose /etc, /opt and
+/var start empty and whose /usr is the host's (Debian 12 with python3, python3-venv): a fresh box,
+with systemd as PID 1. Steps (tests/systemd/install-checks.sh): --dry-run changes nothing; install
+from scratch; a second run changes nothing; a CUDA build of torch offered on this CPU box is
+refused; --enable starts the service from the installed venv as user nilmd against a real Redis
+(the shipped unit, no test drop-ins) and leaves the operator's nilmd.env alone; again nothing
+changed; --uninstall keeps config and state, a second one changes nothing, --purge removes
+everything. pip installs from the machine's local package mirror only.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ VERSION = 1
 HEADER_WORDS = 16
 H_MAGIC, H_VERSION, H_CAPACITY, H_FEATURES, H_HEAD, H_RESERVED, H_SEGMENT = range(7)
 FLAG_MEASURED = 0
-FLAG_FILLED = 1
+FLAG_FILLED = 1  # a gap second filled by holding the previous sample (--max-gap-fill)
 
 
 def _layout(capacity: int, n_features: int) -> tuple[int, int, int, int]:
@@ -115,7 +115,8 @@ class RingBuffer(MappedFile):
             return int(self._header[H_HEAD]), int(self._header[H_SEGMENT])
 
     def fill(self) -> int:
-        """Samples in the current unbroken run (what a window can be taken from)."""
+        """Samples in the current unbroken run: what a window can be taken from, the status hash's
+        `buffer_fill` (uncapped). Not to be confused with FLAG_FILLED slots."""
         head, segment = self.counters()
         return head - segment
 

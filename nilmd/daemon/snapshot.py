@@ -1,5 +1,5 @@
 """Ring snapshots in the state directory, so that a restarted daemon is warm at once instead of
-waiting WINDOW_SIZE seconds for its window to fill again.
+waiting WINDOW_SIZE seconds for a new window of data.
 
 What: the newest samples of the ring's current unbroken run (at most a window and an interval:
 enough to hold the window of the last prediction), the stream position of the newest of them

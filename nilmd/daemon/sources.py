@@ -81,7 +81,7 @@ class SimulatedSource:
 
         self.building = Building(cfg.seed)
         self.speed = cfg.speed
-        self.prefill = cfg.window_size
+        self.burst = cfg.window_size  # sent at once at the start: the first window
         self.clock = clock
         self.subscribed = True
         self._next = self.START  # timestamp of the next sample
@@ -93,7 +93,7 @@ class SimulatedSource:
 
     def _due(self) -> int:
         """Samples that should have been sent by now, counted from START."""
-        return self.prefill + int((self.clock() - self._t0) * self.speed)
+        return self.burst + int((self.clock() - self._t0) * self.speed)
 
     def read(self, timeout: float, limit: int = 4096) -> list:
         sent = int(self._next - self.START)
