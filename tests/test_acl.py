@@ -4,6 +4,7 @@ granted), and the password out of the children's environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -119,6 +120,8 @@ def test_pubsub_daemon_under_its_acl_rule_names_each_missing_command(daemon_fact
             fresh_status(d, redis_client)
             last = publish_samples(redis_client, d.building, 16, start=last + 1)
             sub.until(last, timeout=30)
+        ends = [json.loads(m)["window_end"] for m in sub.received]
+        assert len(ends) == len(set(ends)), f"a prediction published twice: {ends}"
         assert d.stop() == 0
         log = d.log()
         assert "Traceback" not in log and password not in log, log[-3000:]

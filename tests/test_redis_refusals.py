@@ -5,6 +5,7 @@ Missing ACL permissions (NOPERM) are tests/test_acl.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -87,8 +88,9 @@ def test_redis_out_of_memory_neither_hangs_nor_blinds_the_supervisor(daemon_fact
         assert d.proc.poll() is None, d.log()[-2000:]
         publish_samples(redis_client, d.building, 16, start=last + 1)  # PUBLISH needs no memory: input flows
         last += 16
-        wait_for(lambda: "could not publish a prediction: Redis is out of memory" in d.log(), 40,
-                 f"the new inference process to say Redis refuses the prediction's SET\n{d.log()[-2000:]}")
+        wait_for(lambda: "published a prediction but could not store it (latest, status): Redis is out of memory"
+                 in d.log(), 40, f"the new inference process to say Redis refuses the prediction's SET\n{d.log()[-2000:]}")
+        sub.until(last, timeout=10)  # PUBLISH needs no memory either: the prediction went out
 
         redis_client.config_set("maxmemory", 0)
 
@@ -99,6 +101,10 @@ def test_redis_out_of_memory_neither_hangs_nor_blinds_the_supervisor(daemon_fact
         assert s["state"] in ("running", "warming_up") and int(s["restarts_inference"]) == 1
         assert int(s["redis_errors_supervisor"]) >= 1 and int(s["redis_errors_inference"]) >= 1
         assert d.log().count("could not write the status hash") == 1, "not once per period"
+        last = publish_samples(redis_client, d.building, 16, start=last + 1)
+        sub.until(last, timeout=30)
+        ends = [json.loads(m)["window_end"] for m in sub.received]
+        assert len(ends) == len(set(ends)), f"a prediction published twice: {ends}"
 
         _out_of_memory(redis_client)
         assert d.stop() == 0, d.log()[-2000:]

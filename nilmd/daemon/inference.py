@@ -50,14 +50,24 @@ class RedisPublisher:
                 "last_inference_ms": prediction["inference_time_ms"],
                 "last_window_end": prediction["window_end"],
             })
-            pipe.execute()
-            return True
+            published, *stored = pipe.execute(raise_on_error=False)
         except self.errors as e:
+            published, stored = e, []
+        if isinstance(published, Exception):
             # The caller keeps the prediction and tries again (InferenceWorker.serve).
-            self.ctl.add("inference_redis_errors")
-            kind, line = redis_error(e)
-            self.throttle.log(f"publish {kind}", logging.ERROR, f"could not publish a prediction: {line}")
+            self._failed(published, "could not publish a prediction")
             return False
+        refused = [r for r in stored if isinstance(r, Exception)]
+        if refused:
+            # Out of memory or a missing SET/HSET permission: the prediction is on the channel
+            # already, so it is not sent again (that would deliver it twice); `latest` is stale.
+            self._failed(refused[0], "published a prediction but could not store it (latest, status)")
+        return True
+
+    def _failed(self, error: Exception, what: str) -> None:
+        self.ctl.add("inference_redis_errors")
+        kind, line = redis_error(error)
+        self.throttle.log(f"publish {kind}", logging.ERROR, f"{what}: {line}")
 
 
 class StdoutPublisher:
