@@ -13,6 +13,7 @@ import numpy as np
 
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.mapped import MappedFile
+from nilmd.daemon.sources import DISCONNECT_CAUSES
 
 # Reader states
 READER_STARTING, READER_CONNECTING, READER_SUBSCRIBED = 0, 1, 2
@@ -43,6 +44,9 @@ _NAMES += [f"repaired_{r}" for r in REPAIR_REASONS]
 _NAMES += ["supervisor_redis_errors", "inference_redis_errors"]
 # 1 while the inference holds a prediction that Redis did not take (its schedule waits on it)
 _NAMES += ["predictions_pending"]
+# pub/sub subscriptions cut, by cause, and the samples estimated lost in those cuts (the gaps in
+# the meter's timestamps across each one)
+_NAMES += [f"disconnects_{c}" for c in DISCONNECT_CAUSES] + ["samples_lost"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 SIZE = 8 * 128
 assert len(_NAMES) <= 128

@@ -20,7 +20,7 @@ from nilmd.features import derive
 from nilmd.daemon.ingest import Grid, Rejected, parse_sample
 from nilmd.backoff import Backoff
 from nilmd.daemon.ringbuffer import FLAG_FILLED, FLAG_MEASURED
-from nilmd.daemon.sources import make_source
+from nilmd.daemon.sources import DISCONNECT_CAUSES, make_source
 from nilmd.daemon.worker import Worker
 
 
@@ -38,6 +38,7 @@ class Reader(Worker):
         # A restored snapshot and no new sample yet: the first one decides whether it is continued.
         restored = int(self.ctl["restored_samples"])
         self._restored_slot = int(last[0]) if last and restored and self.ring.counters()[0] == restored else None
+        self._cut_after = None  # newest slot before a pub/sub cut: the next sample's gap is what it lost
 
     # -- ingest: the per-sample path --------------------------------------------------------------
     def ingest(self, messages, now: float | None = None) -> int:
@@ -63,6 +64,9 @@ class Reader(Worker):
         ctl.add("samples_received", len(messages))
         if not accepted:
             return 0
+        if self._cut_after is not None:
+            ctl.add("samples_lost", max(0, placements[0].slot - self._cut_after - 1))
+            self._cut_after = None
         feats = derive([s.power for s in accepted], [s.voltage for s in accepted],
                        [s.current for s in accepted], [s.power_factor for s in accepted])
         self._write(placements, feats)
@@ -157,6 +161,9 @@ class Reader(Worker):
             if batch:
                 self.ingest(batch)
                 self.source.commit()  # only now that the batch is in the ring
+            if getattr(self.source, "disconnected", None):
+                self._cut(self.source.disconnected)
+                self.source.disconnected = None
             if self.snapshots is not None:
                 self.snapshots.maybe()
             self.throttle.flush()
@@ -164,6 +171,15 @@ class Reader(Worker):
         if self.snapshots is not None:
             self.snapshots.write()  # stopping (SIGTERM, or the supervisor is gone): the newest state
         return EXIT_OK
+
+    def _cut(self, cause: str) -> None:
+        """The subscription was cut and is back (the batch before was all from before the cut)."""
+        self.ctl.add(f"disconnects_{cause}")
+        self._cut_after = self.grid.last_slot
+        self.throttle.log(f"cut {cause}", logging.WARNING,
+                          f"the input subscription was cut ({DISCONNECT_CAUSES[cause]}) and is back: what was "
+                          "published meanwhile is lost (input_samples_lost estimates it from the gap in the "
+                          "meter's timestamps; NILMD_INPUT_MODE=stream would keep it)")
 
     def _lost(self, error, backoff: Backoff) -> None:
         self.ctl["redis_connected"] = 0

@@ -20,9 +20,21 @@ from nilmd.config import Config
 
 log = logging.getLogger("nilmd.reader")
 
+# Why a subscription was cut (input_disconnects_<cause> in the status hash), in words for the log.
+# redis-py subscribes again by itself inside get_message, so a cut shows only as a second
+# subscribe confirmation: what was published in between is lost, without an error.
+DISCONNECT_CAUSES = {
+    "output_buffer": "Redis closed it because the reader fell behind and its output buffer passed "
+                     "client-output-buffer-limit pubsub",
+    "server_restart": "Redis restarted",
+    "timeout": "Redis stopped answering",
+    "closed": "Redis or the network closed it",
+}
+
 
 class PubSubSource:
     name = "pubsub"
+    disconnected = None  # the cause of a cut the reader has not taken yet (DISCONNECT_CAUSES)
 
     def __init__(self, cfg: Config):
         from nilmd import redisconn  # redis-py only where Redis is used
@@ -33,6 +45,10 @@ class PubSubSource:
         self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)  # < heartbeat timeout
         self._pubsub = None
         self.subscribed = False
+        self._was_subscribed = False  # a subscribe confirmation after the first one follows a cut
+        self._server = None  # (run_id, output-buffer disconnections) when last subscribed
+        self._error = None  # what redis-py raised to us since then, if anything
+        self._behind = False  # the last read had a full batch: messages were waiting
 
     def connect(self) -> None:
         self.close()
@@ -40,20 +56,55 @@ class PubSubSource:
         self._pubsub.subscribe(self.channel)
 
     def read(self, timeout: float, limit: int = 4096) -> list:
-        """Messages that arrived, waiting at most `timeout` for the first one."""
+        """Messages that arrived, waiting at most `timeout` for the first one. A batch ends at a
+        cut (`disconnected` says why): what follows is after the gap."""
         out = []
-        msg = self._pubsub.get_message(timeout=timeout)
-        while msg is not None:
-            kind = msg.get("type")
-            if kind == "message":
-                out.append(msg["data"])
-            elif kind == "subscribe":
-                self.subscribed = True
-                log.info("subscribed to %s", self.channel)
-            if len(out) >= limit:
-                break
-            msg = self._pubsub.get_message(timeout=0.0)
+        try:
+            msg = self._pubsub.get_message(timeout=timeout)
+            while msg is not None:
+                kind = msg.get("type")
+                if kind == "message":
+                    out.append(msg["data"])
+                elif kind == "subscribe":
+                    self.subscribed = True
+                    cause = self._cause(self._behind or bool(out)) if self._was_subscribed else None
+                    self._was_subscribed, self._error, self._behind = True, None, False
+                    self._server = self._server_info()
+                    if cause:
+                        self.disconnected = cause
+                        return out
+                    log.info("subscribed to %s", self.channel)
+                if len(out) >= limit:
+                    break
+                msg = self._pubsub.get_message(timeout=0.0)
+        except self.errors as e:
+            self._error = e
+            raise
+        self._behind = len(out) >= limit
         return out
+
+    def _server_info(self):
+        """(run_id, output-buffer disconnections or None before Redis 7.2), or None when INFO
+        is not allowed to this user or fails."""
+        try:
+            server, stats = self._client.info("server"), self._client.info("stats")
+        except self.errors:
+            return None
+        return server.get("run_id"), stats.get("client_output_buffer_limit_disconnections")
+
+    def _cause(self, behind: bool) -> str:
+        """Why the subscription was cut: Redis says so where it can (INFO), else judged from
+        what the reader saw (an error, or a backlog of messages when the connection closed)."""
+        now, before = self._server_info(), self._server
+        if now and before:
+            if now[0] != before[0]:
+                return "server_restart"
+            if now[1] is not None and before[1] is not None and now[1] > before[1]:
+                return "output_buffer"
+            behind = behind and now[1] is None  # Redis counts them, and did not count this one
+        if self._error is not None and "TimeoutError" in {c.__name__ for c in type(self._error).__mro__}:
+            return "timeout"
+        return "output_buffer" if behind else "closed"
 
     def close(self) -> None:
         self.subscribed = False
@@ -73,6 +124,7 @@ class SimulatedSource:
     second, as JSON messages through the same validation as real ones."""
 
     name = "simulation"
+    disconnected = None
     errors = ()
     START = 1704096000.0  # 2024-01-01 08:00 UTC: a morning, so appliances start soon
 

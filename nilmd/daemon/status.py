@@ -19,6 +19,7 @@ from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
+from nilmd.daemon.sources import DISCONNECT_CAUSES
 
 # `nilmd status` exit codes, the monitoring-plugin convention
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -89,6 +90,11 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
         "device": "cuda" if snap["device_cuda"] else "cpu",
         "input_connected": int(snap["redis_connected"]),
         "input_errors": int(snap["redis_errors"]),
+        # pub/sub: subscriptions cut (redis-py subscribes again by itself), by cause, and the samples
+        # estimated lost in the cuts, from the gaps in the meter's timestamps across each
+        "input_disconnects": sum(int(snap[f"disconnects_{c}"]) for c in DISCONNECT_CAUSES),
+        **{f"input_disconnects_{c}": int(snap[f"disconnects_{c}"]) for c in DISCONNECT_CAUSES},
+        "input_samples_lost": int(snap["samples_lost"]),
         # Redis commands refused or failed (OOM, NOPERM, unreachable, ...) of the other two processes
         "redis_errors_supervisor": int(snap["supervisor_redis_errors"]),
         "redis_errors_inference": int(snap["inference_redis_errors"]),

@@ -112,6 +112,7 @@ class StreamSource:
     """Read the input stream in bounded batches, resuming from the position in the control block (see above)."""
 
     name = "stream"
+    disconnected = None  # a cut loses nothing here: the next read goes on from the position
 
     def __init__(self, cfg: Config, ctl, ring):
         from nilmd import redisconn  # redis-py only where Redis is used
