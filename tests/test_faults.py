@@ -379,15 +379,15 @@ def test_clock_jumps_follow_the_documented_rule(tmp_path):
     results = [send(back + k) for k in range(40)]
     assert results == [0] * 29 + [1] * 11
     assert (ctl["clock_jumps"], ctl["rejected_out_of_order"], ctl["gaps_broken"]) == (1, 29, 0)
-    assert life.ring.fill() == 11 and life.ring.last()[0] == back + 39
+    assert life.ring.run_length() == 11 and life.ring.last()[0] == back + 39
     burst_now = clock
     assert sum(send(back - 500 + k, now=burst_now) for k in range(100)) == 0  # re-sent old data, fast
     assert ctl["clock_jumps"] == 1
     ahead = [send(clock + 86400) for _ in range(5)]  # a day ahead of the box: beyond max_clock_skew
     assert ahead == [0] * 5 and ctl["rejected_future"] == 5
-    assert send(back + 40 + 5 + 1) == 1 and life.ring.fill() == 11 + 7  # the 6 s it was away are filled
+    assert send(back + 40 + 5 + 1) == 1 and life.ring.run_length() == 11 + 7  # the 6 s it was away are filled
     reader.cfg = cfg.replace(max_clock_skew=2 * 86400.0)
     assert send(back + 86400) == 1  # forward a day, within the allowed skew: a long gap
-    assert ctl["gaps_broken"] == 1 and life.ring.fill() == 1
+    assert ctl["gaps_broken"] == 1 and life.ring.run_length() == 1
     rejected = sum(ctl[f"rejected_{r}"] for r in REJECT_REASONS)
     assert ctl["samples_received"] == ctl["samples_accepted"] + rejected

@@ -61,7 +61,7 @@ def test_break_restarts_the_window(ring):
     ring.write(*rows(0, 12))
     ring.mark_break()
     ring.write(*rows(100, 3))
-    assert ring.fill() == 3
+    assert ring.run_length() == 3
     assert ring.window(4) is None
     np.testing.assert_array_equal(ring.window(3).ts, [100, 101, 102])
 

@@ -40,7 +40,7 @@ class Health:
         self._full_since = None  # when the window became full, in this unbroken run
         self._history: deque = deque()  # (monotonic, received, rejected per reason), oldest first
 
-    def reasons(self, snap: dict, fill: int, *, down: list[str], input_ok: bool) -> list[str]:
+    def reasons(self, snap: dict, run_length: int, *, down: list[str], input_ok: bool) -> list[str]:
         """Every reason to be degraded now; empty when healthy. `down`: roles of dead children."""
         now = self.clock()
         if self._since is None:
@@ -57,7 +57,7 @@ class Health:
         rejected = self._rejected(snap)
         if rejected:
             out.append(rejected)
-        if fill >= self.window:
+        if run_length >= self.window:
             self._full_since = now if self._full_since is None else self._full_since
             if now - max(snap["last_inference_ts"], self._full_since) > self.timeout:
                 out.append(f"no prediction for over {self.timeout:.0f} s")

@@ -114,9 +114,10 @@ class RingBuffer(MappedFile):
         with self._locked():
             return int(self._header[H_HEAD]), int(self._header[H_SEGMENT])
 
-    def fill(self) -> int:
+    def run_length(self) -> int:
         """Samples in the current unbroken run: what a window can be taken from, the status hash's
-        `buffer_fill` (uncapped). Not to be confused with FLAG_FILLED slots."""
+        `buffer_fill` (uncapped). ("fill" inside nilmd means only gap filling: FLAG_FILLED,
+        --max-gap-fill, samples_filled.)"""
         head, segment = self.counters()
         return head - segment
 

@@ -4,8 +4,8 @@ A live daemon rewrites the hash every `status_interval_s`; a reader tells a dead
 live one by the age of `updated_at` (older than 3 intervals + 5 s: dead), and a clean stop
 leaves `state=stopped`.
 
-`fill` below is always the ring's fill level: samples of its current unbroken run, what the hash
-calls `buffer_fill` (not `samples_filled`, the gap seconds the reader filled by holding a sample).
+`run_length` below is always the ring's current unbroken run (RingBuffer.run_length), what the
+hash calls `buffer_fill` (not `samples_filled`, the gap seconds the reader filled by holding a sample).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def key(cfg: Config) -> str:
 
 
 def judge_state(*, ready: bool, reloading: bool, children_ok: bool, input_ok: bool, models_loaded: int,
-                fill: int, window: int, problems=()) -> str:
+                run_length: int, window: int, problems=()) -> str:
     """`problems`: nilmd.daemon.health's reasons; any of them makes a ready daemon degraded."""
     if not ready:
         return "starting"
@@ -38,12 +38,12 @@ def judge_state(*, ready: bool, reloading: bool, children_ok: bool, input_ok: bo
         return "reloading"
     if not children_ok or not input_ok or models_loaded < len(APPLIANCES) or problems:
         return "degraded"
-    return "warming_up" if fill < window else "running"
+    return "warming_up" if run_length < window else "running"
 
 
-def summary_line(state: str, fill: int, window: int, snap: dict, problems=()) -> str:
+def summary_line(state: str, run_length: int, window: int, snap: dict, problems=()) -> str:
     """The one-line STATUS= for systemd."""
-    parts = [f"{state} ({'; '.join(problems)})" if state == "degraded" and problems else state, f"buffer {min(fill, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
+    parts = [f"{state} ({'; '.join(problems)})" if state == "degraded" and problems else state, f"buffer {min(run_length, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
     if snap["inferences"]:
         parts.append(f"last inference {snap['last_inference_ms']:.1f} ms")
     if not snap["redis_connected"]:
@@ -58,7 +58,7 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
-def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pids: dict, restarts: dict,
+def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: float, pids: dict, restarts: dict,
            problems=()) -> dict:
     mask = int(snap["models_mask"])
     missing = [a for i, a in enumerate(APPLIANCES) if not mask >> i & 1]
@@ -68,7 +68,7 @@ def fields(cfg: Config, state: str, snap: dict, fill: int, *, started: float, pi
         "state": state,
         "degraded_reason": "; ".join(problems) if state == "degraded" else "",
         "building_id": cfg.building_id,
-        "buffer_fill": min(fill, cfg.window_size),
+        "buffer_fill": min(run_length, cfg.window_size),
         "window_size": cfg.window_size,
         "inference_interval": cfg.inference_interval,
         "samples_received": int(snap["samples_received"]),

@@ -305,19 +305,19 @@ class Supervisor:
         snap = self.ctl.snapshot()
         reader_up = self.children["reader"].alive and snap["reader_state"] == ctlmod.READER_SUBSCRIBED
         models_up = self.children["inference"].alive and snap["inference_state"] != ctlmod.INFER_LOADING
-        fill = self.ring.fill()
+        run_length = self.ring.run_length()
         now = time.monotonic()
         if self.reloading and snap["reload_done"] >= snap["reload_requested"]:
             self.reloading = False
             self.log.info("reload finished (%d models serving)", snap["models_loaded"])
             self.notifier.ready()
         down = [r for r, c in self.children.items() if not c.alive]
-        self.problems = self.health.reasons(snap, fill, down=down, input_ok=reader_up) if self.ready_sent else []
+        self.problems = self.health.reasons(snap, run_length, down=down, input_ok=reader_up) if self.ready_sent else []
         self.state = status.judge_state(
             ready=self.ready_sent or (reader_up and models_up), reloading=self.reloading,
-            children_ok=not down, input_ok=reader_up, models_loaded=int(snap["models_loaded"]), fill=fill,
+            children_ok=not down, input_ok=reader_up, models_loaded=int(snap["models_loaded"]), run_length=run_length,
             window=self.cfg.window_size, problems=self.problems)
-        line = status.summary_line(self.state, fill, self.cfg.window_size, snap, self.problems)
+        line = status.summary_line(self.state, run_length, self.cfg.window_size, snap, self.problems)
         if not self.ready_sent and reader_up and models_up:
             self.ready_sent = True
             self.notifier.ready(line)
@@ -333,14 +333,14 @@ class Supervisor:
             self.notifier.watchdog()
             self._last_ping = now
         if now - self._last_status >= self.cfg.status_interval:
-            self.publish_status(snap, fill)
+            self.publish_status(snap, run_length)
             self._last_status = now
 
-    def publish_status(self, snap=None, fill=None) -> None:
+    def publish_status(self, snap=None, run_length=None) -> None:
         if self.redis is None:
             return
         snap = self.ctl.snapshot() if snap is None else snap
-        fields = status.fields(self.cfg, self.state, snap, self.ring.fill() if fill is None else fill,
+        fields = status.fields(self.cfg, self.state, snap, self.ring.run_length() if run_length is None else run_length,
                                started=self.started,
                                pids={"supervisor": os.getpid(), **{r: c.pid for r, c in self.children.items()}},
                                restarts={r: c.restarts for r, c in self.children.items()}, problems=self.problems)
