@@ -8,7 +8,7 @@ briefly, so a dead Redis shows up quickly as an error the process can count and 
 from __future__ import annotations
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 from nilmd.config import Config
@@ -32,7 +32,7 @@ def client(cfg: Config, *, name: str, socket_timeout: float | None = 5.0) -> red
         socket_connect_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
+        retry=Retry(EqualJitterBackoff(cap=0.5, base=0.05), retries=1),  # the same equal jitter as nilmd.backoff
         client_name=f"nilmd-{name}",
     )
     if cfg.redis_tls:

@@ -12,7 +12,6 @@ this building, 78 a child cannot start at all (no usable checkpoint, no such dev
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import multiprocessing as mp
 import os
@@ -31,6 +30,7 @@ from nilmd.features import N_FEATURES
 from nilmd.log import Throttle
 from nilmd.daemon.notify import Notifier
 from nilmd.backoff import Backoff
+from nilmd.daemon.instance import InstanceLock
 from nilmd.daemon.ringbuffer import RingBuffer
 
 FRESH_S = 5.0  # a heartbeat older than this stops WATCHDOG=1 pings (children beat every <= 0.5 s)
@@ -102,7 +102,7 @@ class Supervisor:
         self.health = health.Health(cfg)
         self.problems: list[str] = []  # why the state is degraded (nilmd.daemon.health)
         self.ring = self.ctl = None
-        self._lock_fd = -1
+        self.lock = InstanceLock(self.paths["lock"])
         self._wake_r = self._wake_w = -1
         self._last_status = 0.0
         self._last_ping = 0.0
@@ -122,18 +122,7 @@ class Supervisor:
     def acquire(self) -> None:
         """Own this building's shared memory: refuse if a live nilmd has it, reclaim a dead one's."""
         os.makedirs(self.cfg.runtime_dir, exist_ok=True)
-        fd = os.open(self.paths["lock"], os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid, _, where = os.pread(fd, 512, 0).decode(errors="replace").strip().partition(" ")
-            os.close(fd)
-            raise NilmdError(f"another nilmd (pid {pid or '?'}{', ' + where if where else ''}) is running for building "
-                             f"{self.cfg.building_id} ({self.paths['lock']}); to run a second one for this building "
-                             "(another Redis), give it its own --runtime-dir and --state-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {self._where()}\n".encode(), 0)
-        self._lock_fd = fd
+        self.lock.acquire(self.cfg.building_id, self._where())
         stale = [p for key, p in self.paths.items() if key != "lock" and os.path.exists(p)]
         if stale:
             self.log.warning("removed stale shared memory left by an earlier run: %s", ", ".join(stale))
@@ -157,10 +146,7 @@ class Supervisor:
             if shared is not None:
                 shared.unlink()
                 shared.close()
-        if self._lock_fd >= 0:
-            os.unlink(self.paths["lock"])  # while still holding it, so nobody races us for it
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self.lock.release()
 
     # -- signals: handlers only enqueue ---------------------------------------------------------
     def install_signals(self) -> None:

@@ -1,7 +1,7 @@
 """Training and evaluation data as 1 Hz series of model features and true appliance power.
 
 Two sources, one shape (`Series`):
-  * real CSV files (`read_csv`): the shared/data layout (REFIT / UK-DALE at 1 minute) or the
+  * real CSV files (`read_csv`): REFIT / UK-DALE sub-metered houses (8 s, 6 s, 1 minute) or the
     generic layout documented below, brought to 1 Hz by holding each row for its period;
   * simulated houses (`simulated`): nilmd.sim.simulator, at 1 Hz with every meter field.
 

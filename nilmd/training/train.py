@@ -2,7 +2,7 @@
 
   python scripts/train.py --appliance all                          # simulated houses (train seeds)
   python scripts/train.py --appliance ElectricKettle --steps 200   # one appliance
-  python scripts/train.py --data csv --csv 'shared/data/real-1min/REFIT_*.csv.gz' --appliance all
+  python scripts/train.py --data csv --csv 'DATA/real-1min/REFIT_*.csv.gz' --appliance all
   python scripts/train.py --appliance all --resume                  # continue after a stop
   python scripts/train.py --appliance Microwave --init checkpoints --seed 2026 --lr 2e-3   # warm start
 
