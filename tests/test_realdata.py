@@ -91,6 +91,16 @@ def test_semi_synthetic_house_labels_are_exact():
     assert rest.min() >= 150 - 1e-3, "the aggregate is the background plus the target plus distractors"
 
 
+def test_a_cycling_load_comes_from_one_unit():
+    """A semi-synthetic fridge is one fridge: all its cycles from one device, never a mixture."""
+    runs = [realdata.Activation("Refrigerator", "Refrigerator", f"dev_{k}", np.full(600, 80.0 + 40 * k, np.float32))
+            for k in range(3) for _ in range(4)]
+    for seed in range(20):
+        y = synthetic.place_cycles(np.random.default_rng(seed), 6 * 3600, runs, "Refrigerator")
+        levels = np.unique(np.round(y[y > 0] / y[y > 0].min(), 3))
+        assert len(levels) == 1, f"seed {seed}: cycles of {len(levels)} devices in one house"
+
+
 def test_lookalikes_are_cut_out_of_a_background():
     bg = np.full(7200, 200.0, np.float32)
     bg[3000:3150] = 2800.0       # an unlabelled kettle run

@@ -83,7 +83,8 @@ def place_cycles(rng, n: int, runs: list[Activation], appliance: str) -> np.ndar
     """A cycling load's runs one after another from one unit (one fridge in one house), with the
     off-times between them drawn around that unit's own run length (compressors run 30-50 %)."""
     units = sorted({r.unit for r in runs})
-    own = [r for r in runs if r.unit == units[rng.integers(len(units))]]
+    unit = units[rng.integers(len(units))]
+    own = [r for r in runs if r.unit == unit]
     gain = _gain(rng, appliance)
     duty = rng.uniform(0.25, 0.55)
     out = np.zeros(n, np.float32)
