@@ -15,12 +15,16 @@ No torch here: only numpy and the daemon's own `features.derive`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from nilmd import csvfile
-from nilmd.appliances import APPLIANCES, appliance_name  # noqa: F401 (re-exported)
+from nilmd.appliances import APPLIANCES
 from nilmd.features import derive
 
 # REFIT's sensor glitch values (its publishers' notes): never a real reading.
@@ -134,3 +138,36 @@ def scored_mask(valid: np.ndarray, receptive_field: int) -> np.ndarray:
     idx = np.arange(len(valid))
     lo = np.maximum(idx - receptive_field + 1, 0)
     return valid & (bad[idx + 1] - bad[lo] == 0)
+
+
+SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
+
+
+def simulator_source() -> bytes:
+    """What the simulated data depends on: a cache made by other simulator code is not reused."""
+    return (SIM_DIR / "simulator.py").read_bytes() + (SIM_DIR / "appliance_models.py").read_bytes()
+
+
+def simulated_cached(cache_dir, kind, seeds, segments, days) -> list[Series]:
+    """Simulating is slow next to reading a file: do it once per data description and code."""
+    sim_src = simulator_source()
+    key = hashlib.sha256(json.dumps([seeds, segments, days]).encode() + sim_src).hexdigest()[:12]
+    path = Path(cache_dir) / f"sim-{kind}-{key}.npz"
+    if path.exists():
+        with np.load(path) as npz:  # each npz[key] reads the whole array again: read each once
+            z = {k: npz[k] for k in npz.files}
+        bounds = np.cumsum([0, *z["lengths"]])
+        return [Series(name=str(name), features=z["features"][a:b], valid=z["valid"][a:b],
+                                targets={n: z["t_" + n][a:b] for n in APPLIANCES if "t_" + n in z})
+                for name, a, b in zip(z["names"], bounds[:-1], bounds[1:])]
+    series = []
+    for seed in seeds:
+        print(f"simulating {kind} house {seed} ({segments} x {days} days)", flush=True)
+        series += simulated_set([seed], segments, days)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # two trainings may share a run dir
+    np.savez(tmp, names=np.array([s.name for s in series]), lengths=np.array([len(s) for s in series]),
+             features=np.concatenate([s.features for s in series]), valid=np.concatenate([s.valid for s in series]),
+             **{"t_" + a: np.concatenate([s.targets[a] for s in series]) for a in series[0].targets})
+    os.replace(tmp, path)
+    return series

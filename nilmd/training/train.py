@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import glob
 import hashlib
-import json
 import math
 import os
 import subprocess
@@ -36,10 +35,10 @@ import torch.nn.functional as F
 import nilmd
 from nilmd.models import checkpoints
 from nilmd.training import datasets, evaluation, metrics
-from nilmd.training.datasets import hold_input
+from nilmd.training.windows import Mixture, Windows
 from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W, checkpoint_filename
 from nilmd.errors import CheckpointError
-from nilmd.features import SCALES, power_only
+from nilmd.features import SCALES
 from nilmd.models.model import WaveNILM, WaveNILMConfig
 from nilmd.models.predictor import Predictor
 
@@ -112,14 +111,6 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, for `git describe`
-SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
-
-
-def _simulator_source() -> bytes:
-    """What the simulated data depends on: a cache made by other simulator code is not reused."""
-    return (SIM_DIR / "simulator.py").read_bytes() + (SIM_DIR / "appliance_models.py").read_bytes()
-
-
 def code_version() -> str:
     try:
         desc = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
@@ -163,12 +154,12 @@ def load_data(cfg: TrainConfig, appliance: str | None = None):
     train_seeds = list(HOUSE_SEEDS_TRAIN)[:cfg.train_houses]
     val_seeds = list(HOUSE_SEEDS_VAL)[:cfg.val_houses]
     desc = {"source": "nilmd.sim.simulator", "simulator_sha256": hashlib.sha256(
-                _simulator_source()
+                datasets.simulator_source()
             ).hexdigest()[:16], "train_seeds": train_seeds, "train_segments": cfg.train_segments,
             "train_days": cfg.train_days, "val_seeds": val_seeds, "val_segments": cfg.val_segments,
             "val_days": cfg.val_days}
-    train = cached(cfg, "train", train_seeds, cfg.train_segments, cfg.train_days)
-    val = cached(cfg, "val", val_seeds, cfg.val_segments, cfg.val_days)
+    train = datasets.simulated_cached(Path(cfg.run_dir) / "cache", "train", train_seeds, cfg.train_segments, cfg.train_days)
+    val = datasets.simulated_cached(Path(cfg.run_dir) / "cache", "val", val_seeds, cfg.val_segments, cfg.val_days)
     return train, val, desc
 
 
@@ -181,106 +172,6 @@ def parse_mix(text: str) -> dict[str, float]:
             raise SystemExit(f"--mix: unknown source {name!r} (real, synth, sim)")
         out[name] = float(weight or 1.0)
     return out
-
-
-def cached(cfg, kind, seeds, segments, days):
-    """Simulating is slow next to reading a file: do it once per data description and code."""
-    sim_src = _simulator_source()
-    key = hashlib.sha256(json.dumps([seeds, segments, days]).encode() + sim_src).hexdigest()[:12]
-    path = Path(cfg.run_dir) / "cache" / f"sim-{kind}-{key}.npz"
-    if path.exists():
-        with np.load(path) as npz:  # each npz[key] reads the whole array again: read each once
-            z = {k: npz[k] for k in npz.files}
-        bounds = np.cumsum([0, *z["lengths"]])
-        return [datasets.Series(name=str(name), features=z["features"][a:b], valid=z["valid"][a:b],
-                                targets={n: z["t_" + n][a:b] for n in APPLIANCES if "t_" + n in z})
-                for name, a, b in zip(z["names"], bounds[:-1], bounds[1:])]
-    series = []
-    for seed in seeds:
-        print(f"simulating {kind} house {seed} ({segments} x {days} days)", flush=True)
-        series += datasets.simulated_set([seed], segments, days)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # two trainings may share a run dir
-    np.savez(tmp, names=np.array([s.name for s in series]), lengths=np.array([len(s) for s in series]),
-             features=np.concatenate([s.features for s in series]), valid=np.concatenate([s.valid for s in series]),
-             **{"t_" + a: np.concatenate([s.targets[a] for s in series]) for a in series[0].targets})
-    os.replace(tmp, path)
-    return series
-
-
-class Windows:
-    """Random training windows of one appliance. Most appliances are off most of the time, so
-    uniform windows would teach little but "off": `on_fraction` of the windows hold the appliance
-    running in their scored part, and `hard_fraction` hold something else drawing at least half
-    the appliance's typical power while it is off (an oven cycling, a heat pump starting: what
-    it gets confused with)."""
-
-    def __init__(self, series, appliance: str, window: int, skip: int, typical_w: float):
-        self.series = [s for s in series if appliance in s.targets and len(s) >= window]
-        if not self.series:
-            raise SystemExit(f"no training series of at least {window} samples has {appliance}")
-        self.appliance, self.window, self.skip = appliance, window, skip
-        self.lengths = np.array([len(s) - window + 1 for s in self.series], dtype=np.float64)
-        thr = ON_THRESHOLD_W[appliance]
-        self.on = [np.flatnonzero(s.valid & (s.targets[appliance] >= thr)) for s in self.series]
-        self.hard = [np.flatnonzero(s.valid & (s.targets[appliance] < thr)
-                                    & (s.features[:, 0] - s.targets[appliance] >= 0.5 * typical_w))
-                     for s in self.series]
-
-    def _around(self, rng, indices):
-        counts = np.array([len(i) for i in indices], dtype=np.float64)
-        if not counts.sum():
-            return None
-        k = rng.choice(len(self.series), p=counts / counts.sum())
-        i = indices[k][rng.integers(len(indices[k]))]
-        return k, i - self.skip - rng.integers(self.window - self.skip)
-
-    def batch(self, rng, batch_size: int, on_fraction: float, hard_fraction: float, power_only_fraction: float,
-              hold=((1,), 0.0)):
-        x = np.empty((batch_size, self.window, len(SCALES)), np.float32)
-        y = np.empty((batch_size, self.window), np.float32)
-        m = np.empty((batch_size, self.window), bool)
-        for b in range(batch_size):
-            x[b], y[b], m[b] = self.sample(rng, on_fraction, hard_fraction, power_only_fraction, hold)
-        return x, y, m
-
-    def sample(self, rng, on_fraction, hard_fraction, power_only_fraction, hold=((1,), 0.0)):
-        """One training window: (features [window, F], true W [window], scored mask [window])."""
-        u = rng.random()
-        pick = self._around(rng, self.on) if u < on_fraction else \
-            self._around(rng, self.hard) if u < on_fraction + hard_fraction else None
-        if pick is None:
-            k = rng.choice(len(self.series), p=self.lengths / self.lengths.sum())
-            pick = k, rng.integers(self.lengths[k])
-        k, start = pick
-        s = self.series[k]
-        start = int(np.clip(start, 0, len(s) - self.window))
-        sl = slice(start, start + self.window)
-        x = power_only(s.features[sl]) if rng.random() < power_only_fraction else s.features[sl]
-        periods, fraction = hold
-        if fraction > 0 and s.period_s == 1 and rng.random() < fraction:
-            x = hold_input(x, int(periods[rng.integers(len(periods))]), int(rng.integers(60)))
-        m = s.valid[sl].copy()
-        m[:self.skip] = False
-        return x, s.targets[self.appliance][sl], m
-
-
-class Mixture:
-    """Windows from several sources, each element of a batch drawn from a source by weight."""
-
-    def __init__(self, sources: dict[str, "Windows"], weights: dict[str, float]):
-        self.names = [n for n in sources if weights.get(n, 0) > 0]
-        if not self.names:
-            raise SystemExit("no training source with a weight > 0 has data")
-        self.sources = sources
-        w = np.array([weights[n] for n in self.names], dtype=np.float64)
-        self.p = w / w.sum()
-
-    def batch(self, rng, batch_size, on_fraction, hard_fraction, power_only_fraction, hold=((1,), 0.0)):
-        picks = rng.choice(len(self.names), size=batch_size, p=self.p)
-        items = [self.sources[self.names[k]].sample(rng, on_fraction, hard_fraction, power_only_fraction, hold)
-                 for k in picks]
-        return tuple(np.stack(parts) for parts in zip(*items))
 
 
 # ---------------------------------------------------------------- training
