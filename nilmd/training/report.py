@@ -136,7 +136,7 @@ def synth_test(args, names, out: dict) -> None:
     for a in names:
         if a not in loaded:
             continue
-        series = mixture.synth_test(a, args.synth_test, ROOT / "runs" / "cache", seed=7)
+        series = mixture.synth_test(a, args.synth_test, Path(args.cache_dir), seed=7)
         if not series:
             continue
         predictor = Predictor({a: loaded[a]}, device=args.device)
@@ -169,6 +169,7 @@ def main(argv=None):
                    help="score HOUSE with the checkpoints in DIR (trained with HOUSE left out)")
     p.add_argument("--synth-test", default=None, metavar="DATA", help="real-data folder for semi-synthetic test houses")
     p.add_argument("--synth-hold", default="1", metavar="PERIODS", help="meter periods (s) to score the semi-synthetic houses at, e.g. 1,10,60")
+    p.add_argument("--cache-dir", default="runs/cache", help="where the parsed tracebase runs are cached")
     p.add_argument("--check-windows", type=int, default=0, metavar="HOURS")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
