@@ -8,7 +8,6 @@ a simulated kettle and a tracebase kettle are cut by the same threshold, bridge 
 from __future__ import annotations
 
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -85,12 +84,6 @@ def _rate(pairs: list) -> tuple:
     return (pooled, *np.percentile([k / d for k, d in pairs], (10, 90)))
 
 
-def _device(path: str) -> str:
-    # the device part of `<device>_<date>.csv.gz`, as realdata.tracebase_traces names it
-    name = os.path.basename(path)
-    return re.sub(r"_?\d{4}\.\d{2}\.\d{2}.*$", "", name) or name
-
-
 def tracebase_samples(root: str, days_per_device: int = 6) -> tuple[dict, dict]:
     """appliance -> RunSample from the tracebase kinds in TRACEBASE_KINDS, and appliance -> its
     kinds found. At most `days_per_device` days of each device are read (~0.1-0.5 s a file),
@@ -99,7 +92,7 @@ def tracebase_samples(root: str, days_per_device: int = 6) -> tuple[dict, dict]:
     for t in realdata.tracebase_traces(root):
         if t.appliance:
             complete = os.sep + "complete" + os.sep in t.path
-            files[(t.appliance, t.kind, _device(t.path))].append((not complete, t.path))
+            files[(t.appliance, t.kind, t.device)].append((not complete, t.path))
     samples: dict = defaultdict(RunSample)
     kinds: dict = defaultdict(set)
     for (appliance, kind, device), items in sorted(files.items()):

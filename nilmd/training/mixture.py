@@ -44,10 +44,10 @@ def tracebase_runs(real_dir: str, cache_dir: Path) -> list[realdata.Activation]:
     """Every run of every tracebase kind (up to MAX_DAYS_PER_UNIT days a device), cached."""
     root = os.path.join(real_dir, "traces-1s", "tracebase")
     traces = realdata.tracebase_traces(root)
-    by_unit: dict[str, list] = {}
+    by_device: dict[tuple, list] = {}
     for tr in traces:
-        by_unit.setdefault(tr.unit.split("/")[0] + "/" + os.path.basename(tr.path).split("_20")[0], []).append(tr)
-    chosen = [tr for group in by_unit.values() for tr in sorted(group, key=lambda t: t.path)[:MAX_DAYS_PER_UNIT]]
+        by_device.setdefault((tr.kind, tr.device), []).append(tr)
+    chosen = [tr for group in by_device.values() for tr in sorted(group, key=lambda t: t.path)[:MAX_DAYS_PER_UNIT]]
     src = Path(realdata.__file__).read_bytes()
     path = cache_dir / f"tracebase-{_cache_key([t.path for t in chosen], hashlib.sha256(src).hexdigest())}.npz"
     if path.exists():
@@ -154,23 +154,20 @@ def build(appliance: str, real_dir: str, leave_out: str, weights: dict, cache_di
                     continue
                 for k, s in enumerate(series):
                     residuals["val" if k == len(series) - 1 and len(series) > 1 else "train"].append(residual(s))
-        step = LOOKALIKE_STEP_W.get(appliance)
         for split, count, out in (("train", synth_houses, train), ("val", max(4, synth_houses // 4), val)):
             rng = np.random.default_rng([seed, APPLIANCES.index(appliance), 0 if split == "train" else 1])
-            targets = [r for r in runs[split] if r.appliance == appliance]
-            distractors = [r for r in runs[split] if r.appliance != appliance]
-            backgrounds = gjw[split] + residuals[split]
-            if not targets or not backgrounds:
-                continue
             n = int(synth_hours * 3600)
-            for i in range(count):
+
+            backgrounds = gjw[split] + residuals[split]
+
+            def random_stretch(i, rng, backgrounds=backgrounds):
                 bg = backgrounds[rng.integers(len(backgrounds))]
                 start = int(rng.integers(0, max(1, len(bg) - n)))
-                piece = bg[start:start + n]
-                if step:
-                    piece = synthetic.remove_lookalikes(piece, step)
-                out.setdefault("synth", []).append(synthetic.house(rng, appliance, piece, targets, distractors,
-                                                                   name=f"synth {split} {appliance} {i}"))
+                return bg[start:start + n]
+
+            if backgrounds:
+                out.setdefault("synth", []).extend(
+                    _houses(rng, appliance, runs[split], count, random_stretch, f"synth {split} {appliance}"))
         desc["synth"] = {"houses": synth_houses, "hours": synth_hours,
                          "target_runs": {s: sum(r.appliance == appliance for r in runs[s]) for s in runs},
                          "target_units": {s: sorted({r.unit for r in runs[s] if r.appliance == appliance}) for s in runs}}
@@ -186,17 +183,28 @@ def synth_test(appliance: str, real_dir: str, cache_dir: Path, seed: int, houses
     """Semi-synthetic TEST houses: tracebase test devices on GJW test days, for the appliances
     without a sub-metered real house (scripts/evaluate.py --synth-test)."""
     runs = split_runs(tracebase_runs(real_dir, cache_dir))
-    targets = [r for r in runs["test"] if r.appliance == appliance]
-    distractors = [r for r in runs["test"] if r.appliance != appliance]
     backgrounds = _gjw_split(real_dir)["test"]
-    if not targets or not backgrounds:
+    if not backgrounds:
         return []
     rng = np.random.default_rng([seed, APPLIANCES.index(appliance), 2])
     n = int(hours * 3600)
-    out = []
+    return _houses(rng, appliance, runs["test"], houses, lambda i, rng: backgrounds[i % len(backgrounds)][:n],
+                   f"synth test {appliance}")
+
+
+def _houses(rng, appliance: str, runs: list, count: int, stretch, label: str) -> list[datasets.Series]:
+    """`count` semi-synthetic houses of one split: the appliance's runs as targets, every other
+    run as distractors, on the background `stretch(i, rng)` gives for house i (look-alikes of a
+    high-power target cut out first); [] when the split has no run of the appliance."""
+    targets = [r for r in runs if r.appliance == appliance]
+    distractors = [r for r in runs if r.appliance != appliance]
+    if not targets:
+        return []
     step = LOOKALIKE_STEP_W.get(appliance)
-    for i in range(houses):
-        bg = backgrounds[i % len(backgrounds)]
-        piece = bg[:n] if not step else synthetic.remove_lookalikes(bg[:n], step)
-        out.append(synthetic.house(rng, appliance, piece, targets, distractors, name=f"synth test {appliance} {i}"))
+    out = []
+    for i in range(count):
+        piece = stretch(i, rng)
+        if step:
+            piece = synthetic.remove_lookalikes(piece, step)
+        out.append(synthetic.house(rng, appliance, piece, targets, distractors, name=f"{label} {i}"))
     return out

@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from nilmd.appliances import APPLIANCES, ON_THRESHOLD_W
 
 # tracebase kinds -> the nilmd appliance they are; the other kinds serve only as distractors.
 TRACEBASE_KINDS = {
@@ -53,6 +52,7 @@ class Trace:
     appliance: str    # nilmd appliance, or "" for a distractor kind
     unit: str         # what the split is made by: the device, or the device-day for a lone device
     path: str
+    device: str = ""  # the device part of `<device>_<date>.csv.gz`
 
 
 @dataclass
@@ -78,7 +78,7 @@ def tracebase_traces(root: str) -> list[Trace]:
         lone = len({d for d, _ in items}) < 3
         for device, f in items:
             unit = f"{kind}/{os.path.basename(f)}" if lone else f"{kind}/{device}"
-            out.append(Trace(kind=kind, appliance=TRACEBASE_KINDS.get(kind, ""), unit=unit, path=f))
+            out.append(Trace(kind=kind, appliance=TRACEBASE_KINDS.get(kind, ""), unit=unit, path=f, device=device))
     return out
 
 
@@ -197,7 +197,3 @@ def house_files(real_dir: str) -> dict[str, dict[int, list[str]]]:
             house = "_".join(os.path.basename(f).split("_")[:2])
             out.setdefault(house, {}).setdefault(period, []).append(f)
     return out
-
-
-def known_appliances() -> tuple[str, ...]:
-    return tuple(a for a in APPLIANCES if a in ON_THRESHOLD_W)
