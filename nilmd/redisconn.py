@@ -13,8 +13,6 @@ from redis.retry import Retry
 
 from nilmd.config import Config
 
-# What a lost connection looks like from redis-py (a restarted server also closes sockets).
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 # Everything a Redis call can raise: a lost connection, and every refusal (OOM, NOPERM, READONLY,
 # LOADING, BUSY, a reply error). A daemon's Redis call catches all of these, counts and logs them
 # (nilmd.errors.redis_error) and goes on: one refused command must never end a loop.
