@@ -226,9 +226,17 @@ def test_warm_start_continues_from_a_checkpoint_and_records_it(tmp_path):
     best_first = next(h for h in first.training["history"] if h["step"] == first.training["best_step"])
     assert start["step"] == 0 and start["score"] == pytest.approx(best_first["score"])
 
-    with pytest.raises(SystemExit, match="--channels"):
-        train.main(common + ["--steps", "2", "--channels", "8", "--init", str(tmp_path / "one"),
+    with pytest.raises(SystemExit, match="--channels may only grow"):
+        train.main(common + ["--steps", "2", "--channels", "2", "--init", str(tmp_path / "one"),
                              "--out-dir", str(tmp_path / "three"), "--run-dir", str(tmp_path / "r3")])
+    with pytest.raises(SystemExit, match="--depth"):
+        train.main(common + ["--steps", "2", "--depth", "3", "--init", str(tmp_path / "one"),
+                             "--out-dir", str(tmp_path / "three"), "--run-dir", str(tmp_path / "r3")])
+    # wider: the narrow weights kept, new channels feeding nothing old, so step 0 scores the same
+    train.main(common + ["--steps", "2", "--channels", "8", "--init", str(tmp_path / "one"),
+                         "--out-dir", str(tmp_path / "wide"), "--run-dir", str(tmp_path / "rw")])
+    wide = checkpoints.load(tmp_path / "wide" / checkpoint_filename("ElectricKettle"))
+    assert wide.config.channels == 8 and wide.training["history"][0]["score"] == pytest.approx(best_first["score"])
     with pytest.raises(SystemExit, match="--init"):
         train.main(common + ["--steps", "2", "--init", str(tmp_path / "nowhere"),
                              "--out-dir", str(tmp_path / "three"), "--run-dir", str(tmp_path / "r3")])
@@ -270,3 +278,37 @@ def test_produce_and_training_read_one_file_the_same_way(tmp_path):
     assert msgs[0]["timestamp"] == series.info["start"] == 1380585600.0  # 2013-10-01T00:00:00Z
     assert [m["power_total"] for m in msgs] == [250.0, 2600.0] and msgs[1]["voltage"] == 229.0
     assert list(series.targets["ElectricKettle"]) == [0.0, 2400.0]
+
+
+def test_a_lookahead_model_is_scored_for_the_seconds_it_describes_and_the_daemon_refuses_it(tmp_path):
+    train, common = tiny_csv_training(tmp_path)
+    train.main(common + ["--steps", "2", "--lookahead", "5", "--out-dir", str(tmp_path / "la"),
+                         "--run-dir", str(tmp_path / "rl")])
+    path = tmp_path / "la" / checkpoint_filename("ElectricKettle")
+    with pytest.raises(checkpoints.CheckpointError, match="look-ahead of 5 s"):
+        checkpoints.load(path)  # what the daemon calls: it publishes real-time states only
+    la = checkpoints.load(path, lookahead_ok=True)
+    rt = checkpoints.Checkpoint(**{**la.__dict__, "training": {}})  # the same weights, real time
+
+    series = datasets.read_csv(tmp_path / "b.csv")
+    p_la, q_la, ok_la = evaluation.predict(Predictor({"ElectricKettle": la}), series, mode="stream", window=64,
+                                           interval=4)
+    p_rt, q_rt, ok_rt = evaluation.predict(Predictor({"ElectricKettle": rt}), series, mode="stream", window=64,
+                                           interval=4)
+    # output t of the look-ahead model describes t - 5: it is moved there, and the last 5 s,
+    # which no output describes yet, are not scored
+    np.testing.assert_array_equal(q_la[:, :-5], q_rt[:, 5:])
+    np.testing.assert_array_equal(p_la[:, :-5], p_rt[:, 5:])
+    assert not ok_la[-5:].any() and ok_rt[-5:].all()
+    np.testing.assert_array_equal(ok_la[:-5], ok_rt[:-5] & ok_rt[5:])
+
+
+def test_lookahead_pairs_each_output_with_the_truth_before_it():
+    power = torch.arange(10.0).view(1, 10)
+    y = torch.arange(10.0).view(1, 10) * 10
+    m = torch.ones(1, 10, dtype=torch.bool)
+    m[0, 2] = False
+    p, logit, yy, keep = train_mod.lookahead_pairs(power, power, y, m, 3)
+    assert p.tolist() == [[3, 4, 5, 6, 7, 8, 9]] and yy.tolist() == [[0, 10, 20, 30, 40, 50, 60]]
+    # the truth at 2 is invalid: its pair (output 5) is left out of the loss
+    assert keep.tolist() == [[True, True, False, True, True, True, True]]

@@ -93,8 +93,15 @@ def _require(data: dict, key: str, kind, path):
     return value
 
 
-def load(path, appliance: str | None = None) -> Checkpoint:
-    """Load and check one file. Every failure is a CheckpointError naming the file and why."""
+def lookahead_s(ckpt: Checkpoint) -> int:
+    """Seconds after the state it describes that the model saw (scripts/train.py --lookahead)."""
+    return int((ckpt.training.get("config") or {}).get("lookahead") or 0)
+
+
+def load(path, appliance: str | None = None, *, lookahead_ok: bool = False) -> Checkpoint:
+    """Load and check one file. Every failure is a CheckpointError naming the file and why.
+    A look-ahead model (an experiment) is refused unless `lookahead_ok`: the daemon publishes
+    real-time states, and such a model's outputs describe seconds further back."""
     path = str(path)
     if not os.path.exists(path):
         raise CheckpointError(path, "file not found")
@@ -156,6 +163,9 @@ def load(path, appliance: str | None = None) -> Checkpoint:
     ckpt = Checkpoint(path=path, appliance=name, config=config, state_dict=state,
                       feature_scales=tuple(float(s) for s in scales), training=data.get("training") or {},
                       metrics=data.get("metrics") or {}, **numbers)
+    if lookahead_s(ckpt) and not lookahead_ok:
+        raise CheckpointError(path, f"trained with a look-ahead of {lookahead_s(ckpt)} s (an experiment of "
+                              "scripts/train.py --lookahead); the daemon publishes real-time states only")
     try:  # shapes and names must match the architecture the hparams describe
         ckpt.model()
     except (RuntimeError, ValueError) as e:
@@ -163,13 +173,14 @@ def load(path, appliance: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def load_dir(model_dir, appliances=APPLIANCES) -> tuple[dict[str, Checkpoint], dict[str, str]]:
+def load_dir(model_dir, appliances=APPLIANCES, *, lookahead_ok: bool = False
+             ) -> tuple[dict[str, Checkpoint], dict[str, str]]:
     """Every appliance's checkpoint in `model_dir`: (loaded by appliance, error line by appliance)."""
     loaded, errors = {}, {}
     for appliance in appliances:
         path = Path(model_dir) / checkpoint_filename(appliance)
         try:
-            loaded[appliance] = load(path, appliance)
+            loaded[appliance] = load(path, appliance, lookahead_ok=lookahead_ok)
         except CheckpointError as e:
             errors[appliance] = str(e)
     return loaded, errors

@@ -20,6 +20,7 @@ from nilmd.training import metrics
 from nilmd.appliances import ON_THRESHOLD_W
 from nilmd.training.datasets import Series, scored_mask
 from nilmd.features import power_only
+from nilmd.models.checkpoints import lookahead_s
 from nilmd.models.predictor import Predictor, served_power
 
 
@@ -62,7 +63,16 @@ def predict(predictor, series: Series, *, inputs: str = "full", mode: str = "win
     feats = series.features if inputs == "full" else power_only(series.features)
     run = predict_windows if mode == "windows" else predict_stream
     power, prob, covered = run(predictor, feats, window=window, interval=interval)
-    return power, prob, covered & scored_mask(series.valid, predictor.receptive_field)
+    scored = covered & scored_mask(series.valid, predictor.receptive_field)
+    lags = [lookahead_s(c) for c in predictor.checkpoints]
+    if any(lags):  # a look-ahead model's output t describes t - lag: move it there
+        for k, lag in enumerate(lags):
+            if lag:
+                power[k, :-lag], prob[k, :-lag] = power[k, lag:].copy(), prob[k, lag:].copy()
+        lag = max(lags)
+        scored[:-lag] &= scored[lag:]
+        scored[-lag:] = False
+    return power, prob, scored
 
 
 def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str = "full", mode: str = "windows",

@@ -91,10 +91,10 @@ def pooled(predictor, series_iter, thresholds, *, interval: int, window: int) ->
 
 def load_set(base: str, override: str | None, names) -> tuple[dict, dict]:
     """Checkpoints of `override` (a fold's folder) where it has them, else of `base`."""
-    loaded, errors = checkpoints.load_dir(base, names)
+    loaded, errors = checkpoints.load_dir(base, names, lookahead_ok=True)
     used = {a: os.path.relpath(c.path) for a, c in loaded.items()}
     if override:
-        fold, _ = checkpoints.load_dir(override, names)
+        fold, _ = checkpoints.load_dir(override, names, lookahead_ok=True)
         loaded.update(fold)
         used.update({a: os.path.relpath(c.path) for a, c in fold.items()})
     return loaded, used

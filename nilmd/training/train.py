@@ -91,6 +91,7 @@ class TrainConfig:
     run_dir: str = "runs/train"
     resume: bool = False
     init: str = ""                      # warm start: a folder of checkpoints (or one file) to continue from
+    lookahead: int = 0                  # experiment: outputs describe the state this many s before their newest input
 
     def model_config(self) -> WaveNILMConfig:
         return WaveNILMConfig(channels=self.channels, depth=self.depth, head_channels=self.head_channels)
@@ -183,6 +184,15 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def lookahead_pairs(power, logit, y, m, lag: int):
+    """Pair each output with the truth `lag` samples before it (both ends valid). The power head
+    still scales the newest sample's aggregate, so a run ending inside the lag is learnt from
+    its on/off logit only: the head is the daemon's, unchanged, so the experiment measures what
+    seeing the future buys the state before anything else is rebuilt for it."""
+    keep = m[:, lag:] & m[:, :-lag]
+    return power[:, lag:], logit[:, lag:], y[:, :-lag], keep
+
+
 def validate(appliance, model, val, cfg, max_power_w):
     """Validation through the daemon's Predictor (stream mode), with full and power-only inputs.
     The probability threshold is tuned for F1 on both together (one threshold serves both kinds
@@ -190,7 +200,8 @@ def validate(appliance, model, val, cfg, max_power_w):
     ckpt = checkpoints.Checkpoint(path="<training>", appliance=appliance, config=model.config,
                                   state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                                   feature_scales=tuple(SCALES), on_power_threshold_w=ON_THRESHOLD_W[appliance],
-                                  probability_threshold=0.5, max_power_w=max_power_w)
+                                  probability_threshold=0.5, max_power_w=max_power_w,
+                                  training={"config": {"lookahead": cfg.lookahead}})
     predictor = Predictor({appliance: ckpt})
     if all(not s.features[:, 4].any() for s in val):  # power-only data (real houses): "full" is the same run
         run = evaluation.evaluate(predictor, val, {appliance: 0.5}, inputs="power", mode="stream")[appliance]
@@ -279,6 +290,8 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
         # 100 W TV and a 3 kW kettle learn at the same pace), BCE on on/off at the on-threshold.
         # L1's optimum is the median: where "on" is less likely than not (a fridge among other
         # compressors) it predicts 0 W; mse's optimum is the mean, p(on) x power.
+        if cfg.lookahead:  # output t is trained on the truth at t - L: it has seen L s after it
+            power, logit, y, m = lookahead_pairs(power, logit, y, m, cfg.lookahead)
         err = ((power - y) / typical_w)[m]
         l_power = err.abs().mean() if cfg.power_loss == "l1" else err.square().mean()
         l_on = F.binary_cross_entropy_with_logits(logit[m], (y[m] >= ON_THRESHOLD_W[appliance]).float())
@@ -312,7 +325,7 @@ def train_one(cfg: TrainConfig, appliance: str, train, val, data_desc, device) -
                                training=training, metrics={"validation": best["metrics"]})
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     checkpoints.save(out_path, data)
-    checkpoints.load(out_path, appliance)  # what we wrote must be what the daemon accepts
+    checkpoints.load(out_path, appliance, lookahead_ok=cfg.lookahead > 0)  # what we wrote must load
     print(f"{appliance}: wrote {out_path} (best step {best['step']}, {t_used / 60:.1f} min)", flush=True)
     return out_path
 
@@ -324,21 +337,28 @@ def warm_start(cfg: TrainConfig, appliance: str, model: WaveNILM) -> dict:
     if path.is_dir():
         path = path / checkpoint_filename(appliance)
     try:
-        ckpt = checkpoints.load(path, appliance)
+        ckpt = checkpoints.load(path, appliance, lookahead_ok=True)
     except CheckpointError as exc:
         raise SystemExit(f"--init: {exc}") from None
-    if ckpt.config != model.config:
+    widened = dataclasses.replace(ckpt.config, channels=model.config.channels) == model.config \
+        and ckpt.config.channels < model.config.channels
+    if widened:  # a capacity experiment that keeps what the narrow model learnt (nilmd.training.widen)
+        from nilmd.training.widen import widen_into
+        widen_into(model, ckpt.state_dict, ckpt.config.channels)
+    elif ckpt.config != model.config:
         raise SystemExit(f"--init: {path} has {ckpt.config}, this run {model.config}; use the same "
-                         "--channels/--depth/--head-channels")
-    model.load_state_dict(ckpt.state_dict)
-    print(f"{appliance}: starting from {path}", flush=True)
+                         "--depth/--head-channels (--channels may only grow)")
+    else:
+        model.load_state_dict(ckpt.state_dict)
+    print(f"{appliance}: starting from {path}" + (f", widened {ckpt.config.channels} -> "
+                                                  f"{model.config.channels} channels" if widened else ""), flush=True)
     return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "training": ckpt.training}
 
 
 def _loads(path, appliance) -> bool:
     try:
-        checkpoints.load(path, appliance)
+        checkpoints.load(path, appliance, lookahead_ok=True)
         return True
     except Exception:  # a missing or broken file is rewritten from the saved best state
         return False
