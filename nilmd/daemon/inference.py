@@ -81,6 +81,8 @@ class RedisPublisher:
             try:
                 self.ledger.load(self.client)
             except self.errors as e:
+                if redis_error(e)[0] == "unreachable":
+                    raise  # the prediction cannot go out either: it is held and tried again, counted then
                 self._failed(e, "could not read the run tracker's state (energy and events of this interval are "
                              "not counted)", "ledger")
                 return False
