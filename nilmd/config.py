@@ -213,7 +213,7 @@ class Config:
         86400, "--predictions-history", "NILMD_PREDICTIONS_HISTORY", "seconds of predictions kept in the stream "
         "nilm:{b}:predictions:stream (0: none)", minimum=0, maximum=366 * 86400, section="energy",
         note="Seconds of predictions kept in the stream nilm:<id>:predictions:stream (what nilmd report and "
-        "dashboards read; about 1.6 kB each with 11 models), as MAXLEN ~ this / INFERENCE_INTERVAL. 0: no stream.")
+        "dashboards read; about 1.5 kB each with 11 models), as MAXLEN ~ this / INFERENCE_INTERVAL. 0: no stream.")
     event_on_intervals: int = setting(
         2, "--event-on-intervals", "NILMD_EVENT_ON_INTERVALS", "consecutive predictions with is_on that start a "
         "run (its start event)", minimum=1, maximum=1440, section="energy",
