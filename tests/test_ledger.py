@@ -128,3 +128,16 @@ def test_no_history_stream_when_it_is_off(redis_client):
     count(Ledger(c), redis_client, prediction(ts(2024, 3, 1), {"Freezer": (True, 0.9, 100.0)}))
     assert not redis_client.exists(keys.predictions_stream(c.building_id))
     assert float(energy(redis_client, c)["Freezer:total_wh"]) == pytest.approx(100 / 60)
+
+
+def test_days_are_calendar_days_of_the_zone():
+    """A day with a daylight-saving change has 23 or 25 hours; an interval counts on its middle's day."""
+    from nilmd import days
+
+    berlin = days.zone("Europe/Berlin")
+    start, end = days.bounds("2024-03-31", berlin)
+    assert end - start == 23 * 3600 and start == ts(2024, 3, 30, 23, 0)
+    start, end = days.bounds("2024-10-27", berlin)
+    assert end - start == 25 * 3600
+    assert days.interval_day(ts(2024, 3, 30, 23, 0, 30), 60, berlin) == ("2024-03-31", "2024-03")
+    assert days.interval_day(ts(2024, 3, 30, 23, 0, 29), 60, berlin) == ("2024-03-30", "2024-03")
