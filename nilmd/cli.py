@@ -119,6 +119,7 @@ def cmd_report(args) -> int:
     from nilmd import days, report
 
     cfg = config.resolve(args, names=_names("common", "redis"))
+    report.require_matplotlib()
     day = args.day or days.yesterday(days.zone(cfg.timezone))
     try:
         days.bounds(day, days.zone(cfg.timezone))

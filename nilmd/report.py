@@ -150,14 +150,20 @@ def _run_line(e: dict, tz) -> str:
             f"{e['energy_wh']:.0f} Wh  peak {e['peak_w']:.0f} W")
 
 
-def render(day: Day) -> bytes:
-    """The PNG (SIZE_IN x DPI pixels)."""
+def require_matplotlib():
+    """matplotlib with the Agg backend, or NilmdError naming the extra (asked first, before Redis)."""
     try:
         import matplotlib
     except ImportError:
         raise NilmdError("nilmd report needs matplotlib, which is not installed: "
                          "pip install 'nilmd[report]' (the report extra)") from None
     matplotlib.use("Agg")  # no display on a server; set before pyplot loads
+    return matplotlib
+
+
+def render(day: Day) -> bytes:
+    """The PNG (SIZE_IN x DPI pixels)."""
+    require_matplotlib()
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
