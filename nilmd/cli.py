@@ -1,4 +1,4 @@
-"""`nilmd` command line: run, produce, watch, status, check (docs/CONTRACT.md §5).
+"""`nilmd` command line: run, produce, watch, status, check, report (docs/CONTRACT.md §5).
 
 Every error a user can cause ends in one line, `nilmd: error: ...`, and a non-zero exit code.
 """
@@ -115,6 +115,39 @@ def cmd_status(args) -> int:
     return code
 
 
+def cmd_report(args) -> int:
+    from nilmd import days, report
+
+    cfg = config.resolve(args, names=_names("common", "redis"))
+    report.require_matplotlib()
+    day = args.day or days.yesterday(days.zone(cfg.timezone))
+    try:
+        days.bounds(day, days.zone(cfg.timezone))
+    except ValueError:
+        return _fail(f"--day: {day!r} is not a date (YYYY-MM-DD)")
+    client, redisconn = _redis(cfg, "report")
+    try:
+        data = report.read_day(client, cfg.building_id, day, cfg.timezone)
+    except redisconn.ERRORS as e:
+        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
+    if args.truth:
+        report.add_truth(data, args.truth)
+    png = report.render(data)
+    out = args.out or f"nilmd-{cfg.building_id}-{day}.png"
+    written = [out]
+    try:
+        with open(out, "wb") as f:
+            f.write(png)
+        if args.html:
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(report.to_html(data, png))
+            written.append(args.html)
+    except OSError as e:
+        return _fail(f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR)
+    print(f"wrote {' and '.join(written)}: {day}, {len(data.ends)} predictions, {len(data.runs)} runs", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_check(args) -> int:
     """Like `nginx -t`: configuration, checkpoints and Redis, one line each; 0 if all good."""
     ok = True
@@ -187,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="print each prediction's JSON")
     watch.add_argument("--count", type=int, default=None, help="stop after N predictions")
     watch.set_defaults(func=cmd_watch)
+
+    report = sub.add_parser("report", help="draw a building's day: power, energy and runs (PNG, --html)")
+    config.add_arguments(report, ("common", "redis"))
+    report.add_argument("--day", default=None, help="the local day, YYYY-MM-DD (default: yesterday)")
+    report.add_argument("--out", default=None, help="the PNG (default: nilmd-BUILDING-DAY.png here)")
+    report.add_argument("--html", default=None, help="also one self-contained HTML page (the PNG inlined, tables)")
+    report.add_argument("--truth", default=None, help="a CSV of true appliance power to draw beside the estimate "
+                        "(the layout nilmd produce and training read)")
+    report.set_defaults(func=cmd_report)
 
     produce = sub.add_parser("produce", help="publish meter samples: simulated, or replayed from a CSV file")
     config.add_arguments(produce, ("common", "redis"))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nilmd import days
 from nilmd.errors import ConfigError
 # pip installs the shipped checkpoints as data files under {prefix}/share/nilmd/checkpoints
 # (pyproject.toml); an editable install finds them beside the package instead.
@@ -201,6 +202,30 @@ class Config:
         "of the box's clock are rejected", minimum=1.0, maximum=TEN_YEARS, section="buffering",
         per_mode=(("test", TEN_YEARS, "simulated time runs ahead of the wall clock"),),
         note="Samples stamped more than this many seconds ahead of the box's clock are rejected.")
+    # What the predictions add up to (nilmd.daemon.ledger, docs/CONTRACT.md §3.6, §3.7).
+    timezone: str = setting(
+        "UTC", "--timezone", "NILMD_TIMEZONE", "IANA time zone of the days in the energy hash and the report",
+        dynamic=days.box_timezone, default_doc="the box's (`$TZ`, else `/etc/localtime`)",
+        example="Europe/Berlin", group="common", section="energy", note="IANA time zone whose local midnight "
+        "starts a new day (today_wh) and month (month_wh) in nilm:<id>:energy, and the days of nilmd report. "
+        "Default: the box's ($TZ, else /etc/localtime).")
+    predictions_history: int = setting(
+        86400, "--predictions-history", "NILMD_PREDICTIONS_HISTORY", "seconds of predictions kept in the stream "
+        "nilm:{b}:predictions:stream (0: none)", minimum=0, maximum=366 * 86400, section="energy",
+        note="Seconds of predictions kept in the stream nilm:<id>:predictions:stream (what nilmd report and "
+        "dashboards read; about 1.5 kB each with 11 models), as MAXLEN ~ this / INFERENCE_INTERVAL. 0: no stream.")
+    event_on_intervals: int = setting(
+        2, "--event-on-intervals", "NILMD_EVENT_ON_INTERVALS", "consecutive predictions with is_on that start a "
+        "run (its start event)", minimum=1, maximum=1440, section="energy",
+        note="Hysteresis of the events on nilm:<id>:events: a run starts after this many consecutive predictions "
+        "with is_on, or at once when the probability reaches NILMD_EVENT_ON_PROBABILITY; it ends after "
+        "NILMD_EVENT_OFF_INTERVALS consecutive predictions without.")
+    event_on_probability: float = setting(
+        0.9, "--event-on-probability", "NILMD_EVENT_ON_PROBABILITY", "a probability at least this starts a run "
+        "at once", minimum=0.0, maximum=1.0, section="energy", note="")
+    event_off_intervals: int = setting(
+        3, "--event-off-intervals", "NILMD_EVENT_OFF_INTERVALS", "consecutive predictions without is_on that end "
+        "a run (its end event)", minimum=1, maximum=1440, section="energy", note="")
     speed: float = setting(60.0, "--speed", "NILMD_TEST_SPEED", "test mode: simulated seconds per real second "
                            "after the first window", minimum=0.01, maximum=1e6, section="test",
                            note="Simulated seconds per real second after the first window, and the simulated "
@@ -318,6 +343,7 @@ def _check(cfg: Config, environ) -> Config:
     if cfg.inference_interval > cfg.window_size:
         raise ConfigError(
             f"--inference-interval: {cfg.inference_interval} s is longer than the window ({cfg.window_size} samples)")
+    days.zone(cfg.timezone)  # a zone this box does not know: one line now, not in the inference later
     password_file = cfg.redis_password_file
     if not password_file and not cfg.redis_password and environ.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / "redis-password"

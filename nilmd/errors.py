@@ -36,11 +36,11 @@ _REDIS_REFUSALS = (  # redis-py's class name -> what Redis refused and why, in w
 )
 
 
-def redis_error(e: BaseException) -> tuple[str, str]:
+def redis_error(e: BaseException, script: tuple[str, ...] = ("xrange", "xrevrange")) -> tuple[str, str]:
     """(kind, one line) for anything a Redis call raised: the kind keys a log throttle (one line
     per kind and period), the line says what Redis refused and what to do. By class name, so
     that processes without redis-py imported can use it; never holds the password (redis-py's
-    messages do not)."""
+    messages do not). `script`: the commands of the script the caller ran, if it ran one."""
     names = {cls.__name__ for cls in type(e).__mro__}
     text = str(e)
     if "NoPermissionError" in names:
@@ -52,10 +52,11 @@ def redis_error(e: BaseException) -> tuple[str, str]:
         return "NOPERM names", (f"Redis refuses this ACL user a key or channel (NOPERM: {text}): its rule needs "
                                 "~nilm:* and &nilm:* (README, \"Redis ACL\")")
     if "can't run this command or subcommand script" in text:
-        # Redis does not say which command a script was refused; nilmd's one script (the stream
-        # reader's, nilmd.daemon.streams) runs only these two.
-        return "NOPERM script", ("Redis refuses this ACL user a command of nilmd's stream read script (NOPERM: XRANGE "
-                                 "or XREVRANGE): add +xrange +xrevrange to its ACL rule (README, \"Redis ACL\")")
+        # Redis does not say which command a script was refused: name every one the script runs
+        # (the stream reader's, nilmd.daemon.streams, by default; the ledger's, nilmd.daemon.ledger).
+        return "NOPERM script", (f"Redis refuses this ACL user a command of one of nilmd's scripts (NOPERM: "
+                                 f"{' or '.join(c.upper() for c in script)}): add "
+                                 f"{' '.join('+' + c for c in script)} to its ACL rule (README, \"Redis ACL\")")
     for name, kind, line in _REDIS_REFUSALS:
         if name in names:
             return kind, f"{line} ({kind}: {text})"

@@ -26,3 +26,25 @@ def latest_key(building: str) -> str:
 
 def status_key(building: str) -> str:
     return f"nilm:{building}:status"
+
+
+def energy_key(building: str) -> str:
+    """Energy per appliance today, this month, in total (nilmd.daemon.ledger)."""
+    return f"nilm:{building}:energy"
+
+
+def events_channel(building: str) -> str:
+    return f"nilm:{building}:events"
+
+
+def events_stream(building: str) -> str:
+    return events_channel(building) + ":stream"
+
+
+def predictions_stream(building: str) -> str:
+    return predictions_channel(building) + ":stream"
+
+
+def runs_key(building: str) -> str:
+    """The run tracker's state per appliance, so that a restarted inference continues a run."""
+    return f"nilm:{building}:runs"

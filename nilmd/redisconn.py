@@ -49,12 +49,14 @@ def describe(cfg: Config) -> str:
 # Least privilege (README, "Redis ACL"): what the daemon's clients send, per input mode. Every
 # connection authenticates (HELLO/AUTH), names itself (CLIENT SETNAME) and PINGs when idle; the
 # reader SUBSCRIBEs (pubsub) or reads the stream (EVAL of a script that XRANGEs it, nilmd.daemon.streams)
-# and its position; the inference PUBLISHes, SETs
-# `latest` and HSETs the status hash, which the supervisor HSETs too.
+# and its position; the inference PUBLISHes, SETs `latest` and HSETs the status hash, which the
+# supervisor HSETs too, and counts energy and events (HGETALL of the run tracker's state, EVAL of
+# the ledger's script: nilmd.daemon.ledger.Ledger.COMMANDS).
+_LEDGER = ("eval", "hgetall", "hget", "hkeys", "hincrbyfloat", "xadd")
 ACL_COMMANDS = {
-    "pubsub": ("hello", "auth", "client|setname", "ping", "subscribe", "publish", "set", "hset"),
+    "pubsub": ("hello", "auth", "client|setname", "ping", "subscribe", "publish", "set", "hset") + _LEDGER,
     "stream": ("hello", "auth", "client|setname", "ping", "get", "hget", "eval", "xrange", "xrevrange", "publish",
-               "set", "hset"),
+               "set", "hset") + tuple(c for c in _LEDGER if c not in ("eval", "hget")),
 }
 
 

@@ -30,6 +30,7 @@ SECTIONS = {
     "models": "Models and inference",
     "buffering": "Buffering and input checks",
     "supervision": "Supervision",
+    "energy": "Energy, events and history",
     "files": "Where files go (set by systemd; change only to run outside the unit)",
     "test": "Test mode only (NILMD_MODE=test)",
 }

@@ -122,3 +122,66 @@ def publish_samples(client, building: str, n: int, start: float | None = None, p
             pipe.publish(keys.input_channel(building), text)
     pipe.execute()
     return start + n - 1
+
+
+# A simulated house's morning through the daemon with the shipped models (tests/test_energy.py,
+# tests/test_report.py): house 3000 (a test house no model trained on), 2024-01-03 06:00-12:00
+# UTC, the inference process SIGKILLed once at 06:50, in the middle of a heat pump run.
+HOUSE_SEED, HOUSE_DAY, HOUSE_FROM_H, HOUSE_HOURS = 3000, 2, 6, 6
+
+
+@pytest.fixture(scope="session")
+def simulated_morning(redis_server, tmp_path_factory):  # redis_server: skips where redis-server is missing
+    from nilmd.daemon import streams
+    from nilmd.sim.simulator import Building
+
+    runtime = tmp_path_factory.mktemp("morning")
+    # A redis-server of its own: the tests that read this morning run later than others that
+    # restart or flush the shared one.
+    own = RedisServer(free_port(), runtime).start()
+    d = Daemon(own.port, ROOT / "checkpoints", runtime, extra_env={
+        "WINDOW_SIZE": "1536", "INFERENCE_INTERVAL": "60", "NILMD_RING_CAPACITY": "86400",
+        "NILMD_INPUT_MODE": "stream", "NILMD_TIMEZONE": "UTC"})
+    house = Building(HOUSE_SEED)
+    t0 = house.start + HOUSE_DAY * 86400 + HOUSE_FROM_H * 3600  # the first interval's first second
+    trace = house.trace(t0 - 1536 + 60, 1536 - 60 + HOUSE_HOURS * 3600)
+    client = own.client()
+    d.start()
+    try:
+        wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
+                 f"the daemon to read its stream\n{d.log()[-2000:]}")
+        sub = client.pubsub(ignore_subscribe_messages=True)
+        sub.subscribe(keys.predictions_channel(d.building), keys.events_channel(d.building))
+        updated = lambda: client.hget(keys.energy_key(d.building), "updated")  # noqa: E731
+        samples = list(trace.messages("full"))
+        cut = 1536 - 60 + 50 * 60  # up to 06:50, in the middle of the heat pump's first run (06:28-07:13)
+        for part in (samples[:cut], samples[cut:]):
+            pipe = client.pipeline(transaction=False)
+            for msg in part:
+                streams.add(pipe, d.building, json.dumps(msg))
+            pipe.execute()
+            last = part[-1]["timestamp"]
+            wait_for(lambda: updated() is not None and float(updated()) == last, 120,
+                     f"the interval ending {last} to be counted\n{d.log()[-2000:]}")
+            if part[0] is samples[0]:
+                os.kill(int(d.status(client)["pid_inference"]), signal.SIGKILL)
+        messages, quiet_since = [], time.monotonic()
+        while time.monotonic() - quiet_since < 1.0:  # everything is published: drain the subscription
+            m = sub.get_message(timeout=0.2)
+            if m is not None:
+                messages.append(m)
+                quiet_since = time.monotonic()
+        assert d.stop() == 0, d.log()[-2000:]
+        status = d.status(client)
+    except BaseException:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        own.stop()
+        raise
+    channel = keys.predictions_channel(d.building).encode()
+    published = [json.loads(m["data"]) for m in messages if m["channel"] == channel]
+    events = [json.loads(m["data"]) for m in messages if m["channel"] != channel]
+    yield dict(building=d.building, trace=trace, t0=t0, published=published, events=events, status=status,
+               log=d.log(), client=client)
+    client.close()
+    own.stop()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 DAEMON = ("supervisor", "reader", "inference", "ringbuffer", "control", "mapped", "snapshot", "ingest",
-          "sources", "streams", "status", "notify")
+          "sources", "streams", "status", "notify", "ledger", "runs")
 
 BLOCK_REDIS = """
 import sys
@@ -34,6 +34,12 @@ def imported_after(code: str) -> set[str]:
 def test_supervisor_reader_and_cli_never_import_torch(module):
     mods = imported_after(f"import {module}")
     assert "torch" not in mods, f"importing {module} imported torch"
+
+
+def test_only_the_report_imports_matplotlib():
+    """The `report` extra is optional: the daemon and the command line load without it."""
+    mods = imported_after("\n".join(f"import nilmd.daemon.{m}" for m in DAEMON) + "\nimport nilmd.cli, nilmd.report")
+    assert "matplotlib" not in mods
 
 
 def test_the_daemon_needs_neither_the_simulator_nor_the_training_code():

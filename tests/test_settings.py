@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 from nilmd import cli, config, settingsdoc
 from nilmd.config import SETTINGS, Config
+from nilmd.errors import ConfigError
 
 HINT = f"out of date: regenerate it with `{settingsdoc.REGENERATE}` (from the repository root)"
 
@@ -71,7 +72,9 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "model_dir": str(tmp_path), "window_size": "512", "inference_interval": "30", "device": "cpu",
              "threads": "2", "input_mode": "stream", "ring_capacity": "4096", "runtime_dir": str(tmp_path / "run"),
              "state_dir": str(tmp_path / "state"), "heartbeat_timeout": "12", "status_interval": "1.5",
-             "max_gap_fill": "9", "input_timeout": "45", "max_clock_skew": "42", "speed": "5", "seed": "7"}
+             "max_gap_fill": "9", "input_timeout": "45", "max_clock_skew": "42", "speed": "5", "seed": "7",
+             "timezone": "America/Chicago", "predictions_history": "7200", "event_on_intervals": "3",
+             "event_on_probability": "0.8", "event_off_intervals": "5"}
     switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"}
     assert set(given) | switches == {s.name for s in SETTINGS if s.flag}, "a flag of the table is not tried here"
     argv = ["run"] + [s.flag for s in SETTINGS if s.name in switches]
@@ -88,8 +91,19 @@ def test_every_flag_reaches_its_setting(tmp_path):
 
 def test_defaults_of_the_table_are_the_defaults_of_config():
     cfg = config.resolve(Namespace(), environ={})
-    plain = Config(model_dir=cfg.model_dir, runtime_dir=cfg.runtime_dir, state_dir=cfg.state_dir)
+    plain = Config(model_dir=cfg.model_dir, runtime_dir=cfg.runtime_dir, state_dir=cfg.state_dir,
+                   timezone=cfg.timezone)
     assert cfg == plain
+
+
+def test_the_time_zone_is_the_boxs_unless_given_and_a_wrong_one_is_one_line():
+    probe = "from argparse import Namespace\nfrom nilmd import config\nprint(config.resolve(Namespace()).timezone)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin", "TZ": "Asia/Tokyo"})
+    assert out.stdout.strip() == "Asia/Tokyo", out.stderr
+    assert config.resolve(Namespace(), environ={"NILMD_TIMEZONE": "Europe/Berlin"}).timezone == "Europe/Berlin"
+    with pytest.raises(ConfigError, match=r"^--timezone: 'Mars/Olympus' is not a time zone this box knows"):
+        config.resolve(Namespace(), environ={"NILMD_TIMEZONE": "Mars/Olympus"})
 
 
 @pytest.mark.parametrize("args, environ, want", [

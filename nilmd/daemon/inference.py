@@ -22,6 +22,7 @@ from nilmd import keys
 from nilmd.appliances import APPLIANCES
 from nilmd.backoff import Backoff
 from nilmd.config import Config
+from nilmd.daemon.ledger import Ledger
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError, redis_error
 from nilmd.daemon.worker import Worker
 
@@ -38,10 +39,13 @@ class RedisPublisher:
         self.errors = redisconn.ERRORS  # every Redis error, a refusal (OOM, NOPERM) too
         self.b = cfg.building_id
         self.log, self.throttle, self.ctl = logger, throttle, ctl
+        self.ledger = Ledger(cfg)  # energy, events and history: one script beside the prediction
 
     def publish(self, prediction: dict) -> bool:
         text = json.dumps(prediction, separators=(",", ":"))
+        counted = False
         try:
+            counted = self._ledger_ready()
             pipe = self.client.pipeline(transaction=False)
             pipe.publish(keys.predictions_channel(self.b), text)
             pipe.set(keys.latest_key(self.b), text)
@@ -50,9 +54,16 @@ class RedisPublisher:
                 "last_inference_ms": prediction["inference_time_ms"],
                 "last_window_end": prediction["window_end"],
             })
+            if counted:
+                self.ledger.queue(pipe, prediction, text)
             published, *stored = pipe.execute(raise_on_error=False)
         except self.errors as e:
             published, stored = e, []
+        if counted:
+            reply = stored.pop() if stored else published
+            self.ledger.settle(reply)
+            if isinstance(reply, Exception) and not isinstance(published, Exception):
+                self._failed(reply, "could not count a prediction's energy and events", "ledger")
         if isinstance(published, Exception):
             # The caller keeps the prediction and tries again (InferenceWorker.serve).
             self._failed(published, "could not publish a prediction")
@@ -64,10 +75,23 @@ class RedisPublisher:
             self._failed(refused[0], "published a prediction but could not store it (latest, status)")
         return True
 
-    def _failed(self, error: Exception, what: str) -> None:
+    def _ledger_ready(self) -> bool:
+        """The run tracker's state is known (read from Redis if need be); False: not counting now."""
+        if self.ledger.state is None:
+            try:
+                self.ledger.load(self.client)
+            except self.errors as e:
+                if redis_error(e)[0] == "unreachable":
+                    raise  # the prediction cannot go out either: it is held and tried again, counted then
+                self._failed(e, "could not read the run tracker's state (energy and events of this interval are "
+                             "not counted)", "ledger")
+                return False
+        return True
+
+    def _failed(self, error: Exception, what: str, topic: str = "publish") -> None:
         self.ctl.add("inference_redis_errors")
-        kind, line = redis_error(error)
-        self.throttle.log(f"publish {kind}", logging.ERROR, f"{what}: {line}")
+        kind, line = redis_error(error, script=Ledger.COMMANDS)
+        self.throttle.log(f"{topic} {kind}", logging.ERROR, f"{what}: {line}")
 
 
 class StdoutPublisher:

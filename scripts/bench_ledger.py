@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""What counting energy and events costs per prediction (README "Energy, events and the daily
+report"): the ledger's round trip (run tracker + script) against the prediction's own pipeline,
+on a private redis-server, 11 appliances.
+
+    .venv/bin/python scripts/bench_ledger.py [--n 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nilmd import keys  # noqa: E402
+from nilmd.appliances import APPLIANCES  # noqa: E402
+from nilmd.config import Config  # noqa: E402
+from nilmd.daemon.ledger import Ledger  # noqa: E402
+from nilmd.testing import RedisServer, free_port  # noqa: E402
+
+
+def prediction(window_end: float, k: int) -> dict:
+    on = k % 7 < 3  # runs of three intervals, pauses of four: every appliance starts and ends a run
+    return {"timestamp": window_end, "window_start": window_end - 1536, "window_end": window_end,
+            "total_power": 5000.0, "inference_time_ms": 1.0,
+            "predictions": [{"appliance": a, "power_watts": 500.0 if on else 0.0, "probability": 0.8 if on else 0.1,
+                             "is_on": on, "confidence": 0.6} for a in APPLIANCES]}
+
+
+def ms(samples: list[float]) -> str:
+    samples = sorted(samples)
+    return f"{samples[len(samples) // 2]:.3f} | {samples[int(len(samples) * 0.99)]:.3f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="predictions per measurement")
+    n = parser.parse_args().n
+    with tempfile.TemporaryDirectory() as work, RedisServer(free_port(), Path(work)) as server:
+        client = server.client()
+        cfg = Config(building_id="bench", inference_interval=60, timezone="UTC")
+        ledger, t0 = Ledger(cfg), 1704261600.0
+        counted, plain = [], []
+        for k in range(n):
+            p = prediction(t0 + 60 * k, k)
+            text = json.dumps(p, separators=(",", ":"))
+            start = time.perf_counter()
+            pipe = client.pipeline(transaction=False)
+            pipe.publish(keys.predictions_channel("bench"), text)
+            pipe.set(keys.latest_key("bench"), text)
+            pipe.hset(keys.status_key("bench"), mapping={"last_window_end": p["window_end"]})
+            pipe.execute()
+            plain.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            if ledger.state is None:
+                ledger.load(client)
+            pipe = client.pipeline(transaction=False)
+            ledger.queue(pipe, p, text)
+            ledger.settle(pipe.execute(raise_on_error=False)[-1])
+            counted.append((time.perf_counter() - start) * 1000)
+        per_entry = client.memory_usage(keys.predictions_stream("bench")) / client.xlen(keys.predictions_stream("bench"))
+        client.close()
+    print("| per prediction | median ms | p99 ms |\n|---|---:|---:|")
+    print(f"| PUBLISH + SET + HSET (the prediction) | {ms(plain)} |")
+    print(f"| the ledger: run tracker + script | {ms(counted)} |")
+    print(f"\nhistory stream: {per_entry:.0f} bytes of Redis memory per prediction ({n} predictions)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
