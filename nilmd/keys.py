@@ -26,3 +26,8 @@ def latest_key(building: str) -> str:
 
 def status_key(building: str) -> str:
     return f"nilm:{building}:status"
+
+
+def energy_key(building: str) -> str:
+    """Energy per appliance, a hash: "<Appliance>:today_wh", ":month_wh", ":total_wh" (Wh)."""
+    return f"nilm:{building}:energy"

@@ -30,6 +30,7 @@ SECTIONS = {
     "models": "Models and inference",
     "buffering": "Buffering and input checks",
     "supervision": "Supervision",
+    "exporters": "Prometheus and Home Assistant (off by default)",
     "files": "Where files go (set by systemd; change only to run outside the unit)",
     "test": "Test mode only (NILMD_MODE=test)",
 }

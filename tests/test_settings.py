@@ -71,7 +71,10 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "model_dir": str(tmp_path), "window_size": "512", "inference_interval": "30", "device": "cpu",
              "threads": "2", "input_mode": "stream", "ring_capacity": "4096", "runtime_dir": str(tmp_path / "run"),
              "state_dir": str(tmp_path / "state"), "heartbeat_timeout": "12", "status_interval": "1.5",
-             "max_gap_fill": "9", "input_timeout": "45", "max_clock_skew": "42", "speed": "5", "seed": "7"}
+             "max_gap_fill": "9", "input_timeout": "45", "max_clock_skew": "42", "speed": "5", "seed": "7",
+             "metrics_port": "9105", "metrics_host": "0.0.0.0", "mqtt_url": "mqtts://ha@broker.example:8884",
+             "mqtt_password_file": str(a_file), "mqtt_tls_ca": str(a_file), "mqtt_tls_cert": str(a_file),
+             "mqtt_tls_key": str(a_file), "mqtt_discovery_prefix": "ha"}
     switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"}
     assert set(given) | switches == {s.name for s in SETTINGS if s.flag}, "a flag of the table is not tried here"
     argv = ["run"] + [s.flag for s in SETTINGS if s.name in switches]
@@ -83,7 +86,7 @@ def test_every_flag_reaches_its_setting(tmp_path):
     for name, raw in given.items():
         value = getattr(cfg, name)
         assert value == type(value)(raw), f"{name}: {value!r} from {raw!r}"
-    assert cfg.redis_password == "secret"
+    assert cfg.redis_password == "secret" and cfg.mqtt_password == "secret"
 
 
 def test_defaults_of_the_table_are_the_defaults_of_config():
