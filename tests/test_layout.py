@@ -10,7 +10,7 @@ import sys
 import pytest
 
 DAEMON = ("supervisor", "reader", "inference", "ringbuffer", "control", "mapped", "snapshot", "ingest",
-          "sources", "streams", "status", "notify")
+          "sources", "streams", "status", "notify", "mqtt", "metrics")
 
 BLOCK_REDIS = """
 import sys
@@ -34,6 +34,14 @@ def imported_after(code: str) -> set[str]:
 def test_supervisor_reader_and_cli_never_import_torch(module):
     mods = imported_after(f"import {module}")
     assert "torch" not in mods, f"importing {module} imported torch"
+
+
+def test_exporters_are_imported_only_when_asked_for():
+    """A bare edge box has neither extra: the supervisor and the MQTT process's module import
+    prometheus-client and paho only where --metrics-port or --mqtt-url are acted on."""
+    mods = imported_after("import nilmd.daemon.supervisor, nilmd.daemon.mqtt, nilmd.homeassistant, nilmd.cli")
+    leaked = sorted(m for m in mods if m.startswith(("prometheus_client", "paho")))
+    assert not leaked, f"importing the daemon imported {leaked}"
 
 
 def test_the_daemon_needs_neither_the_simulator_nor_the_training_code():

@@ -134,9 +134,9 @@ class Broker:
             while not info.is_published() and time.monotonic() < deadline:
                 if self.client.loop(0.05) != self.paho.MQTT_ERR_SUCCESS:
                     break
+            self.connected = False  # what follows is our own doing, not a failure to report
             self.client.disconnect()
             self.client.loop(0.05)
-        self.connected = False
 
 
 class MqttWorker(Worker):
