@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
@@ -44,12 +47,16 @@ def appliances(p: dict | None) -> dict[str, dict]:
     return {e["appliance"]: e for e in p["predictions"] if isinstance(e, dict) and e.get("appliance") in APPLIANCES}
 
 
-def energy(raw: dict) -> dict[str, dict[str, float]]:
+def energy(raw: dict, now: float | None = None) -> dict[str, dict[str, float]]:
     """The energy hash (bytes or str) -> appliance -> {"today": Wh, "month": Wh, "total": Wh},
-    only the fields present and finite."""
+    only the fields present and finite. `today_wh` belongs to the hash's `day` until the first
+    interval of a new day resets it (docs/CONTRACT.md §3.6): on a later day, in the hash's own
+    time zone, today is 0 Wh so far (and likewise the month)."""
+    raw = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+           for k, v in raw.items()}
     out: dict[str, dict[str, float]] = {}
+    stale = _stale_periods(raw, time.time() if now is None else now)
     for k, v in raw.items():
-        k = k.decode() if isinstance(k, bytes) else k
         appliance, _, field = k.rpartition(":")
         period = field[:-3] if field.endswith("_wh") else ""
         if appliance not in APPLIANCES or period not in ENERGY_PERIODS:
@@ -59,5 +66,19 @@ def energy(raw: dict) -> dict[str, dict[str, float]]:
         except (TypeError, ValueError):
             continue
         if math.isfinite(wh):
-            out.setdefault(appliance, {})[period] = wh
+            out.setdefault(appliance, {})[period] = 0.0 if period in stale else wh
     return out
+
+
+def _stale_periods(raw: dict, now: float) -> set[str]:
+    """"today" and/or "month" when the hash's `day`/`month` are past in its `timezone`."""
+    try:
+        local = datetime.fromtimestamp(now, ZoneInfo(raw.get("timezone") or "UTC"))
+    except (ZoneInfoNotFoundError, ValueError):
+        return set()
+    stale = set()
+    if raw.get("day") and raw["day"] < local.strftime("%Y-%m-%d"):
+        stale.add("today")
+    if raw.get("month") and raw["month"] < local.strftime("%Y-%m"):
+        stale.add("month")
+    return stale

@@ -191,7 +191,8 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
     # The energy hash as the inference writes it (the energy counting lands on another branch;
     # until then the test writes it with HSET as that component would, contract: docs/CONTRACT.md §3.1).
     redis_client.hset(keys.energy_key(d.building), mapping={
-        "Dryer:total_wh": "1234.5", "Dryer:today_wh": "12", "Refrigerator:total_wh": "88.25", "day": "2026-12-01"})
+        "Dryer:total_wh": "1234.5", "Dryer:today_wh": "12", "Refrigerator:total_wh": "88.25",
+        "day": time.strftime("%Y-%m-%d", time.gmtime()), "timezone": "UTC"})
     last = publish_samples(redis_client, d.building, 16, start=last + 1)
     p = sub_redis.until(last)
     wait_for(lambda: states_match(sub, d.building, p, {"Dryer": 1234.5, "Refrigerator": 88.25}), 10,

@@ -79,6 +79,25 @@ def alert_rules() -> list[dict]:
     return [r for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
 
 
+def test_energy_hash_read_defensively_and_by_its_own_day():
+    """nilm:{b}:energy as the contract has it (§3.6): unknown or unreadable fields are left out,
+    and today_wh/month_wh of a past day or month (not yet reset by a new interval) read as 0."""
+    from nilmd import latest
+
+    noon = 1764590400.0  # 2025-12-01 12:00 UTC, 13:00 in Berlin
+    raw = {b"Dryer:today_wh": b"5.5", b"Dryer:month_wh": b"70", b"Dryer:total_wh": b"900", b"Oven:total_wh": b"1",
+           b"Television:total_wh": b"nan", b"Computer:today_wh": b"x", b"Computer:total_wh": b"3",
+           b"day": b"2025-12-01", b"month": b"2025-12", b"timezone": b"Europe/Berlin", b"updated": b"1764590000"}
+    assert latest.energy(raw, noon) == {"Dryer": {"today": 5.5, "month": 70.0, "total": 900.0},
+                                        "Computer": {"total": 3.0}}
+    next_day = latest.energy(raw, noon + 86400)["Dryer"]
+    assert next_day == {"today": 0.0, "month": 70.0, "total": 900.0}
+    assert latest.energy(raw, noon + 31 * 86400)["Dryer"] == {"today": 0.0, "month": 0.0, "total": 900.0}
+    # 23:30 UTC on the 1st is already the 2nd in Berlin
+    assert latest.energy(raw, noon + 11.5 * 3600)["Dryer"]["today"] == 0.0
+    assert latest.energy({}, noon) == {}
+
+
 def test_alert_rules_cover_the_four_cases_and_each_has_an_expression():
     rules = {r["alert"]: r["expr"] for r in alert_rules()}
     assert {"NilmdDown", "NilmdMeterSilent", "NilmdRejectedShareHigh", "NilmdChildRestarting"} <= set(rules)
@@ -125,7 +144,8 @@ def test_scraped_metrics_are_what_was_fed(daemon_factory, redis_client):
     redis_client.hset(keys.energy_key(d.building), mapping={
         "Dryer:today_wh": "12.5", "Dryer:month_wh": "300.25", "Dryer:total_wh": "1234.75",
         "HeatPump:total_wh": "99", "HeatPump:today_wh": "not a number", "Nonsense:total_wh": "5",
-        "day": "2026-12-01", "month": "2026-12", "timezone": "UTC", "updated": str(time.time())})
+        "day": time.strftime("%Y-%m-%d", time.gmtime()), "month": time.strftime("%Y-%m", time.gmtime()),
+        "timezone": "UTC", "updated": str(time.time())})
     t0 = float(int(time.time() - 400))
     last = publish_samples(redis_client, d.building, 256 + 16, start=t0)
     pipe = redis_client.pipeline(transaction=False)
