@@ -397,6 +397,9 @@ def _check(cfg: Config, environ) -> Config:
             raise ConfigError(f"{_BY_NAME[name].flag}: {path} is not a readable file")
     if cfg.mqtt_url:
         mqtt_endpoint(cfg.mqtt_url)
+        if cfg.mode == "test":
+            raise ConfigError("--mqtt-url: the MQTT process reads the predictions from Redis, and --mode test "
+                              "has none (it prints them)")
     # An exporter asked for without its extra: one line now, not a traceback in a child later.
     for on, module, package, flag, extra in (
             (cfg.metrics_port, "prometheus_client", "prometheus-client", "--metrics-port", "metrics"),

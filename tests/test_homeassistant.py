@@ -198,6 +198,21 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
     wait_for(lambda: states_match(sub, d.building, p, {"Dryer": 1234.5, "Refrigerator": 88.25}), 10,
              f"states of the new prediction and the energy {sub.last()}")
 
+    warnings = [line for line in d.log().splitlines() if "MQTT broker" in line and "WARNING" in line]
+    assert len(warnings) == 1, f"a broker down for seconds is one line, throttled: {warnings}"
+
+    # The broker restarts (and forgets everything: no persistence): the same process reconnects
+    # with backoff and announces everything again, the newest states included.
+    sub.close()
+    broker.stop()
+    wait_for(lambda: "connection lost" in d.log() or "connection was closed" in d.log(), 10,
+             "the lost connection noticed")
+    broker.start()
+    sub = MqttSubscriber(broker.port, "ha", broker.users["ha"])
+    wait_for(lambda: len(sub.last("homeassistant/")) == 33 and states_match(
+        sub, d.building, p, {"Dryer": 1234.5, "Refrigerator": 88.25}), 30, f"everything again\n{d.log()[-2000:]}")
+    assert d.status(redis_client)["restarts_mqtt"] == "0"
+
     # A crash of the MQTT process: the broker sends its last will, the supervisor restarts it.
     mqtt_pid = int(wait_for(lambda: d.status(redis_client).get("pid_mqtt"), 5, "pid_mqtt in the status hash"))
     os.kill(mqtt_pid, signal.SIGKILL)
@@ -214,8 +229,6 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
     fresh.close()
     log = d.log()
     assert password not in log and "Traceback" not in log, log[-3000:]
-    warnings = [line for line in log.splitlines() if "MQTT broker" in line and "WARNING" in line]
-    assert len(warnings) == 1, f"a broker down for seconds is one line, throttled: {warnings}"
 
 
 def make_broker(tmp_path, url: str, password: str, **tls):

@@ -98,8 +98,8 @@ class DaemonCollector:
             r: 1 for r in (sup.problems if sup.state == "degraded" else [])}, "reason")
         yield f(c, "nilmd_child_restarts", "restarts of each child process", {
             r: ch.restarts for r, ch in sup.children.items()}, "role")
-        yield f(g, "nilmd_child_up", "1 while the child process is alive", {
-            r: ch.alive for r, ch in sup.children.items()}, "role")
+        yield f(g, "nilmd_child_up", "1 while the child process runs (0 from its death to its restart)", {
+            r: _pid_of(ch)() != "none" for r, ch in sup.children.items()}, "role")
         if "mqtt" in sup.children:
             yield f(g, "nilmd_mqtt_connected", "1 while connected to the MQTT broker",
                     snap["mqtt_state"] == ctlmod.MQTT_CONNECTED)
@@ -145,11 +145,13 @@ class DaemonCollector:
 
 
 def _pid_of(child):
-    """For a child's ProcessCollector: its pid now (none while it is down or being restarted)."""
+    """Its pid until the supervisor reaps it, else "none" (no /proc entry). Only reads: waiting
+    on a child (is_alive) is the supervisor loop's job, and this thread runs beside it."""
     def pid():
         try:
-            return child.pid or "none"
-        except ValueError:  # reaped between the check and the read
+            process = child.process
+            return process.pid if process is not None else "none"
+        except ValueError:  # closed by the loop between the two reads
             return "none"
     return pid
 

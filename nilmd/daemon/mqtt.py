@@ -99,7 +99,7 @@ class Broker:
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         if self.connected or self.started is not None:
-            self._failed(f"disconnected: {reason}")
+            self._failed(f"the connection was closed ({reason})")
 
     def _failed(self, why: str) -> None:
         """One failure: count it, one throttled line, and the next attempt after the backoff."""
