@@ -268,3 +268,30 @@ def test_tls_a_wrong_ca_and_a_wrong_password(broker, tmp_path, caplog):
     b.close()
     wait_for(lambda: sub.last().get("nilmd/tls.house/availability") == "offline", 10, "offline after close")
     sub.close()
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"NILMD_MQTT_URL": "mqtt://nilmd:hunter2@broker"}, "put the password in --mqtt-password-file"),
+    ({"NILMD_MQTT_URL": "http://broker"}, "is not mqtt://[user@]host[:port]"),
+    ({"NILMD_MQTT_URL": "mqtt://broker:0x50"}, "has an invalid port"),
+    ({"NILMD_MQTT_URL": "mqtt://broker", "NILMD_MODE": "test"}, "--mode test"),
+    ({"NILMD_MQTT_URL": "mqtt://broker", "NILMD_MQTT_PASSWORD_FILE": "/nonexistent/pw"}, "cannot read /nonexistent/pw"),
+    ({"NILMD_MQTT_URL": "mqtts://broker", "NILMD_MQTT_TLS_CA": "/nonexistent/ca.pem"}, "--mqtt-tls-ca"),
+])
+def test_mqtt_settings_that_cannot_work_are_one_line(env, says):
+    from nilmd import config
+    from nilmd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config.resolve(None, environ=env)
+    assert says in str(e.value) and "hunter2" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mqtt_password_from_the_systemd_credential(tmp_path):
+    from nilmd import config
+
+    (tmp_path / "mqtt-password").write_text("s3cret\n")
+    cfg = config.resolve(None, environ={"NILMD_MQTT_URL": "mqtt://nilmd@broker",
+                                        "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert cfg.mqtt_password == "s3cret" and "s3cret" not in repr(cfg) and cfg.public()["mqtt_password"] == "***"
+    assert config.mqtt_endpoint(cfg.mqtt_url) == (False, "nilmd", "broker", 1883)

@@ -178,7 +178,8 @@ def test_scraped_metrics_are_what_was_fed(daemon_factory, redis_client):
     assert value(m, "nilmd_inference_latency_seconds_count", **b) == 3
     assert value(m, "nilmd_inference_latency_seconds_sum", **b) == pytest.approx(sum(seconds))
     for bound in LATENCY_BUCKETS_S:
-        assert value(m, "nilmd_inference_latency_seconds_bucket", le=repr(bound), **b) == sum(s <= bound for s in seconds)
+        expected = sum(s <= bound for s in seconds)
+        assert value(m, "nilmd_inference_latency_seconds_bucket", le=repr(bound), **b) == expected, bound
     assert value(m, "nilmd_inference_latency_seconds_bucket", le="+Inf", **b) == 3
     # per appliance: the latest prediction, and the energy hash (unreadable and unknown fields left out)
     for e in json.loads(redis_client.get(keys.latest_key(d.building)))["predictions"]:
