@@ -295,3 +295,25 @@ def test_mqtt_password_from_the_systemd_credential(tmp_path):
                                         "CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert cfg.mqtt_password == "s3cret" and "s3cret" not in repr(cfg) and cfg.public()["mqtt_password"] == "***"
     assert config.mqtt_endpoint(cfg.mqtt_url) == (False, "nilmd", "broker", 1883)
+
+
+def test_tls_files_that_are_no_certificate_stop_with_one_line(tmp_path, caplog):
+    """A CA file that exists (the settings check passes) but holds no certificate: the MQTT
+    process ends with EXIT_BOOT_ERROR (the supervisor stops, systemd does not retry) and one line."""
+    from nilmd.config import Config
+    from nilmd.daemon.control import ControlBlock
+    from nilmd.daemon.mqtt import MqttWorker
+    from nilmd.daemon.ringbuffer import RingBuffer
+    from nilmd.errors import EXIT_BOOT_ERROR
+    from nilmd.features import N_FEATURES
+
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    paths = {"ring": str(tmp_path / "ring"), "ctl": str(tmp_path / "ctl")}
+    shared = RingBuffer.create(paths["ring"], 256, N_FEATURES), ControlBlock.create(paths["ctl"])
+    cfg = Config(mqtt_url="mqtts://nilmd@127.0.0.1:1", mqtt_tls_ca=str(tmp_path / "ca.pem"))
+    caplog.set_level(logging.CRITICAL, logger="nilmd.mqtt")
+    assert MqttWorker(cfg, paths).run() == EXIT_BOOT_ERROR
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(lines) == 1 and "--mqtt-tls-ca" in lines[0] and "no certificate" in lines[0], lines
+    for s in shared:
+        s.close()

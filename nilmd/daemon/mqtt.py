@@ -24,7 +24,7 @@ from nilmd.backoff import Backoff
 from nilmd.config import Config
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon.worker import Worker
-from nilmd.errors import EXIT_OK, redis_error
+from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, redis_error
 
 TICK_S = 0.1  # each of the two waits of one loop turn (broker, Redis): the heartbeat stays fresh
 CONNACK_TIMEOUT_S = 10.0  # a broker that took the TCP connection but never answers CONNECT
@@ -147,7 +147,11 @@ class MqttWorker(Worker):
 
         self.redis = redisconn.client(self.cfg, name="mqtt", socket_timeout=3.0)  # < heartbeat timeout
         self.errors = redisconn.ERRORS
-        self.broker = Broker(self.cfg, self.log, self.throttle, self.ctl)
+        try:
+            self.broker = Broker(self.cfg, self.log, self.throttle, self.ctl)
+        except (OSError, ValueError) as e:  # TLS files that exist but are no certificate or key
+            self.log.critical("cannot use the MQTT TLS files (--mqtt-tls-ca, --mqtt-tls-cert, --mqtt-tls-key): %s", e)
+            return EXIT_BOOT_ERROR
         self.pubsub = None
         self.redis_backoff, self.redis_retry_at = Backoff(), 0.0
         self.log.info("publishing to Home Assistant via %s (discovery prefix %s)", self.broker.where,
