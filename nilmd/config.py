@@ -22,9 +22,11 @@ clock-skew limit defaults to its maximum there. A value the user gives always wi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -226,6 +228,38 @@ class Config:
     event_off_intervals: int = setting(
         3, "--event-off-intervals", "NILMD_EVENT_OFF_INTERVALS", "consecutive predictions without is_on that end "
         "a run (its end event)", minimum=1, maximum=1440, section="energy", note="")
+    # Exporters (nilmd.daemon.metrics, nilmd.daemon.mqtt): off unless asked for.
+    metrics_port: int = setting(0, "--metrics-port", "NILMD_METRICS_PORT", "serve Prometheus /metrics on this "
+                                "port (0: off; needs the metrics extra)", minimum=0, maximum=65535,
+                                section="exporters", note="Serve Prometheus /metrics on this port from the "
+                                "supervisor (0: off). Needs pip install 'nilmd[metrics]'.")
+    metrics_host: str = setting("127.0.0.1", "--metrics-host", "NILMD_METRICS_HOST", "address /metrics listens on",
+                                section="exporters", note="Address /metrics listens on; 0.0.0.0 for every "
+                                "interface (then firewall it: the metrics need no password).")
+    mqtt_url: str = setting(
+        "", "--mqtt-url", "NILMD_MQTT_URL", "publish to Home Assistant over MQTT: mqtt://user@host:port or mqtts:// "
+        "(TLS); empty: off", section="exporters", note="Home Assistant over MQTT: mqtt://user@host:1883, or "
+        "mqtts://user@host:8883 for TLS; empty: off. Needs pip install 'nilmd[mqtt]'. The password never goes "
+        "in the URL: see the file below.")
+    mqtt_password: str = setting(
+        "", None, "NILMD_MQTT_PASSWORD", "MQTT password (prefer the file)", secret=True, section="exporters",
+        note="The broker password, as for Redis: /etc/nilmd/mqtt-password, which the unit can pass as the "
+        "credential $CREDENTIALS_DIRECTORY/mqtt-password (read by default); last resort: the password here.")
+    mqtt_password_file: str = setting(
+        "", "--mqtt-password-file", "NILMD_MQTT_PASSWORD_FILE", "file holding the MQTT password (default: "
+        "$CREDENTIALS_DIRECTORY/mqtt-password when systemd passes one)", type="path", section="exporters",
+        note="Another file holding the broker password (readable by the nilmd user).")
+    mqtt_tls_ca: str = setting("", "--mqtt-tls-ca", "NILMD_MQTT_TLS_CA", "CA bundle that signs the broker "
+                               "certificate (mqtts://; default: the system's)", type="path", section="exporters",
+                               note="mqtts://: the CA that signed the broker certificate (default: the system's) "
+                               "and, for mutual TLS, a client certificate and key.")
+    mqtt_tls_cert: str = setting("", "--mqtt-tls-cert", "NILMD_MQTT_TLS_CERT", "client certificate for MQTT TLS",
+                                 type="path", section="exporters", note="")
+    mqtt_tls_key: str = setting("", "--mqtt-tls-key", "NILMD_MQTT_TLS_KEY", "client key for MQTT TLS", type="path",
+                                section="exporters", note="")
+    mqtt_discovery_prefix: str = setting(
+        "homeassistant", "--mqtt-discovery-prefix", "NILMD_MQTT_DISCOVERY_PREFIX", "Home Assistant's MQTT "
+        "discovery prefix", section="exporters", note="Home Assistant's discovery prefix (its default).")
     speed: float = setting(60.0, "--speed", "NILMD_TEST_SPEED", "test mode: simulated seconds per real second "
                            "after the first window", minimum=0.01, maximum=1e6, section="test",
                            note="Simulated seconds per real second after the first window, and the simulated "
@@ -334,6 +368,43 @@ def resolve(args=None, environ=None, names=None) -> Config:
     return _check(cfg, environ)
 
 
+def _read_password(cfg: Config, environ, service: str) -> Config:
+    """{service}_password from its file: the setting, else the systemd credential {service}-password."""
+    password_file = getattr(cfg, f"{service}_password_file")
+    if not password_file and not getattr(cfg, f"{service}_password") and environ.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / f"{service}-password"
+        password_file = str(candidate) if candidate.is_file() else ""
+    if not password_file:
+        return cfg
+    try:
+        password = Path(password_file).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"--{service}-password-file: cannot read {password_file}: {e.strerror}") from None
+    return cfg.replace(**{f"{service}_password": password, f"{service}_password_file": password_file})
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken installation counts as none
+        return False
+
+
+def mqtt_endpoint(url: str) -> tuple[bool, str, str, int]:
+    """(tls, user, host, port) of --mqtt-url; a ConfigError says what is wrong with it."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"--mqtt-url: {url!r} has an invalid port") from None
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"--mqtt-url: {url!r} is not mqtt://[user@]host[:port] or mqtts://[user@]host[:port]")
+    if parts.password is not None:  # a URL shows in `ps` and in logs
+        raise ConfigError("--mqtt-url: put the password in --mqtt-password-file (or $NILMD_MQTT_PASSWORD), not the URL")
+    tls = parts.scheme == "mqtts"
+    return tls, urllib.parse.unquote(parts.username or ""), parts.hostname, port or (8883 if tls else 1883)
+
+
 def _check(cfg: Config, environ) -> Config:
     if not _BUILDING_RE.match(cfg.building_id):
         raise ConfigError(f"--building-id: {cfg.building_id!r} must be 1-64 letters, digits, '_', '-' or '.'")
@@ -344,18 +415,22 @@ def _check(cfg: Config, environ) -> Config:
         raise ConfigError(
             f"--inference-interval: {cfg.inference_interval} s is longer than the window ({cfg.window_size} samples)")
     days.zone(cfg.timezone)  # a zone this box does not know: one line now, not in the inference later
-    password_file = cfg.redis_password_file
-    if not password_file and not cfg.redis_password and environ.get("CREDENTIALS_DIRECTORY"):
-        candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / "redis-password"
-        password_file = str(candidate) if candidate.is_file() else ""
-    if password_file:
-        try:
-            password = Path(password_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"--redis-password-file: cannot read {password_file}: {e.strerror}") from None
-        cfg = cfg.replace(redis_password=password, redis_password_file=password_file)
-    for name in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+    cfg = _read_password(cfg, environ, "redis")
+    cfg = _read_password(cfg, environ, "mqtt")
+    for name in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key", "mqtt_tls_ca", "mqtt_tls_cert", "mqtt_tls_key"):
         path = getattr(cfg, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"{_BY_NAME[name].flag}: {path} is not a readable file")
+    if cfg.mqtt_url:
+        mqtt_endpoint(cfg.mqtt_url)
+        if cfg.mode == "test":
+            raise ConfigError("--mqtt-url: the MQTT process reads the predictions from Redis, and --mode test "
+                              "has none (it prints them)")
+    # An exporter asked for without its extra: one line now, not a traceback in a child later.
+    for on, module, package, flag, extra in (
+            (cfg.metrics_port, "prometheus_client", "prometheus-client", "--metrics-port", "metrics"),
+            (cfg.mqtt_url, "paho", "paho-mqtt", "--mqtt-url", "mqtt")):
+        if on and not _installed(module):
+            raise ConfigError(f"{flag} needs the Python package {package}, which is not installed: "
+                              f"pip install 'nilmd[{extra}]'")
     return cfg

@@ -29,7 +29,7 @@ def status_key(building: str) -> str:
 
 
 def energy_key(building: str) -> str:
-    """Energy per appliance today, this month, in total (nilmd.daemon.ledger)."""
+    """Energy per appliance, a hash: "<Appliance>:today_wh", ":month_wh", ":total_wh" (Wh; nilmd.daemon.ledger)."""
     return f"nilm:{building}:energy"
 
 

@@ -31,6 +31,7 @@ SECTIONS = {
     "buffering": "Buffering and input checks",
     "supervision": "Supervision",
     "energy": "Energy, events and history",
+    "exporters": "Prometheus and Home Assistant (off by default)",
     "files": "Where files go (set by systemd; change only to run outside the unit)",
     "test": "Test mode only (NILMD_MODE=test)",
 }

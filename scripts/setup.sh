@@ -21,5 +21,5 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q ${PIP_ARGS:-} "$TORCH_SPEC"
-python -m pip install -q ${PIP_ARGS:-} -e ".[test]"
+python -m pip install -q ${PIP_ARGS:-} -e ".[test,metrics,mqtt]"  # the exporters' tests need their extras
 python -c "import torch, nilmd; print(f'setup: nilmd {nilmd.__version__}, torch {torch.__version__}, CUDA {torch.cuda.is_available()}')"

@@ -4,13 +4,16 @@ Each check runs in a fresh interpreter, so what an earlier test imported cannot 
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 
 DAEMON = ("supervisor", "reader", "inference", "ringbuffer", "control", "mapped", "snapshot", "ingest",
-          "sources", "streams", "status", "notify", "ledger", "runs")
+          "sources", "streams", "status", "notify", "ledger", "runs", "mqtt")
+# /metrics's module imports its extra, prometheus-client (scripts/setup.sh installs it)
+DAEMON += ("metrics",) if importlib.util.find_spec("prometheus_client") else ()
 
 BLOCK_REDIS = """
 import sys
@@ -40,6 +43,12 @@ def test_only_the_report_imports_matplotlib():
     """The `report` extra is optional: the daemon and the command line load without it."""
     mods = imported_after("\n".join(f"import nilmd.daemon.{m}" for m in DAEMON) + "\nimport nilmd.cli, nilmd.report")
     assert "matplotlib" not in mods
+def test_exporters_are_imported_only_when_asked_for():
+    """A bare edge box has neither extra: the supervisor and the MQTT process's module import
+    prometheus-client and paho only where --metrics-port or --mqtt-url are acted on."""
+    mods = imported_after("import nilmd.daemon.supervisor, nilmd.daemon.mqtt, nilmd.homeassistant, nilmd.cli")
+    leaked = sorted(m for m in mods if m.startswith(("prometheus_client", "paho")))
+    assert not leaked, f"importing the daemon imported {leaked}"
 
 
 def test_the_daemon_needs_neither_the_simulator_nor_the_training_code():

@@ -19,6 +19,8 @@ from nilmd.daemon.sources import DISCONNECT_CAUSES
 READER_STARTING, READER_CONNECTING, READER_SUBSCRIBED = 0, 1, 2
 # Inference states
 INFER_LOADING, INFER_READY, INFER_RELOADING = 0, 1, 2
+# MQTT publisher states
+MQTT_STARTING, MQTT_CONNECTING, MQTT_CONNECTED = 0, 1, 2
 
 _NAMES = [
     "reader_pid", "reader_heartbeat", "reader_state", "redis_connected", "redis_errors",
@@ -47,6 +49,13 @@ _NAMES += ["predictions_pending"]
 # pub/sub subscriptions cut, by cause, and the samples estimated lost in those cuts (the gaps in
 # the meter's timestamps across each one)
 _NAMES += [f"disconnects_{c}" for c in DISCONNECT_CAUSES] + ["samples_lost"]
+# The inference latency as a Prometheus histogram (nilmd.daemon.metrics): cumulative counts of
+# published predictions whose step took at most each bound, their sum and count. Kept here, by
+# the inference, so that the supervisor's exporter reads it without a second bookkeeping.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_NAMES += [f"latency_le_{i}" for i in range(len(LATENCY_BUCKETS_S))] + ["latency_sum", "latency_count"]
+# The Home Assistant publisher (nilmd.daemon.mqtt), a child only with --mqtt-url
+_NAMES += ["mqtt_pid", "mqtt_heartbeat", "mqtt_state", "mqtt_errors", "mqtt_published"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 SIZE = 8 * 128
 assert len(_NAMES) <= 128
@@ -75,6 +84,13 @@ class ControlBlock(MappedFile):
 
     def add(self, name: str, n: float = 1) -> None:
         self._a[SLOTS[name]] += n
+
+    def observe_latency(self, seconds: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self._a[SLOTS[f"latency_le_{i}"]] += 1
+        self._a[SLOTS["latency_sum"]] += seconds
+        self._a[SLOTS["latency_count"]] += 1
 
     def snapshot(self) -> dict[str, float]:
         values = self._a.copy()

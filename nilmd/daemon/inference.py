@@ -280,6 +280,7 @@ class InferenceWorker(Worker):
                 ctl.add("inferences")
                 ctl["last_inference_ts"] = prediction["timestamp"]
                 ctl["last_inference_ms"] = prediction["inference_time_ms"]
+                ctl.observe_latency(prediction["inference_time_ms"] / 1000.0)
                 if backoff.failures:
                     self.log.info("published the held prediction (window ending %s) after %d failed attempts; "
                                   "catching up", prediction["window_end"], backoff.failures)

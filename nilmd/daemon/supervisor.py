@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from nilmd.daemon import control as ctlmod
-from nilmd.daemon import health, inference, reader, snapshot, status
+from nilmd.daemon import health, inference, mqtt, reader, snapshot, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
@@ -91,6 +91,9 @@ class Supervisor:
         prefix = os.path.join(cfg.runtime_dir, f"nilmd-{cfg.building_id}")
         self.paths = {"ring": prefix + ".ring", "ctl": prefix + ".ctl", "lock": prefix + ".lock"}
         self.children = {"reader": Child("reader", reader.main), "inference": Child("inference", inference.main)}
+        if cfg.mqtt_url:  # Home Assistant: a child of its own (nilmd.daemon.mqtt says why)
+            self.children["mqtt"] = Child("mqtt", mqtt.main)
+        self.metrics = None  # the /metrics server (nilmd.daemon.metrics), with --metrics-port
         self.notifier = Notifier(unset_environment=True)  # children must not inherit NOTIFY_SOCKET
         self.signals: deque[int] = deque()
         self.exit_code: int | None = None
@@ -117,6 +120,7 @@ class Supervisor:
         # The children get the password inside their Config; in their environment it would be
         # readable in /proc/<pid>/environ and `ps eww` for as long as they live.
         os.environ.pop("REDIS_PASSWORD", None)
+        os.environ.pop("NILMD_MQTT_PASSWORD", None)
 
     # -- shared memory and the instance lock ------------------------------------------------------
     def acquire(self) -> None:
@@ -204,7 +208,8 @@ class Supervisor:
     # A successor must not inherit its dead predecessor's "subscribed" or "ready": until it says
     # so itself, it is starting. (Its predecessor is gone, so this is the slot's only writer now.)
     STARTING_STATE = {"reader": ("reader_state", ctlmod.READER_STARTING),
-                      "inference": ("inference_state", ctlmod.INFER_LOADING)}
+                      "inference": ("inference_state", ctlmod.INFER_LOADING),
+                      "mqtt": ("mqtt_state", ctlmod.MQTT_STARTING)}
 
     def spawn(self, child: Child) -> None:
         slot, starting = self.STARTING_STATE[child.role]
@@ -349,6 +354,10 @@ class Supervisor:
                               self.cfg.runtime_dir, e.strerror or e)
             return EXIT_USAGE
         try:
+            if self.cfg.metrics_port:
+                from nilmd.daemon import metrics
+
+                self.metrics = metrics.serve(self)
             self.install_signals()
             self.log.info("nilmd starting: building %s, window %d s, a prediction every %d s, models from %s",
                           self.cfg.building_id, self.cfg.window_size, self.cfg.inference_interval, self.cfg.model_dir)
@@ -363,7 +372,12 @@ class Supervisor:
                 self.log.critical("unexpected error in the supervisor: stopping", exc_info=True)
                 self.exit_code = EXIT_ERROR
             self.shutdown()
+        except NilmdError as e:  # /metrics cannot listen: before any child started
+            self.log.critical("%s", e)
+            self.exit_code = EXIT_USAGE
         finally:
+            if self.metrics is not None:
+                self.metrics.shutdown()
             for child in self.children.values():  # shutdown() itself failed: no child may outlive us
                 if child.alive:
                     child.process.kill()
@@ -391,7 +405,7 @@ class Supervisor:
         self.publish_status()
         # Inference first: the reader's last snapshot then records every prediction that was
         # published, so a warm restart never makes one twice.
-        for child in (self.children["inference"], self.children["reader"]):
+        for child in sorted(self.children.values(), key=lambda c: c.role != "inference"):
             if child.process is None:
                 continue
             if child.alive:

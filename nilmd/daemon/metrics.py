@@ -1,0 +1,176 @@
+"""Prometheus `/metrics`, served by the supervisor (README "Prometheus metrics", docs/CONTRACT.md §11).
+
+The supervisor already holds everything an operator graphs: the control block's counters (each
+process keeps its own there, across restarts of the others), the children's restarts, the
+health state and its reasons. So a custom collector reads them when Prometheus scrapes, rather
+than every counter being kept a second time in prometheus-client objects: one bookkeeping, and
+a scrape always sees what the status hash would say. What only Redis knows (the latest
+prediction's power per appliance, the energy hash) is read in one round trip per scrape.
+
+prometheus-client's HTTP server runs in a daemon thread of the supervisor; the collector only
+reads (a copy of the control block, plain attributes), so it needs no lock and cannot disturb
+the supervisor's loop. Only with --metrics-port; this module imports prometheus-client, so the
+supervisor imports it only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from nilmd import __version__, latest
+from nilmd.daemon import control as ctlmod
+from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
+from nilmd.daemon.sources import DISCONNECT_CAUSES
+from nilmd.errors import NilmdError, redis_error
+from nilmd.log import Throttle
+
+APPLIANCES_OK = "1 if this scrape could read the latest prediction and the energy from Redis"
+STATES = ("starting", "warming_up", "running", "degraded", "reloading", "stopping", "stopped")
+
+
+class DaemonCollector:
+    def __init__(self, supervisor):
+        self.sup = supervisor
+        self.building = supervisor.cfg.building_id
+        self.throttle = Throttle(logging.getLogger("nilmd.metrics"), period=60.0)  # this thread's own
+
+    def _family(self, kind, name: str, doc: str, values, label: str | None = None):
+        """One family, the building label on every sample; `values`: a number, or {label value: number}."""
+        labels = ["building"] + ([label] if label else [])
+        family = kind(name, doc, labels=labels)
+        for key, value in (values.items() if label else [(None, values)]):
+            family.add_metric([self.building] + ([key] if label else []), float(value))
+        return family
+
+    def collect(self):
+        sup, snap, now = self.sup, self.sup.ctl.snapshot(), time.time()
+        c, g = CounterMetricFamily, GaugeMetricFamily
+        f = self._family
+        info = GaugeMetricFamily("nilmd_info", "nilmd's version and set-up (always 1)",
+                                 labels=["building", "version", "device", "input_mode"])
+        info.add_metric([self.building, __version__, "cuda" if snap["device_cuda"] else "cpu", sup.cfg.input_mode], 1)
+        yield info
+        yield f(g, "nilmd_start_time_seconds", "when the supervisor started (epoch s)", sup.started)
+        # samples: received = accepted + rejected (by the first reason that applies)
+        yield f(c, "nilmd_samples_received", "meter messages received", snap["samples_received"])
+        yield f(c, "nilmd_samples_accepted", "samples accepted into the ring", snap["samples_accepted"])
+        yield f(c, "nilmd_samples_rejected", "messages rejected, by reason (docs/CONTRACT.md §6.1)",
+                {r: snap[f"rejected_{r}"] for r in REJECT_REASONS}, "reason")
+        yield f(c, "nilmd_samples_repaired", "samples kept after a repair, by reason (§6.2)",
+                {r: snap[f"repaired_{r}"] for r in REPAIR_REASONS}, "reason")
+        yield f(c, "nilmd_samples_filled", "gap seconds filled by holding the last sample", snap["samples_filled"])
+        yield f(c, "nilmd_gaps_broken", "gaps longer than --max-gap-fill, each starting a new window",
+                snap["gaps_broken"])
+        yield f(c, "nilmd_input_disconnects", "input subscriptions cut, by cause",
+                {k: snap[f"disconnects_{k}"] for k in DISCONNECT_CAUSES}, "cause")
+        yield f(c, "nilmd_input_samples_lost", "samples estimated lost in input cuts", snap["samples_lost"])
+        yield f(g, "nilmd_input_connected", "1 while the reader is connected to its input", snap["redis_connected"])
+        yield f(c, "nilmd_redis_errors", "Redis commands that failed, by process",
+                {"reader": snap["redis_errors"], "inference": snap["inference_redis_errors"],
+                 "supervisor": snap["supervisor_redis_errors"]}, "process")
+        age = now - max(snap["last_arrival"], sup.started)
+        yield f(g, "nilmd_last_sample_age_seconds", "seconds since a sample was last accepted (by the box's "
+                "clock; since the start if none was)", max(age, 0.0))
+        yield f(g, "nilmd_last_sample_timestamp_seconds", "the meter's timestamp of the newest accepted sample",
+                snap["last_sample_ts"])
+        # the window and the predictions
+        run_length = sup.ring.run_length()
+        yield f(g, "nilmd_buffer_fill_samples", "samples of the next window already in the ring",
+                min(run_length, sup.cfg.window_size))
+        yield f(g, "nilmd_window_size_samples", "samples per model window", sup.cfg.window_size)
+        yield f(g, "nilmd_models_loaded", "appliance models serving", snap["models_loaded"])
+        yield f(c, "nilmd_predictions", "predictions published", snap["inferences"])
+        yield f(g, "nilmd_predictions_pending", "1 while a prediction waits for Redis to take it",
+                snap["predictions_pending"])
+        yield f(c, "nilmd_overruns", "windows overwritten while read (skipped)", snap["overruns"])
+        yield f(c, "nilmd_reload_failures", "checkpoint reloads that failed", snap["reload_failed"])
+        yield f(g, "nilmd_last_prediction_timestamp_seconds", "when the last prediction was published (epoch s)",
+                snap["last_inference_ts"])
+        yield self._latency(snap)
+        # health and the processes
+        yield f(g, "nilmd_state", "1 for the daemon's current state (README, \"Redis interface\")",
+                {s: s == sup.state for s in STATES}, "state")
+        yield f(g, "nilmd_degraded_reason", "1 for each reason the state is degraded", {
+            r: 1 for r in (sup.problems if sup.state == "degraded" else [])}, "reason")
+        yield f(c, "nilmd_child_restarts", "restarts of each child process", {
+            r: ch.restarts for r, ch in sup.children.items()}, "role")
+        yield f(g, "nilmd_child_up", "1 while the child process runs (0 from its death to its restart)", {
+            r: _pid_of(ch)() != "none" for r, ch in sup.children.items()}, "role")
+        if "mqtt" in sup.children:
+            yield f(g, "nilmd_mqtt_connected", "1 while connected to the MQTT broker",
+                    snap["mqtt_state"] == ctlmod.MQTT_CONNECTED)
+            yield f(c, "nilmd_mqtt_messages", "MQTT messages published (discovery, states, availability)",
+                    snap["mqtt_published"])
+        yield from self._appliances()
+
+    def _latency(self, snap):
+        family = HistogramMetricFamily("nilmd_inference_latency_seconds", "time of one inference step (all "
+                                       "models, one window) of each published prediction", labels=["building"])
+        buckets = [(repr(bound), snap[f"latency_le_{i}"]) for i, bound in enumerate(ctlmod.LATENCY_BUCKETS_S)]
+        family.add_metric([self.building], buckets + [("+Inf", snap["latency_count"])], snap["latency_sum"])
+        return family
+
+    def _appliances(self):
+        """Per appliance, from Redis: the latest prediction's power and state, and the energy hash."""
+        if self.sup.redis is None:
+            return
+        try:
+            prediction, energy = latest.read(self.sup.redis, self.building)
+        except self.sup.redis_errors as e:
+            kind, line = redis_error(e)
+            self.throttle.log(f"read {kind}", logging.WARNING, f"/metrics: no appliance metrics this scrape, "
+                              f"could not read the latest prediction and energy: {line}")
+            yield self._family(GaugeMetricFamily, "nilmd_appliance_metrics_ok", APPLIANCES_OK, 0)
+            return
+        self.throttle.ok("read unreachable")
+        yield self._family(GaugeMetricFamily, "nilmd_appliance_metrics_ok", APPLIANCES_OK, 1)
+        entries = latest.appliances(prediction)
+        f, g = self._family, GaugeMetricFamily
+        yield f(g, "nilmd_appliance_power_watts", "estimated power of each appliance, mean over the last "
+                "prediction's interval", {a: e.get("power_watts", 0.0) for a, e in entries.items()}, "appliance")
+        yield f(g, "nilmd_appliance_on", "1 if the appliance was on in the last prediction",
+                {a: bool(e.get("is_on")) for a, e in entries.items()}, "appliance")
+        yield f(g, "nilmd_appliance_probability", "the model's probability that the appliance is on",
+                {a: e.get("probability", 0.0) for a, e in entries.items()}, "appliance")
+        yield f(CounterMetricFamily, "nilmd_appliance_energy_watthours", "energy of each appliance since counting "
+                "began (nilm:<id>:energy, total_wh)", {a: e["total"] for a, e in energy.items() if "total" in e},
+                "appliance")
+        for period in ("today", "month"):
+            yield f(g, f"nilmd_appliance_energy_{period}_watthours", f"energy of each appliance {period} "
+                    "(the box's time zone)", {a: e[period] for a, e in energy.items() if period in e}, "appliance")
+
+
+def _pid_of(child):
+    """Its pid until the supervisor reaps it, else "none" (no /proc entry). Only reads: waiting
+    on a child (is_alive) is the supervisor loop's job, and this thread runs beside it."""
+    def pid():
+        try:
+            process = child.process
+            return process.pid if process is not None else "none"
+        except ValueError:  # closed by the loop between the two reads
+            return "none"
+    return pid
+
+
+def serve(supervisor):
+    """Start /metrics (NilmdError if the address cannot be bound); returns the server to shut down."""
+    cfg = supervisor.cfg
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # the conventional process_* of the supervisor
+    for role, child in supervisor.children.items():  # and nilmd_<role>_process_* of each child
+        ProcessCollector(namespace=f"nilmd_{role}", pid=_pid_of(child), registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(DaemonCollector(supervisor))
+    try:
+        server, _thread = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=registry)
+    except OSError as e:
+        raise NilmdError(f"cannot serve /metrics on {cfg.metrics_host}:{cfg.metrics_port} (--metrics-host, "
+                         f"--metrics-port): {e.strerror or e}") from None
+    logging.getLogger("nilmd.supervisor").info("serving Prometheus metrics on http://%s:%d/metrics",
+                                               cfg.metrics_host, cfg.metrics_port)
+    return server

@@ -1,0 +1,224 @@
+"""Prometheus /metrics: a real daemon scraped over HTTP, parsed with prometheus-client's own parser,
+and the example alert rules and dashboard (deploy/) checked against what it exposes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from conftest import ROOT, publish_samples, wait_for
+from nilmd import keys
+from nilmd.appliances import APPLIANCES
+from nilmd.daemon.control import LATENCY_BUCKETS_S
+from test_daemon import Subscriber, wait_ready
+
+parser = pytest.importorskip("prometheus_client.parser", reason="pip install 'nilmd[metrics]'")
+
+BAD = {"not_json": ["{nope", "[1,", "\xff"], "missing_power": ['{"timestamp": 1.0}', '{"voltage": 230}'],
+       "non_numeric": ['{"power_total": "lots"}']}
+
+
+def scrape(port: int) -> dict:
+    """family name -> {(sample name, sorted labels): value}, from GET /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    out = {}
+    for family in parser.text_string_to_metric_families(text):
+        out[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+    return out
+
+
+def value(families, sample: str, **labels) -> float:
+    family = next(f for f in families.values() if any(name == sample for name, _ in f))
+    matches = [v for (name, got), v in family.items() if name == sample and set(labels.items()) <= set(got)]
+    assert len(matches) == 1, f"{sample}{labels}: {len(matches)} samples"
+    return matches[0]
+
+
+def exposed_names(families) -> set[str]:
+    return {name for f in families.values() for name, _ in f}
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """nilmd's and the process collector's metric names in a PromQL expression (not labels, not functions)."""
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers may name anything
+    return {n for n in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr) if n.startswith(("nilmd_", "process_"))}
+
+
+def alert_rules() -> list[dict]:
+    """{alert, expr} of deploy/prometheus-alerts.yml: PyYAML where installed, else its plain layout."""
+    text = (ROOT / "deploy" / "prometheus-alerts.yml").read_text()
+    try:
+        import yaml
+    except ImportError:
+        rules, current, folded = [], None, False
+        for line in text.splitlines():
+            m = re.match(r"\s*- alert: (\S+)", line)
+            if m:
+                current = {"alert": m.group(1), "expr": ""}
+                rules.append(current)
+            elif current is not None and (m := re.match(r"\s*expr: (.*)", line)):
+                folded = m.group(1).strip() == ">"
+                current["expr"] = "" if folded else m.group(1)
+            elif folded and line.startswith("          "):
+                current["expr"] += " " + line.strip()
+            else:
+                folded = False
+        return rules
+    return [r for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
+
+
+def test_energy_hash_read_defensively_and_by_its_own_day():
+    """nilm:{b}:energy as the contract has it (§3.6): unknown or unreadable fields are left out,
+    and today_wh/month_wh of a past day or month (not yet reset by a new interval) read as 0."""
+    from nilmd import latest
+
+    noon = 1764590400.0  # 2025-12-01 12:00 UTC, 13:00 in Berlin
+    raw = {b"Dryer:today_wh": b"5.5", b"Dryer:month_wh": b"70", b"Dryer:total_wh": b"900", b"Oven:total_wh": b"1",
+           b"Television:total_wh": b"nan", b"Computer:today_wh": b"x", b"Computer:total_wh": b"3",
+           b"day": b"2025-12-01", b"month": b"2025-12", b"timezone": b"Europe/Berlin", b"updated": b"1764590000"}
+    assert latest.energy(raw, noon) == {"Dryer": {"today": 5.5, "month": 70.0, "total": 900.0},
+                                        "Computer": {"total": 3.0}}
+    next_day = latest.energy(raw, noon + 86400)["Dryer"]
+    assert next_day == {"today": 0.0, "month": 70.0, "total": 900.0}
+    assert latest.energy(raw, noon + 31 * 86400)["Dryer"] == {"today": 0.0, "month": 0.0, "total": 900.0}
+    # 23:30 UTC on the 1st is already the 2nd in Berlin
+    assert latest.energy(raw, noon + 11.5 * 3600)["Dryer"]["today"] == 0.0
+    assert latest.energy({}, noon) == {}
+
+
+def test_alert_rules_cover_the_four_cases_and_each_has_an_expression():
+    rules = {r["alert"]: r["expr"] for r in alert_rules()}
+    assert {"NilmdDown", "NilmdMeterSilent", "NilmdRejectedShareHigh", "NilmdChildRestarting"} <= set(rules)
+    assert all(e.strip() for e in rules.values()), rules
+    assert "up{" in rules["NilmdDown"]
+
+
+def test_metrics_port_taken_is_one_line_and_exit_2(daemon_factory):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = daemon_factory(args=["--metrics-port", str(port)]).start()
+        code = d.proc.wait(30)
+    lines = [line for line in d.log().splitlines() if "CRITICAL" in line or "ERROR" in line]
+    assert code == 2, d.log()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], d.log()
+    assert "Traceback" not in d.log()
+
+
+def test_metrics_without_the_extra_is_one_clear_line(tmp_path):
+    """A box without prometheus-client: `nilmd check` names the package and the extra."""
+    block = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.startswith('prometheus_client'): raise ModuleNotFoundError(name)\n"
+             "sys.meta_path.insert(0, B())\nfrom nilmd.cli import main\n"
+             "sys.exit(main(['check', '--mode', 'test', '--metrics-port', '9105']))\n")
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode != 0
+    assert "--metrics-port needs the Python package prometheus-client" in out.stdout + out.stderr, out
+    assert "nilmd[metrics]" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_scraped_metrics_are_what_was_fed(daemon_factory, redis_client):
+    from nilmd.testing import free_port
+
+    port = free_port()
+    d = daemon_factory(args=["--metrics-port", str(port)]).start()
+    sub = Subscriber(redis_client, d.building)
+    wait_ready(d, redis_client)
+    # The energy hash as the inference writes it (the energy counting lands on another branch;
+    # until then the test writes it with HSET as that component would, contract: docs/CONTRACT.md §3.1).
+    redis_client.hset(keys.energy_key(d.building), mapping={
+        "Dryer:today_wh": "12.5", "Dryer:month_wh": "300.25", "Dryer:total_wh": "1234.75",
+        "HeatPump:total_wh": "99", "HeatPump:today_wh": "not a number", "Nonsense:total_wh": "5",
+        "day": time.strftime("%Y-%m-%d", time.gmtime()), "month": time.strftime("%Y-%m", time.gmtime()),
+        "timezone": "UTC", "updated": str(time.time())})
+    t0 = float(int(time.time() - 400))
+    last = publish_samples(redis_client, d.building, 256 + 16, start=t0)
+    pipe = redis_client.pipeline(transaction=False)
+    for bad in BAD.values():
+        for text in bad:
+            pipe.publish(keys.input_channel(d.building), text)
+    pipe.execute()
+    last = publish_samples(redis_client, d.building, 16, start=last + 1)
+    predictions = [sub.next() for _ in range(3)]
+    assert predictions[-1]["window_end"] == last
+    n_bad = sum(len(v) for v in BAD.values())
+    status = wait_for(lambda: (lambda s: s if s.get("inferences") == "3" and s.get("samples_received") == str(
+        288 + n_bad) else None)(d.status(redis_client)), 20, "status to count every sample and 3 predictions")
+
+    m = scrape(port)
+    b = {"building": d.building}
+    assert value(m, "nilmd_samples_received_total", **b) == 288 + n_bad
+    assert value(m, "nilmd_samples_accepted_total", **b) == 288
+    for reason, texts in BAD.items():
+        assert value(m, "nilmd_samples_rejected_total", reason=reason, **b) == len(texts), reason
+    assert value(m, "nilmd_samples_rejected_total", reason="future", **b) == 0
+    assert value(m, "nilmd_predictions_total", **b) == 3
+    assert value(m, "nilmd_buffer_fill_samples", **b) == 256
+    assert value(m, "nilmd_state", state="running", **b) == 1 and value(m, "nilmd_state", state="degraded", **b) == 0
+    assert 0 <= value(m, "nilmd_last_sample_age_seconds", **b) < 30
+    assert value(m, "nilmd_last_sample_timestamp_seconds", **b) == last
+    assert value(m, "nilmd_models_loaded", **b) == len(APPLIANCES)
+    # the latency histogram: exactly the published predictions' step times
+    seconds = [p["inference_time_ms"] / 1000 for p in predictions]
+    assert value(m, "nilmd_inference_latency_seconds_count", **b) == 3
+    assert value(m, "nilmd_inference_latency_seconds_sum", **b) == pytest.approx(sum(seconds))
+    for bound in LATENCY_BUCKETS_S:
+        expected = sum(s <= bound for s in seconds)
+        assert value(m, "nilmd_inference_latency_seconds_bucket", le=repr(bound), **b) == expected, bound
+    assert value(m, "nilmd_inference_latency_seconds_bucket", le="+Inf", **b) == 3
+    # per appliance: the latest prediction, and the energy hash (unreadable and unknown fields left out)
+    for e in json.loads(redis_client.get(keys.latest_key(d.building)))["predictions"]:
+        a = {"appliance": e["appliance"], **b}
+        assert value(m, "nilmd_appliance_power_watts", **a) == pytest.approx(e["power_watts"])
+        assert value(m, "nilmd_appliance_on", **a) == float(e["is_on"])
+    assert value(m, "nilmd_appliance_energy_watthours_total", appliance="Dryer", **b) == 1234.75
+    assert value(m, "nilmd_appliance_energy_watthours_total", appliance="HeatPump", **b) == 99
+    assert value(m, "nilmd_appliance_energy_today_watthours", appliance="Dryer", **b) == 12.5
+    assert value(m, "nilmd_appliance_energy_month_watthours", appliance="Dryer", **b) == 300.25
+    energy_labels = {dict(labels).get("appliance") for _, labels in m["nilmd_appliance_energy_watthours"]}
+    assert energy_labels == {"Dryer", "HeatPump"}
+    assert {dict(labels)["appliance"] for _, labels in m["nilmd_appliance_energy_today_watthours"]} == {"Dryer"}
+    # process_* of the supervisor, nilmd_<role>_process_* of each child, and their restarts
+    pids = {role: int(status[f"pid_{role}"]) for role in ("supervisor", "reader", "inference")}
+    assert value(m, "process_start_time_seconds") == pytest.approx(psutil.Process(pids["supervisor"]).create_time(),
+                                                                   abs=1.0)
+    for role in ("reader", "inference"):
+        assert value(m, f"nilmd_{role}_process_start_time_seconds") == pytest.approx(
+            psutil.Process(pids[role]).create_time(), abs=1.0)
+        assert value(m, f"nilmd_{role}_process_resident_memory_bytes") > 10e6
+    assert value(m, "nilmd_child_restarts_total", role="reader", **b) == 0
+    os.kill(pids["reader"], signal.SIGKILL)
+    wait_for(lambda: d.status(redis_client).get("restarts_reader") == "1", 20, "the reader to be restarted")
+    m = scrape(port)
+    assert value(m, "nilmd_child_restarts_total", role="reader", **b) == 1
+    assert value(m, "nilmd_child_restarts_total", role="inference", **b) == 0
+    assert value(m, "nilmd_samples_received_total", **b) == 288 + n_bad, "a counter lost with its process"
+
+    # what deploy/ refers to exists
+    exposed = exposed_names(m) | {"up"}
+    for rule in alert_rules():
+        missing = metric_names_in(rule["expr"]) - exposed
+        assert not missing, f"alert {rule['alert']} uses {missing}, which /metrics does not expose"
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        missing = metric_names_in(expr) - exposed
+        assert not missing, f"dashboard query {expr!r} uses {missing}, which /metrics does not expose"
+    assert d.stop() == 0
+    assert "Traceback" not in d.log()
