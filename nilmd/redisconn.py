@@ -54,7 +54,8 @@ def describe(cfg: Config) -> str:
 # the ledger's script: nilmd.daemon.ledger.Ledger.COMMANDS).
 _LEDGER = ("eval", "hgetall", "hget", "hkeys", "hincrbyfloat", "xadd")
 ACL_COMMANDS = {
-    "pubsub": ("hello", "auth", "client|setname", "ping", "subscribe", "publish", "set", "hset") + _LEDGER,
+    # get: the metrics exporter reads each building's latest prediction (stream mode reads it anyway)
+    "pubsub": ("hello", "auth", "client|setname", "ping", "subscribe", "publish", "get", "set", "hset") + _LEDGER,
     "stream": ("hello", "auth", "client|setname", "ping", "get", "hget", "eval", "xrange", "xrevrange", "publish",
                "set", "hset") + tuple(c for c in _LEDGER if c not in ("eval", "hget")),
 }
