@@ -312,3 +312,26 @@ def test_lookahead_pairs_each_output_with_the_truth_before_it():
     assert p.tolist() == [[3, 4, 5, 6, 7, 8, 9]] and yy.tolist() == [[0, 10, 20, 30, 40, 50, 60]]
     # the truth at 2 is invalid: its pair (output 5) is left out of the loss
     assert keep.tolist() == [[True, True, False, True, True, True, True]]
+
+
+def test_steps_0_retunes_the_threshold_for_the_published_intervals(tmp_path):
+    """--init FILE --steps 0 --val-interval N keeps the weights and picks the threshold that is
+    best for what the daemon publishes: each second scored by its N-s interval's state."""
+    train, common = tiny_csv_training(tmp_path)
+    train.main(common + ["--steps", "4", "--out-dir", str(tmp_path / "one"), "--run-dir", str(tmp_path / "r1")])
+    train.main(common + ["--steps", "0", "--val-interval", "8", "--init", str(tmp_path / "one"),
+                         "--out-dir", str(tmp_path / "two"), "--run-dir", str(tmp_path / "r2")])
+    one, two = (checkpoints.load(tmp_path / d / checkpoint_filename("ElectricKettle")) for d in ("one", "two"))
+    for k in one.state_dict:
+        assert torch.equal(one.state_dict[k], two.state_dict[k]), k
+    val = datasets.read_csv(tmp_path / "b.csv")
+
+    def published_f1(threshold):
+        predictor = Predictor({"ElectricKettle": two})
+        return evaluation.evaluate(predictor, [val], {"ElectricKettle": threshold}, inputs="power", mode="stream",
+                                   interval=8, published=True)["ElectricKettle"]["f1"]
+
+    chosen = published_f1(two.probability_threshold)
+    others = [published_f1(th) for th in np.round(np.arange(0.05, 0.96, 0.05), 2)]
+    assert len({round(f, 6) for f in others if f == f}) > 1, f"the thresholds must matter here: {others}"
+    assert chosen == pytest.approx(np.nanmax(others)), (two.probability_threshold, others)

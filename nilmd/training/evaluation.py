@@ -112,7 +112,7 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
     return results
 
 
-def _interval_mean(values: np.ndarray, block: np.ndarray) -> np.ndarray:
+def interval_mean(values: np.ndarray, block: np.ndarray) -> np.ndarray:
     """Each sample's value replaced by the mean over its interval (of the samples scored in it)."""
     _, inverse = np.unique(block, return_inverse=True)
     sums = np.bincount(inverse, weights=values.astype(np.float64))
@@ -126,7 +126,7 @@ def rescore(result: dict, appliance: str, probability_threshold: float) -> dict:
     power = served_power(result["_power"], result["_prob"], probability_threshold)
     prob = result["_prob"]
     if "_block" in result:
-        power, prob = _interval_mean(power, result["_block"]), _interval_mean(prob, result["_block"])
+        power, prob = interval_mean(power, result["_block"]), interval_mean(prob, result["_block"])
     out = metrics.score(power, prob, result["_true"],
                         on_threshold_w=ON_THRESHOLD_W[appliance], probability_threshold=probability_threshold)
     out["probability_threshold"] = probability_threshold

@@ -92,6 +92,7 @@ class TrainConfig:
     resume: bool = False
     init: str = ""                      # warm start: a folder of checkpoints (or one file) to continue from
     lookahead: int = 0                  # experiment: outputs describe the state this many s before their newest input
+    val_interval: int = 1               # validation scores each second by: its own output (1), or the state published for its N-s interval
 
     def model_config(self) -> WaveNILMConfig:
         return WaveNILMConfig(channels=self.channels, depth=self.depth, head_channels=self.head_channels)
@@ -203,13 +204,16 @@ def validate(appliance, model, val, cfg, max_power_w):
                                   probability_threshold=0.5, max_power_w=max_power_w,
                                   training={"config": {"lookahead": cfg.lookahead}})
     predictor = Predictor({appliance: ckpt})
+    kw = dict(mode="stream", interval=cfg.val_interval, published=cfg.val_interval > 1)
     if all(not s.features[:, 4].any() for s in val):  # power-only data (real houses): "full" is the same run
-        run = evaluation.evaluate(predictor, val, {appliance: 0.5}, inputs="power", mode="stream")[appliance]
+        run = evaluation.evaluate(predictor, val, {appliance: 0.5}, inputs="power", **kw)[appliance]
         runs = {"full": run, "power": run}
     else:
-        runs = {inp: evaluation.evaluate(predictor, val, {appliance: 0.5}, inputs=inp, mode="stream")[appliance]
+        runs = {inp: evaluation.evaluate(predictor, val, {appliance: 0.5}, inputs=inp, **kw)[appliance]
                 for inp in ("full", "power")}
-    th, _ = metrics.best_threshold(np.concatenate([r["_prob"] for r in runs.values()]),
+    # With published intervals the threshold meets the interval's mean probability, as in the daemon.
+    probs = [evaluation.interval_mean(r["_prob"], r["_block"]) if "_block" in r else r["_prob"] for r in runs.values()]
+    th, _ = metrics.best_threshold(np.concatenate(probs),
                                    np.concatenate([r["_true"] >= ON_THRESHOLD_W[appliance] for r in runs.values()]))
     out = {inp: evaluation.rescore(r, appliance, th) for inp, r in runs.items()}
     f1s = [v["f1"] for v in out.values()]
