@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from nilmd import keys
+from nilmd import days, keys
 from nilmd.appliances import APPLIANCES
 
 ENERGY_PERIODS = ("today", "month", "total")
@@ -73,12 +72,12 @@ def energy(raw: dict, now: float | None = None) -> dict[str, dict[str, float]]:
 def _stale_periods(raw: dict, now: float) -> set[str]:
     """"today" and/or "month" when the hash's `day`/`month` are past in its `timezone`."""
     try:
-        local = datetime.fromtimestamp(now, ZoneInfo(raw.get("timezone") or "UTC"))
+        day, month = days.interval_day(now, 0.0, ZoneInfo(raw.get("timezone") or "UTC"))
     except (ZoneInfoNotFoundError, ValueError):
         return set()
     stale = set()
-    if raw.get("day") and raw["day"] < local.strftime("%Y-%m-%d"):
+    if raw.get("day") and raw["day"] < day:
         stale.add("today")
-    if raw.get("month") and raw["month"] < local.strftime("%Y-%m"):
+    if raw.get("month") and raw["month"] < month:
         stale.add("month")
     return stale
