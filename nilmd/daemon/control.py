@@ -47,6 +47,8 @@ _NAMES += ["predictions_pending"]
 # pub/sub subscriptions cut, by cause, and the samples estimated lost in those cuts (the gaps in
 # the meter's timestamps across each one)
 _NAMES += [f"disconnects_{c}" for c in DISCONNECT_CAUSES] + ["samples_lost"]
+# 1 while the models are served by ONNX Runtime, 0 by torch (nilmd.models.backends)
+_NAMES += ["backend_onnx"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 SIZE = 8 * 128
 assert len(_NAMES) <= 128
