@@ -22,7 +22,10 @@ TORCH, ONNX = "torch", "onnxruntime"
 
 
 def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # an import hook that refuses it (tests/test_layout.py)
+        return False
 
 
 def gpu_box() -> bool:
@@ -51,26 +54,26 @@ def choose(cfg) -> Choice:
         return Choice(TORCH, "NILMD_BACKEND=torch")
     if want == "auto" and have_torch and (cfg.device == "cuda" or cfg.device == "auto" and gpu_box()):
         return Choice(TORCH, "auto: a GPU box, where torch runs CUDA")
-    why = _onnx_unusable(cfg)
-    if isinstance(why, str):
-        if not have_torch:
-            raise NilmdError(f"cannot serve: {why}, and torch is not installed to fall back to")
-        if want == "auto" and not installed("onnxruntime"):
-            return Choice(TORCH, "auto: onnxruntime is not installed")
-        return Choice(TORCH, "fallback", fallback=f"{why}; serving with torch instead")
-    return Choice(ONNX, f"{'auto: ' if want == 'auto' else ''}the ONNX export matches the checkpoints", onnx=why)
+    pred, why, absent = _onnx(cfg)
+    if pred is not None:
+        return Choice(ONNX, f"{'auto: ' if want == 'auto' else ''}the ONNX export matches the checkpoints", onnx=pred)
+    if not have_torch:
+        raise NilmdError(f"cannot serve: {why}, and torch is not installed to fall back to")
+    if want == "auto" and absent:  # nothing to use, nothing wrong: no onnxruntime, or no export
+        return Choice(TORCH, f"auto: {why}")
+    return Choice(TORCH, "fallback", fallback=f"{why}; serving with torch instead")
 
 
-def _onnx_unusable(cfg):
-    """The OnnxPredictor, or why there is none (a str)."""
+def _onnx(cfg) -> tuple[object, str, bool]:
+    """(the OnnxPredictor or None, why there is none, whether that is simply an absence)."""
     if not installed("onnxruntime"):
-        return "onnxruntime is not installed (pip install 'nilmd[onnx]')"
-    from nilmd.models.onnx_backend import OnnxExportError, OnnxPredictor
+        return None, "onnxruntime is not installed (pip install 'nilmd[onnx]')", True
+    from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor
 
     try:
-        return OnnxPredictor(cfg.model_dir, threads=cfg.threads or 1)
+        return OnnxPredictor(cfg.model_dir, threads=cfg.threads or 1), "", False
     except OnnxExportError as e:
-        return str(e)
+        return None, str(e), isinstance(e, NoExport)
 
 
 _torch_threads_set = False

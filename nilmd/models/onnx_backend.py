@@ -47,6 +47,10 @@ class OnnxExportError(NilmdError):
     """The ONNX export cannot serve this model directory (the message says why and what to do)."""
 
 
+class NoExport(OnnxExportError):
+    """There is no ONNX export at all (under NILMD_BACKEND=auto: simply torch, no warning)."""
+
+
 class Device(NamedTuple):
     type: str = "cpu"
 
@@ -61,7 +65,7 @@ def read_manifest(model_dir) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise OnnxExportError(f"no ONNX export in {model_dir} ({MANIFEST} not found): {again}") from None
+        raise NoExport(f"no ONNX export in {model_dir} ({MANIFEST} not found): {again}") from None
     except (OSError, ValueError) as e:
         raise OnnxExportError(f"ONNX manifest {path} is unreadable ({e}): {again}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
@@ -173,6 +177,8 @@ class _Group:
                 outs.append((p.copy(), q.copy()) if a + chunk < n else (p, q))
         if len(outs) == 1:
             return outs[0]
+        if not outs:  # no samples
+            return np.zeros((self.n_models, 0), np.float32), np.zeros((self.n_models, 0), np.float32)
         return np.concatenate([p for p, _ in outs], axis=1), np.concatenate([q for _, q in outs], axis=1)
 
 
