@@ -74,7 +74,7 @@ def build_group(net: FusedWaveNILM, name: str) -> onnx.ModelProto:
         return g.op("Conv", [x, g.const(f"{name}_w", kernel), g.const(f"{name}_b", bias.reshape(-1))], name,
                     group=a, **attrs)
 
-    zero, two = g.const("c_0", i64(0)), g.const("c_2", i64(2))
+    two = g.const("c_2", i64(2))
     big = g.const("c_big", i64(BIG))
     neg_m = g.op("Neg", ["outputs"], "neg_m")
     # The input conv reads the same F features for every model: one dense conv, no groups.
