@@ -16,6 +16,7 @@ OnnxExportError, one line saying which file and what to do.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from pathlib import Path
@@ -41,6 +42,14 @@ def sha256(path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
             hashlib.sha256(f.read()).hexdigest()
+
+
+def _malloc_trim():
+    """Give the heap's free pages back to the OS (glibc; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 class OnnxExportError(NilmdError):
@@ -100,6 +109,10 @@ def session_options(threads: int):
     # Threads that spin while they wait take the core from the reader on a small box (see
     # InferenceWorker.prepare_process: the same reason as OMP_WAIT_POLICY=PASSIVE for torch).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No arena: a full window's activations (~20 MB) go back to malloc, and from there to the OS
+    # (_malloc_trim after each full window): the daemon then holds 18 MB less between full
+    # windows, for ~2 % on a step (measured on the shipped models).
+    so.enable_cpu_mem_arena = False
     so.log_severity_level = 3
     return so
 
@@ -211,6 +224,7 @@ class OnnxPredictor(RingFollower):
             outs.append(g.run(features, t))
             for s, k in zip(g.sets[g.live], kept):
                 s[...] = k
+        _malloc_trim()
         return self._collect(outs, t)
 
     def _full(self, features: np.ndarray, new: int):
@@ -218,6 +232,7 @@ class OnnxPredictor(RingFollower):
         for g in self.groups:
             g.zero()
             outs.append(g.run(features, new))
+        _malloc_trim()
         return self._collect(outs, new)
 
     def _incremental(self, features: np.ndarray, new: int):
