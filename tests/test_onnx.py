@@ -241,7 +241,8 @@ def test_an_export_that_matches_is_chosen(tmp_path):
     assert backends.load(cfg_for(tmp_path, "torch")).predictor.backend == "torch"
 
 
-@pytest.mark.parametrize("change", ["retrained", "removed", "added", "damaged graph", "garbage graph", "bad manifest"])
+@pytest.mark.parametrize("change", ["retrained", "removed", "added", "damaged graph", "garbage graph", "bad manifest",
+                                    "malformed manifest"])
 def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change):
     exported(tmp_path, SET)
     graph = tmp_path / "nilmd-onnx-group0.onnx"
@@ -265,6 +266,11 @@ def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change)
         manifest["groups"][0]["sha256"] = hashlib.sha256(b"not a graph").hexdigest()
         (tmp_path / MANIFEST).write_text(json.dumps(manifest))
         expect = f"ONNX file {graph} does not load"
+    elif change == "malformed manifest":  # valid JSON, but not what nilmd export writes
+        manifest = json.loads((tmp_path / MANIFEST).read_text())
+        del manifest["groups"][0]["sha256"]
+        (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+        expect = f"ONNX manifest {tmp_path / MANIFEST} is malformed"
     else:
         (tmp_path / MANIFEST).write_text("{")
         expect = f"ONNX manifest {tmp_path / MANIFEST} is unreadable"

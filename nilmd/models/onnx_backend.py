@@ -77,10 +77,17 @@ def read_manifest(model_dir) -> dict:
         raise NoExport(f"no ONNX export in {model_dir} ({MANIFEST} not found): {again}") from None
     except (OSError, ValueError) as e:
         raise OnnxExportError(f"ONNX manifest {path} is unreadable ({e}): {again}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise OnnxExportError(f"ONNX manifest {path}: format_version {manifest.get('format_version')!r}, "
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise OnnxExportError(f"ONNX manifest {path}: format_version {version!r}, "
                               f"this nilmd reads {FORMAT_VERSION}: {again}")
-    exported = manifest.get("checkpoints", {})
+    need = {"appliances": list, "probability_thresholds": list, "receptive_field": int, "groups": list,
+            "checkpoints": dict}
+    wrong = [k for k, kind in need.items() if not isinstance(manifest.get(k), kind)]
+    if wrong or not all(isinstance(g, dict) and {"file", "sha256", "rows", "n_models", "dilations", "n_features"}
+                        <= set(g) for g in manifest["groups"]):
+        raise OnnxExportError(f"ONNX manifest {path} is malformed ({', '.join(wrong) or 'groups'}): {again}")
+    exported = manifest["checkpoints"]
     for appliance in APPLIANCES:
         file = Path(model_dir) / checkpoint_filename(appliance)
         if appliance in exported and not file.exists():
@@ -153,7 +160,7 @@ class _Group:
             if len(self._bound) >= MAX_BINDINGS:
                 self._bound.clear()
             self._bound[key] = self._bind(*key)
-        io, xbuf, power, prob = self._bound[key]
+        io, xbuf, power, prob, _ = self._bound[key]
         xbuf[0] = x.T  # channels-first, as the graph's convolutions read it
         self.sess.run_with_iobinding(io)
         self.live = 1 - self.live
@@ -174,8 +181,7 @@ class _Group:
             held += [ov(src), ov(dst)]
             io.bind_ortvalue_input(f"state_{i}", held[-2])
             io.bind_ortvalue_output(f"state_out_{i}", held[-1])
-        io._nilmd_held = held  # the OrtValues must outlive the binding
-        return io, xbuf, power, prob
+        return io, xbuf, power, prob, held  # held: the OrtValues must outlive the binding
 
     def run(self, x: np.ndarray, m: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
         """x [n, F] from the current state, in chunks; outputs of the newest m (m <= chunk or
