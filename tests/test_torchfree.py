@@ -4,7 +4,8 @@ redis-server, reloading on SIGHUP, and refusing to start (exit 78) on a stale ex
 
 The export is made here, in the development venv that has torch (as on a developer's machine),
 and the daemon runs from the other venv, outside this checkout, so that nothing of it can come
-from here. pip installs from the machine's package index (a local mirror on CI)."""
+from here. pip installs from the machine's package index (a local mirror on CI). And where torch
+is installed, a SIGHUP swaps between the backends as the export goes stale and is made again."""
 
 from __future__ import annotations
 
@@ -90,3 +91,31 @@ def test_serves_reloads_and_refuses_a_stale_export_without_torch(torchfree_pytho
     assert again.proc.wait(60) == 78, again.log()[-2000:]
     line = "is stale: checkpoint {} changed since".format(models / checkpoint_filename("Dryer"))
     assert line in again.log() and "torch is not installed to fall back to" in again.log()
+
+
+def test_a_reload_swaps_between_backends_where_torch_is_installed(daemon_factory, redis_client, tmp_path):
+    """auto: ONNX Runtime while the export matches; a retrained checkpoint without a new export
+    and a SIGHUP: one warning and torch serves (the swap is whole, no prediction is lost);
+    exported again and a SIGHUP: ONNX Runtime again."""
+    models = tmp_path / "models"
+    export_set(models, seed=3)
+    d = daemon_factory(model_dir=models).start()
+    sub = Subscriber(redis_client, d.building)
+    wait_ready(d, redis_client)
+    last = publish_samples(redis_client, d.building, 256 + 16, start=float(int(time.time()) - 600))
+    check_prediction(sub.until(last), APPLIANCES, 256)
+    assert d.status(redis_client)["backend"] == "onnxruntime"
+    for step, backend in (("retrained", "torch"), ("exported", "onnxruntime")):
+        if step == "retrained":
+            write_checkpoints(models, appliances=["Dryer"], channels=4, depth=8, seed=6)
+        else:
+            export_set(models, seed=7)
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_for(lambda: d.log().count("reloaded: 11 models") == (1 if step == "retrained" else 2), 60,
+                 f"the reload after the checkpoints were {step}\n{d.log()[-2000:]}")
+        wait_for(lambda: d.status(redis_client)["backend"] == backend, 10, f"status backend={backend}")
+        last = publish_samples(redis_client, d.building, 16, start=last + 1)
+        check_prediction(sub.until(last), APPLIANCES, 256)
+    assert "changed since" in d.log() and "serving with torch instead" in d.log()
+    assert d.status(redis_client)["reload_failures"] == "0"
+    assert d.stop() == 0
