@@ -293,3 +293,32 @@ def test_no_export_is_torch_without_a_warning_under_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "installed", lambda m: m != "torch")
     with pytest.raises(NilmdError, match="no ONNX export .* and torch is not installed to fall back to"):
         backends.choose(cfg_for(tmp_path))
+
+
+def test_auto_takes_torch_on_a_gpu_box_and_without_onnxruntime(tmp_path, monkeypatch):
+    exported(tmp_path, SET)
+    monkeypatch.setattr(backends, "gpu_box", lambda: True)
+    assert backends.choose(cfg_for(tmp_path).replace(device="auto")).reason == "auto: a GPU box, where torch runs CUDA"
+    assert backends.choose(cfg_for(tmp_path)).backend == "onnxruntime"  # --device cpu on a GPU box
+    assert backends.choose(cfg_for(tmp_path, "onnxruntime")).backend == "onnxruntime"  # asked for: CPU all the same
+    monkeypatch.setattr(backends, "gpu_box", lambda: False)
+    monkeypatch.setattr(backends, "installed", lambda m: m != "onnxruntime")
+    quiet = backends.choose(cfg_for(tmp_path))
+    assert quiet.backend == "torch" and not quiet.fallback and "onnxruntime is not installed" in quiet.reason
+    said = backends.choose(cfg_for(tmp_path, "onnxruntime"))
+    assert said.backend == "torch" and "onnxruntime is not installed (pip install 'nilmd[onnx]')" in said.fallback
+
+
+def test_export_without_onnx_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    block = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'onnx' or name.startswith('onnx.'):\n"
+             "            raise ModuleNotFoundError('blocked', name=name)\nsys.meta_path.insert(0, B())\n"
+             "from nilmd import cli\nsys.exit(cli.main(['export', '--model-dir', sys.argv[1]]))\n")
+    write_set(tmp_path, SET)
+    out = subprocess.run([sys.executable, "-c", block, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "nilmd export needs torch and onnx, and onnx is not installed" in out.stderr
+    assert not (tmp_path / MANIFEST).exists()
