@@ -62,7 +62,7 @@ def mixed(tmp_path_factory):
     return exported(tmp_path_factory.mktemp("mixed"))
 
 
-@pytest.mark.parametrize("t", [1, 5, 100, 512, 513, 1300])
+@pytest.mark.parametrize("t", [1, 5, 100, 256, 257, 513, 1300])
 def test_full_window_equals_each_model_for_several_architectures(mixed, t):
     torch_pred, onnx_pred = mixed
     assert onnx_pred.appliances == torch_pred.appliances == list(APPLIANCES)
