@@ -1,4 +1,4 @@
-"""`nilmd` command line: run, produce, watch, status, check, report (docs/CONTRACT.md §5).
+"""`nilmd` command line: run, produce, watch, status, check, report, export (docs/CONTRACT.md §5).
 
 Every error a user can cause ends in one line, `nilmd: error: ...`, and a non-zero exit code.
 """
@@ -158,19 +158,33 @@ def cmd_check(args) -> int:
         return EXIT_ERROR
     shown = {k: v for k, v in cfg.public().items() if v not in ("", None)}
     print("config       ok    " + " ".join(f"{k}={v}" for k, v in shown.items()))
-    from nilmd.models import checkpoints
     from nilmd.appliances import APPLIANCES
+    from nilmd.models import backends
 
-    loaded, errors = checkpoints.load_dir(cfg.model_dir)
-    for appliance in APPLIANCES:
-        if appliance in loaded:
-            c = loaded[appliance]
-            f1 = c.metrics.get("f1")
-            extra = f", validation F1 {f1:.3f}" if isinstance(f1, (int, float)) else ""
-            print(f"checkpoint   ok    {appliance}: {c.path} ({sum(t.numel() for t in c.state_dict.values())} parameters{extra})")
+    if backends.installed("torch"):
+        from nilmd.models import checkpoints
+
+        loaded, errors = checkpoints.load_dir(cfg.model_dir)
+        for appliance in APPLIANCES:
+            if appliance in loaded:
+                c = loaded[appliance]
+                f1 = c.metrics.get("f1")
+                extra = f", validation F1 {f1:.3f}" if isinstance(f1, (int, float)) else ""
+                print(f"checkpoint   ok    {appliance}: {c.path} ({sum(t.numel() for t in c.state_dict.values())} parameters{extra})")
+            else:
+                print(f"checkpoint   FAIL  {appliance}: {errors[appliance]}")
+        ok &= not errors
+    else:
+        print("checkpoint   skip  torch is not installed: the ONNX export's hashes stand for the checkpoints")
+    try:
+        choice = backends.choose(cfg)
+        if choice.fallback:
+            print(f"backend      WARN  {choice.backend}: {choice.fallback}")
         else:
-            print(f"checkpoint   FAIL  {appliance}: {errors[appliance]}")
-    ok &= not errors
+            print(f"backend      ok    {choice.backend} ({choice.reason})")
+    except NilmdError as e:
+        print(f"backend      FAIL  {e}")
+        ok = False
     if cfg.mode == "test":
         print("redis        skip  --mode test needs no Redis")
     else:
@@ -183,6 +197,24 @@ def cmd_check(args) -> int:
             print(f"redis        FAIL  {redisconn.describe(cfg)}: {redis_error(e)[1]}")
             ok = False
     return EXIT_OK if ok else EXIT_ERROR
+
+
+def cmd_export(args) -> int:
+    """The checkpoints of MODEL_DIR as ONNX files beside them (README, "Backends")."""
+    cfg = config.resolve(args)
+    try:
+        from nilmd.models import onnx_export
+    except ImportError as e:
+        return _fail(f"nilmd export needs torch and onnx, and {e.name} is not installed (pip install onnx; torch: "
+                     "README, Install): export on a machine that has them and copy the files", EXIT_ERROR)
+    manifest, diff = onnx_export.export_checked(cfg.model_dir)
+    for g in manifest["groups"]:
+        names = [manifest["appliances"][k] for k in g["rows"]]
+        print(f"exported     {g['file']}: {len(names)} models of {g['channels']} channels, depth {g['depth']} "
+              f"({', '.join(names)})")
+    print(f"exported     {onnx_export.MANIFEST} in {cfg.model_dir}; ONNX Runtime against torch on a test window: "
+          f"largest difference {diff:.2g}")
+    return EXIT_OK
 
 
 def _names(*groups) -> set[str]:
@@ -209,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="check configuration, checkpoints and Redis, like nginx -t")
     config.add_arguments(check, ("common", "redis", "daemon"))
     check.set_defaults(func=cmd_check)
+
+    export = sub.add_parser("export", help="write MODEL_DIR's checkpoints as ONNX files beside them, for "
+                            "NILMD_BACKEND=onnxruntime (needs torch and onnx)")
+    config.add_arguments(export, ("common", "daemon"))
+    export.set_defaults(func=cmd_export)
 
     status = sub.add_parser("status", help="show the daemon's status hash; exit 0 ok, 1 warning, 2 critical, 3 unknown")
     config.add_arguments(status, ("common", "redis"))

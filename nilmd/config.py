@@ -156,10 +156,18 @@ class Config:
         "auto", "--device", ("NILMD_DEVICE", "DEVICE"), "where the models run", choices=("auto", "cpu", "cuda"),
         section="models", note="auto (CUDA when a GPU is usable, else CPU), cpu or cuda. A GPU box also needs the "
         "drop-in systemd/gpu.conf (device access) and a CUDA build of torch.")
+    backend: str = setting(
+        "auto", "--backend", "NILMD_BACKEND", "what runs the models: torch, or ONNX Runtime on the files of "
+        "`nilmd export`", choices=("auto", "torch", "onnxruntime"), section="models",
+        note="auto (torch on a GPU box; else ONNX Runtime when it is installed and MODEL_DIR's ONNX export matches "
+        "the checkpoints; else torch), torch or onnxruntime. One that cannot serve falls back to torch with a "
+        "warning, or stops the daemon (exit 78) where torch is not installed. README, \"Backends\".")
     threads: int = setting(
-        0, "--threads", "NILMD_THREADS", "torch threads for inference (0: the cores this process may use)",
-        minimum=0, maximum=256, section="models", note="torch threads for inference; 0: the cores this process "
-        "may use. Set it to match a CPUQuota= drop-in: a quota does not change the core count torch sees.")
+        0, "--threads", "NILMD_THREADS", "inference threads (0: torch, the cores this process may use; "
+        "ONNX Runtime, 1)",
+        minimum=0, maximum=256, section="models", note="Inference threads; 0: for torch the cores this process "
+        "may use, for ONNX Runtime 1 (a 2-core box keeps a core for the reader). Set it to match a CPUQuota= "
+        "drop-in: a quota does not change the core count torch sees.")
     input_mode: str = setting(
         "pubsub", "--input-mode", "NILMD_INPUT_MODE", "pubsub: SUBSCRIBE the input channel (at-most-once); "
         "stream: read the input stream nilm:{b}:input:stream from where the last run stopped (at-least-once, "

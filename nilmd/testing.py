@@ -107,7 +107,11 @@ def role_processes(fields: dict) -> dict:
 class DaemonProcess:
     """`python -m nilmd run` as a real child process for `building`, its output in `log_path`."""
 
-    def __init__(self, building: str, log_path: Path, env: dict | None = None, args=()):
+    def __init__(self, building: str, log_path: Path, env: dict | None = None, args=(), python: str = sys.executable,
+                 cwd: Path = PACKAGE_ROOT):
+        """`python` and `cwd`: another installation's interpreter, run outside this checkout (a
+        torch-free venv: tests/test_torchfree.py)."""
+        self.python, self.cwd = python, cwd
         self.building = building
         self.log_path = Path(log_path)
         self.env = dict(os.environ if env is None else env)
@@ -118,8 +122,8 @@ class DaemonProcess:
     def start(self) -> "DaemonProcess":
         self._log = open(self.log_path, "wb")
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", *self.args], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=PACKAGE_ROOT)
+        self.proc = subprocess.Popen([self.python, "-m", "nilmd", "run", *self.args], env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
         return self
 
     def log(self) -> str:

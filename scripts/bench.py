@@ -5,12 +5,15 @@ hardware limit, on this machine in one run.
     python scripts/bench.py                       # everything, shipped checkpoints
     python scripts/bench.py --json bench.json     # also write the results as JSON
     python scripts/bench.py --no-daemon           # model timings only (no redis-server needed)
+    python scripts/bench.py --backends torch      # torch only (default: torch and onnxruntime)
 
 Rows (median and p99 of wall time; cpu = this process's CPU time, which a busy machine inflates
 less than wall time):
   full window, per-model loop   every model alone on the window (the original service's way)
   full window, fused            Predictor.step after reset(): one fused network, all models
   incremental, 60 s / 1 s       Predictor.step on a real ring after 60 / 1 new samples
+  (backend onnxruntime: the same rows through OnnxPredictor, on the models exported here)
+  memory holding the models     RSS of a fresh process that loaded them and ran one window
   end-to-end at 1 Hz            a sample PUBLISHed -> its prediction received (real daemon,
                                 INFERENCE_INTERVAL=1, own redis-server)
   ingest                        samples/s from PUBLISH into the ring (a burst, the ring's head)
@@ -37,8 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the inference process does (nilmd/daemon/inference.py)
 
-from nilmd import keys  # noqa: E402
-from nilmd.testing import DaemonProcess, RedisServer, free_port, role_processes, wait_for  # noqa: E402
+from bench_daemon import bench_daemon, stats, window_features  # noqa: E402  (scripts/: the daemon half)
 
 
 def machine(threads: list[int]) -> dict:
@@ -51,17 +53,15 @@ def machine(threads: list[int]) -> dict:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = "not installed"
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "onnxruntime": ort,
             "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def stats(ms: list[float], cpu: list[float] | None = None) -> dict:
-    a = np.asarray(ms)
-    out = {"median_ms": round(float(np.median(a)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3), "n": len(a)}
-    if cpu:
-        out["cpu_median_ms"] = round(float(np.median(cpu)), 3)
-    return out
 
 
 def timed(fn, reps: int, warmup: int = 3) -> dict:
@@ -109,23 +109,20 @@ def load_models(model_dir: str, out_dir: Path):
     return loaded, note, archs
 
 
-def window_features(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    p = np.abs(np.cumsum(rng.normal(0, 100, n)) + 1500)
-    return np.stack([p, 0.3 * p, p / 230.0, 1.05 * p, np.ones(n)], axis=1).astype(np.float32)
-
-
-def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu") -> dict:
+def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu", backend: str = "torch",
+                 model_dir: str = "") -> dict:
     import torch
 
     from nilmd.models.predictor import Predictor
-    from nilmd.daemon.ringbuffer import RingBuffer
 
     torch.set_num_threads(threads)
+    if backend == "onnxruntime":
+        from nilmd.models.onnx_backend import OnnxPredictor
+
+        return bench_steps(OnnxPredictor(model_dir, threads=threads), size, reps)
     pred = Predictor(ckpts, device)
     models = [c.model().to(pred.device) for c in pred.checkpoints]
-    data = window_features(size + 200_000)
-    x = torch.from_numpy(data[:size]).T.unsqueeze(0).to(pred.device)
+    x = torch.from_numpy(window_features(size)).T.unsqueeze(0).to(pred.device)
 
     @torch.inference_mode()
     def loop():  # the seed's Predictor.run: each model alone on the window, results to the host
@@ -133,6 +130,17 @@ def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu")
             power, logit = m(x)
             power.cpu(), torch.sigmoid(logit).cpu()
 
+    out = {"full window, per-model loop": timed(loop, max(10, reps // 4)), **bench_steps(pred, size, reps)}
+    if pred.device.type == "cuda":
+        out["_gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def bench_steps(pred, size: int, reps: int) -> dict:
+    """pred.step on a real ring: after reset() (a full window), and after 60 and 1 new samples."""
+    from nilmd.daemon.ringbuffer import RingBuffer
+
+    data = window_features(size + 200_000)
     # A directory of our own (mode 0700): a guessable name in /dev/shm could be a planted symlink.
     shm = tempfile.mkdtemp(prefix="nilmd-bench-", dir="/dev/shm")
     ring = RingBuffer.create(os.path.join(shm, "ring"), capacity=4 * size, n_features=data.shape[1])  # wraps often
@@ -156,18 +164,36 @@ def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu")
     try:
         feed(size)
         out = {
-            "full window, per-model loop": timed(loop, max(10, reps // 4)),
             "full window, fused": timed(step(60, full=True), reps),
             "incremental, 60 s": timed(step(60), reps),
             "incremental, 1 s": timed(step(1), reps * 3),
         }
         out["_full_recomputes"] = pred.full_recomputes
-        if pred.device.type == "cuda":
-            out["_gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     finally:
         ring.close()
         shutil.rmtree(shm, ignore_errors=True)
     return out
+
+
+HOLD = """import sys, numpy as np, psutil
+model_dir, backend = sys.argv[1], sys.argv[2]
+if backend == "torch":
+    from nilmd.models import checkpoints
+    from nilmd.models.predictor import Predictor
+    pred = Predictor(checkpoints.load_dir(model_dir)[0])
+else:
+    from nilmd.models.onnx_backend import OnnxPredictor
+    pred = OnnxPredictor(model_dir)
+pred.run(np.ones((1536, 5), np.float32))
+print(psutil.Process().memory_info().rss / 2**20, "torch" in sys.modules)
+"""
+
+
+def holding_rss(model_dir: str, backend: str) -> dict:
+    """RSS of a fresh interpreter holding the models (and whether it imported torch)."""
+    out = subprocess.run([sys.executable, "-c", HOLD, model_dir, backend], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True).stdout.split()
+    return {"rss_mb": round(float(out[0]), 1), "torch_imported": out[1] == "True"}
 
 
 def model_flops(ckpts, size: int) -> int:
@@ -196,153 +222,37 @@ def matmul_gflops(threads: int) -> float:
     return 2 * 1024**3 / best / 1e9
 
 
-# -- the daemon ------------------------------------------------------------------------------------
-class Daemon(DaemonProcess):
-    def __init__(self, port: int, model_dir: str, work: Path, name: str, interval: int, threads: int,
-                 device: str):
-        b = f"bench{name}{os.getpid()}"
-        args = ["--redis-host", "127.0.0.1", "--redis-port", str(port), "--model-dir", model_dir,
-                "--building-id", b, "--inference-interval", str(interval), "--threads", str(threads),
-                "--device", device, "--runtime-dir", str(work), "--state-dir", str(work / f"state-{name}"),
-                "--status-interval", "0.2", "--log-level", "warning"]
-        super().__init__(b, work / f"{name}.log", args=args)
-        self.start()
-
-    def ready_s(self, r) -> float:
-        def ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
-            return self.status(r).get("state", "starting") not in ("starting", "")
-        wait_for(ready, 120, "READY", interval=0.01, not_yet=())
-        return time.monotonic() - self.started_at
-
-    def processes(self, r) -> dict:
-        return role_processes(self.status(r))
-
-    def memory(self, r) -> dict:
-        out = {}
-        for role, proc in self.processes(r).items():
-            info = proc.memory_full_info()  # PSS needs /proc/PID/smaps: our own processes
-            out[role] = {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
-        out["total"] = {k: round(sum(v[k] for v in out.values()), 1) for k in ("rss_mb", "pss_mb")}
-        return out
-
-    def cpu_seconds(self, r) -> dict:
-        return {role: sum(proc.cpu_times()[:2]) for role, proc in self.processes(r).items()}
-
-    def stop(self):
-        try:
-            super().stop(timeout=30)
-        except AssertionError as e:  # killed: the timings taken so far still stand
-            print(f"warning: {e}", file=sys.stderr)
-
-
-def publish(r, b: str, ts: np.ndarray, power: np.ndarray, batch: int = 2000) -> None:
-    channel = keys.input_channel(b)
-    for i in range(0, len(ts), batch):
-        pipe = r.pipeline(transaction=False)
-        for t, p in zip(ts[i:i + batch], power[i:i + batch]):
-            pipe.publish(channel, f'{{"timestamp":{t:.1f},"power_total":{p:.1f}}}')
-        pipe.execute()
-
-
-def bench_daemon(model_dir: str, size: int, threads: int, e2e_seconds: int, ingest_samples: int,
-                 device: str) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="nilmd-bench-"))
-    server = RedisServer(free_port(), work)
-    port, r = server.port, server.client()  # a client connects at its first command
-    out = {}
-    try:
-        server.start()
-        # 1. start -> READY, then the ingest burst (INFERENCE_INTERVAL=60, the default)
-        d = Daemon(port, model_dir, work, "ingest", 60, threads, device)
-        try:
-            out["start -> READY"] = {"median_ms": round(d.ready_s(r) * 1e3, 1), "n": 1}
-            from nilmd.daemon.ringbuffer import RingBuffer
-
-            n = ingest_samples
-            ts = np.floor(time.time()) - n - 10 + np.arange(n)
-            ring = RingBuffer.attach(str(work / f"nilmd-{d.building}.ring"))  # its head counts what is in
-            try:
-                base = ring.counters()[0]
-                t = time.monotonic()
-                publish(r, d.building, ts, window_features(n)[:, 0])
-                sent = time.monotonic() - t
-                wait_for(lambda: ring.counters()[0] - base >= n, 120, "the ingest burst", interval=0.001, not_yet=())
-                took = time.monotonic() - t
-            finally:
-                ring.close()
-            out["ingest"] = {"samples_per_s": round(n / took), "n": n, "publish_s": round(sent, 2)}
-        finally:
-            d.stop()
-        # 2. end-to-end at 1 Hz (INFERENCE_INTERVAL=1) and memory after warm-up
-        d = Daemon(port, model_dir, work, "e2e", 1, threads, device)
-        try:
-            d.ready_s(r)
-            sub = r.pubsub(ignore_subscribe_messages=True)
-            sub.subscribe(keys.predictions_channel(d.building))
-            now = np.floor(time.time())
-            publish(r, d.building, now - size + np.arange(size), window_features(size)[:, 0])  # fill the window
-            wait_for(lambda: sub.get_message(timeout=0.1), 60, "the first prediction", interval=0.01, not_yet=())
-            lat, power = [], window_features(e2e_seconds, seed=1)[:, 0]
-            cpu0, t_cpu = d.cpu_seconds(r), time.monotonic()
-            for i in range(e2e_seconds):
-                ts = np.floor(time.time()) + 1
-                time.sleep(max(0.0, ts - time.time()))  # on the second, like a meter
-                while sub.get_message(timeout=0):  # drop anything older
-                    pass
-                t = time.perf_counter()
-                r.publish(keys.input_channel(d.building), f'{{"timestamp":{ts:.1f},"power_total":{power[i]:.1f}}}')
-                while True:
-                    msg = sub.get_message(timeout=2.0)
-                    if msg is None:
-                        raise RuntimeError(f"no prediction for the sample at {ts}")
-                    if json.loads(msg["data"])["window_end"] >= ts:
-                        lat.append((time.perf_counter() - t) * 1e3)
-                        break
-            out["end-to-end at 1 Hz"] = stats(lat)
-            elapsed = time.monotonic() - t_cpu
-            out["cpu_percent_at_1hz"] = {k: round(100 * (v - cpu0.get(k, 0.0)) / elapsed, 2)
-                                         for k, v in d.cpu_seconds(r).items()}
-            out["memory"] = d.memory(r)
-            out["inference_ms_daemon"] = float(d.status(r).get("last_inference_ms", "nan"))
-        finally:
-            d.stop()
-    finally:
-        r.close()
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
 # -- report ----------------------------------------------------------------------------------------
 def table(results: dict) -> str:
     m = results["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}, load average "
-             f"{m['load_start'][0]} at start, {m['load_end'][0]} at end",
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, onnxruntime {m['onnxruntime']}, device "
+             f"{m['device']}, load average {m['load_start'][0]} at start, {m['load_end'][0]} at end",
              f"models: {results['models']}; {'; '.join(results['architectures'])}",
-             "", f"| {'measure':34s} | threads | median | p99 | cpu median |", "|---|---|---|---|---|"]
-    for threads, rows in results["models_by_threads"].items():
-        for name, s in rows.items():
-            if not name.startswith("_"):
-                lines.append(f"| {name:34s} | {threads} | {s['median_ms']:.2f} ms | {s['p99_ms']:.2f} ms "
-                             f"| {s['cpu_median_ms']:.2f} ms |")
-    for threads, rows in results["models_by_threads"].items():
-        if "_gpu_max_allocated_mb" in rows:
-            lines.append(f"| {'GPU memory (torch, peak)':34s} | {threads} | {rows['_gpu_max_allocated_mb']:.0f} MB | | |")
-    d = results.get("daemon")
-    if d:
-        t = d["threads"] or f"all ({len(os.sched_getaffinity(0))})"
+             "", f"| {'measure':34s} | backend | threads | median | p99 | cpu median |", "|---|---|---|---|---|---|"]
+    for backend, by_threads in results["models_by_backend"].items():
+        for threads, rows in by_threads.items():
+            for name, s in rows.items():
+                if not name.startswith("_"):
+                    lines.append(f"| {name:34s} | {backend} | {threads} | {s['median_ms']:.2f} ms | {s['p99_ms']:.2f} ms "
+                                 f"| {s['cpu_median_ms']:.2f} ms |")
+            if "_gpu_max_allocated_mb" in rows:
+                lines.append(f"| {'GPU memory (torch, peak)':34s} | {backend} | {threads} | "
+                             f"{rows['_gpu_max_allocated_mb']:.0f} MB | | |")
+    for backend, v in results.get("holding", {}).items():
+        lines.append(f"| {'memory holding the models':34s} | {backend} | | RSS {v['rss_mb']} MB | "
+                     f"{'torch imported' if v['torch_imported'] else 'no torch'} | |")
+    for backend, d in results.get("daemon", {}).items():
+        t = d["threads"] or "default"
         e = d["end-to-end at 1 Hz"]
-        lines.append(f"| {'end-to-end at 1 Hz':34s} | {t} | {e['median_ms']:.1f} ms | {e['p99_ms']:.1f} ms | |")
-        lines.append(f"| {'start -> READY':34s} | {t} | {d['start -> READY']['median_ms'] / 1e3:.2f} s | | |")
+        lines.append(f"| {'end-to-end at 1 Hz':34s} | {backend} | {t} | {e['median_ms']:.1f} ms | {e['p99_ms']:.1f} ms | |")
+        lines.append(f"| {'start -> READY':34s} | {backend} | {t} | {d['start -> READY']['median_ms'] / 1e3:.2f} s | | |")
         cpu = ", ".join(f"{k} {v}%" for k, v in d["cpu_percent_at_1hz"].items())
-        lines.append(f"| {'CPU of a core at 1 Hz':34s} | {t} | {cpu} | | |")
+        lines.append(f"| {'CPU of a core at 1 Hz':34s} | {backend} | {t} | {cpu} | | |")
         ing = d["ingest"]
-        lines.append(f"| {'reader ingest (burst of %d)' % ing['n']:34s} | | {ing['samples_per_s']:,} samples/s "
-                     f"| published in {ing['publish_s']} s | |")
+        lines.append(f"| {'reader ingest (burst of %d)' % ing['n']:34s} | {backend} | | {ing['samples_per_s']:,} "
+                     f"samples/s | published in {ing['publish_s']} s | |")
         for role, v in d["memory"].items():
-            lines.append(f"| {'memory ' + role:34s} | | RSS {v['rss_mb']} MB | PSS {v['pss_mb']} MB | |")
+            lines.append(f"| {'memory ' + role:34s} | {backend} | | RSS {v['rss_mb']} MB | PSS {v['pss_mb']} MB | |")
     h = results["limit"]
     lines += ["", f"hardware limit: {h['gflop_per_window']:.3f} GFLOP per full window / {h['matmul_gflops']:.0f} "
               f"GFLOP/s (1024^2 float32 matmul, best of {h['matmul_gflops_by_threads']} by threads) = "
@@ -358,11 +268,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the daemon runs with the same)")
     ap.add_argument("--threads", default="1,2", help="torch threads to time the models with (comma list)")
     ap.add_argument("--daemon-threads", type=int, default=0,
-                    help="--threads of the benchmarked daemon (default 0, the daemon's own default: all cores)")
+                    help="--threads of the benchmarked daemon (default 0, the daemon's own default: torch all "
+                    "cores, onnxruntime 1)")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--e2e-seconds", type=int, default=60, help="live 1 Hz samples for the end-to-end latency")
     ap.add_argument("--ingest-samples", type=int, default=50_000)
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon (no redis-server needed)")
+    ap.add_argument("--backends", default="torch,onnxruntime", help="comma list: torch, onnxruntime (exported here)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -370,10 +282,18 @@ def main() -> int:
     results = {"machine": {**machine(threads), "device": args.device}}
     tmp = Path(tempfile.mkdtemp(prefix="nilmd-bench-models-"))
     ckpts, results["models"], results["architectures"] = load_models(args.model_dir, tmp)
-    results["models_by_threads"] = {}
+    backends = args.backends.split(",")
+    if "onnxruntime" in backends:  # the checkpoints copied to tmp, exported beside them
+        from nilmd.models.onnx_export import export
+
+        export(tmp, ckpts=ckpts)
+    results["models_by_backend"] = {b: {} for b in backends}
     for t in threads:
-        print(f"timing the models with {t} thread(s) ...", file=sys.stderr)
-        results["models_by_threads"][t] = bench_models(ckpts, args.window_size, t, args.reps, args.device)
+        for b in backends:
+            print(f"timing the models on {b} with {t} thread(s) ...", file=sys.stderr)
+            results["models_by_backend"][b][t] = bench_models(ckpts, args.window_size, t, args.reps, args.device, b,
+                                                              str(tmp))
+    results["holding"] = {b: holding_rss(str(tmp), b) for b in backends}
     flops = model_flops(ckpts, args.window_size)
     measured = {t: matmul_gflops(t) for t in threads}  # a busy machine can make more threads slower
     best = max(measured, key=measured.get)
@@ -386,9 +306,12 @@ def main() -> int:
         if shutil.which("redis-server") is None:
             print("redis-server not found: skipping the daemon (--no-daemon to silence)", file=sys.stderr)
         else:
-            print("running the daemon against a private redis-server ...", file=sys.stderr)
-            results["daemon"] = {"threads": args.daemon_threads, **bench_daemon(
-                str(tmp), args.window_size, args.daemon_threads, args.e2e_seconds, args.ingest_samples, args.device)}
+            results["daemon"] = {}
+            for b in backends:
+                print(f"running the daemon on {b} against a private redis-server ...", file=sys.stderr)
+                results["daemon"][b] = {"threads": args.daemon_threads, **bench_daemon(
+                    str(tmp), args.window_size, args.daemon_threads, args.e2e_seconds, args.ingest_samples,
+                    args.device, b)}
     shutil.rmtree(tmp, ignore_errors=True)
     results["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
     print(table(results))

@@ -9,14 +9,19 @@
 #
 # What it sets up
 #   user nilmd (system user, no login)    runs the service (User= in the unit)
-#   /opt/nilmd/venv                       Python venv: nilmd from this tree, torch, systemd-python
+#   /opt/nilmd/venv                       Python venv: nilmd from this tree, torch (or onnxruntime:
+#                                         --backend onnxruntime), systemd-python
 #   /opt/nilmd/{README.md,nilmd.env.example}
 #   /etc/nilmd/nilmd.env                  settings (root:nilmd 0640); written once, never overwritten
-#   /var/lib/nilmd/checkpoints/           the 11 model checkpoints (root:nilmd 0640)
+#   /var/lib/nilmd/checkpoints/           the 11 model checkpoints (root:nilmd 0640), and with
+#                                         --backend onnxruntime their ONNX export (nilmd-onnx*)
 #   /etc/systemd/system/nilmd.service     the unit (+ nilmd.service.d/gpu.conf on a GPU box)
 #
 # Options
 #   --enable               also `systemctl enable --now nilmd`
+#   --backend B            torch (default) or onnxruntime: no torch on the box (it is removed from
+#                          the venv if there), ONNX Runtime serves the ONNX export that must lie
+#                          beside the checkpoints (`nilmd export`, where torch is; README, Backends)
 #   --torch MODE           auto (default: CUDA build if `nvidia-smi -L` works, else CPU build),
 #                          cpu, cuda, or skip (leave torch alone)
 #   --torch-version V      torch version to install (default 2.13.0)
@@ -52,13 +57,14 @@ CPU_INDEX=https://download.pytorch.org/whl/cpu
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3 || echo python3)"
-TORCH=auto TORCH_VERSION=2.13.0 TORCH_INDEX=auto GPU=auto CKPT_SRC="" JOURNAL=yes
+BACKEND=torch TORCH=auto TORCH_VERSION=2.13.0 TORCH_INDEX=auto GPU=auto CKPT_SRC="" JOURNAL=yes
 ENABLE=0 UNINSTALL=0 PURGE=0 DRY=0
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --enable) ENABLE=1; shift;;
+    --backend) BACKEND="${2:-}"; shift 2;;
     --torch) TORCH="${2:-}"; shift 2;;
     --torch-version) TORCH_VERSION="${2:-}"; shift 2;;
     --torch-index) TORCH_INDEX="${2:-}"; shift 2;;
@@ -75,6 +81,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$TORCH" in auto|cpu|cuda|skip) ;; *) echo "install.sh: --torch must be auto, cpu, cuda or skip" >&2; exit 2;; esac
+case "$BACKEND" in torch|onnxruntime) ;; *) echo "install.sh: --backend must be torch or onnxruntime" >&2; exit 2;; esac
 [ "$PURGE" = 0 ] || [ "$UNINSTALL" = 1 ] || { echo "install.sh: --purge goes with --uninstall" >&2; exit 2; }
 
 # ------------------------------------------------------------------------------ reporting
@@ -277,6 +284,12 @@ EOF
 torch_step() {
   step "torch"
   local want="$TORCH" have
+  if [ "$BACKEND" = onnxruntime ]; then
+    FLAVOR=cpu
+    if [ -n "$(torch_installed)" ]; then act "remove torch from the venv (--backend onnxruntime)" vpip uninstall --quiet -y torch; RESTART=1
+    else ok "no torch (--backend onnxruntime)"; fi
+    return
+  fi
   if [ "$want" = skip ]; then ok "torch left alone (--torch skip)"; FLAVOR="$(torch_installed | awk '{print $2}')"; return; fi
   if [ "$want" = auto ]; then
     if command -v nvidia-smi >/dev/null && quiet nvidia-smi -L; then want=cuda; else want=cpu; fi
@@ -316,6 +329,16 @@ torch_step() {
     have="$(torch_installed)"
     [ "$have" = "$TORCH_VERSION $want" ] || die "torch in the venv is '$have' after installing, expected '$TORCH_VERSION $want'"
   fi
+}
+
+onnxruntime_step() {
+  step "onnxruntime"
+  if [ "$BACKEND" != onnxruntime ]; then ok "not needed (--backend torch)"; return; fi
+  if [ -x "$VENV/bin/python" ] && quiet vpy -c 'import onnxruntime'; then
+    ok "onnxruntime $(vpy -c 'import onnxruntime; print(onnxruntime.__version__)')"; return
+  fi
+  act "install onnxruntime into the venv" vpip install --quiet "onnxruntime>=1.17"
+  RESTART=1
 }
 
 source_fingerprint() {
@@ -385,7 +408,24 @@ checkpoints_step() {
   local src="${CKPT_SRC:-$SRC/checkpoints}" f dest
   shopt -s nullglob
   local files=("$src"/wavenilm_v3_SOTA_*_best.pth) todo=()
+  # the export's graphs, then its manifest: copied in this order, a reload sees a whole set
+  [ "$BACKEND" = torch ] || files+=("$src"/nilmd-onnx-group*.onnx "$src"/nilmd-onnx.json)
   shopt -u nullglob
+  if [ "$BACKEND" = onnxruntime ] && [ ${#files[@]} -gt 0 ]; then
+    local why
+    if [ "$DRY" = 1 ] && [ ! -x "$VENV/bin/python" ]; then why=""
+    elif ! why="$(vpy - "$src" 2>&1 <<'EOF'
+import sys
+from nilmd.models.onnx_backend import OnnxExportError, OnnxPredictor
+try:
+    OnnxPredictor(sys.argv[1])
+except OnnxExportError as e:
+    sys.exit(str(e))
+EOF
+)"; then
+      die "$src cannot be served without torch: $(printf '%s' "$why" | tail -n 1)"
+    fi
+  fi
   if [ ${#files[@]} -eq 0 ]; then
     local have; have="$(find "$MODEL_DIR" -name 'wavenilm_v3_SOTA_*_best.pth' 2>/dev/null | wc -l)"
     if [ "$have" -gt 0 ]; then ok "$have checkpoints in place (none in $src to update them from)"
@@ -398,7 +438,7 @@ checkpoints_step() {
   done
   if [ ${#todo[@]} -eq 0 ]; then ok "${#files[@]} checkpoints up to date"; return; fi
   # One file at a time through a temp name and a rename, so that a reload never reads half a file.
-  act "copy ${#todo[@]} of ${#files[@]} checkpoints from $src" sh -c '
+  act "copy ${#todo[@]} of ${#files[@]} $([ "$BACKEND" = torch ] && echo checkpoints || echo "checkpoint and ONNX files") from $src" sh -c '
     g="$1"; d="$2"; shift 2
     for f in "$@"; do
       install -m 0640 -o root -g "$g" "$f" "$d/.$(basename "$f").new" && mv -f "$d/.$(basename "$f").new" "$d/$(basename "$f")" || exit 1
@@ -480,6 +520,7 @@ else
   venv
   torch_step
   nilmd_step
+  onnxruntime_step
   journal_step
   checkpoints_step
   config_step

@@ -62,7 +62,7 @@ def model_dir(tmp_path_factory):
 class Daemon(DaemonProcess):
     """`python -m nilmd run` with the tests' small settings and its own building id."""
 
-    def __init__(self, port: int, model_dir: Path, runtime_dir: Path, extra_env=None, args=()):
+    def __init__(self, port: int, model_dir: Path, runtime_dir: Path, extra_env=None, args=(), **where):
         building = f"t{uuid.uuid4().hex[:10]}"
         self.runtime_dir = runtime_dir
         env = {
@@ -84,7 +84,7 @@ class Daemon(DaemonProcess):
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
-        super().__init__(building, runtime_dir / f"{building}.log", env, args)
+        super().__init__(building, runtime_dir / f"{building}.log", env, args, **where)
 
     def shm_files(self):
         return sorted(p.name for p in self.runtime_dir.glob(f"nilmd-{self.building}*"))

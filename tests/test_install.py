@@ -68,7 +68,7 @@ def run_installer(*args, env=None):
 
 
 def test_usage_errors():
-    for args in (["--torch", "rocm"], ["--purge"], ["--frobnicate"]):
+    for args in (["--torch", "rocm"], ["--purge"], ["--frobnicate"], ["--backend", "tensorflow"]):
         proc = run_installer(*args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert proc.stderr.strip(), "a usage error must say what is wrong"
@@ -99,6 +99,9 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     ckpt.mkdir()
     for f in model_dir.iterdir():
         shutil.copy(f, ckpt / f.name)
+    from nilmd.models.onnx_export import export_checked
+
+    export_checked(ckpt)  # for the --backend onnxruntime step (the box itself has no torch to export with)
     for p in (tmp_path, ckpt, *ckpt.iterdir()):  # tmp_path too: the binds below live in it
         p.chmod(0o755 if p.is_dir() else 0o644)
     # A snapshot of the source tree: others may edit the working tree while this runs, and the
@@ -122,7 +125,7 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     for d in MIRROR_DIRS:
         cmd += ["--bind-ro", d]
     steps = ("dry-run", "install", "again", "cuda-guard /srv/cuda-only", f"enable {redis_server.port} {building}",
-             "again --enable", "uninstall")
+             "again --enable", "onnx", "uninstall")
     for step in steps:
         name, _, rest = step.partition(" ")
         cmd += ["--pre", f"{checks} {name} {common} {rest}".strip()]
@@ -135,4 +138,4 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     tail = f"\n--- run-under-systemd output ({time.monotonic() - t0:.0f} s) ---\n{out[-15000:]}"
     assert "CHECK FAIL" not in out and proc.returncode == 0, "the installer test failed" + tail
     passes = re.findall(r"^CHECK PASS: .*$", out, re.M)
-    assert len(passes) == 8, f"expected 8 passing steps, got {passes}" + tail
+    assert len(passes) == 9, f"expected 9 passing steps, got {passes}" + tail

@@ -7,8 +7,11 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DAEMON = ("supervisor", "reader", "inference", "ringbuffer", "control", "mapped", "snapshot", "ingest",
           "sources", "streams", "status", "notify", "ledger", "runs", "mqtt")
@@ -86,5 +89,31 @@ def test_supervisor_imports_without_redis_py():
 def test_the_redis_blocker_works():
     """The check above can fail: a module that needs redis-py does not import behind the blocker."""
     out = subprocess.run([sys.executable, "-c", BLOCK_REDIS + "import nilmd.redisconn"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "blocked by the test" in out.stderr
+
+
+BLOCK_TORCH = BLOCK_REDIS.replace("_NoRedis", "_NoTorch").replace('"redis"', '"torch"').replace('"redis."', '"torch."')
+
+
+def test_the_inference_serves_with_onnxruntime_without_torch(tmp_path):
+    """A box without torch: the inference process's modules, the backend choice and the ONNX
+    predictor import and run behind a blocker for torch (the export in checkpoints/ is used)."""
+    pytest.importorskip("onnxruntime")
+    code = BLOCK_TORCH + f"""
+import numpy as np
+import nilmd.daemon.inference, nilmd.cli
+from nilmd.config import Config
+from nilmd.models import backends
+got = backends.load(Config(model_dir={str(ROOT / "checkpoints")!r}, device="auto"))
+assert got.predictor.backend == "onnxruntime", got.choice
+assert got.predictor.run(np.ones((100, 5), np.float32))[1].shape == (11, 100)
+"""
+    mods = imported_after(code)
+    assert "torch" not in mods and "onnxruntime" in mods
+
+
+def test_the_torch_blocker_works():
+    out = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import nilmd.models.predictor"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode != 0 and "blocked by the test" in out.stderr

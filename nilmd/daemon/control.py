@@ -56,6 +56,8 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 _NAMES += [f"latency_le_{i}" for i in range(len(LATENCY_BUCKETS_S))] + ["latency_sum", "latency_count"]
 # The Home Assistant publisher (nilmd.daemon.mqtt), a child only with --mqtt-url
 _NAMES += ["mqtt_pid", "mqtt_heartbeat", "mqtt_state", "mqtt_errors", "mqtt_published"]
+# 1 while the models are served by ONNX Runtime, 0 by torch (nilmd.models.backends)
+_NAMES += ["backend_onnx"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 SIZE = 8 * 128
 assert len(_NAMES) <= 128

@@ -132,11 +132,12 @@ class InferenceWorker(Worker):
 
     # -- models ----------------------------------------------------------------------------------
     def _load_set(self):
-        from nilmd.models import checkpoints
-        from nilmd.models.predictor import Predictor
+        from nilmd.models import backends
 
-        loaded, errors = checkpoints.load_dir(self.cfg.model_dir)
-        return loaded, errors, (Predictor(loaded, self.cfg.device) if loaded else None)
+        got = backends.load(self.cfg)  # NILMD_BACKEND: torch or ONNX Runtime (nilmd.models.backends)
+        if got.choice.fallback:
+            self.log.warning("%s", got.choice.fallback)
+        return got.predictor.appliances if got.predictor else [], got.errors, got.predictor
 
     def load(self) -> None:
         """First load. Raises NilmdError if nothing at all can be served."""
@@ -149,8 +150,8 @@ class InferenceWorker(Worker):
             raise NilmdError(f"no usable checkpoint in {os.path.abspath(self.cfg.model_dir)}: nothing to serve")
         self._install(predictor)
         self.ctl["reload_done"] = self.reload_seen  # a fresh load answers any reload asked before it
-        self.log.info("models loaded: %d of %d (%s) on %s", len(loaded), len(APPLIANCES),
-                      ", ".join(predictor.appliances), predictor.device)
+        self.log.info("models loaded: %d of %d (%s) on %s with %s", len(loaded), len(APPLIANCES),
+                      ", ".join(predictor.appliances), predictor.device, predictor.backend)
 
     def reload(self) -> None:
         """SIGHUP: load the new set beside the old one; swap only if it is whole."""
@@ -167,7 +168,8 @@ class InferenceWorker(Worker):
             self.log.error("reload failed, still serving the previous models: %s", e)
         else:
             self._install(predictor)
-            self.log.info("reloaded: %d models (%s)", len(loaded), ", ".join(predictor.appliances))
+            self.log.info("reloaded: %d models (%s) with %s", len(loaded), ", ".join(predictor.appliances),
+                          predictor.backend)
         self.ctl["inference_state"] = ctlmod.INFER_READY
         self.ctl["reload_done"] = self.reload_seen
 
@@ -176,6 +178,7 @@ class InferenceWorker(Worker):
         self.ctl["models_loaded"] = len(predictor.appliances)
         self.ctl["models_mask"] = sum(1 << APPLIANCES.index(a) for a in predictor.appliances)
         self.ctl["device_cuda"] = 1.0 if predictor.device.type == "cuda" else 0.0
+        self.ctl["backend_onnx"] = 1.0 if predictor.backend == "onnxruntime" else 0.0
         self.ctl["inference_state"] = ctlmod.INFER_READY
 
     # -- schedule --------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ class InferenceWorker(Worker):
         return end if end <= head else None
 
     def infer(self, end: int) -> dict | None:
-        from nilmd.models.predictor import make_prediction
+        from nilmd.models.prediction import make_prediction
 
         size, n = self.cfg.window_size, self.cfg.inference_interval
         window = self.ring.window(size, end)
@@ -228,9 +231,8 @@ class InferenceWorker(Worker):
         # anything else runs on a small box: measured on 2 busy cores, 2 spinning threads made a 1-s
         # step 240 ms instead of 0.5 ms. Read by the OpenMP runtime when torch loads; a set value wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        import torch  # only here: the supervisor and the reader never pay for torch
-
-        torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+        # torch is imported (and its threads set) by the first load that serves with it
+        # (nilmd.models.backends): a box that serves with ONNX Runtime never imports it.
 
     def run(self) -> int:
         try:

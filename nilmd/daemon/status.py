@@ -88,6 +88,7 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         "models_missing": ",".join(missing) if snap["models_loaded"] else "",  # nothing is missing before a load
         "reload_failures": int(snap["reload_failed"]),
         "device": "cuda" if snap["device_cuda"] else "cpu",
+        "backend": ("onnxruntime" if snap["backend_onnx"] else "torch") if snap["models_loaded"] else "",
         "input_connected": int(snap["redis_connected"]),
         "input_errors": int(snap["redis_errors"]),
         # pub/sub: subscriptions cut (redis-py subscribes again by itself), by cause, and the samples
@@ -161,7 +162,7 @@ def render(fields: dict, now: float | None = None) -> str:
         f"  samples      {g('samples_received')} received, {g('samples_accepted')} accepted, "
         f"{g('samples_rejected')} rejected, {g('samples_filled')} filled; last {ago(g('last_sample_ts'))}",
         f"  inference    {g('inferences')} runs, last {ago(g('last_inference_ts'))} in {g('last_inference_ms')} ms "
-        f"on {g('device')}",
+        f"on {g('device')}" + (f" with {g('backend')}" if g("backend") else ""),
         f"  models       {g('models_loaded')}/{len(APPLIANCES)} loaded"
         + (f", missing: {g('models_missing')}" if g("models_missing") else ""),
         f"  processes    supervisor {g('pid_supervisor')}, reader {g('pid_reader')}, inference {g('pid_inference')}; "

@@ -14,7 +14,9 @@ import torch
 
 from nilmd.appliances import APPLIANCES
 from nilmd.models.checkpoints import Checkpoint
+from nilmd.models.following import RingFollower
 from nilmd.models.fused import FusedWaveNILM, Graphed, State, arch_key
+from nilmd.models.prediction import make_prediction, served_power  # noqa: F401 (their old home)
 
 CHUNK = 512  # samples per CPU chunk: a chunk's activations stay in L2; measured best of 128..1536
 GPU_CHUNK = 8192  # run() on long series: bounds GPU memory (~1 MB per 1000 samples per model)
@@ -29,8 +31,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class Predictor:
+class Predictor(RingFollower):
     """All loaded appliance models, in the fixed appliance order."""
+
+    backend = "torch"
 
     def __init__(self, checkpoints: dict[str, Checkpoint], device: str = "cpu", *, graphs: bool | None = None):
         self.appliances = [a for a in APPLIANCES if a in checkpoints]
@@ -53,11 +57,7 @@ class Predictor:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the position: the next step() recomputes a full window. Call it when a window
-        turned out not to be intact (the writer overwrote it while it was read)."""
-        self._end = None  # ring index one past the last sample step() processed
-        self._last_ts = None  # that sample's grid second: tells a ring that restarted from 0
-        self._size = None
+        super().reset()
         self._live = None  # the slack whose states hold the position
 
     # -- whole windows -------------------------------------------------------------------------
@@ -74,34 +74,10 @@ class Predictor:
             outs.append(net.step(st, x, t))
         return self._collect(outs, t)
 
-    # -- following the ring --------------------------------------------------------------------
+    # -- following the ring (nilmd.models.following) -------------------------------------------
     @torch.inference_mode()
     def step(self, window, new: int) -> tuple[np.ndarray, np.ndarray]:
-        """Outputs for the newest `new` samples of a ring Window: (power W [A, new], probability
-        [A, new]). Continues from the previous call when the window holds it (same unbroken run,
-        the last processed sample still in the window with the same timestamp), computing only
-        the samples since; otherwise (first call, a gap, a ring reset, a skipped-ahead schedule)
-        recomputes the whole window. The newest outputs are the same either way: the window holds
-        the receptive field, so the zero padding of a full recompute never reaches them. (Only an
-        interval longer than window - receptive_field + 1 asks for older outputs, which a full
-        recompute gets from a zero-padded past and a continued step from the true one.)"""
-        if not 0 < new <= window.size:
-            raise ValueError(f"new={new} outside 1..{window.size}")
-        n = window.end - self._end if self._continues(window) else 0
-        if n >= new:
-            out = self._incremental(window.features[window.size - n:], new)
-        else:
-            out = None
-        if out is None:
-            self.full_recomputes += 1
-            out = self._full(window.features, new)
-        self._end, self._last_ts, self._size = window.end, float(window.ts[-1]), window.size
-        return out
-
-    def _continues(self, window) -> bool:
-        end = self._end
-        return (end is not None and window.size == self._size and window.size >= self.receptive_field
-                and window.start < end <= window.end and float(window.ts[end - 1 - window.start]) == self._last_ts)
+        return super().step(window, new)
 
     def _full(self, features: np.ndarray, new: int):
         t = features.shape[0]
@@ -184,46 +160,3 @@ class Predictor:
             power[rows] = p.cpu().numpy()
             prob[rows] = q.cpu().numpy()
         return power, prob
-
-
-def served_power(power: np.ndarray, prob: np.ndarray, threshold) -> np.ndarray:
-    """The power the daemon reports: the model's estimate in the seconds it judges the appliance
-    on (probability >= its threshold), 0 W in the others. An appliance reported off then draws
-    nothing, and the power head's hedging where it is unsure (with the mean-squared loss it
-    predicts p(on) x power, hundreds of W for an oven between element cycles) no longer leaks
-    into the estimate: on the simulated test houses this lowered MAE for all 11 appliances, with
-    full and power-only input (oven 36.8 -> 9.5 W). `threshold` broadcasts against `prob`."""
-    return np.where(prob >= threshold, power, np.float32(0.0))
-
-
-def make_prediction(appliances, power: np.ndarray, prob: np.ndarray, thresholds: np.ndarray,
-                    aggregate: np.ndarray, *, timestamp: float, window_start: float, window_end: float,
-                    inference_ms: float) -> dict:
-    """The prediction (docs/CONTRACT.md §3.4) for the newest samples.
-
-    `power`, `prob` [A, n] and `aggregate` [n] cover the last inference interval (n samples).
-    power_watts (of `served_power`) and probability are means over the interval, so power_watts
-    is at most total_power (each sample's estimate is at most that sample's aggregate).
-    """
-    power = served_power(power, prob, np.asarray(thresholds, np.float32)[:, None])
-    total = float(np.mean(aggregate)) if len(aggregate) else 0.0
-    entries = []
-    for k, name in enumerate(appliances):
-        p = float(np.mean(prob[k])) if prob.shape[1] else 0.0
-        watts = float(np.mean(power[k])) if power.shape[1] else 0.0
-        watts = min(max(watts, 0.0), max(total, 0.0))
-        entries.append({
-            "appliance": name,
-            "power_watts": round(watts, 2),
-            "probability": round(p, 4),
-            "is_on": bool(p >= thresholds[k]),
-            "confidence": round(abs(2.0 * p - 1.0), 4),
-        })
-    return {
-        "timestamp": float(timestamp),
-        "window_start": float(window_start),
-        "window_end": float(window_end),
-        "total_power": round(total, 2),
-        "inference_time_ms": round(float(inference_ms), 3),
-        "predictions": entries,
-    }

@@ -106,6 +106,19 @@ enable)
   v="$(systemd-analyze verify /etc/systemd/system/nilmd.service 2>&1)"; [ -z "$v" ] || fail "verify of the installed unit: $v"
   pass "--enable: active as user nilmd with the shipped unit (verify clean), no password file, nilmd.env untouched"
   ;;
+onnx)
+  # the running torch install switched to ONNX Runtime ($ckpt holds the test's export)
+  inst --backend onnxruntime --checkpoints "$ckpt"
+  /opt/nilmd/venv/bin/python -c 'import torch' 2>/dev/null && fail "torch is still in the venv"
+  /opt/nilmd/venv/bin/python -c 'import onnxruntime' || fail "onnxruntime is not in the venv"
+  for f in /var/lib/nilmd/checkpoints/nilmd-onnx.json /var/lib/nilmd/checkpoints/nilmd-onnx-group0.onnx; do perm "$f" "root:nilmd 640"; done
+  wait_until 60 "the restarted service to serve with onnxruntime" sh -c \
+    "journalctl --no-pager -o cat -u nilmd | grep -q 'models loaded: 11 of 11 .* with onnxruntime'"
+  [ "$(systemctl show -p ActiveState --value nilmd)" = active ] || fail "not active after the switch"
+  inst --backend onnxruntime --checkpoints "$ckpt"
+  grep -q "^nothing changed" "$out" || fail "a second --backend onnxruntime run changed something"
+  pass "--backend onnxruntime: torch removed, onnxruntime and the export installed, serving with onnxruntime; again: nothing changed"
+  ;;
 uninstall)
   inst --uninstall --dry-run
   [ -d /opt/nilmd ] && systemctl is-active --quiet nilmd || fail "--uninstall --dry-run removed something"

@@ -1,0 +1,192 @@
+"""`nilmd export`: the checkpoints of a model directory as ONNX graphs that ONNX Runtime serves
+without torch (nilmd.models.onnx_backend), and the manifest that ties them to the checkpoints.
+
+One graph per architecture group (the models nilmd.models.fused stacks), written with
+onnx.helper from the fused weights: the models side by side as grouped convolutions (groups =
+models, channels-first [1, A*C, time]: ONNX Runtime's convolutions with the gate's tanh and
+sigmoid fused in ran this box's full window faster than batched matmuls, whose bias adds and
+splits cost more than the products), the scales folded in, the head only for the wanted outputs.
+Same arithmetic as WaveNILM, in another order: the two paths differ by float32 rounding only.
+The graph is the incremental step, and a full window is one step from the zero state (WaveNILM's
+left padding), so one graph serves both, for any step size:
+
+    inputs   x [1, F, n] (physical units, channels-first), outputs int64 [1] (m: for how many
+             of the newest samples to run the head, 1..n), state_i [1, A*C, dilation_i] (layer
+             i's last inputs)
+    outputs  power [A, m] W, probability [A, m], state_out_i [1, A*C, dilation_i]
+
+Deterministic: no timestamps, names from the layer index, weights as float32 bytes, so the same
+checkpoints give the same files (tests/test_onnx.py checks it). Needs torch (to read and fuse
+the checkpoints) and onnx; the box that serves the files needs neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nilmd import __version__
+from nilmd.appliances import checkpoint_filename
+from nilmd.errors import NilmdError
+from nilmd.models import checkpoints
+from nilmd.models.fused import FusedWaveNILM
+from nilmd.models.onnx_backend import FORMAT_VERSION, MANIFEST, group_filename, sha256
+
+OPSET = 17  # ONNX Runtime >= 1.17 runs it (the onnxruntime extra's floor)
+IR_VERSION = 8
+BIG = np.iinfo(np.int64).max
+
+
+class _Graph:
+    """A tiny builder: nodes in order, constants as initializers, every name from its role."""
+
+    def __init__(self):
+        self.nodes, self.inits = [], []
+
+    def const(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.array(value, order="C"), name))  # (ascontiguousarray: 1-d scalars)
+        return name
+
+    def op(self, kind: str, inputs, out: str, n_out: int = 1, **attrs):
+        outs = [out] if n_out == 1 else [f"{out}_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(kind, list(inputs), outs, name=out, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def build_group(net: FusedWaveNILM, name: str) -> onnx.ModelProto:
+    """The step graph of one fused group (see the module docstring)."""
+    w = {k: getattr(net, k).detach().cpu().numpy().astype(np.float32) for k, _ in net.named_buffers()}
+    A, C, D = net.n_models, net.channels, net.depth
+    F = w["w_in"].shape[1]
+    g = _Graph()
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+
+    def conv(name, x, weight, bias, **attrs):  # weight [A, in, out] (x @ W per model) as a grouped conv
+        a, cin, cout = weight.shape[-3:]
+        kernel = np.ascontiguousarray(np.swapaxes(weight, -1, -2).reshape(-1, a * cout, cin))  # [taps, A*out, in]
+        kernel = np.moveaxis(kernel, 0, -1)  # [A*out, in, taps]
+        return g.op("Conv", [x, g.const(f"{name}_w", kernel), g.const(f"{name}_b", bias.reshape(-1))], name,
+                    group=a, **attrs)
+
+    two = g.const("c_2", i64(2))
+    big = g.const("c_big", i64(BIG))
+    neg_m = g.op("Neg", ["outputs"], "neg_m")
+    # The input conv reads the same F features for every model: one dense conv, no groups.
+    w_in = np.ascontiguousarray(np.swapaxes(w["w_in"], 1, 2).reshape(A * C, F, 1))
+    h = g.op("Conv", ["x", g.const("in_w", w_in), g.const("in_b", w["b_in"].reshape(-1))], "h0")  # [1, A*C, n]
+    wanted = []
+    for i, d in enumerate(net.dilations):
+        full = g.op("Concat", [f"state_{i}", h], f"l{i}_full", axis=2)  # [1, A*C, d + n]
+        g.op("Slice", [full, g.const(f"l{i}_neg_d", i64(-d)), big, two], f"state_out_{i}")
+        taps = np.stack([w["w_prev"][i], w["w_cur"][i]])  # [2 taps: t-d, t; A, C, 2C]
+        f = g.op("Tanh", [conv(f"l{i}_f", full, taps[..., :C], w["b_conv"][i][..., :C], dilations=[d])], f"l{i}_tf")
+        # The fused net's gate rows and res/skip weights are halved (sigmoid through tanh there);
+        # ONNX Runtime fuses a Sigmoid into the conv, so undo it (powers of two: exact).
+        gate = g.op("Sigmoid", [conv(f"l{i}_g", full, 2 * taps[..., C:], 2 * w["b_conv"][i][..., C:], dilations=[d])],
+                    f"l{i}_sg")
+        z = g.op("Mul", [f, gate], f"l{i}_z")  # [1, A*C, n]
+        wanted.append(g.op("Slice", [z, neg_m, big, two], f"l{i}_z_new"))
+        if i + 1 < D:
+            h = g.op("Add", [conv(f"l{i}_res", z, 2 * w["w_res"][i], w["b_res"][i]), h], f"h{i + 1}")
+    # The skip sum of all layers as one grouped conv over their stacked activations, model-major.
+    zs = g.op("Concat", wanted, "z_layers", axis=0)  # [D, A*C, m]
+    zs = g.op("Reshape", [zs, g.const("shape_dacm", i64(D, A, C, -1))], "z_dacm")
+    zs = g.op("Transpose", [zs], "z_adcm", perm=[1, 0, 2, 3])
+    zs = g.op("Reshape", [zs, g.const("shape_1km", i64(1, A * D * C, -1))], "z_all")
+    w_skip = 2 * np.concatenate(list(w["w_skip"]), axis=1)  # [A, D*C, C]: layer-major rows per model
+    s = g.op("Relu", [conv("skip", zs, w_skip, w["b_skip"])], "skip_relu")
+    hid = g.op("Relu", [conv("head1", s, w["w_h1"], w["b_h1"])], "head1_relu")
+    out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, m]: per model mask, on
+    out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2m", i64(A, 2, -1))], "heads_a2m")], "heads")
+    first, second = g.const("c_s0", np.array(0, np.int64)), g.const("c_s1", np.array(1, np.int64))  # scalars: drop the axis
+    mask = g.op("Gather", [out, first], "mask", axis=1)
+    g.op("Gather", [out, second], "probability", axis=1)
+    agg = g.op("Relu", [g.op("Gather", [g.op("Slice", ["x", neg_m, big, two], "x_new"), first], "p_new", axis=1)], "p_pos")
+    g.op("Mul", [mask, agg], "power")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, F, "n"]),
+              helper.make_tensor_value_info("outputs", TensorProto.INT64, [1])]
+    inputs += [helper.make_tensor_value_info(f"state_{i}", TensorProto.FLOAT, [1, A * C, d])
+               for i, d in enumerate(net.dilations)]
+    outputs = [helper.make_tensor_value_info("power", TensorProto.FLOAT, [A, "m"]),
+               helper.make_tensor_value_info("probability", TensorProto.FLOAT, [A, "m"])]
+    outputs += [helper.make_tensor_value_info(f"state_out_{i}", TensorProto.FLOAT, [1, A * C, d])
+                for i, d in enumerate(net.dilations)]
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, producer_name="nilmd", producer_version=__version__,
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def export(model_dir, out_dir=None, ckpts: dict | None = None) -> dict:
+    """Export the usable checkpoints of `model_dir` (or `ckpts`, loaded already) to `out_dir`
+    (default: beside them). Returns the manifest. Files are written atomically, the manifest
+    last, so a reader sees the old set or the new one."""
+    from nilmd.models.predictor import Predictor
+
+    out = Path(out_dir or model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpts is None:
+        ckpts, errors = checkpoints.load_dir(model_dir)
+        if not ckpts:
+            raise ValueError(f"no usable checkpoint in {os.path.abspath(model_dir)}: " + "; ".join(errors.values()))
+    pred = Predictor(ckpts, "cpu")
+    groups = []
+    for k, (rows, net) in enumerate(pred.groups):
+        data = build_group(net, f"nilmd_group_{k}").SerializeToString()
+        fname = group_filename(k)
+        _write(out / fname, data)
+        groups.append({"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "rows": list(rows),
+                       "n_models": net.n_models, "channels": net.channels, "depth": net.depth,
+                       "head_channels": int(net.w_h1.shape[2]), "dilations": list(net.dilations),
+                       "n_features": int(net.w_in.shape[1])})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "producer": f"nilmd {__version__}",
+        "opset": OPSET,
+        "appliances": pred.appliances,
+        "probability_thresholds": [float(c.probability_threshold) for c in pred.checkpoints],
+        "feature_scales": [list(c.feature_scales) for c in pred.checkpoints],  # folded into the weights
+        "receptive_field": pred.receptive_field,
+        "groups": groups,
+        "checkpoints": {c.appliance: {"file": checkpoint_filename(c.appliance), "sha256": sha256(c.path)}
+                        for c in pred.checkpoints},
+    }
+    _write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def export_checked(model_dir) -> tuple[dict, float]:
+    """`nilmd export`: refuse a directory with a checkpoint that does not load (an export without
+    it would never match the directory), export, then run both backends on one test window.
+    Returns the manifest and the largest difference of the probabilities."""
+    from nilmd.models.onnx_backend import OnnxPredictor
+    from nilmd.models.predictor import Predictor
+
+    ckpts, errors = checkpoints.load_dir(model_dir)
+    bad = [e for e in errors.values() if not e.endswith("file not found")]
+    if bad or not ckpts:
+        raise NilmdError("not exported: " + ("; ".join(bad) or f"no checkpoint in {os.path.abspath(model_dir)}"))
+    manifest = export(model_dir, ckpts=ckpts)
+    rng = np.random.default_rng(0)
+    p = np.abs(np.cumsum(rng.normal(0, 150, 1536)) + 1500).astype(np.float32)
+    x = np.stack([p, 0.3 * p, p / 230, 1.04 * p, np.ones_like(p)], axis=1)
+    _, want = Predictor(ckpts).run(x)
+    _, got = OnnxPredictor(model_dir).run(x)
+    diff = float(np.abs(want - got).max())
+    if not diff < 1e-3:
+        raise NilmdError(f"the ONNX export of {model_dir} differs from torch by {diff:.3g} in probability: not usable")
+    return manifest, diff
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,324 @@
+"""The ONNX Runtime backend (nilmd.models.onnx_export -> nilmd.models.onnx_backend) == the models.
+
+The reference is the one of test_fused and test_incremental: each model alone in float32 and
+float64 (assert_matches_models), so the ONNX path is held to the same float32-rounding bound as
+the fused torch path, on full windows and across many incremental steps and wrap-arounds of a
+real ring. Random weights of several architectures at once, and the shipped checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
+pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
+
+from nilmd.appliances import APPLIANCES, checkpoint_filename  # noqa: E402
+from nilmd.config import Config  # noqa: E402
+from nilmd.errors import NilmdError  # noqa: E402
+from nilmd.models import backends, checkpoints  # noqa: E402
+from nilmd.models.model import WaveNILMConfig  # noqa: E402
+from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor  # noqa: E402
+from nilmd.models.onnx_export import export  # noqa: E402
+from nilmd.models.predictor import Predictor  # noqa: E402
+from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
+from test_incremental import Meter  # noqa: E402
+
+SMALL = WaveNILMConfig(channels=8, depth=5, head_channels=8)  # receptive field 32
+MIXED = {a: SMALL for a in APPLIANCES}  # three groups: 9 small, 2 wide (as a later model may ship), 1 shallow
+MIXED.update({"Dryer": WaveNILMConfig(channels=32, depth=5, head_channels=32),
+              "HeatPump": WaveNILMConfig(channels=32, depth=5, head_channels=32),
+              "Microwave": WaveNILMConfig(channels=4, depth=3, head_channels=12)})
+
+
+def write_set(directory: Path, configs: dict, seed: int = 0) -> dict:
+    """Random-weight checkpoints as files (their hashes go into the manifest)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, c in make_checkpoints(configs, seed=seed).items():
+        data = checkpoints.to_dict(name, c.model(), on_power_threshold_w=c.on_power_threshold_w,
+                                   probability_threshold=0.3 + 0.03 * APPLIANCES.index(name), max_power_w=3000.0)
+        checkpoints.save(directory / checkpoint_filename(name), data)
+    loaded, errors = checkpoints.load_dir(directory)
+    assert not [e for e in errors.values() if not e.endswith("file not found")]
+    return loaded
+
+
+def exported(directory: Path, configs: dict = MIXED, seed: int = 0) -> tuple[Predictor, OnnxPredictor]:
+    loaded = write_set(directory, configs, seed)
+    export(directory, ckpts=loaded)
+    return Predictor(loaded), OnnxPredictor(directory)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    return exported(tmp_path_factory.mktemp("mixed"))
+
+
+@pytest.mark.parametrize("t", [1, 5, 100, 256, 257, 513, 1300])
+def test_full_window_equals_each_model_for_several_architectures(mixed, t):
+    torch_pred, onnx_pred = mixed
+    assert onnx_pred.appliances == torch_pred.appliances == list(APPLIANCES)
+    assert sorted(len(g.rows) for g in onnx_pred.groups) == [1, 2, 8]
+    assert onnx_pred.receptive_field == torch_pred.receptive_field == 32
+    np.testing.assert_array_equal(onnx_pred.probability_thresholds, torch_pred.probability_thresholds)
+    x = features(t, seed=t)
+    assert_matches_models(torch_pred, x, *onnx_pred.run(x))
+
+
+def test_a_wrong_weight_in_the_graph_is_caught(tmp_path):
+    """The comparison can fail: one weight of one layer of one model slightly off in the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch_pred, _ = exported(tmp_path, {a: SMALL for a in APPLIANCES[:3]})
+    path = tmp_path / "nilmd-onnx-group0.onnx"
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name == "l3_f_w")
+    w = numpy_helper.to_array(init).copy()
+    w[1, 0, 0] += 1e-3
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    path.write_bytes(model.SerializeToString())
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["groups"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    x = features(200)
+    with pytest.raises(AssertionError):
+        assert_matches_models(torch_pred, x, *OnnxPredictor(tmp_path).run(x))
+
+
+def test_export_is_deterministic(tmp_path):
+    write_set(tmp_path / "a", MIXED, seed=4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    export(tmp_path / "a")
+    export(tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "a").glob("nilmd-onnx*"))
+    assert files == [f"nilmd-onnx-group{k}.onnx" for k in range(3)] + [MANIFEST]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_shipped_checkpoints_and_their_shipped_export(tmp_path):
+    """The export in checkpoints/ is what `nilmd export` makes of the checkpoints there (same
+    bytes: so it is current), and it equals each model."""
+    shipped = sorted((ROOT / "checkpoints").glob("wavenilm_v3_SOTA_*_best.pth"))
+    if not shipped:
+        pytest.skip("no trained checkpoints in checkpoints/ yet")
+    for p in shipped:
+        shutil.copy(p, tmp_path)
+    loaded, _ = checkpoints.load_dir(tmp_path)
+    export(tmp_path, ckpts=loaded)
+    for p in sorted(tmp_path.glob("nilmd-onnx*")):
+        ours = ROOT / "checkpoints" / p.name
+        assert ours.exists() and ours.read_bytes() == p.read_bytes(), \
+            f"checkpoints/{p.name} is not the export of the checkpoints there: run `nilmd export --model-dir checkpoints`"
+    x = features(1536, seed=7)
+    assert_matches_models(Predictor(loaded), x, *OnnxPredictor(tmp_path).run(x))
+
+
+# -- following the ring ---------------------------------------------------------------------------
+def check_step(onnx_pred, torch_pred, ring, size: int, new: int) -> None:
+    window = ring.window(size)
+    power, prob = onnx_pred.step(window, new)
+    x = window.features.copy()
+    assert ring.intact(window)
+    del window
+    assert_matches_models(torch_pred, x, power, prob, last=new)
+
+
+@pytest.mark.parametrize("interval", [1, 60])
+def test_many_steps_across_wraparound(mixed, tmp_path, interval):
+    torch_pred, onnx_pred = mixed
+    onnx_pred.reset()
+    recomputes = onnx_pred.full_recomputes
+    m = Meter(tmp_path / "ring", capacity=160)
+    try:
+        size = 96
+        m.write(size)
+        check_step(onnx_pred, torch_pred, m.ring, size, interval)
+        for _ in range(300 if interval == 1 else 12):  # the ring (160) laps 1.9 and 4.5 times
+            m.write(interval)
+            check_step(onnx_pred, torch_pred, m.ring, size, interval)
+        assert onnx_pred.full_recomputes - recomputes == 1  # only the first
+    finally:
+        m.close()
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 3), st.booleans()), min_size=1, max_size=20))
+def test_any_schedule(mixed, tmp_path_factory, plan):
+    """Steps of any size, samples written without a step, gaps: always the full recomputation's
+    newest outputs; incremental whenever it can be."""
+    torch_pred, onnx_pred = mixed
+    onnx_pred.reset()
+    start = onnx_pred.full_recomputes
+    m = Meter(tmp_path_factory.mktemp("ring") / "ring", capacity=200, seed=len(plan))
+    try:
+        size = 64
+        m.write(size)
+        check_step(onnx_pred, torch_pred, m.ring, size, 1)
+        fulls = 1
+        for n, skipped, gap in plan:
+            if gap:
+                m.ring.mark_break()
+                m.write(size)
+                fulls += 1
+            m.write(n + skipped)
+            check_step(onnx_pred, torch_pred, m.ring, size, min(n, size - 31))
+        assert onnx_pred.full_recomputes - start == fulls
+    finally:
+        m.close()
+
+
+def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
+    """reset() and a repeated window recompute; run() in between leaves the position alone;
+    in the steady state a step binds nothing new (the buffers of its shape are reused)."""
+    torch_pred, onnx_pred = mixed
+    onnx_pred.reset()
+    start = onnx_pred.full_recomputes
+    m = Meter(tmp_path / "ring", capacity=200)
+    try:
+        m.write(64)
+        check_step(onnx_pred, torch_pred, m.ring, 64, 4)
+        check_step(onnx_pred, torch_pred, m.ring, 64, 4)  # the same window: nothing new to continue with
+        assert onnx_pred.full_recomputes - start == 2
+        for _ in range(3):
+            m.write(4)
+            check_step(onnx_pred, torch_pred, m.ring, 64, 4)
+        bound = [dict(g._bound) for g in onnx_pred.groups]
+        onnx_pred.run(features(300))
+        m.write(4)
+        check_step(onnx_pred, torch_pred, m.ring, 64, 4)
+        assert onnx_pred.full_recomputes - start == 2
+        for g, before in zip(onnx_pred.groups, bound):
+            assert all(g._bound.get(k) is v for k, v in before.items() if k[0] == 4), "a step re-bound its buffers"
+        onnx_pred.reset()
+        m.write(4)
+        check_step(onnx_pred, torch_pred, m.ring, 64, 4)
+        assert onnx_pred.full_recomputes - start == 3
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("interval", [1, 60])
+def test_daemon_sized_models_and_window(tmp_path, interval):
+    """11 models of the shipped architecture on a 1536-sample window (computed in chunks)."""
+    shipped = WaveNILMConfig(channels=16, depth=10, head_channels=32)
+    torch_pred, onnx_pred = exported(tmp_path / "m", {a: shipped for a in APPLIANCES})
+    m = Meter(tmp_path / "ring", capacity=3200)
+    try:
+        m.write(1536)
+        check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
+        for _ in range(2):
+            m.write(interval)
+            check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
+        assert onnx_pred.full_recomputes == 1
+    finally:
+        m.close()
+
+
+# -- matching the checkpoints -----------------------------------------------------------------------
+SET = {a: SMALL for a in APPLIANCES[:3]}
+
+
+def cfg_for(directory, backend="auto") -> Config:
+    return Config(model_dir=str(directory), backend=backend, device="cpu")
+
+
+def test_an_export_that_matches_is_chosen(tmp_path):
+    exported(tmp_path, SET)
+    for backend in ("auto", "onnxruntime"):
+        got = backends.load(cfg_for(tmp_path, backend))
+        assert got.predictor.backend == "onnxruntime" and not got.choice.fallback
+        assert set(got.errors) == set(APPLIANCES[3:]) and all(e.endswith("file not found") for e in got.errors.values())
+    assert backends.load(cfg_for(tmp_path, "torch")).predictor.backend == "torch"
+
+
+@pytest.mark.parametrize("change", ["retrained", "removed", "added", "damaged graph", "garbage graph", "bad manifest",
+                                    "malformed manifest"])
+def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change):
+    exported(tmp_path, SET)
+    graph = tmp_path / "nilmd-onnx-group0.onnx"
+    if change == "retrained":
+        write_set(tmp_path, {APPLIANCES[1]: SMALL}, seed=9)
+        expect = f"checkpoint {tmp_path / checkpoint_filename(APPLIANCES[1])} changed since"
+    elif change == "removed":
+        (tmp_path / checkpoint_filename(APPLIANCES[2])).unlink()
+        expect = f"checkpoint {tmp_path / checkpoint_filename(APPLIANCES[2])} is gone"
+    elif change == "added":
+        write_set(tmp_path, {APPLIANCES[5]: SMALL}, seed=9)
+        expect = f"checkpoint {tmp_path / checkpoint_filename(APPLIANCES[5])} is not in it"
+    elif change == "damaged graph":
+        data = bytearray(graph.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        graph.write_bytes(bytes(data))
+        expect = f"ONNX file {graph} is damaged"
+    elif change == "garbage graph":  # the manifest vouches for it, ONNX Runtime does not load it
+        graph.write_bytes(b"not a graph")
+        manifest = json.loads((tmp_path / MANIFEST).read_text())
+        manifest["groups"][0]["sha256"] = hashlib.sha256(b"not a graph").hexdigest()
+        (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+        expect = f"ONNX file {graph} does not load"
+    elif change == "malformed manifest":  # valid JSON, but not what nilmd export writes
+        manifest = json.loads((tmp_path / MANIFEST).read_text())
+        del manifest["groups"][0]["sha256"]
+        (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+        expect = f"ONNX manifest {tmp_path / MANIFEST} is malformed"
+    else:
+        (tmp_path / MANIFEST).write_text("{")
+        expect = f"ONNX manifest {tmp_path / MANIFEST} is unreadable"
+    with pytest.raises(OnnxExportError) as e:
+        OnnxPredictor(tmp_path)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    for backend in ("auto", "onnxruntime"):
+        choice = backends.choose(cfg_for(tmp_path, backend))
+        assert choice.backend == "torch" and expect in choice.fallback and choice.fallback.endswith("with torch instead")
+
+
+def test_no_export_is_torch_without_a_warning_under_auto(tmp_path, monkeypatch):
+    write_set(tmp_path, SET)
+    with pytest.raises(NoExport):
+        OnnxPredictor(tmp_path)
+    choice = backends.choose(cfg_for(tmp_path))
+    assert choice.backend == "torch" and not choice.fallback and "no ONNX export" in choice.reason
+    assert backends.choose(cfg_for(tmp_path, "onnxruntime")).fallback  # asked for: said
+    # Without torch to fall back to, the same is the one line the inference exits 78 with.
+    monkeypatch.setattr(backends, "installed", lambda m: m != "torch")
+    with pytest.raises(NilmdError, match="no ONNX export .* and torch is not installed to fall back to"):
+        backends.choose(cfg_for(tmp_path))
+
+
+def test_auto_takes_torch_on_a_gpu_box_and_without_onnxruntime(tmp_path, monkeypatch):
+    exported(tmp_path, SET)
+    monkeypatch.setattr(backends, "gpu_box", lambda: True)
+    assert backends.choose(cfg_for(tmp_path).replace(device="auto")).reason == "auto: a GPU box, where torch runs CUDA"
+    assert backends.choose(cfg_for(tmp_path)).backend == "onnxruntime"  # --device cpu on a GPU box
+    assert backends.choose(cfg_for(tmp_path, "onnxruntime")).backend == "onnxruntime"  # asked for: CPU all the same
+    monkeypatch.setattr(backends, "gpu_box", lambda: False)
+    monkeypatch.setattr(backends, "installed", lambda m: m != "onnxruntime")
+    quiet = backends.choose(cfg_for(tmp_path))
+    assert quiet.backend == "torch" and not quiet.fallback and "onnxruntime is not installed" in quiet.reason
+    said = backends.choose(cfg_for(tmp_path, "onnxruntime"))
+    assert said.backend == "torch" and "onnxruntime is not installed (pip install 'nilmd[onnx]')" in said.fallback
+
+
+def test_export_without_onnx_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    block = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'onnx' or name.startswith('onnx.'):\n"
+             "            raise ModuleNotFoundError('blocked', name=name)\nsys.meta_path.insert(0, B())\n"
+             "from nilmd import cli\nsys.exit(cli.main(['export', '--model-dir', sys.argv[1]]))\n")
+    write_set(tmp_path, SET)
+    out = subprocess.run([sys.executable, "-c", block, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "nilmd export needs torch and onnx, and onnx is not installed" in out.stderr
+    assert not (tmp_path / MANIFEST).exists()
