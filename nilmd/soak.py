@@ -7,7 +7,9 @@ short run), waits until the daemon has read every sample and made every predicti
 implies, and then measures the resident memory of each daemon process, their open file
 descriptors, and the daemon's Redis connections. `judge` fails the run unless, at the end:
   * samples accepted == samples sent, and predictions (counted by the daemon and, separately, on
-    the predictions channel) == (samples - window) // interval + 1, exactly;
+    the predictions channel) == what the contract's schedule implies (docs/CONTRACT.md §4:
+    1 + (samples - window - w) // interval, the first window w samples after the first full one
+    so that it closes an interval of the clock), exactly;
   * total resident memory grew by at most max(8 MB, 5 %) after the first quarter of the run
     (the warm-up: first windows, allocator pools), and file descriptors and Redis connections
     did not change at all.
@@ -32,8 +34,12 @@ from nilmd.daemon import streams
 from nilmd.producer import simulated_samples
 
 
-def expected_predictions(n: int, window: int, interval: int) -> int:
-    return (n - window) // interval + 1 if n >= window else 0
+def expected_predictions(n: int, window: int, interval: int, start: float) -> int:
+    """Predictions n unbroken samples from second `start` imply, written from docs/CONTRACT.md
+    §4 rather than taken from nilmd.schedule, so that a wrong schedule shows as a miscount."""
+    t = int(start) + window - 1  # the second of the window-th sample
+    w = (-(t + 1)) % interval
+    return 1 + (n - window - w) // interval if n >= window + w else 0
 
 
 def measure(client, status: dict) -> dict:
@@ -64,7 +70,7 @@ def drive(client, building: str, hours: float, window: int, interval: int, *, se
             streams.add(pipe, building, json.dumps(next(samples), separators=(",", ":")), maxlen=None)
         pipe.execute()
         sent += n
-        want = expected_predictions(sent, window, interval)
+        want = expected_predictions(sent, window, interval, start)
         status = testing.wait_for(lambda: (lambda s: s if int(s.get("samples_received", -1)) == sent
                                 and int(s.get("inferences", -1)) >= want else None)(testing.status(client, building)),
                                    timeout_per_chunk, f"{sent} samples and {want} predictions", not_yet=())
@@ -76,19 +82,19 @@ def drive(client, building: str, hours: float, window: int, interval: int, *, se
         log(f"{row['hours']:8.2f} h  {row['wall_s']:7.1f} s  predictions {row['inferences']:6d}  "
             f"rss {sum(row['rss_mb'].values()):7.1f} MB ({', '.join(f'{r} {v:.1f}' for r, v in row['rss_mb'].items())})"
             f"  fds {sum(row['fds'].values()):3d}  redis connections {row['redis_connections']}")
-    testing.wait_for(lambda: (lambda s: int(s["inferences"]) == expected_predictions(total, window, interval))(
+    testing.wait_for(lambda: (lambda s: int(s["inferences"]) == expected_predictions(total, window, interval, start))(
         testing.status(client, building)), 30, "the last prediction", not_yet=())
     deadline = time.monotonic() + 10
-    while seen < expected_predictions(total, window, interval) and time.monotonic() < deadline:
+    while seen < expected_predictions(total, window, interval, start) and time.monotonic() < deadline:
         seen += predictions.get_message(timeout=0.2) is not None
     predictions.close()
-    return judge(rows, total, window, interval, seen)
+    return judge(rows, total, window, interval, seen, start)
 
 
-def judge(rows: list, total: int, window: int, interval: int, seen: int) -> dict:
+def judge(rows: list, total: int, window: int, interval: int, seen: int, start: float) -> dict:
     base, end = rows[max(0, len(rows) // 4 - 1)], rows[-1]
     rss0, rss1 = sum(base["rss_mb"].values()), sum(end["rss_mb"].values())
-    want = expected_predictions(total, window, interval)
+    want = expected_predictions(total, window, interval, start)
     problems = []
     if end["accepted"] != total:
         problems.append(f"accepted {end['accepted']} of {total} samples")
@@ -100,7 +106,8 @@ def judge(rows: list, total: int, window: int, interval: int, seen: int) -> dict
         problems.append(f"open files changed: {base['fds']} -> {end['fds']}")
     if end["redis_connections"] != base["redis_connections"]:
         problems.append(f"Redis connections changed: {base['redis_connections']} -> {end['redis_connections']}")
-    return {"ok": not problems, "problems": problems, "samples": total, "predictions": want, "published": seen,
+    return {"ok": not problems, "problems": problems, "samples": total, "start": start, "predictions": want,
+            "published": seen,
             "rss_mb": (round(rss0, 1), round(rss1, 1)), "fds": (base["fds"], end["fds"]),
             "redis_connections": (base["redis_connections"], end["redis_connections"]),
             "wall_s": round(end["wall_s"], 1), "rows": rows}

@@ -92,6 +92,15 @@ class RedisServer:
         self.stop()
 
 
+def aligned_start(t: float, window: int, interval: int) -> float:
+    """The latest whole second t0 <= t such that 1 Hz samples from t0 on have their `window`-th
+    sample (second t0 + window - 1) close an interval of the clock, (t0 + window) % interval == 0
+    (docs/CONTRACT.md §4): a run that starts there has its first window at that sample, as
+    before the schedule was aligned. Written from the contract, not from nilmd.schedule."""
+    t0 = int(t // 1)
+    return float(t0 - (t0 + window) % interval)
+
+
 def status(client, building: str) -> dict:
     """The building's status hash, decoded."""
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.status_key(building)).items()}

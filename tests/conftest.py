@@ -14,7 +14,7 @@ import pytest
 
 from nilmd import keys
 # The harness is nilmd.testing (shared with scripts/); test files import these names from here.
-from nilmd.testing import DaemonProcess, RedisServer, free_port, wait_for  # noqa: F401
+from nilmd.testing import DaemonProcess, RedisServer, aligned_start, free_port, wait_for  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

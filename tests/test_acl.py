@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, publish_samples, wait_for
+from conftest import ROOT, aligned_start, publish_samples, wait_for
 from nilmd import keys, redisconn
 from test_daemon import Subscriber, wait_ready
 from test_streams import wait_ready_stream
@@ -99,7 +99,7 @@ def test_pubsub_daemon_under_its_acl_rule_names_each_missing_command(daemon_fact
         d = daemon_factory(**as_user(user, password)).start()
         sub = Subscriber(redis_client, d.building)
         wait_ready(d, redis_client)
-        last = publish_samples(redis_client, d.building, 256 + 16)
+        last = publish_samples(redis_client, d.building, 256 + 16, start=aligned_start(time.time() - 272, 256, 16))
         sub.until(last, timeout=30)
         s = d.status(redis_client)
         assert b"REDIS_PASSWORD=" in environ(int(s["pid_supervisor"]))  # what systemd or the shell gave it
@@ -145,7 +145,7 @@ def test_stream_daemon_under_its_acl_rule_names_each_missing_command(daemon_fact
         grant(redis_client, user, "hget")
         wait_ready_stream(d, redis_client)
         sub = Subscriber(redis_client, d.building)
-        t0 = float(int(time.time()) - 2000)
+        t0 = aligned_start(time.time() - 2000, 256, 16)  # the last of 272 samples closes a window
         last = publish_samples(redis_client, d.building, 256 + 16, start=t0, to="stream")
         sub.until(last, timeout=30)
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import publish_samples, wait_for, write_checkpoints
+from conftest import aligned_start, publish_samples, wait_for, write_checkpoints
 from nilmd import keys
 from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.daemon.ingest import REJECT_REASONS
@@ -95,7 +95,8 @@ def test_children_killed_are_restarted_and_keep_the_buffer(daemon_factory, redis
     d = daemon_factory().start()
     sub = Subscriber(redis_client, d.building)
     wait_ready(d, redis_client)
-    last = publish_samples(redis_client, d.building, 256 + 16)
+    # Aligned (docs/CONTRACT.md §4): the last of these samples closes the first window.
+    last = publish_samples(redis_client, d.building, 256 + 16, start=aligned_start(time.time() - 272, 256, 16))
     sub.until(last)
     for n, role in enumerate(("reader", "inference"), start=1):
         old = int(d.status(redis_client)[f"pid_{role}"])

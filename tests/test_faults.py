@@ -2,7 +2,8 @@
 
 Each test's docstring says what is lost: never more than what the fault itself made impossible.
 Daemons run with a 256-sample window and a prediction every 16 samples (conftest.Daemon), so a
-"complete schedule" is every window end t0 + 255 + 16k.
+"complete schedule" of a run from second t0 is every window end t >= t0 + 255 with (t + 1) % 16 == 0
+(docs/CONTRACT.md §4); the stream tests start wherever the clock is, so that alignment is exercised.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import psutil
 import pytest
 import redis
 
-from conftest import publish_samples, wait_for, write_checkpoints
+from conftest import aligned_start, publish_samples, wait_for, write_checkpoints
 from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.config import Config
 from nilmd.daemon.ingest import REJECT_REASONS
@@ -41,8 +42,10 @@ def accepted(n: int):
 
 
 def schedule(t0: float, last: float) -> list[float]:
-    """Every window end the data t0..last implies."""
-    return [float(x) for x in np.arange(t0 + 255, last + 1, 16)]
+    """Every window end the unbroken data t0..last implies, by docs/CONTRACT.md §4: the first at
+    the 256-th sample (second t0 + 255) plus w = (-(t + 1)) mod 16 samples, then every 16."""
+    t = t0 + 255
+    return [float(x) for x in np.arange(t + (-(t + 1)) % 16, last + 1, 16)]
 
 
 def window_ends(sub: Subscriber) -> list[float]:
@@ -167,7 +170,7 @@ def test_inference_hung_in_a_checkpoint_read_is_aborted_with_its_traceback_and_r
     assert re.search(r'File ".*nilmd/models/checkpoints\.py", line \d+ in load\n', dump), dump[:3000]
     assert re.search(r'File ".*nilmd/daemon/inference\.py", line \d+ in reload\n', dump), dump[:3000]
     sub = Subscriber(redis_client, d.building)
-    last = publish_samples(redis_client, d.building, 256 + 16)
+    last = publish_samples(redis_client, d.building, 256 + 16, start=aligned_start(time.time() - 272, 256, 16))
     check_prediction(sub.until(last, timeout=30), APPLIANCES, 256)
     assert d.stop() == 0
 
@@ -242,7 +245,7 @@ def test_redis_killed_during_a_catch_up_loses_no_prediction(daemon_factory, redi
     t0 = float(int(time.time()) - 20_000)
     last = publish_samples(redis_client, d.building, 256 + 16 * 1000, start=t0, to="stream")
     expected = schedule(t0, last)
-    s = status_when(d, redis_client, accepted(len(expected) * 16 + 240), 60, "every sample in the ring")
+    s = status_when(d, redis_client, accepted(int(last - t0 + 1)), 60, "every sample in the ring")
     inference = int(s["pid_inference"])
     redis_client.save()
     os.kill(redis_server.proc.pid, signal.SIGKILL)
@@ -283,7 +286,7 @@ def test_checkpoint_corrupted_then_replaced_while_running(daemon_factory, redis_
     d = daemon_factory(model_dir=models).start()
     sub = Subscriber(redis_client, d.building)
     wait_ready(d, redis_client)
-    t0 = float(int(time.time()) - 600)
+    t0 = aligned_start(time.time() - 600, 256, 16)  # the last of 272 samples closes a window
     last = publish_samples(redis_client, d.building, 256 + 16, start=t0)
     sub.until(last)
     (models / checkpoint_filename("Dryer")).write_bytes(b"\x00" * 1000)
@@ -326,7 +329,7 @@ def test_state_dir_read_only_then_full_costs_only_the_snapshot(daemon_factory, r
         d = daemon_factory(extra_env={"NILMD_STATE_DIR": str(state)}).start()
         sub = Subscriber(redis_client, d.building)
         wait_ready(d, redis_client)
-        t0 = float(int(time.time()) - 600)
+        t0 = aligned_start(time.time() - 600, 256, 16)  # the last of 272 samples closes a window
         last = publish_samples(redis_client, d.building, 256 + 16, start=t0)
         sub.until(last)
 

@@ -130,20 +130,29 @@ def _tiny_checkpoint(appliance="Dishwasher"):
                                   probability_threshold=0.5, max_power_w=3000.0)
 
 
-def test_published_scoring_is_what_the_daemon_publishes_each_interval():
+@pytest.mark.parametrize("start", [None, 1_700_000_005.0], ids=["no-start", "first-full-window-not-aligned"])
+def test_published_scoring_is_what_the_daemon_publishes_each_interval(start):
     """scripts/evaluate.py scores each second with the state the daemon publishes for its
-    interval: rebuild those states literally with make_prediction over daemon windows and compare."""
+    interval: rebuild those states literally with make_prediction over daemon windows and compare.
+    The daemon's windows, by docs/CONTRACT.md §4: every full window whose newest sample, second
+    start + end - 1, closes an interval of the clock ((start + end) % interval == 0). Without a
+    start (second 0) the first full window is aligned; 1_700_000_005 + 64 = 5 (mod 16), so there
+    the first one the daemon predicts is 11 samples after the first full window."""
     rng = np.random.default_rng(1)
     n, window, interval = 600, 64, 16
     power = 200 + 1500 * (rng.random(n) < 0.3).astype(float)
     truth = np.where(power > 1000, 1500.0, 0.0).astype(np.float32)
-    s = datasets.Series(name="x", features=datasets.derive(power), targets={"Dishwasher": truth}, valid=np.ones(n, bool))
+    s = datasets.Series(name="x", features=datasets.derive(power), targets={"Dishwasher": truth}, valid=np.ones(n, bool),
+                        info={} if start is None else {"start": start})
     ckpt = _tiny_checkpoint()
     predictor = Predictor({"Dishwasher": ckpt})
     got = evaluation.evaluate(predictor, [s], {"Dishwasher": 0.5}, inputs="power", mode="stream", window=window,
                               interval=interval, published=True)["Dishwasher"]
+    second0 = 0 if start is None else int(start)
+    ends = [end for end in range(window, n + 1) if (second0 + end) % interval == 0]
+    assert ends[0] - window == (0 if start is None else 11) and np.all(np.diff(ends) == interval)
     on, watts, true = [], [], []
-    for end in range(window, n + 1, interval):
+    for end in ends:
         p, q = predictor.run(s.features[end - window:end])
         pred = make_prediction(["Dishwasher"], p[:, -interval:], q[:, -interval:], np.array([0.5]),
                                s.features[end - interval:end, 0], timestamp=0, window_start=0, window_end=0,

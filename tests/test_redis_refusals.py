@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from conftest import publish_samples, wait_for
+from conftest import aligned_start, publish_samples, wait_for
 from nilmd.errors import redis_error
 from test_daemon import Subscriber, wait_ready
 
@@ -74,7 +74,7 @@ def test_redis_out_of_memory_neither_hangs_nor_blinds_the_supervisor(daemon_fact
     try:
         sub = Subscriber(redis_client, d.building)
         wait_ready(d, redis_client)
-        last = publish_samples(redis_client, d.building, 256 + 16)
+        last = publish_samples(redis_client, d.building, 256 + 16, start=aligned_start(time.time() - 272, 256, 16))
         sub.until(last, timeout=30)
         old_inference = d.status(redis_client)["pid_inference"]
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import publish_samples, wait_for
+from conftest import aligned_start, publish_samples, wait_for
 from nilmd.daemon import snapshot
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
@@ -180,7 +180,7 @@ def test_pubsub_daemon_restarts_warm_on_the_same_schedule(daemon_factory, redis_
     b = one.building
     sub = Subscriber(redis_client, b)
     wait_ready(one, redis_client)
-    t0 = float(int(time.time()) - 300)
+    t0 = aligned_start(time.time() - 300, 256, 16)  # the first window ends at t0 + 255
     last = publish_samples(redis_client, b, 256 + 16 + 5, start=t0)
     sub.until(t0 + 255 + 16)
     assert one.stop() == 0
@@ -250,7 +250,7 @@ def test_pubsub_warm_restart_with_a_meter_clock_180_s_behind(daemon_factory, red
     b = one.building
     sub = Subscriber(redis_client, b)
     wait_ready(one, redis_client)
-    t0 = float(int(time.time()) - 300 - 180)
+    t0 = aligned_start(time.time() - 300 - 180, 256, 16)  # the first window ends at t0 + 255
     last = publish_samples(redis_client, b, 256 + 16 + 5, start=t0)
     sub.until(t0 + 255 + 16)
     assert one.stop() == 0

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import ROOT, publish_samples, wait_for
+from conftest import ROOT, aligned_start, publish_samples, wait_for
 from nilmd import keys
 from nilmd.daemon import snapshot, streams
 from nilmd.config import Config
@@ -186,7 +186,7 @@ def test_stream_daemon_restarts_warm_and_loses_nothing(daemon_factory, redis_cli
     b = one.building
     sub = Subscriber(redis_client, b)
     wait_ready_stream(one, redis_client)
-    t0 = float(int(time.time()) - 1000)
+    t0 = aligned_start(time.time() - 1000, 256, 16)  # the first window ends at t0 + 255
     last = publish_samples(redis_client, b, 256 + 3 * 16 + 5, start=t0, to="stream")
     ends = [sub.until(t0 + 255 + 3 * 16)["window_end"]]
     assert one.stop() == 0

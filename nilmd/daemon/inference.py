@@ -2,8 +2,10 @@
 appliance model, and the prediction out to Redis (or stdout in test mode).
 
 Windows are taken on a fixed schedule of ring indices (end = previous end + interval), so the
-number of predictions is exactly what the data implies; the last end is kept in the control
-block, so a restarted inference process carries on the same schedule instead of starting over.
+number of predictions is exactly what the data implies; the first of an unbroken run is the
+first full window whose newest sample closes an interval of the clock (nilmd.schedule). The
+last end is kept in the control block, so a restarted inference process carries on the same
+schedule instead of starting over.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import numpy as np
 
 from nilmd.daemon import control as ctlmod
-from nilmd import keys
+from nilmd import keys, schedule
 from nilmd.appliances import APPLIANCES
 from nilmd.backoff import Backoff
 from nilmd.config import Config
@@ -193,13 +195,22 @@ class InferenceWorker(Worker):
         if history > last:  # keep its schedule (or start one) at the newest window it already predicted
             last = last + (history - last) // step * step if last >= segment + size else history
         if last < segment + size or last > head:  # first window of this unbroken run of data
-            end = segment + size
+            end = self._aligned(segment + size, step, later=True)
         else:
             end = last + step
         if head - end > self.ring.capacity - size - step:  # fell a ring behind: skip to the newest
             self.throttle.log("behind", logging.WARNING, "inference fell behind the meter; skipping to the newest window")
-            end = head
+            end = self._aligned(head, step, later=False)
         return end if end <= head else None
+
+    def _aligned(self, end: int, step: int, later: bool) -> int:
+        """The nearest end at or after (later) or at or before `end` whose newest sample closes
+        an interval of the clock. Within an unbroken run the ring's seconds are consecutive."""
+        newest = self.ring.window(1, end)
+        if newest is None:  # the run broke meanwhile: the next call starts from its new segment
+            return end
+        wait = schedule.wait_to_align(float(newest.ts[-1]), step)
+        return end + wait if later else end - (step - wait) % step
 
     def infer(self, end: int) -> dict | None:
         from nilmd.models.prediction import make_prediction

@@ -21,6 +21,7 @@ from nilmd.appliances import ON_THRESHOLD_W
 from nilmd.training.datasets import Series, scored_mask
 from nilmd.features import power_only
 from nilmd.models.checkpoints import lookahead_s
+from nilmd.schedule import wait_to_align
 from nilmd.models.predictor import Predictor, served_power
 
 
@@ -76,7 +77,7 @@ def predict(predictor, series: Series, *, inputs: str = "full", mode: str = "win
 
 
 def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str = "full", mode: str = "windows",
-             window: int = 1536, interval: int = 60, published: bool = False) -> dict:
+             window: int = 1536, interval: int = 60, published: bool = False, aligned: bool = True) -> dict:
     """Scores per appliance over all series pooled (sums over every scored sample), is_on at
     `thresholds` (appliance -> probability threshold: the checkpoints', or a trial one).
 
@@ -84,14 +85,16 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
     publishes with INFERENCE_INTERVAL=1); published=True scores each second by the state the
     daemon publishes for the interval that holds it (`make_prediction`: the interval's mean
     probability against the threshold, the mean served power), the honest figure for the
-    default 60-s interval."""
+    default 60-s interval. aligned=False scores the intervals of a daemon that started its
+    schedule at the first full window wherever the clock was (the schedule before
+    nilmd.schedule), for comparison."""
     pooled = {a: ([], [], [], []) for a in predictor.appliances}
     blocks_before = 0
     for s in series_list:
         power, prob, mask = predict(predictor, s, inputs=inputs, mode=mode, window=window, interval=interval)
         block = np.full(len(s), -1, np.int64)
-        if published:  # the daemon's intervals: the first ends with the first full window
-            first = window - interval
+        if published:  # the daemon's intervals: the first closes a clock interval (nilmd.schedule)
+            first = window - interval + (first_wait(s, window, interval) if aligned else 0)
             whole = (len(s) - first) // interval
             block[first:first + whole * interval] = blocks_before + np.arange(whole * interval) // interval
             blocks_before += max(whole, 0)
@@ -110,6 +113,12 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
             raw["_block"] = blk
         results[a] = {**rescore(raw, a, float(thresholds[a])), **raw}
     return results
+
+
+def first_wait(series: Series, window: int, interval: int) -> int:
+    """Samples after the first full window until the daemon's first one (nilmd.schedule)."""
+    start = series.info.get("start", series.info.get("t0", 0.0))
+    return wait_to_align(float(start) + window - 1, interval)
 
 
 def interval_mean(values: np.ndarray, block: np.ndarray) -> np.ndarray:

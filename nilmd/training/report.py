@@ -70,13 +70,13 @@ def check_windows(predictor, series, hours: int) -> float:
     return float(max(np.abs(pw - ps)[:, cw].max(), np.abs(qw - qs)[:, cw].max()))
 
 
-def pooled(predictor, series_iter, thresholds, *, interval: int, window: int) -> dict:
+def pooled(predictor, series_iter, thresholds, *, interval: int, window: int, aligned: bool = True) -> dict:
     """evaluate() over series read one at a time (a month at 1 Hz is 2.7 M samples), pooled."""
     acc: dict[str, dict[str, list]] = {}
     offset = 0
     for s in series_iter:
         r = evaluation.evaluate(predictor, [s], thresholds, inputs="power", mode="stream", window=window,
-                                interval=interval, published=interval > 1)
+                                interval=interval, published=interval > 1, aligned=aligned)
         top = 0
         for a, v in r.items():
             parts = acc.setdefault(a, {k: [] for k in v if k.startswith("_")})
@@ -115,7 +115,8 @@ def real_houses(args, names, out: dict) -> None:
             predictor = Predictor({a: loaded[a] for a in have}, device=args.device)
             thresholds = {a: loaded[a].probability_threshold for a in have}
             series = (first if k == 0 else datasets.read_csv(f) for k, f in enumerate(files))
-            res = pooled(predictor, series, thresholds, interval=args.interval, window=args.window)
+            res = pooled(predictor, series, thresholds, interval=args.interval, window=args.window,
+                         aligned=not args.unaligned)
             key = f"real_{house}_{period}s"
             out[key] = {"results": res, "checkpoints": {a: used[a] for a in have}, "files": len(files),
                         "seconds": round(time.time() - t, 1)}
@@ -143,7 +144,8 @@ def synth_test(args, names, out: dict) -> None:
         for period in periods:  # the same houses as a meter reporting every `period` s would send them
             held = [dataclasses.replace(s, features=datasets.hold_input(s.features, period, 0)) for s in series]
             res.setdefault(period, {}).update(pooled(predictor, held, {a: loaded[a].probability_threshold},
-                                                     interval=args.interval, window=args.window))
+                                                     interval=args.interval, window=args.window,
+                                                     aligned=not args.unaligned))
     out["synth_test"] = {"results": {str(k): v for k, v in res.items()}, "checkpoints": used}
     for period, r in res.items():
         print(markdown(f"Semi-synthetic test houses (tracebase test devices on GJW test days), meter every {period} s",
@@ -159,6 +161,8 @@ def main(argv=None):
     p.add_argument("--mode", choices=("windows", "stream"), default="stream")
     p.add_argument("--window", type=int, default=1536)
     p.add_argument("--interval", type=int, default=60)
+    p.add_argument("--unaligned", action="store_true",
+                   help="score intervals that start wherever the data does, not on the clock (the old schedule)")
     p.add_argument("--test-houses", type=int, default=5)
     p.add_argument("--test-segments", type=int, default=8, help="stretches per house, spread over the year")
     p.add_argument("--test-days", type=float, default=1.0)
@@ -178,7 +182,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     names = APPLIANCES if args.appliances == "all" else [a for a in APPLIANCES if a in args.appliances.split(",")]
-    out = {"interval": args.interval, "window": args.window}
+    out = {"interval": args.interval, "window": args.window, "aligned": not args.unaligned}
     if not args.no_sim:
         loaded, errors = checkpoints.load_dir(args.checkpoints, names)
         for a, e in errors.items():
