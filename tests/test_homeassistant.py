@@ -18,7 +18,7 @@ import pytest
 from conftest import publish_samples, wait_for
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
-from nilmd.testing import free_port
+from nilmd.testing import aligned_start, free_port
 from test_daemon import Subscriber, wait_ready
 
 paho = pytest.importorskip("paho.mqtt.client", reason="pip install 'nilmd[mqtt]'")
@@ -171,7 +171,7 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
     # The broker is down at first: the daemon starts, predicts, and says so once.
     wait_ready(d, redis_client)
     sub_redis = Subscriber(redis_client, d.building)
-    last = publish_samples(redis_client, d.building, 256 + 16)
+    last = publish_samples(redis_client, d.building, 256 + 16, start=aligned_start(time.time() - 272, 256, 16))
     first = sub_redis.until(last)
     wait_for(lambda: "cannot connect" in d.log(), 20, "a line saying the broker is unreachable")
     where = f"mqtt://nilmd@127.0.0.1:{broker.port}"

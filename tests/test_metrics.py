@@ -16,6 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
+from nilmd.testing import aligned_start
 from conftest import ROOT, publish_samples, wait_for
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
@@ -146,7 +147,7 @@ def test_scraped_metrics_are_what_was_fed(daemon_factory, redis_client):
         "HeatPump:total_wh": "99", "HeatPump:today_wh": "not a number", "Nonsense:total_wh": "5",
         "day": time.strftime("%Y-%m-%d", time.gmtime()), "month": time.strftime("%Y-%m", time.gmtime()),
         "timezone": "UTC", "updated": str(time.time())})
-    t0 = float(int(time.time() - 400))
+    t0 = aligned_start(time.time() - 400, 256, 16)  # the window ends at `last` (CONTRACT §4)
     last = publish_samples(redis_client, d.building, 256 + 16, start=t0)
     pipe = redis_client.pipeline(transaction=False)
     for bad in BAD.values():

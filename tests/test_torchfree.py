@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from nilmd.testing import aligned_start
 from conftest import ROOT, publish_samples, wait_for, write_checkpoints
 from nilmd.appliances import APPLIANCES, checkpoint_filename
 from test_daemon import Subscriber, check_prediction, wait_ready
@@ -64,7 +65,7 @@ def test_serves_reloads_and_refuses_a_stale_export_without_torch(torchfree_pytho
     d = daemon_factory(model_dir=models, python=python, cwd=where).start()
     sub = Subscriber(redis_client, d.building)
     wait_ready(d, redis_client)
-    t0 = float(int(time.time()) - 600)
+    t0 = aligned_start(time.time() - 600, 256, 16)  # the window ends at `last` (CONTRACT §4)
     last = publish_samples(redis_client, d.building, 256 + 16, start=t0)
     check_prediction(sub.until(last), APPLIANCES, 256)
     s = d.status(redis_client)
@@ -102,7 +103,7 @@ def test_a_reload_swaps_between_backends_where_torch_is_installed(daemon_factory
     d = daemon_factory(model_dir=models).start()
     sub = Subscriber(redis_client, d.building)
     wait_ready(d, redis_client)
-    last = publish_samples(redis_client, d.building, 256 + 16, start=float(int(time.time()) - 600))
+    last = publish_samples(redis_client, d.building, 256 + 16, start=aligned_start(time.time() - 600, 256, 16))
     check_prediction(sub.until(last), APPLIANCES, 256)
     assert d.status(redis_client)["backend"] == "onnxruntime"
     for step, backend in (("retrained", "torch"), ("exported", "onnxruntime")):
