@@ -16,6 +16,8 @@
 #   /var/lib/nilmd/checkpoints/           the 11 model checkpoints (root:nilmd 0640), and with
 #                                         --backend onnxruntime their ONNX export (nilmd-onnx*)
 #   /etc/systemd/system/nilmd.service     the unit (+ nilmd.service.d/gpu.conf on a GPU box)
+#   /etc/systemd/system/nilmd@.service    the template, one nilmd per building (+ the same gpu.conf):
+#                                         systemctl enable --now nilmd@ID, settings /etc/nilmd/ID.env
 #
 # Options
 #   --enable               also `systemctl enable --now nilmd`
@@ -506,10 +508,64 @@ service_step() {
   fi
 }
 
+# ------------------------------------------------------------------------------ nilmd@.service
+# The template (one nilmd per building: systemctl enable --now nilmd@ID, settings in
+# /etc/nilmd/ID.env) is installed beside the unit, with the drop-ins nilmd.service got here.
+TEMPLATE=nilmd@.service TEMPLATE_CHANGED=0
+# every nilmd@ID.service that systemd has loaded (running, failed) or that is enabled
+instances() {
+  { systemd_running && systemctl list-units --all --plain --no-legend 'nilmd@*.service' | grep -o 'nilmd@[^ ]*[.]service'
+    find "$UNIT_DIR" -path '*.wants/nilmd@*.service' -printf '%f\n' 2>/dev/null; } | sort -u
+}
+template_step() {
+  step "systemd template $TEMPLATE"
+  if put_file "$SRC/systemd/$TEMPLATE" "$UNIT_DIR/$TEMPLATE" 0644 root:root; then TEMPLATE_CHANGED=1; fi
+  if [ -e "$DROPIN_DIR/gpu.conf" ]; then
+    [ -d "$UNIT_DIR/$TEMPLATE.d" ] || act "create $UNIT_DIR/$TEMPLATE.d" install -d -m 0755 "$UNIT_DIR/$TEMPLATE.d"
+    if put_file "$DROPIN_DIR/gpu.conf" "$UNIT_DIR/$TEMPLATE.d/gpu.conf" 0644 root:root; then TEMPLATE_CHANGED=1; fi
+  elif [ -e "$UNIT_DIR/$TEMPLATE.d/gpu.conf" ]; then
+    say "   note: $UNIT_DIR/$TEMPLATE.d/gpu.conf is installed but nilmd.service has none (remove it, or --gpu)"
+  fi
+  if [ "$TEMPLATE_CHANGED" = 1 ] && systemd_running; then act "systemctl daemon-reload" systemctl daemon-reload; fi
+}
+# Running instances get what nilmd.service gets: a restart for new code or units, a reload for
+# new checkpoints. Starting and enabling them is the operator's (README).
+instances_step() {
+  local u
+  for u in $(instances); do
+    systemctl is-active --quiet "$u" || continue
+    if [ "$RESTART" = 1 ] || [ "$TEMPLATE_CHANGED" = 1 ]; then act "restart $u (new code or unit)" systemctl restart --quiet "$u"
+    elif [ "$RELOAD" = 1 ]; then act "reload $u (new checkpoints)" systemctl reload "$u"
+    else ok "$u is running"; fi
+  done
+}
+uninstall_template() {
+  step "systemd template $TEMPLATE"
+  local u reload=0
+  for u in $(instances); do
+    if systemctl is-enabled --quiet "$u" 2>/dev/null || systemctl is-active --quiet "$u" 2>/dev/null; then
+      act "stop and disable $u" systemctl disable --now --quiet "$u"
+    fi
+  done
+  for u in "$UNIT_DIR/$TEMPLATE" "$UNIT_DIR/$TEMPLATE.d/gpu.conf"; do
+    if [ -e "$u" ]; then act "remove $u" rm -f "$u"; reload=1; fi
+  done
+  for u in "$UNIT_DIR"/nilmd@*.service.d; do  # the template's, and the instances' (nilmd@ID)
+    [ -d "$u" ] || continue
+    if [ "$PURGE" = 1 ]; then act "remove $u (your drop-ins too: --purge)" rm -rf "$u"; reload=1
+    elif [ "$u" = "$UNIT_DIR/$TEMPLATE.d" ] && [ -z "$(find "$u" -mindepth 1 -maxdepth 1 ! -name gpu.conf)" ]; then
+      act "remove the empty $u" rm -rf "$u"
+    else warn "kept $u: it holds your own drop-ins"; fi
+  done
+  [ "$reload" = 1 ] || ok "no $TEMPLATE installed"
+  if [ "$reload" = 1 ] && systemd_running; then act "systemctl daemon-reload" systemctl daemon-reload; fi
+}
+
 # ------------------------------------------------------------------------------ main
 preflight
 if [ "$UNINSTALL" = 1 ]; then
   say "nilmd: uninstall$([ "$PURGE" = 1 ] && echo " --purge")$([ "$DRY" = 1 ] && echo " (dry run: nothing will be changed)")"
+  uninstall_template
   uninstall
 else
   say "nilmd: install from $SRC$([ "$DRY" = 1 ] && echo " (dry run: nothing will be changed)")"
@@ -525,7 +581,9 @@ else
   checkpoints_step
   config_step
   unit_step
+  template_step
   service_step
+  instances_step
 fi
 echo
 if [ "$CHANGES" = 0 ] && [ "$UNINSTALL" = 1 ]; then

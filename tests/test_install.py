@@ -6,8 +6,9 @@ The slow test runs the installer inside a systemd-nspawn container booted by run
 with systemd as PID 1. Steps (tests/systemd/install-checks.sh): --dry-run changes nothing; install
 from scratch; a second run changes nothing; a CUDA build of torch offered on this CPU box is
 refused; --enable starts the service from the installed venv as user nilmd against a real Redis
-(the shipped unit, no test drop-ins) and leaves the operator's nilmd.env alone; again nothing
-changed; --uninstall keeps config and state, a second one changes nothing, --purge removes
+(the shipped unit, no test drop-ins) and leaves the operator's nilmd.env alone; an instance of the
+installed template nilmd@.service starts as user nilmd and it and nilmd.service stop each other;
+again nothing changed; --uninstall keeps config and state, a second one changes nothing, --purge removes
 everything. pip installs from the machine's local package mirror only.
 """
 
@@ -125,7 +126,7 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     for d in MIRROR_DIRS:
         cmd += ["--bind-ro", d]
     steps = ("dry-run", "install", "again", "cuda-guard /srv/cuda-only", f"enable {redis_server.port} {building}",
-             "again --enable", "onnx", "uninstall")
+             f"instance {redis_server.port} {building}", "again --enable", "onnx", "uninstall")
     for step in steps:
         name, _, rest = step.partition(" ")
         cmd += ["--pre", f"{checks} {name} {common} {rest}".strip()]
@@ -138,4 +139,4 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     tail = f"\n--- run-under-systemd output ({time.monotonic() - t0:.0f} s) ---\n{out[-15000:]}"
     assert "CHECK FAIL" not in out and proc.returncode == 0, "the installer test failed" + tail
     passes = re.findall(r"^CHECK PASS: .*$", out, re.M)
-    assert len(passes) == 9, f"expected 9 passing steps, got {passes}" + tail
+    assert len(passes) == 10, f"expected 10 passing steps, got {passes}" + tail

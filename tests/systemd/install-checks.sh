@@ -43,6 +43,7 @@ install)
   for f in /var/lib/nilmd/checkpoints/*; do perm "$f" "root:nilmd 640"; done
   cmp -s "$src/systemd/nilmd.env" /etc/nilmd/nilmd.env || fail "nilmd.env is not the example"
   cmp -s "$src/systemd/nilmd.service" /etc/systemd/system/nilmd.service || fail "the unit was not installed"
+  cmp -s "$src/systemd/nilmd@.service" /etc/systemd/system/nilmd@.service || fail "the template was not installed"
   [ "$(systemctl show -p FragmentPath --value nilmd.service)" = /etc/systemd/system/nilmd.service ] || fail "systemd does not know the unit (no daemon-reload?)"
   [ -x /opt/nilmd/venv/bin/nilmd ] || fail "no /opt/nilmd/venv/bin/nilmd"
   /opt/nilmd/venv/bin/nilmd --help >/dev/null || fail "the installed nilmd does not run"
@@ -119,12 +120,30 @@ onnx)
   grep -q "^nothing changed" "$out" || fail "a second --backend onnxruntime run changed something"
   pass "--backend onnxruntime: torch removed, onnxruntime and the export installed, serving with onnxruntime; again: nothing changed"
   ;;
+instance)
+  # The installed template as it is: an instance of the building id in nilmd.env's place (its
+  # BUILDING_ID there is overridden by the instance name); nilmd.service and the instances
+  # exclude each other (Conflicts=), both ways.
+  id="${building}-2"
+  systemctl is-active --quiet nilmd || fail "nilmd.service is not running before the instance"
+  timeout 120 systemctl start "nilmd@$id" || fail "nilmd@$id did not start: $(journalctl --no-pager -o cat -u "nilmd@$id" | tail -30)"
+  systemctl is-active --quiet nilmd && fail "nilmd.service still runs beside nilmd@$id"
+  main="$(systemctl show -p MainPID --value "nilmd@$id")"
+  [ "$(ps -o user= -p "$main")" = nilmd ] || fail "nilmd@$id does not run as nilmd"
+  [ -e "/run/nilmd/$id/nilmd-$id.ring" ] || fail "no ring in /run/nilmd/$id: $(ls -AR /run/nilmd 2>&1)"
+  v="$(systemd-analyze verify "/etc/systemd/system/nilmd@$id.service" 2>&1)"; [ -z "$v" ] || fail "verify of nilmd@$id: $v"
+  timeout 120 systemctl start nilmd || fail "nilmd.service did not start again"
+  systemctl is-active --quiet "nilmd@$id" && fail "nilmd@$id still runs beside nilmd.service"
+  [ ! -e "/run/nilmd/$id" ] || fail "/run/nilmd/$id is left"
+  pass "the installed template runs nilmd@$id as user nilmd; it and nilmd.service stop each other"
+  ;;
 uninstall)
   inst --uninstall --dry-run
   [ -d /opt/nilmd ] && systemctl is-active --quiet nilmd || fail "--uninstall --dry-run removed something"
   inst --uninstall
   systemctl is-active --quiet nilmd && fail "still running"
   [ -e /etc/systemd/system/nilmd.service ] && fail "the unit is still there"
+  [ -e /etc/systemd/system/nilmd@.service ] && fail "the template is still there"
   systemctl cat nilmd.service >/dev/null 2>&1 && fail "systemd still knows the unit (no daemon-reload?)"
   [ -e /opt/nilmd ] && fail "/opt/nilmd is still there"
   [ -e /run/nilmd ] && fail "/run/nilmd (shared memory) is still there"
