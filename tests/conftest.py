@@ -35,6 +35,18 @@ def redis_client(redis_server):
     client.close()
 
 
+def import_blocker(package: str) -> str:
+    """Python code that, run first in a fresh interpreter, makes importing `package` (or any of
+    its submodules) fail with "blocked by the test": what a box without it would say."""
+    return f"""
+import sys
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name == {package!r} or name.startswith({package + "."!r}):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
+sys.meta_path.insert(0, _Blocked())
+"""
+
 def write_checkpoints(directory: Path, appliances=None, channels: int = 8, depth: int = 10, seed: int = 0) -> Path:
     """Real-format checkpoints with untrained weights (for daemon tests; never shipped)."""
     import torch

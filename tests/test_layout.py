@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import import_blocker
+
 ROOT = Path(__file__).resolve().parent.parent
 
 DAEMON = ("supervisor", "reader", "inference", "ringbuffer", "control", "mapped", "snapshot", "ingest",
@@ -18,14 +20,7 @@ DAEMON = ("supervisor", "reader", "inference", "ringbuffer", "control", "mapped"
 # /metrics's module imports its extra, prometheus-client (scripts/setup.sh installs it)
 DAEMON += ("metrics",) if importlib.util.find_spec("prometheus_client") else ()
 
-BLOCK_REDIS = """
-import sys
-class _NoRedis:
-    def find_spec(self, name, path=None, target=None):
-        if name == "redis" or name.startswith("redis."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, _NoRedis())
-"""
+BLOCK_REDIS = import_blocker("redis")
 
 
 def imported_after(code: str) -> set[str]:
@@ -93,7 +88,7 @@ def test_the_redis_blocker_works():
     assert out.returncode != 0 and "blocked by the test" in out.stderr
 
 
-BLOCK_TORCH = BLOCK_REDIS.replace("_NoRedis", "_NoTorch").replace('"redis"', '"torch"').replace('"redis."', '"torch."')
+BLOCK_TORCH = import_blocker("torch")
 
 
 def test_the_inference_serves_with_onnxruntime_without_torch(tmp_path):

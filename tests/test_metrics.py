@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from nilmd.testing import aligned_start
-from conftest import ROOT, publish_samples, wait_for
+from conftest import ROOT, import_blocker, publish_samples, wait_for
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
 from nilmd.daemon.control import LATENCY_BUCKETS_S
@@ -121,10 +121,8 @@ def test_metrics_port_taken_is_one_line_and_exit_2(daemon_factory):
 
 def test_metrics_without_the_extra_is_one_clear_line(tmp_path):
     """A box without prometheus-client: `nilmd check` names the package and the extra."""
-    block = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.startswith('prometheus_client'): raise ModuleNotFoundError(name)\n"
-             "sys.meta_path.insert(0, B())\nfrom nilmd.cli import main\n"
-             "sys.exit(main(['check', '--mode', 'test', '--metrics-port', '9105']))\n")
+    block = import_blocker("prometheus_client") + ("from nilmd.cli import main\n"
+                                                   "sys.exit(main(['check', '--mode', 'test', '--metrics-port', '9105']))\n")
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode != 0

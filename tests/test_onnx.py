@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import import_blocker
+
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
 pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
 
@@ -313,10 +315,7 @@ def test_export_without_onnx_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    block = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
-             "        if name == 'onnx' or name.startswith('onnx.'):\n"
-             "            raise ModuleNotFoundError('blocked', name=name)\nsys.meta_path.insert(0, B())\n"
-             "from nilmd import cli\nsys.exit(cli.main(['export', '--model-dir', sys.argv[1]]))\n")
+    block = import_blocker("onnx") + "from nilmd import cli\nsys.exit(cli.main(['export', '--model-dir', sys.argv[1]]))\n"
     write_set(tmp_path, SET)
     out = subprocess.run([sys.executable, "-c", block, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr

@@ -13,20 +13,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, import_blocker
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
 
 pytestmark = pytest.mark.slow
 DAY = "2024-01-03"  # house 3000's day 2 (tests/conftest.py)
-BLOCK_MATPLOTLIB = """
-import sys
-class _No:
-    def find_spec(self, name, path=None, target=None):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, _No())
-"""
+BLOCK_MATPLOTLIB = import_blocker("matplotlib")
 
 
 def nilmd(m, *args, prelude: str = ""):
