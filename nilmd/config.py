@@ -130,6 +130,11 @@ class Config:
         section="building", note="Building id in the Redis names: input nilm:<id>:input, output "
         "nilm:<id>:predictions, nilm:<id>:latest, status hash nilm:<id>:status. 1-64 of letters, digits, "
         '"_", "-", ".".', empty_is_unset=False)
+    building_ids: str = setting(
+        "", "--building-ids", "BUILDING_IDS", "serve many buildings: ids separated by commas, or @FILE (one id a "
+        "line; reloaded on SIGHUP)", group="common", section="building", note="Many buildings in one daemon "
+        "(README, \"Many buildings\"): ids separated by commas, or @/etc/nilmd/buildings.list with one id a line "
+        "(# comments and blank lines allowed; re-read on systemctl reload). Instead of BUILDING_ID, never with it.")
     log_level: str = setting("info", "--log-level", ("LOG_LEVEL", "NILMD_LOG_LEVEL"), "log level",
                              choices=("debug", "info", "warning", "error"), group="common", section="building",
                              note="debug, info, warning or error. info logs no line per sample.")
@@ -372,8 +377,41 @@ def resolve(args=None, environ=None, names=None) -> Config:
     for s in SETTINGS:  # defaults that depend on the box or the mode, for what the user left unset
         if s.name not in values and (s.dynamic or s.per_mode):
             values[s.name] = s.dynamic() if s.dynamic else s.default_for(mode)
+    if names is None and values.get("building_ids") and "building_id" in values:
+        raise ConfigError("--building-id and --building-ids (or $BUILDING_ID and $BUILDING_IDS) are both set: give "
+                          "one building with the first or a list with the second")
     cfg = Config(**values)
     return _check(cfg, environ)
+
+
+def buildings(cfg: Config) -> list[str]:
+    """The buildings this daemon serves: --building-ids (inline, or @FILE read now), else the one
+    --building-id. ConfigError names a bad id, a repeated one, or a file that cannot be read."""
+    text, where = cfg.building_ids, "--building-ids"
+    if not text:
+        return [cfg.building_id]
+    if text.startswith("@"):
+        where = text[1:]
+        try:
+            text = Path(where).read_text()
+        except OSError as e:
+            raise ConfigError(f"--building-ids: cannot read {where}: {e.strerror or e}") from None
+        items = [(f"{where}:{n}", line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
+    else:
+        items = [(f"{where} item {n}", part.strip()) for n, part in enumerate(text.split(","), 1)]
+    ids, seen = [], {}
+    for at, b in items:
+        if not b:
+            continue
+        if not _BUILDING_RE.match(b):
+            raise ConfigError(f"{at}: building id {b!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        if b in seen:
+            raise ConfigError(f"{at}: building {b} is listed twice (first at {seen[b]})")
+        seen[b] = at
+        ids.append(b)
+    if not ids:
+        raise ConfigError(f"--building-ids: {where} names no building")
+    return ids
 
 
 def _read_password(cfg: Config, environ, service: str) -> Config:
@@ -416,6 +454,13 @@ def mqtt_endpoint(url: str) -> tuple[bool, str, str, int]:
 def _check(cfg: Config, environ) -> Config:
     if not _BUILDING_RE.match(cfg.building_id):
         raise ConfigError(f"--building-id: {cfg.building_id!r} must be 1-64 letters, digits, '_', '-' or '.'")
+    if cfg.building_ids:
+        buildings(cfg)  # a bad list: one line now (the supervisor reads it again on SIGHUP)
+        if cfg.mode == "test":
+            raise ConfigError("--building-ids: --mode test simulates one building; give --building-id")
+        if cfg.mqtt_url:
+            raise ConfigError("--building-ids: the MQTT publisher serves one building (--mqtt-url); run it with "
+                              "--building-id, or one nilmd@.service instance per building")
     if cfg.ring_capacity < 2 * cfg.window_size:
         raise ConfigError(
             f"--ring-capacity: {cfg.ring_capacity} must be at least twice --window-size ({cfg.window_size})")

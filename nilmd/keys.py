@@ -28,6 +28,11 @@ def status_key(building: str) -> str:
     return f"nilm:{building}:status"
 
 
+def daemon_status_key(host: str) -> str:
+    """A list daemon's own status hash (--building-ids): its processes and its buildings counted."""
+    return f"nilm:nilmd:{host}:status"
+
+
 def energy_key(building: str) -> str:
     """Energy per appliance, a hash: "<Appliance>:today_wh", ":month_wh", ":total_wh" (Wh; nilmd.daemon.ledger)."""
     return f"nilm:{building}:energy"

@@ -58,7 +58,18 @@ _NAMES += [f"latency_le_{i}" for i in range(len(LATENCY_BUCKETS_S))] + ["latency
 _NAMES += ["mqtt_pid", "mqtt_heartbeat", "mqtt_state", "mqtt_errors", "mqtt_published"]
 # 1 while the models are served by ONNX Runtime, 0 by torch (nilmd.models.backends)
 _NAMES += ["backend_onnx"]
+# A list daemon (nilmd.daemon.roster): the supervisor bumps it after writing a new list of buildings
+_NAMES += ["roster_version"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
+# The slots of one building's data (its ring's reader and inference, its snapshot); every other slot
+# belongs to a process and lives in the daemon block. With one building both are the same block.
+BUILDING_SLOTS = frozenset(
+    ["samples_received", "samples_accepted", "samples_filled", "gaps_broken", "last_sample_ts", "inferences",
+     "last_inference_ts", "last_inference_ms", "last_window_end", "overruns", "snapshot_ts", "input_pos_ms",
+     "input_pos_seq", "input_resumed", "history_end", "restored_samples", "snapshot_failures", "snapshot_errno",
+     "clock_jumps", "last_arrival", "predictions_pending", "samples_lost"]
+    + [f"rejected_{r}" for r in REJECT_REASONS] + [f"repaired_{r}" for r in REPAIR_REASONS])
+_BUILDING_INDEX = np.array(sorted(SLOTS[n] for n in BUILDING_SLOTS))
 SIZE = 8 * 128
 assert len(_NAMES) <= 128
 
@@ -94,6 +105,9 @@ class ControlBlock(MappedFile):
         self._a[SLOTS["latency_sum"]] += seconds
         self._a[SLOTS["latency_count"]] += 1
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self, building: "ControlBlock | None" = None) -> dict[str, float]:
+        """Every slot; with `building` (a list daemon's building block), its slots over this block's."""
         values = self._a.copy()
+        if building is not None and building is not self:
+            values[_BUILDING_INDEX] = building._a[_BUILDING_INDEX]
         return {name: float(values[i]) for name, i in SLOTS.items()}

@@ -10,6 +10,8 @@ schedule instead of starting over.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -28,42 +30,69 @@ from nilmd.daemon.ledger import Ledger
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError, redis_error
 from nilmd.daemon.worker import Worker
 
-POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms added latency
+POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
+MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
 
 
 class RedisPublisher:
-    """PUBLISH the prediction, SET latest and the inference's status fields in one pipeline."""
+    """PUBLISH each prediction, SET latest and the inference's status fields: every building of a
+    batch in one pipeline, each with its ledger's script (nilmd.daemon.ledger)."""
 
     def __init__(self, cfg: Config, logger, throttle, ctl):
         from nilmd import redisconn
 
         self.client = redisconn.client(cfg, name="inference", socket_timeout=2.0)
         self.errors = redisconn.ERRORS  # every Redis error, a refusal (OOM, NOPERM) too
-        self.b = cfg.building_id
-        self.log, self.throttle, self.ctl = logger, throttle, ctl
-        self.ledger = Ledger(cfg)  # energy, events and history: one script beside the prediction
+        self.cfg = cfg
+        self.log, self.throttle, self.ctl = logger, throttle, ctl  # ctl: the daemon block (this process's errors)
+        self.ledgers: dict[str, Ledger] = {}  # energy, events and history: one script beside each prediction
 
-    def publish(self, prediction: dict) -> bool:
-        text = json.dumps(prediction, separators=(",", ":"))
-        counted = False
+    def forget(self, building: str) -> None:
+        self.ledgers.pop(building, None)
+
+    def publish(self, prediction: dict, cfg: Config | None = None) -> bool:
+        return self.publish_many([(cfg or self.cfg, prediction)])[0]
+
+    def publish_many(self, items: list[tuple[Config, dict]]) -> list[bool]:
+        """[(the building's Config, prediction)] -> whether each went out (False: the caller holds it)."""
+        queued = []  # (building, ledger or None, text, commands queued)
         try:
-            counted = self._ledger_ready()
             pipe = self.client.pipeline(transaction=False)
-            pipe.publish(keys.predictions_channel(self.b), text)
-            pipe.set(keys.latest_key(self.b), text)
-            pipe.hset(keys.status_key(self.b), mapping={
-                "last_inference_ts": prediction["timestamp"],
-                "last_inference_ms": prediction["inference_time_ms"],
-                "last_window_end": prediction["window_end"],
-            })
-            if counted:
-                self.ledger.queue(pipe, prediction, text)
-            published, *stored = pipe.execute(raise_on_error=False)
+            for cfg, prediction in items:
+                b = cfg.building_id
+                ledger = self.ledgers.get(b) or self.ledgers.setdefault(b, Ledger(cfg))
+                counted = self._ledger_ready(ledger)
+                text = json.dumps(prediction, separators=(",", ":"))
+                pipe.publish(keys.predictions_channel(b), text)
+                pipe.set(keys.latest_key(b), text)
+                pipe.hset(keys.status_key(b), mapping={
+                    "last_inference_ts": prediction["timestamp"],
+                    "last_inference_ms": prediction["inference_time_ms"],
+                    "last_window_end": prediction["window_end"],
+                })
+                if counted:
+                    ledger.queue(pipe, prediction, text)
+                queued.append((ledger if counted else None, 4 if counted else 3))
+            replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
-            published, stored = e, []
-        if counted:
+            replies = None
+            error = e
+        out, at = [], 0
+        for k, (ledger, n) in enumerate(queued):
+            if replies is None:
+                published, stored = error, []
+            else:
+                published, *stored = replies[at:at + n]
+                at += n
+            out.append(self._settle(ledger, published, stored))
+        # what never got queued (the ledger's read failed unreachable): held, tried again
+        out += [self._settle(None, error, []) for _ in items[len(queued):]]
+        return out
+
+    def _settle(self, ledger, published, stored: list) -> bool:
+        if ledger is not None:
             reply = stored.pop() if stored else published
-            self.ledger.settle(reply)
+            ledger.settle(reply)
             if isinstance(reply, Exception) and not isinstance(published, Exception):
                 self._failed(reply, "could not count a prediction's energy and events", "ledger")
         if isinstance(published, Exception):
@@ -77,11 +106,11 @@ class RedisPublisher:
             self._failed(refused[0], "published a prediction but could not store it (latest, status)")
         return True
 
-    def _ledger_ready(self) -> bool:
+    def _ledger_ready(self, ledger: Ledger) -> bool:
         """The run tracker's state is known (read from Redis if need be); False: not counting now."""
-        if self.ledger.state is None:
+        if ledger.state is None:
             try:
-                self.ledger.load(self.client)
+                ledger.load(self.client)
             except self.errors as e:
                 if redis_error(e)[0] == "unreachable":
                     raise  # the prediction cannot go out either: it is held and tried again, counted then
@@ -123,6 +152,67 @@ class StdoutPublisher:
             return False
         return True
 
+    def publish_many(self, items: list[tuple[Config, dict]]) -> list[bool]:
+        return [self.publish(prediction) for _, prediction in items]
+
+    def forget(self, building: str) -> None:
+        pass
+
+
+class Track:
+    """One building's schedule of windows, and its prediction waiting for Redis, if any."""
+
+    def __init__(self, building: str, ring, ctl, cfg: Config, throttle):
+        self.building, self.ring, self.ctl, self.cfg, self.throttle = building, ring, ctl, cfg, throttle
+        self.held = None  # (end, prediction) not yet published
+        self.retry_at = 0.0  # monotonic: when to try it again
+        self.backoff = Backoff()
+        self.gone = False  # removed from the list: its heap entry is dropped when it comes up
+
+    def upcoming(self) -> tuple[int | None, int]:
+        """(ring index one past the newest sample of the next window to run, or None while the run
+        is shorter than a window; the ring's head). The index may lie ahead of the head."""
+        head, segment = self.ring.counters()
+        size, step = self.cfg.window_size, self.cfg.inference_interval
+        if head - segment < size:
+            return None, head
+        last = int(self.ctl["last_window_end"])  # 0: none yet in this daemon's life
+        history = int(self.ctl["history_end"])  # warm restart: an earlier run predicted windows up to here
+        if history > last:  # keep its schedule (or start one) at the newest window it already predicted
+            last = last + (history - last) // step * step if last >= segment + size else history
+        if last < segment + size or last > head:  # first window of this unbroken run of data
+            end = self._aligned(segment + size, step, later=True)
+        else:
+            end = last + step
+        if head - end > self.ring.capacity - size - step:  # fell a ring behind: skip to the newest
+            self.throttle.log("behind", logging.WARNING, "inference fell behind the meter; skipping to the newest window")
+            end = self._aligned(head, step, later=False)
+        return end, head
+
+    def next_end(self) -> int | None:
+        """Ring index one past the newest sample of the next window to run, or None."""
+        end, head = self.upcoming()
+        return end if end is not None and end <= head else None
+
+    def _aligned(self, end: int, step: int, later: bool) -> int:
+        """The nearest end at or after (later) or at or before `end` whose newest sample closes
+        an interval of the clock. Within an unbroken run the ring's seconds are consecutive."""
+        newest = self.ring.window(1, end)
+        if newest is None:  # the run broke meanwhile: the next call starts from its new segment
+            return end
+        wait = schedule.wait_to_align(float(newest.ts[-1]), step)
+        return end + wait if later else end - (step - wait) % step
+
+    def wait(self, end: int | None, head: int, now: float) -> float:
+        """Seconds until this building's next window can close: its closing sample arrives about
+        (samples missing) seconds after the newest one did, at 1 Hz. A burst comes sooner, so at
+        most MAX_WAIT_S; a late or silent meter is looked at less and less often."""
+        missing = (end if end is not None else head + self.cfg.window_size) - head
+        eta = self.ctl["last_arrival"] + max(missing, 1) - now
+        if eta < 0:
+            return min(MAX_WAIT_S, 0.1 - eta / 2)
+        return min(MAX_WAIT_S, max(POLL_S, eta + 0.02))
+
 
 class InferenceWorker(Worker):
     role = "inference"
@@ -131,6 +221,37 @@ class InferenceWorker(Worker):
         super().__init__(cfg, paths)
         self.predictor = None
         self.reload_seen = self.ctl["reload_requested"]
+        self.publisher = None
+        self.tracks: dict[str, Track] = {}
+        self._heap: list = []  # (monotonic time to look at it, tie-breaker, Track): each track once
+        self._pushed = itertools.count()
+        for b in self.roster.current:
+            self.add_building(b)
+
+    # -- the buildings ---------------------------------------------------------------------------
+    def add_building(self, building: str) -> None:
+        ring, ctl, cfg = self.attach(building)
+        track = self.tracks[building] = Track(building, ring, ctl, cfg, self.throttle)
+        self._push(track, time.monotonic())
+
+    def remove_building(self, building: str) -> None:
+        track = self.tracks.pop(building, None)
+        if track is None:
+            return
+        track.gone = True
+        if self.predictor is not None:
+            self.predictor.forget(building)
+        if self.publisher is not None:
+            self.publisher.forget(building)
+        track.ring.close()
+        track.ctl.close()
+
+    def _push(self, track: Track, when: float) -> None:
+        heapq.heappush(self._heap, (when, next(self._pushed), track))
+
+    def next_end(self) -> int | None:
+        """The one building's next window (nilmd.daemon.inference.Track.next_end)."""
+        return self.tracks[self.roster.current[0]].next_end()
 
     # -- models ----------------------------------------------------------------------------------
     def _load_set(self):
@@ -176,64 +297,51 @@ class InferenceWorker(Worker):
         self.ctl["reload_done"] = self.reload_seen
 
     def _install(self, predictor) -> None:
-        self.predictor = predictor
+        from nilmd.models.backends import Solo
+
+        # One building or many, the loop asks the same thing: a batch of windows in one call.
+        self.predictor = predictor if hasattr(predictor, "forget") else Solo(predictor)
         self.ctl["models_loaded"] = len(predictor.appliances)
         self.ctl["models_mask"] = sum(1 << APPLIANCES.index(a) for a in predictor.appliances)
         self.ctl["device_cuda"] = 1.0 if predictor.device.type == "cuda" else 0.0
         self.ctl["backend_onnx"] = 1.0 if predictor.backend == "onnxruntime" else 0.0
         self.ctl["inference_state"] = ctlmod.INFER_READY
 
-    # -- schedule --------------------------------------------------------------------------------
-    def next_end(self) -> int | None:
-        """Ring index one past the newest sample of the next window to run, or None."""
-        head, segment = self.ring.counters()
-        size, step = self.cfg.window_size, self.cfg.inference_interval
-        if head - segment < size:
-            return None
-        last = int(self.ctl["last_window_end"])  # 0: none yet in this daemon's life
-        history = int(self.ctl["history_end"])  # warm restart: an earlier run predicted windows up to here
-        if history > last:  # keep its schedule (or start one) at the newest window it already predicted
-            last = last + (history - last) // step * step if last >= segment + size else history
-        if last < segment + size or last > head:  # first window of this unbroken run of data
-            end = self._aligned(segment + size, step, later=True)
-        else:
-            end = last + step
-        if head - end > self.ring.capacity - size - step:  # fell a ring behind: skip to the newest
-            self.throttle.log("behind", logging.WARNING, "inference fell behind the meter; skipping to the newest window")
-            end = self._aligned(head, step, later=False)
-        return end if end <= head else None
-
-    def _aligned(self, end: int, step: int, later: bool) -> int:
-        """The nearest end at or after (later) or at or before `end` whose newest sample closes
-        an interval of the clock. Within an unbroken run the ring's seconds are consecutive."""
-        newest = self.ring.window(1, end)
-        if newest is None:  # the run broke meanwhile: the next call starts from its new segment
-            return end
-        wait = schedule.wait_to_align(float(newest.ts[-1]), step)
-        return end + wait if later else end - (step - wait) % step
-
-    def infer(self, end: int) -> dict | None:
+    # -- the windows -----------------------------------------------------------------------------
+    def infer(self, due: list[tuple[Track, int]]) -> list[tuple[Track, int, dict | None]]:
+        """Every due building's window through the models in one call; a prediction each (None: its
+        window is gone, or was overwritten while it was read: skipped)."""
         from nilmd.models.prediction import make_prediction
 
         size, n = self.cfg.window_size, self.cfg.inference_interval
-        window = self.ring.window(size, end)
-        if window is None:
-            return None
+        taken = [(track, end, track.ring.window(size, end)) for track, end in due]
+        items = [(track.building, window, n) for track, _, window in taken if window is not None]
         t0 = time.perf_counter()
-        power, prob = self.predictor.step(window, n)  # only the new samples when it can (nilmd.models.predictor)
+        outs = iter(self.predictor.step(items) if items else [])  # only the new samples when it can
         ms = (time.perf_counter() - t0) * 1000.0
-        aggregate = window.features[-n:, 0].copy()
-        window_end = float(window.ts[-1])
-        intact = self.ring.intact(window)
-        del window  # drop the views into shared memory before anything else can happen
-        if not intact:
-            self.predictor.reset()  # its state may hold overwritten samples: recompute next time
-            self.ctl.add("overruns")
-            self.throttle.log("overrun", logging.WARNING, "the meter overwrote a window while it was read; skipped")
-            return None
-        return make_prediction(self.predictor.appliances, power[:, -n:], prob[:, -n:],
-                               self.predictor.probability_thresholds, aggregate, timestamp=time.time(),
-                               window_start=window_end - size, window_end=window_end, inference_ms=ms)
+        out = []
+        for track, end, window in taken:
+            if window is None:
+                out.append((track, end, None))
+                continue
+            power, prob = next(outs)
+            aggregate = window.features[-n:, 0].copy()
+            window_end = float(window.ts[-1])
+            intact = track.ring.intact(window)
+            del window  # drop the views into shared memory before anything else can happen
+            if not intact:
+                self.predictor.reset(track.building)  # its state may hold overwritten samples: recompute next time
+                track.ctl.add("overruns")
+                self.throttle.log("overrun", logging.WARNING, ("" if not self.listed else f"building {track.building}: ")
+                                  + "the meter overwrote a window while it was read; skipped")
+                out.append((track, end, None))
+                continue
+            out.append((track, end, make_prediction(
+                self.predictor.appliances, power[:, -n:], prob[:, -n:], self.predictor.probability_thresholds,
+                aggregate, timestamp=time.time(), window_start=window_end - size, window_end=window_end,
+                inference_ms=ms)))
+        del taken
+        return out
 
     # -- the process -----------------------------------------------------------------------------
     @classmethod
@@ -258,51 +366,79 @@ class InferenceWorker(Worker):
         return self.serve(publisher)
 
     # -- the loop --------------------------------------------------------------------------------
+    def due(self, now: float) -> tuple[list, list]:
+        """(fresh: [(track, window end)] to predict, retry: tracks whose held prediction is due
+        again), from the buildings whose time has come: the heap, never a look at every ring."""
+        fresh, retry, wall = [], [], time.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, track = heapq.heappop(heap)
+            if track.gone:
+                continue
+            if track.held is not None:
+                retry.append(track)
+                continue
+            end, head = track.upcoming()
+            if end is not None and end <= head:
+                fresh.append((track, end))
+            else:
+                self._push(track, now + track.wait(end, head, wall))
+        return fresh, retry
+
     def serve(self, publisher) -> int:
-        """Predict the schedule's windows in order. A prediction Redis does not take is held and
-        tried again with backoff, and the schedule waits on it: `last_window_end` moves only once
-        a window's prediction is out, so none is lost while Redis is away, and an inference process
-        that dies meanwhile leaves its successor the same window to make again (the ring holds it)."""
-        ctl = self.ctl
-        backoff = Backoff()
-        held, retry_at = None, 0.0  # (end, prediction) not yet published; when to try it again
+        """Predict each building's windows in order, the due ones together. A prediction Redis does
+        not take is held and tried again with backoff, and that building's schedule waits on it:
+        `last_window_end` moves only once a window's prediction is out, so none is lost while Redis
+        is away, and an inference process that dies meanwhile leaves its successor the same window
+        to make again (the ring holds it). The other buildings go on meanwhile."""
+        self.publisher = publisher
         while self.alive:
             self.beat()
-            if ctl["reload_requested"] != self.reload_seen:
-                self.reload_seen = ctl["reload_requested"]
+            if self.ctl["reload_requested"] != self.reload_seen:
+                self.reload_seen = self.ctl["reload_requested"]
                 self.reload()
-            if held is None:
-                end = self.next_end()
-                if end is None:
-                    time.sleep(POLL_S)
-                    continue
-                prediction = self.infer(end)
-                if prediction is None:  # overrun: skipped, nothing to publish
-                    ctl["last_window_end"] = end
-                    continue
-                held = (end, prediction)
-            elif time.monotonic() < retry_at:
+            self.follow_roster()
+            now = time.monotonic()
+            fresh, retry = self.due(now)
+            if not fresh and not retry:
                 time.sleep(POLL_S)
                 self.throttle.flush()
                 continue
-            end, prediction = held
-            if publisher.publish(prediction):
-                held = None
+            for track, end, prediction in self.infer(fresh):
+                if prediction is None:  # overrun: skipped, nothing to publish
+                    track.ctl["last_window_end"] = end
+                    self._push(track, now)
+                else:
+                    track.held = (end, prediction)
+                    retry.append(track)
+            self._publish(publisher, retry)
+            self.throttle.flush()
+        return EXIT_OK
+
+    def _publish(self, publisher, tracks: list[Track]) -> None:
+        results = publisher.publish_many([(t.cfg, t.held[1]) for t in tracks]) if tracks else []
+        now = time.monotonic()
+        for track, ok in zip(tracks, results):
+            end, prediction = track.held
+            ctl = track.ctl
+            if ok:
+                track.held = None
                 ctl["last_window_end"] = end
                 ctl["predictions_pending"] = 0
                 ctl.add("inferences")
                 ctl["last_inference_ts"] = prediction["timestamp"]
                 ctl["last_inference_ms"] = prediction["inference_time_ms"]
-                ctl.observe_latency(prediction["inference_time_ms"] / 1000.0)
-                if backoff.failures:
-                    self.log.info("published the held prediction (window ending %s) after %d failed attempts; "
-                                  "catching up", prediction["window_end"], backoff.failures)
-                    backoff.reset()
+                self.ctl.observe_latency(prediction["inference_time_ms"] / 1000.0)
+                if track.backoff.failures:
+                    self.throttle.log("caught up", logging.INFO, f"{'building ' + track.building + ': ' if self.listed else ''}"
+                                      f"published the held prediction (window ending {prediction['window_end']}) "
+                                      f"after {track.backoff.failures} failed attempts; catching up")
+                    track.backoff.reset()
+                self._push(track, now)  # the next window may be due already (catching up)
             else:
                 ctl["predictions_pending"] = 1
-                retry_at = time.monotonic() + backoff.next_delay()
-            self.throttle.flush()
-        return EXIT_OK
+                track.retry_at = now + track.backoff.next_delay()
+                self._push(track, track.retry_at)
 
 
 def main(cfg: Config, paths: dict) -> None:

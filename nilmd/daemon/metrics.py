@@ -47,7 +47,27 @@ class DaemonCollector:
         return family
 
     def collect(self):
-        sup, snap, now = self.sup, self.sup.ctl.snapshot(), time.time()
+        """One building: its series, as always. A list: each building's series, one family each
+        (nilmd.daemon.metrics.merge), the daemon's own (processes, Redis errors) labelled
+        building="" once."""
+        served = list(self.sup.served.values())  # a copy: the loop may change the list meanwhile
+        if not self.sup.listed:
+            yield from self.collect_one(served[0] if served else None)
+            return
+        families: dict[str, object] = {}
+        for one in served:
+            merge(families, DaemonCollector.for_building(self.sup, one).collect_one(one, appliances=False))
+        yield from families.values()
+
+    @classmethod
+    def for_building(cls, sup, served):
+        one = cls.__new__(cls)
+        one.sup, one.building, one.throttle = sup, served.building, None
+        return one
+
+    def collect_one(self, served, appliances: bool = True):
+        sup, now = self.sup, time.time()
+        snap = sup.ctl.snapshot(served.ctl if served is not None else None)
         c, g = CounterMetricFamily, GaugeMetricFamily
         f = self._family
         info = GaugeMetricFamily("nilmd_info", "nilmd's version and set-up (always 1)",
@@ -78,7 +98,7 @@ class DaemonCollector:
         yield f(g, "nilmd_last_sample_timestamp_seconds", "the meter's timestamp of the newest accepted sample",
                 snap["last_sample_ts"])
         # the window and the predictions
-        run_length = sup.ring.run_length()
+        run_length = served.ring.run_length() if served is not None and served.ring is not None else 0
         yield f(g, "nilmd_buffer_fill_samples", "samples of the next window already in the ring",
                 min(run_length, sup.cfg.window_size))
         yield f(g, "nilmd_window_size_samples", "samples per model window", sup.cfg.window_size)
@@ -92,10 +112,11 @@ class DaemonCollector:
                 snap["last_inference_ts"])
         yield self._latency(snap)
         # health and the processes
+        state, problems = (served.state, served.problems) if served is not None else (sup.state, sup.problems)
         yield f(g, "nilmd_state", "1 for the daemon's current state (README, \"Redis interface\")",
-                {s: s == sup.state for s in STATES}, "state")
+                {s: s == state for s in STATES}, "state")
         yield f(g, "nilmd_degraded_reason", "1 for each reason the state is degraded", {
-            r: 1 for r in (sup.problems if sup.state == "degraded" else [])}, "reason")
+            r: 1 for r in (problems if state == "degraded" else [])}, "reason")
         yield f(c, "nilmd_child_restarts", "restarts of each child process", {
             r: ch.restarts for r, ch in sup.children.items()}, "role")
         yield f(g, "nilmd_child_up", "1 while the child process runs (0 from its death to its restart)", {
@@ -105,7 +126,8 @@ class DaemonCollector:
                     snap["mqtt_state"] == ctlmod.MQTT_CONNECTED)
             yield f(c, "nilmd_mqtt_messages", "MQTT messages published (discovery, states, availability)",
                     snap["mqtt_published"])
-        yield from self._appliances()
+        if appliances:  # (a list: one Redis round trip per building per scrape is too many; not served)
+            yield from self._appliances()
 
     def _latency(self, snap):
         family = HistogramMetricFamily("nilmd_inference_latency_seconds", "time of one inference step (all "
@@ -142,6 +164,15 @@ class DaemonCollector:
         for period in ("today", "month"):
             yield f(g, f"nilmd_appliance_energy_{period}_watthours", f"energy of each appliance {period} "
                     "(the box's time zone)", {a: e[period] for a, e in energy.items() if period in e}, "appliance")
+
+
+def merge(families: dict, more) -> None:
+    """Add the samples of `more` (families) to the family of the same name in `families`."""
+    for family in more:
+        if family.name in families:
+            families[family.name].samples.extend(family.samples)
+        else:
+            families[family.name] = family
 
 
 def _pid_of(child):

@@ -8,6 +8,7 @@ by reconnecting with backoff while it keeps stamping its heartbeat.
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 import numpy as np
@@ -20,40 +21,43 @@ from nilmd.features import derive
 from nilmd.daemon.ingest import Grid, Rejected, parse_sample
 from nilmd.backoff import Backoff
 from nilmd.daemon.ringbuffer import FLAG_FILLED, FLAG_MEASURED
-from nilmd.daemon.sources import DISCONNECT_CAUSES, make_source
+from nilmd.daemon.sources import DISCONNECT_CAUSES, Batch, make_source
 from nilmd.daemon.worker import Worker
 
 
-class Reader(Worker):
-    role = "reader"
+class Feed:
+    """One building's input: its ring and block, its grid (gap and clock rules) and its snapshots.
+    Nothing here is shared with another building, so one building's bad input, clock jump or gap
+    touches no other."""
 
-    def __init__(self, cfg: Config, paths: dict, source=None):
-        super().__init__(cfg, paths)
-        self.source = source if source is not None else make_source(cfg, self.ctl, self.ring)
-        last = self.ring.last()  # a restarted reader (or a restored snapshot) carries on where it stopped
+    def __init__(self, reader: "Reader", building: str, ring, ctl, cfg: Config):
+        self.building, self.ring, self.ctl, self.cfg = building, ring, ctl, cfg
+        self.log, self.throttle = reader.log, reader.throttle
+        self.tag = f"building {building}: " if reader.listed else ""  # log lines name it when there are many
+        last = ring.last()  # a restarted reader (or a restored snapshot) carries on where it stopped
         self.grid = Grid(cfg.max_gap_fill, last_slot=int(last[0]) if last else None)
         # Test mode replays simulated time from its start on every run: nothing worth keeping.
-        self.snapshots = None if cfg.mode == "test" else snapshot.Writer(cfg, self.ring, self.ctl, self.log)
+        # With many buildings their snapshots are spread over the interval, not all in one turn.
+        self.snapshots = None if cfg.mode == "test" else snapshot.Writer(
+            cfg, ring, ctl, reader.log, phase=random.random() if reader.listed else 1.0)
         self._prev = last[1] if last else None  # features of the newest sample, for gap filling
         # A restored snapshot and no new sample yet: the first one decides whether it is continued.
-        restored = int(self.ctl["restored_samples"])
-        self._restored_slot = int(last[0]) if last and restored and self.ring.counters()[0] == restored else None
-        self._cut_after = None  # newest slot before a pub/sub cut: the next sample's gap is what it lost
+        restored = int(ctl["restored_samples"])
+        self._restored_slot = int(last[0]) if last and restored and ring.counters()[0] == restored else None
+        self.cut_after = None  # newest slot before a pub/sub cut: the next sample's gap is what it lost
 
-    # -- ingest: the per-sample path --------------------------------------------------------------
-    def ingest(self, messages, now: float | None = None) -> int:
+    def ingest(self, messages, now: float, max_clock_skew: float) -> int:
         """Validate and place a batch of raw messages; returns how many were accepted."""
-        now = time.time() if now is None else now
         ctl = self.ctl
         accepted, placements = [], []
         for raw in messages:
             try:
-                sample = parse_sample(raw, now, self.cfg.max_clock_skew)
+                sample = parse_sample(raw, now, max_clock_skew)
                 placement = self.grid.place(sample.timestamp, now)
             except Rejected as r:
                 ctl.add(f"rejected_{r.reason}")
                 self.throttle.log(r.reason, logging.WARNING,
-                                  f"rejected a sample ({r.reason}{': ' + r.detail if r.detail else ''})")
+                                  f"{self.tag}rejected a sample ({r.reason}{': ' + r.detail if r.detail else ''})")
                 continue
             for repair in sample.repairs:
                 ctl.add(f"repaired_{repair}")
@@ -64,9 +68,9 @@ class Reader(Worker):
         ctl.add("samples_received", len(messages))
         if not accepted:
             return 0
-        if self._cut_after is not None:
-            ctl.add("samples_lost", max(0, placements[0].slot - self._cut_after - 1))
-            self._cut_after = None
+        if self.cut_after is not None:
+            ctl.add("samples_lost", max(0, placements[0].slot - self.cut_after - 1))
+            self.cut_after = None
         feats = derive([s.power for s in accepted], [s.voltage for s in accepted],
                        [s.current for s in accepted], [s.power_factor for s in accepted])
         self._write(placements, feats)
@@ -81,12 +85,12 @@ class Reader(Worker):
         gap = first.slot - self._restored_slot
         self._restored_slot = None
         if first.breaks:
-            self.log.warning("the restored ring snapshot was not continued: the first new sample is stamped %d s "
+            self.log.warning("%sthe restored ring snapshot was not continued: the first new sample is stamped %d s "
                              "%s its newest (more than --max-gap-fill, %d s, after it is a gap); the window restarts",
-                             abs(gap), "after" if gap >= 0 else "before", self.cfg.max_gap_fill)
+                             self.tag, abs(gap), "after" if gap >= 0 else "before", self.cfg.max_gap_fill)
         else:
-            self.log.info("warm restart continued: the first new sample is stamped %d s after the snapshot's newest",
-                          gap)
+            self.log.info("%swarm restart continued: the first new sample is stamped %d s after the snapshot's "
+                          "newest", self.tag, gap)
 
     def _write(self, placements, feats: np.ndarray) -> None:
         ts, rows, flags = [], [], []
@@ -98,12 +102,13 @@ class Reader(Worker):
                 self.ring.mark_break()
                 if p.clock_jump:
                     self.ctl.add("clock_jumps")
-                    self.log.warning("the meter's clock was set back (its samples now stamped %s): following it; "
-                                     "the window restarts", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.slot)))
+                    self.log.warning("%sthe meter's clock was set back (its samples now stamped %s): following it; "
+                                     "the window restarts", self.tag,
+                                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.slot)))
                 elif prev is not None:
                     self.ctl.add("gaps_broken")
                     self.throttle.log("gap", logging.WARNING,
-                                      f"gap in the meter data longer than {self.cfg.max_gap_fill} s: "
+                                      f"{self.tag}gap in the meter data longer than {self.cfg.max_gap_fill} s: "
                                       "the window restarts (no predictions until it is full again)")
             elif p.fill:
                 ts.extend(range(p.slot - p.fill, p.slot))
@@ -121,6 +126,47 @@ class Reader(Worker):
         if ts:
             self.ring.write(np.asarray(ts, dtype=np.float64), np.asarray(rows, dtype=np.float32),
                             np.asarray(flags, dtype=np.uint8))
+
+
+class Reader(Worker):
+    role = "reader"
+
+    def __init__(self, cfg: Config, paths: dict, source=None):
+        super().__init__(cfg, paths)
+        self.feeds: dict[str, Feed] = {}
+        for b in self.roster.current:
+            self.add_building(b)
+        self.source = source if source is not None else make_source(cfg, self.feeds, self.ctl)
+
+    def add_building(self, building: str) -> None:
+        ring, ctl, cfg = self.attach(building)
+        self.feeds[building] = Feed(self, building, ring, ctl, cfg)
+        if getattr(self, "source", None) is not None:
+            self.source.add(self.feeds[building])
+
+    def remove_building(self, building: str) -> None:
+        """Its last snapshot, then let its shared memory go (the supervisor has unlinked the files)."""
+        feed = self.feeds.pop(building, None)
+        if feed is None:
+            return
+        self.source.remove(building)
+        if feed.snapshots is not None:
+            feed.snapshots.write()
+        feed.ring.close()
+        feed.ctl.close()
+
+    # -- ingest: the per-sample path --------------------------------------------------------------
+    def ingest(self, messages, now: float | None = None) -> int:
+        """Validate and place a batch of raw messages (a Batch says whose each is; a plain list is
+        the one building's); returns how many were accepted."""
+        now = time.time() if now is None else now
+        groups = messages.groups() if isinstance(messages, Batch) else {self.roster.current[0]: messages}
+        accepted = 0
+        for building, raw in groups.items():
+            feed = self.feeds.get(building)
+            if feed is not None:  # (a building removed while its batch was in flight: dropped with it)
+                accepted += feed.ingest(raw, now, self.cfg.max_clock_skew)
+        return accepted
 
     # -- the loop ----------------------------------------------------------------------------------
     def _wait(self, seconds: float) -> None:
@@ -164,18 +210,22 @@ class Reader(Worker):
             if getattr(self.source, "disconnected", None):
                 self._cut(self.source.disconnected)
                 self.source.disconnected = None
-            if self.snapshots is not None:
-                self.snapshots.maybe()
+            for feed in self.feeds.values():
+                if feed.snapshots is not None:
+                    feed.snapshots.maybe()
+            self.follow_roster()
             self.throttle.flush()
         self.source.close()
-        if self.snapshots is not None:
-            self.snapshots.write()  # stopping (SIGTERM, or the supervisor is gone): the newest state
+        for feed in self.feeds.values():  # stopping (SIGTERM, or the supervisor is gone): the newest state
+            if feed.snapshots is not None:
+                feed.snapshots.write()
         return EXIT_OK
 
     def _cut(self, cause: str) -> None:
         """The subscription was cut and is back (the batch before was all from before the cut)."""
         self.ctl.add(f"disconnects_{cause}")
-        self._cut_after = self.grid.last_slot
+        for feed in self.feeds.values():
+            feed.cut_after = feed.grid.last_slot
         self.throttle.log(f"cut {cause}", logging.WARNING,
                           f"the input subscription was cut ({DISCONNECT_CAUSES[cause]}) and is back: what was "
                           "published meanwhile is lost (input_samples_lost estimates it from the gap in the "

@@ -269,11 +269,12 @@ class Writer:
     failing cause lives in the control block, so a restarted reader does not repeat the line."""
 
     def __init__(self, cfg: Config, ring, ctl, log: logging.Logger, interval: float = INTERVAL_S,
-                 clock=time.monotonic):
+                 clock=time.monotonic, phase: float = 1.0):
+        """`phase`: the first snapshot after that fraction of the interval."""
         self.cfg, self.ring, self.ctl, self.log = cfg, ring, ctl, log
         self.path = path_for(cfg)
         self.interval, self.clock = interval, clock
-        self._next = clock() + interval
+        self._next = clock() + interval * phase
         self._saved_head = 0  # ring head at the last snapshot written
 
     def maybe(self) -> None:

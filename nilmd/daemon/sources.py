@@ -32,20 +32,54 @@ DISCONNECT_CAUSES = {
 }
 
 
+class Batch(list):
+    """Raw messages, and beside them the building each one is for."""
+
+    def __init__(self):
+        super().__init__()
+        self.buildings: list[str] = []
+
+    def put(self, raw, building: str) -> None:
+        self.append(raw)
+        self.buildings.append(building)
+
+    def extend_for(self, building: str, messages: list) -> None:
+        self.extend(messages)
+        self.buildings.extend([building] * len(messages))
+
+    def groups(self) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for raw, building in zip(self, self.buildings):
+            out.setdefault(building, []).append(raw)
+        return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class PubSubSource:
+    """SUBSCRIBE to every building's input channel on one connection. Not PSUBSCRIBE nilm:*:input:
+    Redis would send this reader every building's samples on the server (another daemon's too) to
+    be parsed and dropped here, an ACL user would need every channel, and one building removed
+    from the list must stop arriving, which an UNSUBSCRIBE says exactly."""
+
     name = "pubsub"
     disconnected = None  # the cause of a cut the reader has not taken yet (DISCONNECT_CAUSES)
+    CHUNK = 256  # channels per SUBSCRIBE command
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, buildings=()):
         from nilmd import redisconn  # redis-py only where Redis is used
 
         self.cfg = cfg
-        self.channel = keys.input_channel(cfg.building_id)
+        self.channels = {keys.input_channel(b): b for b in buildings or [cfg.building_id]}
         self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
         self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)  # < heartbeat timeout
         self._pubsub = None
         self.subscribed = False
-        self._was_subscribed = False  # a subscribe confirmation after the first one follows a cut
+        # Channels whose subscription Redis confirmed: a second confirmation of one of them means
+        # redis-py subscribed again by itself after a cut.
+        self._confirmed: set[str] = set()
         self._server = None  # (run_id, output-buffer disconnections) when last subscribed
         self._error = None  # what redis-py raised to us since then, if anything
         self._behind = False  # the last read had a full batch: messages were waiting
@@ -53,27 +87,39 @@ class PubSubSource:
     def connect(self) -> None:
         self.close()
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
-        self._pubsub.subscribe(self.channel)
+        self._subscribe(list(self.channels))
+
+    def _subscribe(self, channels: list[str]) -> None:
+        for i in range(0, len(channels), self.CHUNK):
+            self._pubsub.subscribe(*channels[i:i + self.CHUNK])
+
+    def add(self, feed) -> None:
+        channel = keys.input_channel(feed.building)
+        self.channels[channel] = feed.building
+        if self._pubsub is not None:
+            self._subscribe([channel])
+
+    def remove(self, building: str) -> None:
+        channel = keys.input_channel(building)
+        self.channels.pop(channel, None)
+        self._confirmed.discard(channel)
+        if self._pubsub is not None:
+            self._pubsub.unsubscribe(channel)
 
     def read(self, timeout: float, limit: int = 4096) -> list:
-        """Messages that arrived, waiting at most `timeout` for the first one. A batch ends at a
-        cut (`disconnected` says why): what follows is after the gap."""
-        out = []
+        """Messages that arrived (a Batch), waiting at most `timeout` for the first one. A batch
+        ends at a cut (`disconnected` says why): what follows is after the gap."""
+        out = Batch()
         try:
             msg = self._pubsub.get_message(timeout=timeout)
             while msg is not None:
                 kind = msg.get("type")
                 if kind == "message":
-                    out.append(msg["data"])
-                elif kind == "subscribe":
-                    self.subscribed = True
-                    cause = self._cause(self._behind or bool(out)) if self._was_subscribed else None
-                    self._was_subscribed, self._error, self._behind = True, None, False
-                    self._server = self._server_info()
-                    if cause:
-                        self.disconnected = cause
-                        return out
-                    log.info("subscribed to %s", self.channel)
+                    building = self.channels.get(_text(msg["channel"]))
+                    if building is not None:  # (an UNSUBSCRIBEd channel's last messages: dropped)
+                        out.put(msg["data"], building)
+                elif kind == "subscribe" and self._confirm(_text(msg["channel"]), bool(out)):
+                    return out
                 if len(out) >= limit:
                     break
                 msg = self._pubsub.get_message(timeout=0.0)
@@ -82,6 +128,26 @@ class PubSubSource:
             raise
         self._behind = len(out) >= limit
         return out
+
+    def _confirm(self, channel: str, got: bool) -> bool:
+        """A subscription confirmed; True when it shows a cut (the batch ends there)."""
+        again = channel in self._confirmed
+        cause = self._cause(self._behind or got) if again else None
+        if again:
+            self._confirmed = set()  # the round of resubscriptions it starts
+        if not self._confirmed:
+            self._error, self._behind = None, False
+            self._server = self._server_info()
+        self._confirmed.add(channel)
+        if not self.subscribed and len(self._confirmed) >= len(self.channels):
+            self.subscribed = True
+            if not cause:
+                log.info("subscribed to %s", channel if len(self.channels) == 1 else
+                         f"{len(self.channels)} input channels")
+        if cause:
+            self.disconnected = cause
+            return True
+        return False
 
     def _server_info(self):
         """(run_id, output-buffer disconnections or None before Redis 7.2), or None when INFO
@@ -164,13 +230,14 @@ class SimulatedSource:
         pass
 
 
-def make_source(cfg: Config, ctl=None, ring=None):
-    """The configured source; a stream keeps its position in the control block `ctl` and looks
-    into the `ring` to mark where the history of an earlier run ends."""
+def make_source(cfg: Config, feeds: dict, counters):
+    """The configured source for the reader's buildings (nilmd.daemon.reader.Feed, by id); a stream
+    keeps each one's position in its control block and looks into its ring to mark where the
+    history of an earlier run ends. `counters`: the daemon block, for the reader's own errors."""
     if cfg.mode == "test":
         return SimulatedSource(cfg)
     if cfg.input_mode == "stream":
         from nilmd.daemon.streams import StreamSource
 
-        return StreamSource(cfg, ctl, ring)
-    return PubSubSource(cfg)
+        return StreamSource(cfg, feeds, counters)
+    return PubSubSource(cfg, list(feeds))

@@ -51,7 +51,29 @@ def summary_line(state: str, run_length: int, window: int, snap: dict, problems=
     return ", ".join(parts)
 
 
-def _rss_mb(pid: int) -> float:
+def judge_daemon(*, ready: bool, reloading: bool, problems, states: list[str]) -> str:
+    """A list daemon's own state: its processes and input (`problems`), then its buildings'."""
+    if not ready:
+        return "starting"
+    if reloading:
+        return "reloading"
+    if problems or "degraded" in states:
+        return "degraded"
+    return "running" if states and all(s == "running" for s in states) else "warming_up"
+
+
+def fleet_line(state: str, states: list[str], snap: dict, problems=()) -> str:
+    """A list daemon's STATUS=: how many buildings run, warm up, are degraded."""
+    counts = {s: states.count(s) for s in ("running", "warming_up", "degraded")}
+    parts = [f"{state} ({'; '.join(problems)})" if problems else state,
+             f"{len(states)} buildings: {counts['running']} running, {counts['warming_up']} warming up, "
+             f"{counts['degraded']} degraded", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
+    if not snap["redis_connected"]:
+        parts.append("input not connected")
+    return ", ".join(parts)
+
+
+def rss_mb(pid: int) -> float:
     try:
         return round(psutil.Process(pid).memory_info().rss / 2**20, 1) if pid else 0.0
     except psutil.Error:
@@ -59,11 +81,12 @@ def _rss_mb(pid: int) -> float:
 
 
 def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: float, pids: dict, restarts: dict,
-           problems=()) -> dict:
+           problems=(), rss: dict | None = None) -> dict:
+    """`rss`: MB by role, measured once for many buildings (else here)."""
     mask = int(snap["models_mask"])
     missing = [a for i, a in enumerate(APPLIANCES) if not mask >> i & 1]
     rejected = {f"rejected_{r}": int(snap[f"rejected_{r}"]) for r in REJECT_REASONS}
-    rss = {f"memory_{role}_mb": _rss_mb(pid) for role, pid in pids.items()}
+    rss = {f"memory_{role}_mb": rss[role] if rss else rss_mb(pid) for role, pid in pids.items()}
     return {
         "state": state,
         "degraded_reason": "; ".join(problems) if state == "degraded" else "",
@@ -110,6 +133,37 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         "restarts": sum(restarts.values()),
         **{f"restarts_{role}": n for role, n in restarts.items()},
         **rss,
+        "memory_total_mb": round(sum(rss.values()), 1),
+        "uptime_s": round(time.time() - started, 1),
+        "version": __version__,
+        "updated_at": round(time.time(), 3),
+        "status_interval_s": cfg.status_interval,
+        "host": os.uname().nodename,
+    }
+
+
+def daemon_fields(cfg: Config, state: str, line: str, states: list[str], snap: dict, *, started: float, pids: dict,
+                  restarts: dict, rss: dict, problems=()) -> dict:
+    """The list daemon's own hash (docs/CONTRACT.md §3.5.1): its processes, and its buildings counted."""
+    return {
+        "state": state,
+        "degraded_reason": "; ".join(problems) if state == "degraded" else "",
+        "summary": line,
+        "buildings": len(states),
+        **{f"buildings_{s}": states.count(s) for s in ("running", "warming_up", "degraded", "starting")},
+        "building_list": cfg.building_ids,
+        "models_loaded": int(snap["models_loaded"]),
+        "input_mode": cfg.input_mode,
+        "input_connected": int(snap["redis_connected"]),
+        "input_errors": int(snap["redis_errors"]),
+        "input_disconnects": sum(int(snap[f"disconnects_{c}"]) for c in DISCONNECT_CAUSES),
+        "redis_errors_supervisor": int(snap["supervisor_redis_errors"]),
+        "redis_errors_inference": int(snap["inference_redis_errors"]),
+        "reload_failures": int(snap["reload_failed"]),
+        **{f"pid_{role}": pid for role, pid in pids.items()},
+        "restarts": sum(restarts.values()),
+        **{f"restarts_{role}": n for role, n in restarts.items()},
+        **{f"memory_{role}_mb": mb for role, mb in rss.items()},
         "memory_total_mb": round(sum(rss.values()), 1),
         "uptime_s": round(time.time() - started, 1),
         "version": __version__,

@@ -108,25 +108,18 @@ def add(pipe, building: str, text: str, maxlen: int | None = MAXLEN) -> None:
     pipe.xadd(keys.input_stream(building), {"data": text}, maxlen=maxlen, approximate=True)
 
 
-class StreamSource:
-    """Read the input stream in bounded batches, resuming from the position in the control block (see above)."""
+class StreamCursor:
+    """One building's place in its input stream: its warm restart, its history, its position (see above)."""
 
-    name = "stream"
-    disconnected = None  # a cut loses nothing here: the next read goes on from the position
-
-    def __init__(self, cfg: Config, ctl, ring):
-        from nilmd import redisconn  # redis-py only where Redis is used
-
+    def __init__(self, cfg: Config, ctl, ring, client, throttle, quiet: bool = False):
         self.cfg = cfg
-        self.ctl = ctl
+        self.ctl = ctl  # the building's block: its position and history
         self.ring = ring  # read only, to place history_end
         self.key = keys.input_stream(cfg.building_id)
         self.position_key = keys.position_key(cfg.building_id)
-        self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
-        self._throttle = Throttle(log, period=60.0)
-        # A read waits 0.2 s at most, so a reply slower than a few seconds means Redis is gone:
-        # say so (status, backoff) instead of sitting in a socket read without heartbeats.
-        self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)
+        self._throttle = throttle
+        self._client = client
+        self._log = log.debug if quiet else log.info  # many buildings: one summary line instead
         self.subscribed = False
         self._position: tuple[int, int] | None = None  # newest entry whose sample is in the ring
         self._history: tuple[int, int] | None = None  # entries up to here were processed by an earlier run
@@ -141,7 +134,6 @@ class StreamSource:
 
     def connect(self) -> None:
         self.subscribed = False
-        self._client.ping()
         if self._position is None:
             ms, seq = int(self.ctl["input_pos_ms"]), int(self.ctl["input_pos_seq"])
             self._position = (ms, seq) if ms or seq else None  # 0-0 is never a valid entry id
@@ -156,7 +148,7 @@ class StreamSource:
                         "reading the stream from its start", newest[0][0].decode(), self.position)
             self._position = (0, 0)
         self.subscribed = True
-        log.info("reading stream %s after entry %s", self.key, self.position or "(none yet)")
+        self._log("reading stream %s after entry %s", self.key, self.position or "(none yet)")
 
     def _resume(self) -> None:
         """First reader of this daemon's life: where the earlier run stopped, and its history."""
@@ -174,7 +166,7 @@ class StreamSource:
                 self._history = parse_id(entries[0][0])  # the newest entry the earlier run processed
             elif not entries:
                 self._position = persisted or (0, 0)
-            log.info("warm start from the stream: %d entries %s", len(entries),
+            self._log("warm start from the stream: %d entries %s", len(entries),
                      f"up to {end}, the last one processed before the restart" if persisted
                      else "(its newest: no earlier run recorded a position)")
         elif persisted and persisted > self._position:
@@ -196,34 +188,38 @@ class StreamSource:
         return [(flat[i], Unread(flat[i + 1]) if isinstance(flat[i + 1], int) else flat[i + 1])
                 for i in range(0, len(flat), 2)]
 
-    def read(self, timeout: float, limit: int = BATCH) -> list:
-        """Raw messages of the next entries, waiting at most `timeout` for the first one."""
+    @property
+    def caught_up(self) -> bool:
+        """Past the warm-up and the history: the next entries are simply the ones after the position."""
+        return not self._backfill and self._history is None
+
+    def low(self) -> str:
+        """The range bound just after the position (stream range syntax)."""
+        return "(" + format_id(*self._position) if self._position else "-"
+
+    def read_own(self, limit: int = BATCH) -> list:
+        """The warm-up's next batch (backfill, then history), read for this building alone."""
         if self._backfill:
             entries, self._backfill = self._backfill, []
-        elif self._history is not None:
+        else:
             # Only up to the old position: a batch must not mix history with new entries, or the
             # new ones would count as already predicted.
-            low = "(" + format_id(*self._position) if self._position else "-"
-            entries = self._entries(low, format_id(*self._history), limit)
+            entries = self._entries(self.low(), format_id(*self._history), limit)
             if not entries:  # the rest of the history was trimmed away: it is over
                 self._history_done()
                 return []
-        else:
-            # No XREAD BLOCK: it would hand over whole entries. A caught-up reader polls instead
-            # (POLL_S: at most that much latency, a few cheap calls a second).
-            low = "(" + format_id(*self._position) if self._position else "-"
-            deadline = time.monotonic() + timeout
-            entries = self._entries(low, "+", limit)
-            while not entries and time.monotonic() + POLL_S < deadline:
-                time.sleep(POLL_S)
-                entries = self._entries(low, "+", limit)
+        return self.took(entries)
+
+    def took(self, entries: list) -> list:
+        """[(id, data)] read for this building -> their data; the newest id is committed later."""
         if not entries:
             return []
         self._pending = parse_id(entries[-1][0])
         return [data for _, data in entries]
 
-    def commit(self) -> None:
-        """The batch just read is in the ring: record the position (ring first, then this)."""
+    def commit(self, pipe) -> None:
+        """The batch just read is in the ring: record the position (ring first, then this), the
+        Redis half queued on `pipe`."""
         if self._pending is None:
             return
         self._position, self._pending = self._pending, None
@@ -232,14 +228,7 @@ class StreamSource:
             if self._position >= self._history:
                 self._history_done()
             return  # Redis already holds a position at least this far
-        try:
-            self._client.set(self.position_key, self.position)
-        except self.errors as e:
-            # Redis went away or refuses the write (OOM, NOPERM): the control block has the
-            # position, and the next commit writes it.
-            self.ctl.add("redis_errors")
-            kind, line = redis_error(e)
-            self._throttle.log(f"position {kind}", logging.WARNING, f"could not record the stream position: {line}")
+        pipe.set(self.position_key, self.position)
 
     def _history_done(self) -> None:
         self._mark_predicted(fallback=self.ring.counters()[0])
@@ -259,6 +248,129 @@ class StreamSource:
             del window
         if end is not None:
             self.ctl["history_end"] = end
+
+
+# KEYS: the caught-up buildings' streams; ARGV: the size limit, the most entries in all, then each
+# stream's low bound. The same walk as _READ_SCRIPT, over many streams in one round trip; returns
+# one flat list per stream. The budget is shared, so the caller starts at a rotating stream.
+_READ_MANY_SCRIPT = """
+local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for k = 1, #KEYS do
+  local got, cursor = {}, ARGV[2 + k]
+  while budget > 0 do
+    local entry = redis.call('XRANGE', KEYS[k], cursor, '+', 'COUNT', 1)[1]
+    if entry == nil then break end
+    local data, fields = '', entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'data' then data = fields[i + 1]; break end
+    end
+    got[#got + 1] = entry[1]
+    if #data > limit then got[#got + 1] = #data else got[#got + 1] = data end
+    cursor = '(' .. entry[1]
+    budget = budget - 1
+  end
+  out[k] = got
+end
+return out
+"""
+
+
+class StreamSource:
+    """Every building's input stream through one connection: the caught-up ones in one script call
+    per poll, a building still warming up on its own (see above)."""
+
+    name = "stream"
+    disconnected = None  # a cut loses nothing here: the next read goes on from the position
+
+    def __init__(self, cfg: Config, feeds: dict, counters):
+        from nilmd import redisconn  # redis-py only where Redis is used
+
+        self.cfg, self.counters = cfg, counters  # counters: the daemon block (the reader's redis_errors)
+        self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
+        self._throttle = Throttle(log, period=60.0)
+        # A read waits 0.2 s at most, so a reply slower than a few seconds means Redis is gone:
+        # say so (status, backoff) instead of sitting in a socket read without heartbeats.
+        self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)
+        self._quiet = len(feeds) > 1 or bool(cfg.building_ids)
+        self.cursors: dict[str, StreamCursor] = {}
+        for feed in feeds.values():
+            self.add(feed)
+        self.subscribed = False
+        self._turn = 0  # which stream the shared budget starts at
+
+    def add(self, feed) -> None:
+        cursor = StreamCursor(feed.cfg, feed.ctl, feed.ring, self._client, self._throttle, self._quiet)
+        self.cursors[feed.building] = cursor  # connected by the next read
+
+    def remove(self, building: str) -> None:
+        self.cursors.pop(building, None)
+
+    def connect(self) -> None:
+        self.subscribed = False
+        self._client.ping()
+        for cursor in self.cursors.values():
+            cursor.connect()
+        self.subscribed = True
+        if self._quiet:
+            log.info("reading %d input streams", len(self.cursors))
+
+    def read(self, timeout: float, limit: int = BATCH) -> list:
+        """Raw messages of the next entries (a Batch), waiting at most `timeout` for the first one."""
+        from nilmd.daemon.sources import Batch
+
+        out = Batch()
+        for b, cursor in self.cursors.items():
+            if not cursor.subscribed:  # added by a reload
+                cursor.connect()
+            if not cursor.caught_up:
+                out.extend_for(b, cursor.read_own(limit))
+                if len(out) >= limit:
+                    return out
+        if out:
+            return out
+        # No XREAD BLOCK: it would hand over whole entries. A caught-up reader polls instead
+        # (POLL_S: at most that much latency, a few cheap calls a second).
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read_many(out, limit)
+            if out or time.monotonic() + POLL_S >= deadline:
+                return out
+            time.sleep(POLL_S)
+
+    def _read_many(self, out, limit: int) -> None:
+        from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
+
+        ready = [(b, c) for b, c in self.cursors.items() if c.caught_up]
+        if not ready:
+            return
+        self._turn = (self._turn + 1) % len(ready)
+        ready = ready[self._turn:] + ready[:self._turn]
+        replies = self._client.eval(_READ_MANY_SCRIPT, len(ready), *(c.key for _, c in ready), MAX_MESSAGE_BYTES,
+                                    limit, *(c.low() for _, c in ready))
+        for (b, cursor), flat in zip(ready, replies):
+            entries = [(flat[i], Unread(flat[i + 1]) if isinstance(flat[i + 1], int) else flat[i + 1])
+                       for i in range(0, len(flat), 2)]
+            out.extend_for(b, cursor.took(entries))
+
+    def commit(self) -> None:
+        """The batch just read is in the ring: record every building's position, in one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        for cursor in self.cursors.values():
+            cursor.commit(pipe)
+        if not len(pipe):
+            return
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except self.errors as e:
+            replies = [e]
+        failed = [r for r in replies if isinstance(r, Exception)]
+        if failed:
+            # Redis went away or refuses the write (OOM, NOPERM): the control blocks have the
+            # positions, and the next commit writes them.
+            self.counters.add("redis_errors")
+            kind, line = redis_error(failed[0])
+            self._throttle.log(f"position {kind}", logging.WARNING, f"could not record the stream position: {line}")
 
     def close(self) -> None:
         self.subscribed = False

@@ -15,25 +15,41 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import resource
 import select
 import signal
 import time
 from collections import deque
 
+from nilmd import config, keys
 from nilmd.daemon import control as ctlmod
-from nilmd.daemon import health, inference, mqtt, reader, snapshot, status
+from nilmd.daemon import inference, mqtt, reader, roster, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
                           NilmdError, redis_error)
-from nilmd.features import N_FEATURES
 from nilmd.log import Throttle
 from nilmd.daemon.notify import Notifier
 from nilmd.backoff import Backoff
 from nilmd.daemon.instance import InstanceLock
-from nilmd.daemon.ringbuffer import RingBuffer
 
 FRESH_S = 5.0  # a heartbeat older than this stops WATCHDOG=1 pings (children beat every <= 0.5 s)
+
+
+def raise_open_files(buildings: int, log) -> None:
+    """Each building keeps open files in every process (its ring's fd, for the flock, and its block;
+    the supervisor its lock too): with many, the soft RLIMIT_NOFILE (often 1024) goes up to the hard
+    one, which the children inherit. Too low a hard limit is said at once (systemd: LimitNOFILE=)."""
+    need = 3 * buildings + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    top = hard if hard != resource.RLIM_INFINITY else max(need, soft)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    log.info("open files limit raised from %d to %d for %d buildings", soft, top, buildings)
+    if top < need:
+        log.warning("%d buildings need about %d open files, and the hard limit is %d: raise it (systemd: "
+                    "LimitNOFILE=%d)", buildings, need, hard, need)
 
 
 class Child:
@@ -88,8 +104,9 @@ class Supervisor:
         self.log = logging.getLogger("nilmd.supervisor")
         self.throttle = Throttle(self.log, period=60.0)
         self.ctx = mp.get_context("spawn")
-        prefix = os.path.join(cfg.runtime_dir, f"nilmd-{cfg.building_id}")
-        self.paths = {"ring": prefix + ".ring", "ctl": prefix + ".ctl", "lock": prefix + ".lock"}
+        self.listed = bool(cfg.building_ids)  # a list of buildings (nilmd.daemon.roster), else the one
+        self.paths = roster.daemon_paths(cfg.runtime_dir, config.buildings(cfg), self.listed)
+        self.served: dict[str, roster.Served] = {}  # by building id, in the list's order
         self.children = {"reader": Child("reader", reader.main), "inference": Child("inference", inference.main)}
         if cfg.mqtt_url:  # Home Assistant: a child of its own (nilmd.daemon.mqtt says why)
             self.children["mqtt"] = Child("mqtt", mqtt.main)
@@ -102,10 +119,9 @@ class Supervisor:
         self.reloading = False
         self.stopping = False
         self.state = "starting"
-        self.health = health.Health(cfg)
         self.problems: list[str] = []  # why the state is degraded (nilmd.daemon.health)
-        self.ring = self.ctl = None
-        self.lock = InstanceLock(self.paths["lock"])
+        self.ctl = None  # the daemon block (with one building, that building's block)
+        self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
         self._wake_r = self._wake_w = -1
         self._last_status = 0.0
         self._last_ping = 0.0
@@ -124,18 +140,27 @@ class Supervisor:
 
     # -- shared memory and the instance lock ------------------------------------------------------
     def acquire(self) -> None:
-        """Own this building's shared memory: refuse if a live nilmd has it, reclaim a dead one's."""
+        """Own every building's shared memory: refuse if a live nilmd has one, reclaim a dead one's."""
         os.makedirs(self.cfg.runtime_dir, exist_ok=True)
-        self.lock.acquire(self.cfg.building_id, self._where())
-        stale = [p for key, p in self.paths.items() if key != "lock" and os.path.exists(p)]
-        if stale:
-            self.log.warning("removed stale shared memory left by an earlier run: %s", ", ".join(stale))
-            for p in stale:
-                os.unlink(p)
-        self.ring = RingBuffer.create(self.paths["ring"], self.cfg.ring_capacity, N_FEATURES)
-        self.ctl = ControlBlock.create(self.paths["ctl"])
-        if self.cfg.mode != "test":  # warm restart: before any child touches the ring
-            snapshot.restore_at_start(self.cfg, self.ring, self.ctl, self.log)
+        ids = self.paths.get("buildings") or [self.cfg.building_id]
+        raise_open_files(len(ids), self.log)
+        if self.listed:
+            self.lock.acquire(f"list of {len(ids)} ({ids[0]}, ...)", self._where())
+            for p in (self.paths["ctl"], self.paths["roster"]):
+                if os.path.exists(p):
+                    os.unlink(p)
+            self.ctl = ControlBlock.create(self.paths["ctl"])
+            roster.write(self.paths["roster"], ids)
+        for b in ids:
+            self.open_building(b)
+        if not self.listed:
+            self.ctl = self.served[self.cfg.building_id].ctl
+
+    def open_building(self, b: str) -> None:
+        cfg = self.cfg.replace(building_id=b) if self.listed else self.cfg
+        served = roster.Served(cfg, roster.building_paths(self.cfg.runtime_dir, b))
+        served.open(self._where(), self.log)
+        self.served[b] = served
 
     def _where(self) -> str:
         """What this daemon serves, for the lock file and so for a second daemon's error line."""
@@ -146,11 +171,48 @@ class Supervisor:
         return f"Redis {redisconn.describe(self.cfg)}"
 
     def release(self) -> None:
-        for shared in (self.ring, self.ctl):
-            if shared is not None:
-                shared.unlink()
-                shared.close()
-        self.lock.release()
+        for served in self.served.values():
+            served.close()
+        self.served.clear()
+        if self.listed and self.ctl is not None:  # (None: another daemon's files, left alone)
+            self.ctl.unlink()
+            self.ctl.close()
+            try:
+                os.unlink(self.paths["roster"])
+            except FileNotFoundError:
+                pass
+        if self.listed:
+            self.lock.release()
+        self.ctl = None
+
+    def reload_list(self) -> None:
+        """SIGHUP with --building-ids @FILE: serve the file's list now. New buildings get their shared
+        memory (and snapshot), removed ones a last status and their files unlinked; the children
+        attach and detach when the daemon block says the list moved. The others are not touched."""
+        try:
+            new = config.buildings(self.cfg)
+        except NilmdError as e:
+            self.log.error("SIGHUP: the list of buildings is unchanged: %s", e)
+            return
+        added = [b for b in new if b not in self.served]
+        removed = [b for b in self.served if b not in set(new)]
+        for b in removed:
+            served = self.served.pop(b)
+            served.state = "stopped"
+            self._publish_buildings([served])
+            served.close()  # the children's mappings stay valid until they let go (the reader's last snapshot)
+        failed = []
+        for b in added:
+            try:
+                self.open_building(b)
+            except (NilmdError, OSError) as e:
+                failed.append(b)
+                self.log.error("SIGHUP: building %s is not served: %s", b, e)
+        self.paths["buildings"] = list(self.served)
+        roster.write(self.paths["roster"], self.paths["buildings"])
+        self.ctl.add("roster_version")
+        self.log.info("SIGHUP: buildings: %d added, %d removed, %d served (%s)", len(added) - len(failed),
+                      len(removed), len(self.served), self.cfg.building_ids[1:])
 
     # -- signals: handlers only enqueue ---------------------------------------------------------
     def install_signals(self) -> None:
@@ -192,6 +254,11 @@ class Supervisor:
         self.exit_code = EXIT_OK
 
     def handle_hup(self) -> None:
+        if self.listed and self.cfg.building_ids.startswith("@"):
+            self.reload_list()
+        elif self.listed:
+            self.log.info("SIGHUP: the buildings were given inline (--building-ids a,b,c): the list cannot change "
+                          "on reload (give it as @FILE for that)")
         child = self.children["inference"]
         if not child.alive:
             self.log.info("SIGHUP: the inference process is not running; it loads the current checkpoints when it starts")
@@ -214,7 +281,7 @@ class Supervisor:
     def spawn(self, child: Child) -> None:
         slot, starting = self.STARTING_STATE[child.role]
         self.ctl[slot] = starting
-        child.process = self.ctx.Process(target=child.target, args=(self.cfg, self.paths),
+        child.process = self.ctx.Process(target=child.target, args=(self.cfg, dict(self.paths)),
                                          name=f"nilmd-{child.role}", daemon=False)
         child.process.start()
         child.started_at = time.monotonic()
@@ -296,19 +363,32 @@ class Supervisor:
         snap = self.ctl.snapshot()
         reader_up = self.children["reader"].alive and snap["reader_state"] == ctlmod.READER_SUBSCRIBED
         models_up = self.children["inference"].alive and snap["inference_state"] != ctlmod.INFER_LOADING
-        run_length = self.ring.run_length()
         now = time.monotonic()
         if self.reloading and snap["reload_done"] >= snap["reload_requested"]:
             self.reloading = False
             self.log.info("reload finished (%d models serving)", snap["models_loaded"])
             self.notifier.ready()
         down = [r for r, c in self.children.items() if not c.alive]
-        self.problems = self.health.reasons(snap, run_length, down=down, input_ok=reader_up) if self.ready_sent else []
-        self.state = status.judge_state(
-            ready=self.ready_sent or (reader_up and models_up), reloading=self.reloading,
-            children_ok=not down, input_ok=reader_up, models_loaded=int(snap["models_loaded"]), run_length=run_length,
-            window=self.cfg.window_size, problems=self.problems)
-        line = status.summary_line(self.state, run_length, self.cfg.window_size, snap, self.problems)
+        ready = self.ready_sent or (reader_up and models_up)
+        for served in self.served.values():  # each building judged on its own data
+            bsnap = self.ctl.snapshot(served.ctl)
+            served.run_length = served.ring.run_length()
+            served.problems = served.health.reasons(bsnap, served.run_length, down=down, input_ok=reader_up) \
+                if self.ready_sent else []
+            served.state = status.judge_state(
+                ready=ready, reloading=self.reloading, children_ok=not down, input_ok=reader_up,
+                models_loaded=int(snap["models_loaded"]), run_length=served.run_length, window=self.cfg.window_size,
+                problems=served.problems)
+        if self.listed:
+            self.problems = [f"the {role} process is down" for role in down] + ([] if reader_up else
+                                                                               ["input not connected"])
+            self.state = status.judge_daemon(ready=ready, reloading=self.reloading, problems=self.problems,
+                                             states=[b.state for b in self.served.values()])
+            line = status.fleet_line(self.state, [b.state for b in self.served.values()], snap, self.problems)
+        else:
+            only = self.served[self.cfg.building_id]
+            self.state, self.problems = only.state, only.problems
+            line = status.summary_line(self.state, only.run_length, self.cfg.window_size, snap, self.problems)
         if not self.ready_sent and reader_up and models_up:
             self.ready_sent = True
             self.notifier.ready(line)
@@ -324,22 +404,42 @@ class Supervisor:
             self.notifier.watchdog()
             self._last_ping = now
         if now - self._last_status >= self.cfg.status_interval:
-            self.publish_status(snap, run_length)
+            self.publish_status()
             self._last_status = now
 
-    def publish_status(self, snap=None, run_length=None) -> None:
+    def _processes(self) -> dict:
+        pids = {"supervisor": os.getpid(), **{r: c.pid for r, c in self.children.items()}}
+        return dict(pids=pids, restarts={r: c.restarts for r, c in self.children.items()},
+                    rss={role: status.rss_mb(pid) for role, pid in pids.items()})
+
+    def publish_status(self) -> None:
+        """Every building's status hash (and with a list the daemon's own), in one round trip."""
+        self._publish_buildings(list(self.served.values()), daemon=self.listed)
+
+    def _publish_buildings(self, buildings: list, daemon: bool = False) -> None:
         if self.redis is None:
             return
-        snap = self.ctl.snapshot() if snap is None else snap
-        fields = status.fields(self.cfg, self.state, snap, self.ring.run_length() if run_length is None else run_length,
-                               started=self.started,
-                               pids={"supervisor": os.getpid(), **{r: c.pid for r, c in self.children.items()}},
-                               restarts={r: c.restarts for r, c in self.children.items()}, problems=self.problems)
+        snap, procs = self.ctl.snapshot(), self._processes()
+        if self.stopping:
+            for served in buildings:
+                served.state = self.state
         try:
-            self.redis.hset(status.key(self.cfg), mapping=fields)
+            pipe = self.redis.pipeline(transaction=False)
+            for served in buildings:
+                fields = status.fields(served.cfg, served.state, self.ctl.snapshot(served.ctl), served.ring.run_length(),
+                                       started=self.started, problems=served.problems, **procs)
+                pipe.hset(status.key(served.cfg), mapping=fields)
+            if daemon:
+                pipe.hset(keys.daemon_status_key(os.uname().nodename), mapping=status.daemon_fields(
+                    self.cfg, self.state, self._status_line, [b.state for b in self.served.values()], snap,
+                    started=self.started, problems=self.problems, **procs))
+            replies = pipe.execute(raise_on_error=False)
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
         except self.redis_errors as e:
+            failed = e
+        if failed is not None:
             self.ctl.add("supervisor_redis_errors")
-            kind, line = redis_error(e)
+            kind, line = redis_error(failed)
             self.throttle.log(f"status {kind}", logging.WARNING, f"could not write the status hash: {line}")
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -347,9 +447,11 @@ class Supervisor:
         try:
             self.acquire()
         except NilmdError as e:
+            self.release()  # what a list opened before the building another daemon serves
             self.log.critical("%s", e)
             return EXIT_ALREADY_RUNNING
         except OSError as e:  # e.g. --runtime-dir /proc/nilmd: a configuration error, not a crash
+            self.release()
             self.log.critical("cannot create the shared memory in %s (--runtime-dir, $NILMD_RUNTIME_DIR): %s",
                               self.cfg.runtime_dir, e.strerror or e)
             return EXIT_USAGE
@@ -359,8 +461,10 @@ class Supervisor:
 
                 self.metrics = metrics.serve(self)
             self.install_signals()
-            self.log.info("nilmd starting: building %s, window %d s, a prediction every %d s, models from %s",
-                          self.cfg.building_id, self.cfg.window_size, self.cfg.inference_interval, self.cfg.model_dir)
+            served = f"{len(self.served)} buildings ({self.cfg.building_ids})" if self.listed \
+                else f"building {self.cfg.building_id}"
+            self.log.info("nilmd starting: %s, window %d s, a prediction every %d s, models from %s", served,
+                          self.cfg.window_size, self.cfg.inference_interval, self.cfg.model_dir)
             self.notifier.status("starting: loading models")
             for child in self.children.values():
                 self.spawn(child)

@@ -25,6 +25,7 @@ import time
 
 from nilmd import log as logmod
 from nilmd.config import Config
+from nilmd.daemon import roster
 from nilmd.daemon.control import ControlBlock
 from nilmd.daemon.ringbuffer import RingBuffer
 
@@ -36,8 +37,11 @@ class Worker:
         self.cfg = cfg
         self.log = logging.getLogger(f"nilmd.{self.role}")
         self.throttle = logmod.Throttle(self.log, period=60.0)
-        self.ring = RingBuffer.attach(paths["ring"])
-        self.ctl = ControlBlock.attach(paths["ctl"])
+        self.paths = paths
+        self.listed = "roster" in paths  # a list of buildings (nilmd.daemon.roster), else the one --building-id
+        self.ctl = ControlBlock.attach(paths["ctl"])  # the daemon block: this process's slots
+        self.ring = None if self.listed else RingBuffer.attach(paths["ring"])
+        self.roster = roster.Follower(paths, self.ctl, cfg.building_id)
         self.alive = True
         self.parent = os.getppid()
         self._heartbeat_slot = f"{self.role}_heartbeat"  # formatted once: the inference beats every 10 ms
@@ -88,3 +92,33 @@ class Worker:
 
     def run(self) -> int:
         raise NotImplementedError
+
+    # -- the buildings ------------------------------------------------------------------------------
+    def attach(self, building: str):
+        """(ring, control block, Config) of one building: with one building, the daemon's own."""
+        if not self.listed:
+            return self.ring, self.ctl, self.cfg
+        p = roster.building_paths(self.paths["runtime_dir"], building)
+        return RingBuffer.attach(p["ring"]), ControlBlock.attach(p["ctl"]), self.cfg.replace(building_id=building)
+
+    def follow_roster(self) -> None:
+        """Attach the buildings the supervisor added, detach those it removed (a SIGHUP's new list)."""
+        change = self.roster.changed()
+        if change is None:
+            return
+        added, removed = change
+        for b in removed:
+            self.remove_building(b)
+        for b in added:
+            try:
+                self.add_building(b)
+            except (OSError, ValueError) as e:  # its files are gone again (a second reload): skip it
+                self.log.error("building %s: cannot attach its shared memory: %s", b, e)
+        self.log.info("buildings: %d added, %d removed, %d served", len(added), len(removed),
+                      len(self.roster.current))
+
+    def add_building(self, building: str) -> None:
+        """A subclass that serves buildings attaches one here."""
+
+    def remove_building(self, building: str) -> None:
+        """...and lets one go here."""

@@ -79,22 +79,63 @@ def _onnx(cfg) -> tuple[object, str, bool]:
 _torch_threads_set = False
 
 
-def load_torch(cfg) -> Loaded:
-    from nilmd.models import checkpoints
-    from nilmd.models.predictor import Predictor
-
+def load_torch_threads(cfg) -> None:
     global _torch_threads_set
     if not _torch_threads_set:  # once per process, before the first model runs
         import torch
 
         torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
         _torch_threads_set = True
+
+
+def load_torch(cfg) -> Loaded:
+    from nilmd.models import checkpoints
+    from nilmd.models.predictor import Predictor
+
+    load_torch_threads(cfg)
     loaded, errors = checkpoints.load_dir(cfg.model_dir)
     return Loaded(Predictor(loaded, cfg.device) if loaded else None, errors)
 
 
+class Solo:
+    """One building's predictor (torch or ONNX Runtime) behind the fleet's interface
+    (nilmd.models.fleet.FleetPredictor): the inference asks both the same way, a batch at a time."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    def __getattr__(self, name):  # appliances, probability_thresholds, device, backend, full_recomputes
+        return getattr(self.predictor, name)
+
+    def step(self, items):
+        return [self.predictor.step(window, new) for _, window, new in items]
+
+    def reset(self, building: str) -> None:
+        self.predictor.reset()
+
+    def forget(self, building: str) -> None:
+        self.predictor.reset()
+
+
+def load_fleet(cfg) -> Loaded:
+    """Many buildings (--building-ids): torch, batching buildings x appliances in one call."""
+    from nilmd.models import checkpoints
+    from nilmd.models.fleet import FleetPredictor
+
+    if not installed("torch"):
+        raise NilmdError("--building-ids serves the buildings with torch, which is not installed")
+    load_torch_threads(cfg)
+    choice = Choice(TORCH, "a list of buildings: batched with torch", fallback=(
+        "NILMD_BACKEND=onnxruntime serves one building at a time; with --building-ids the buildings are "
+        "batched with torch instead" if cfg.backend == ONNX else ""))
+    loaded, errors = checkpoints.load_dir(cfg.model_dir)
+    return Loaded(FleetPredictor(loaded, cfg.device) if loaded else None, errors, choice)
+
+
 def load(cfg) -> Loaded:
     """The whole set on the backend `cfg` asks for: Loaded.predictor is None if nothing loads."""
+    if cfg.building_ids:
+        return load_fleet(cfg)
     choice = choose(cfg)
     if choice.backend == ONNX:
         from nilmd.models.onnx_backend import not_served

@@ -1,0 +1,113 @@
+"""Which buildings a daemon serves, and where each one's shared memory lives.
+
+One building (--building-id): its files `nilmd-<id>.ring/.ctl/.lock` are the daemon's, and its
+control block is also the daemon block, where the processes keep their own slots (pids,
+heartbeats, states, reloads): the files of a single-building daemon are what they always were.
+A list (--building-ids): every building has those three files, and the daemon has a block and a
+lock of its own, `nilmd-daemon.ctl` and `nilmd-daemon.lock` (one list daemon per runtime dir).
+
+The list can change while the daemon runs (SIGHUP re-reads an @FILE): the supervisor writes the
+new one to `nilmd-daemon.roster` (atomically, one id a line) and then bumps `roster_version` in
+the daemon block; each child compares that slot on every turn of its loop (one float read) and
+re-reads the file only when it moved. A child starting later is handed the current list itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nilmd.daemon.snapshot import write_atomic
+
+DAEMON = "daemon"  # the name of the daemon's own files with a list ("daemon" is a valid building id...)
+SUFFIXES = ("ring", "ctl", "lock")
+
+
+def building_paths(runtime_dir: str, building: str) -> dict[str, str]:
+    prefix = os.path.join(runtime_dir, f"nilmd-{building}")
+    return {kind: f"{prefix}.{kind}" for kind in SUFFIXES}
+
+
+def daemon_paths(runtime_dir: str, buildings: list[str], listed: bool) -> dict:
+    """What the children are given. With one building its own paths, as before; with a list the
+    daemon block, the roster file and the list itself."""
+    if not listed:
+        return building_paths(runtime_dir, buildings[0])
+    prefix = os.path.join(runtime_dir, f"nilmd-{DAEMON}")
+    return {"ctl": prefix + ".ctl", "lock": prefix + ".lock", "roster": prefix + ".roster",
+            "runtime_dir": runtime_dir, "buildings": list(buildings)}
+
+
+def write(path: str, buildings: list[str]) -> None:
+    write_atomic(path, "".join(b + "\n" for b in buildings).encode())
+
+
+def read(path: str) -> list[str]:
+    with open(path) as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+class Follower:
+    """A child's view of the list: `changed()` says when the supervisor published a new one."""
+
+    def __init__(self, paths: dict, ctl, first: str):
+        self.paths, self.ctl = paths, ctl
+        self.path = paths.get("roster")
+        self.seen = ctl["roster_version"]
+        self.current = list(paths.get("buildings") or [first])
+
+    def changed(self) -> tuple[list[str], list[str]] | None:
+        """(added, removed) since the last call, or None (the usual case: one float compared)."""
+        if self.path is None or self.ctl["roster_version"] == self.seen:
+            return None
+        self.seen = self.ctl["roster_version"]
+        new = read(self.path)
+        old = set(self.current)
+        added, removed = [b for b in new if b not in old], [b for b in self.current if b not in set(new)]
+        self.current = new
+        return added, removed
+
+
+class Served:
+    """The supervisor's side of one building: its shared memory, its lock, its health and state.
+    With one building its control block is also the daemon block, and its lock the daemon's."""
+
+    def __init__(self, cfg, paths: dict[str, str]):
+        from nilmd.daemon.health import Health
+        from nilmd.daemon.instance import InstanceLock
+
+        self.building, self.cfg, self.paths = cfg.building_id, cfg, paths
+        self.lock = InstanceLock(paths["lock"])
+        self.ring = self.ctl = None
+        self.health = Health(cfg)
+        self.state = "starting"
+        self.problems: list[str] = []
+
+    def open(self, where: str, log) -> None:
+        """Lock (NilmdError: another daemon serves it), clear a dead run's files, create, restore."""
+        from nilmd.daemon import snapshot
+        from nilmd.daemon.control import ControlBlock
+        from nilmd.daemon.ringbuffer import RingBuffer
+        from nilmd.features import N_FEATURES
+
+        self.lock.acquire(self.building, where)
+        try:
+            stale = [p for key, p in self.paths.items() if key != "lock" and os.path.exists(p)]
+            if stale:
+                log.warning("removed stale shared memory left by an earlier run: %s", ", ".join(stale))
+                for p in stale:
+                    os.unlink(p)
+            self.ring = RingBuffer.create(self.paths["ring"], self.cfg.ring_capacity, N_FEATURES)
+            self.ctl = ControlBlock.create(self.paths["ctl"])
+            if self.cfg.mode != "test":  # warm restart: before any child touches the ring
+                snapshot.restore_at_start(self.cfg, self.ring, self.ctl, log)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for mapped in (self.ring, self.ctl):
+            if mapped is not None:
+                mapped.unlink()
+                mapped.close()
+        self.ring = self.ctl = None
+        self.lock.release()
