@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -101,6 +102,25 @@ def cmd_status(args) -> int:
 
     cfg = config.resolve(args, names=_names("common", "redis"))
     client, redisconn = _redis(cfg, "status")
+    one = args.building_id is not None or bool(os.environ.get("BUILDING_ID"))
+    if cfg.building_ids and not one:  # a list daemon: its summary and a line per building
+        try:
+            ids = config.buildings(cfg)
+            pipe = client.pipeline(transaction=False)
+            pipe.hgetall(keys.daemon_status_key(args.host or os.uname().nodename))
+            for b in ids:
+                pipe.hgetall(keys.status_key(b))
+            daemon, *each = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
+        except redisconn.ERRORS as e:
+            print(f"nilmd: UNKNOWN: cannot read the status from Redis at {redisconn.describe(cfg)}: "
+                  f"{redis_error(e)[1]}")
+            return status.UNKNOWN
+        code, text = status.render_list(daemon, dict(zip(ids, each)))
+        if args.json:
+            print(json.dumps({"daemon": daemon, "buildings": dict(zip(ids, each)), "exit_code": code}, indent=2))
+        else:
+            print(text)
+        return code
     try:
         raw = client.hgetall(keys.status_key(cfg.building_id))
     except redisconn.ERRORS as e:
@@ -250,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the daemon's status hash; exit 0 ok, 1 warning, 2 critical, 3 unknown")
     config.add_arguments(status, ("common", "redis"))
     status.add_argument("--json", action="store_true", help="print the hash as JSON")
+    status.add_argument("--host", default=None, help="with --building-ids: the host whose daemon hash to read "
+                        "(nilm:nilmd:HOST:status; default: this one)")
     status.set_defaults(func=cmd_status)
 
     watch = sub.add_parser("watch", help="print predictions as they arrive")

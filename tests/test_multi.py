@@ -193,6 +193,18 @@ def test_one_buildings_garbage_gap_and_clock_touch_no_other(redis_server, redis_
         assert preds.by_building.get(bad) == schedule(t0, t0 + 299) + schedule(t0 + 500, t0 + 649)
         assert d.proc.poll() is None
         assert "building " + bad + ": rejected a sample" in d.log()
+        # `nilmd status` for the list: the daemon's summary and a line per building; one with --building-id
+        env = {k: v for k, v in d.env.items() if k != "BUILDING_ID"}
+        shown = subprocess.run([sys.executable, "-m", "nilmd", "status"], env=env, cwd=ROOT, capture_output=True,
+                               text=True, timeout=60)
+        lines = shown.stdout.splitlines()
+        assert lines[0].endswith(": warming_up, 10 buildings: 9 running, 1 warming up, 0 degraded, 11/11 models"), \
+            shown.stdout  # the bad building's new run is shorter than a window
+        assert len(lines) == 2 + 10 and all(any(line.split()[0] == b for line in lines[2:]) for b in d.ids)
+        assert shown.returncode == 1  # the worst: warming up is a warning
+        one = subprocess.run([sys.executable, "-m", "nilmd", "status", "--building-id", good[0]], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert one.returncode == 0 and f"building {good[0]} on" in one.stdout, one.stdout
         assert d.stop() == 0
     finally:
         if d.proc.poll() is None:

@@ -229,3 +229,22 @@ def render(fields: dict, now: float | None = None) -> str:
         lines.append(f"  rejected     {', '.join(rejected)}")
     lines.append(f"  updated      {ago(g('updated_at'))}")
     return "\n".join(lines)
+
+
+def render_list(daemon: dict, buildings: dict[str, dict], now: float | None = None) -> tuple[int, str]:
+    """`nilmd status` for a list daemon: (the worst verdict's exit code, its summary and one line
+    per building)."""
+    now = time.time() if now is None else now
+    code, verdict = judge(daemon, now)
+    alive = code in (OK, WARNING) and daemon.get("summary")
+    lines = [f"nilmd {daemon.get('version', '?')} on {daemon.get('host', '?')}: {daemon['summary'] if alive else verdict}"]
+    lines.append(f"  {'building':<24} {'verdict':<28} {'buffer':>11} {'received':>9} {'accepted':>9} "
+                 f"{'rejected':>8} {'predictions':>11}")
+    for b, fields in buildings.items():
+        c, v = judge(fields, now)
+        code = max(code, c)
+        g = fields.get
+        buffer = f"{g('buffer_fill', '-')}/{g('window_size', '-')}"
+        lines.append(f"  {b:<24} {v[:28]:<28} {buffer:>11} {g('samples_received', '-'):>9} "
+                     f"{g('samples_accepted', '-'):>9} {g('samples_rejected', '-'):>8} {g('inferences', '-'):>11}")
+    return code, "\n".join(lines)
