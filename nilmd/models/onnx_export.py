@@ -85,21 +85,23 @@ def build_group(net: FusedWaveNILM, name: str) -> onnx.ModelProto:
         full = g.op("Concat", [f"state_{i}", h], f"l{i}_full", axis=2)  # [1, A*C, d + n]
         g.op("Slice", [full, g.const(f"l{i}_neg_d", i64(-d)), big, two], f"state_out_{i}")
         taps = np.stack([w["w_prev"][i], w["w_cur"][i]])  # [2 taps: t-d, t; A, C, 2C]
-        f = g.op("Tanh", [conv(f"l{i}_f", full, taps[..., :C], w["b_conv"][i][..., :C], dilations=[d])], f"l{i}_tf")
-        # The fused net's gate rows and res/skip weights are halved (sigmoid through tanh there);
-        # ONNX Runtime fuses a Sigmoid into the conv, so undo it (powers of two: exact).
-        gate = g.op("Sigmoid", [conv(f"l{i}_g", full, 2 * taps[..., C:], 2 * w["b_conv"][i][..., C:], dilations=[d])],
+        # The fused net's filter rows and res/skip weights are doubled (its tanh through a sigmoid,
+        # nilmd.models.fused.gate); ONNX Runtime fuses the activations into the convs, so undo it
+        # (powers of two: exact).
+        f = g.op("Tanh", [conv(f"l{i}_f", full, 0.5 * taps[..., :C], 0.5 * w["b_conv"][i][..., :C], dilations=[d])],
+                 f"l{i}_tf")
+        gate = g.op("Sigmoid", [conv(f"l{i}_g", full, taps[..., C:], w["b_conv"][i][..., C:], dilations=[d])],
                     f"l{i}_sg")
         z = g.op("Mul", [f, gate], f"l{i}_z")  # [1, A*C, n]
         wanted.append(g.op("Slice", [z, neg_m, big, two], f"l{i}_z_new"))
         if i + 1 < D:
-            h = g.op("Add", [conv(f"l{i}_res", z, 2 * w["w_res"][i], w["b_res"][i]), h], f"h{i + 1}")
+            h = g.op("Add", [conv(f"l{i}_res", z, 0.5 * w["w_res"][i], w["b_res"][i]), h], f"h{i + 1}")
     # The skip sum of all layers as one grouped conv over their stacked activations, model-major.
     zs = g.op("Concat", wanted, "z_layers", axis=0)  # [D, A*C, m]
     zs = g.op("Reshape", [zs, g.const("shape_dacm", i64(D, A, C, -1))], "z_dacm")
     zs = g.op("Transpose", [zs], "z_adcm", perm=[1, 0, 2, 3])
     zs = g.op("Reshape", [zs, g.const("shape_1km", i64(1, A * D * C, -1))], "z_all")
-    w_skip = 2 * np.concatenate(list(w["w_skip"]), axis=1)  # [A, D*C, C]: layer-major rows per model
+    w_skip = 0.5 * np.concatenate(list(w["w_skip"]), axis=1)  # [A, D*C, C]: layer-major rows per model
     s = g.op("Relu", [conv("skip", zs, w_skip, w["b_skip"])], "skip_relu")
     hid = g.op("Relu", [conv("head1", s, w["w_h1"], w["b_h1"])], "head1_relu")
     out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, m]: per model mask, on
