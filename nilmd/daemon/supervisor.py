@@ -227,8 +227,11 @@ class Supervisor:
     def sleep(self) -> None:
         if self.signals:
             return
+        # poll, not select: with many buildings open, the pipe's fd is past select's limit of 1024
+        waiter = select.poll()
+        waiter.register(self._wake_r, select.POLLIN)
         try:
-            ready, _, _ = select.select([self._wake_r], [], [], self.TICK)
+            ready = waiter.poll(self.TICK * 1000)
         except InterruptedError:
             return
         if ready:
