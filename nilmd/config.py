@@ -183,7 +183,8 @@ class Config:
     ring_capacity: int = setting(
         86400, "--ring-capacity", "NILMD_RING_CAPACITY", "samples kept in the shared-memory ring (at least 2x the "
         "window)", minimum=128, maximum=10_000_000, section="buffering", note="Samples kept in the shared-memory "
-        "ring, at least twice WINDOW_SIZE (86400 = one day, ~2.5 MB).")
+        "ring, at least twice WINDOW_SIZE (86400 = one day, 4.8 MB: each sample is kept twice). With "
+        "BUILDING_IDS each building has a ring: 2 x WINDOW_SIZE (3072, 174 kB) is what the inference needs.")
     runtime_dir: str = setting(
         "/dev/shm", "--runtime-dir", "NILMD_RUNTIME_DIR", "where the shared memory files live (tmpfs)",
         type="path", dynamic=_default_runtime_dir, default_doc="`$RUNTIME_DIRECTORY`, else `/dev/shm`",

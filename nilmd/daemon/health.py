@@ -16,7 +16,8 @@ goes away by itself when its cause does:
 from __future__ import annotations
 
 import time
-from collections import deque
+
+import numpy as np
 
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
@@ -24,6 +25,7 @@ from nilmd.daemon.ingest import REJECT_REASONS
 
 REJECT_WINDOW_S = 300.0  # "the last minutes" of the rejection rule
 MIN_SAMPLES = 10  # fewer received than this in the window: too few to call "most"
+POINT_S = 10.0  # how far apart the points of that window are
 
 
 def input_timeout(cfg: Config) -> float:
@@ -38,7 +40,10 @@ class Health:
         self.clock, self.monotonic = clock, monotonic
         self._since = None  # when the first check ran (the daemon was ready): silence counts from there
         self._full_since = None  # when the window became full, in this unbroken run
-        self._history: deque = deque()  # (monotonic, received, rejected per reason), oldest first
+        # (monotonic, received, rejected per reason) every POINT_S, a small ring: a daemon of many
+        # buildings keeps one Health per building, so this is most of a building's few kB
+        self._points = np.zeros((int(REJECT_WINDOW_S // POINT_S) + 2, 2 + len(REJECT_REASONS)))
+        self._written = 0
 
     def reasons(self, snap: dict, run_length: int, *, down: list[str], input_ok: bool) -> list[str]:
         """Every reason to be degraded now; empty when healthy. `down`: roles of dead children."""
@@ -67,16 +72,17 @@ class Health:
 
     def _rejected(self, snap: dict) -> str:
         now = self.monotonic()
-        by_reason = {r: snap[f"rejected_{r}"] for r in REJECT_REASONS}
-        if not self._history or now - self._history[-1][0] >= 1.0:  # one point a second is plenty
-            self._history.append((now, snap["samples_received"], by_reason))
-        while now - self._history[0][0] > REJECT_WINDOW_S:
-            self._history.popleft()
-        _, received0, by_reason0 = self._history[0]
-        received = snap["samples_received"] - received0
-        delta = {r: by_reason[r] - by_reason0[r] for r in REJECT_REASONS}
-        total = sum(delta.values())
+        points, n = self._points, len(self._points)
+        current = np.array([now, snap["samples_received"], *(snap[f"rejected_{r}"] for r in REJECT_REASONS)])
+        if not self._written or now - points[(self._written - 1) % n, 0] >= POINT_S:
+            points[self._written % n] = current
+            self._written += 1
+        oldest = next(points[k % n] for k in range(max(0, self._written - n), self._written)
+                      if now - points[k % n, 0] <= REJECT_WINDOW_S or k == self._written - 1)
+        received = current[1] - oldest[1]
+        delta = current[2:] - oldest[2:]
+        total = delta.sum()
         if received < MIN_SAMPLES or 2 * total <= received:
             return ""
-        worst = max(delta, key=delta.get)
+        worst = REJECT_REASONS[int(np.argmax(delta))]
         return f"most samples of the last {REJECT_WINDOW_S:.0f} s rejected (mostly {worst})"

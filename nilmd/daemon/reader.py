@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class Feed:
         # Test mode replays simulated time from its start on every run: nothing worth keeping.
         # With many buildings their snapshots are spread over the interval, not all in one turn.
         self.snapshots = None if cfg.mode == "test" else snapshot.Writer(
-            cfg, ring, ctl, reader.log, phase=random.random() if reader.listed else 1.0)
+            cfg, ring, ctl, reader.log, phase=random.random() if reader.listed else 1.0, files=reader.files)
         self._prev = last[1] if last else None  # features of the newest sample, for gap filling
         # A restored snapshot and no new sample yet: the first one decides whether it is continued.
         restored = int(ctl["restored_samples"])
@@ -131,8 +132,13 @@ class Feed:
 class Reader(Worker):
     role = "reader"
 
+    SNAPSHOT_CHECK_S = 1.0  # how often the loop asks every building whether its snapshot is due
+
     def __init__(self, cfg: Config, paths: dict, source=None):
         super().__init__(cfg, paths)
+        # The snapshot files are written by one thread of their own: an fsync never holds up the input.
+        self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshots")
+        self._snapshot_check = 0.0
         self.feeds: dict[str, Feed] = {}
         for b in self.roster.current:
             self.add_building(b)
@@ -151,7 +157,7 @@ class Reader(Worker):
             return
         self.source.remove(building)
         if feed.snapshots is not None:
-            feed.snapshots.write()
+            feed.snapshots.final()
         feed.ring.close()
         feed.ctl.close()
 
@@ -210,15 +216,18 @@ class Reader(Worker):
             if getattr(self.source, "disconnected", None):
                 self._cut(self.source.disconnected)
                 self.source.disconnected = None
-            for feed in self.feeds.values():
-                if feed.snapshots is not None:
-                    feed.snapshots.maybe()
+            if time.monotonic() >= self._snapshot_check:
+                self._snapshot_check = time.monotonic() + self.SNAPSHOT_CHECK_S
+                for feed in self.feeds.values():
+                    if feed.snapshots is not None:
+                        feed.snapshots.maybe()
             self.follow_roster()
             self.throttle.flush()
         self.source.close()
         for feed in self.feeds.values():  # stopping (SIGTERM, or the supervisor is gone): the newest state
             if feed.snapshots is not None:
-                feed.snapshots.write()
+                feed.snapshots.final()
+        self.files.shutdown(wait=True)
         return EXIT_OK
 
     def _cut(self, cause: str) -> None:

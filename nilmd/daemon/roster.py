@@ -81,6 +81,7 @@ class Served:
         self.health = Health(cfg)
         self.state = "starting"
         self.problems: list[str] = []
+        self.run_length = 0
 
     def open(self, where: str, log) -> None:
         """Lock (NilmdError: another daemon serves it), clear a dead run's files, create, restore."""

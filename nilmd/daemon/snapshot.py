@@ -269,26 +269,45 @@ class Writer:
     failing cause lives in the control block, so a restarted reader does not repeat the line."""
 
     def __init__(self, cfg: Config, ring, ctl, log: logging.Logger, interval: float = INTERVAL_S,
-                 clock=time.monotonic, phase: float = 1.0):
-        """`phase`: the first snapshot after that fraction of the interval."""
+                 clock=time.monotonic, phase: float = 1.0, files=None):
+        """`phase`: the first snapshot after that fraction of the interval. `files`: an executor
+        (one thread) that writes the files, so that the caller's loop never waits on an fsync
+        (a reader of many buildings writes a snapshot or more a second); None: write here."""
         self.cfg, self.ring, self.ctl, self.log = cfg, ring, ctl, log
         self.path = path_for(cfg)
         self.interval, self.clock = interval, clock
+        self.files = files
         self._next = clock() + interval * phase
         self._saved_head = 0  # ring head at the last snapshot written
+        self._pending = None  # the file being written by `files`
 
     def maybe(self) -> None:
         if self.clock() >= self._next:
             self.write()
 
     def write(self) -> bool:
+        """Take a snapshot now (the copy, here: the caller is the ring's writer) and write it: here,
+        or queued (True then means queued; one at a time, a slow disk skips an interval)."""
         self._next = self.clock() + self.interval
         head, _ = self.ring.counters()
-        if head == self._saved_head:
-            return True  # nothing new since the last one: spare the SD card
+        if head == self._saved_head or (self._pending is not None and not self._pending.done()):
+            return True  # nothing new since the last one (spare the SD card), or the last is still being written
         snap = take(self.ring, self.ctl, keep_for(self.cfg))
         if snap is None:
             return True
+        if self.files is not None:
+            self._pending = self.files.submit(self._save, snap, head)
+            return True
+        return self._save(snap, head)
+
+    def final(self) -> bool:
+        """The last snapshot (stopping, or the building removed): after any queued one, written here."""
+        if self._pending is not None:
+            self._pending.result()
+        self.files = None
+        return self.write()
+
+    def _save(self, snap: Snapshot, head: int) -> bool:
         try:
             write_atomic(self.path, encode(snap))
         except OSError as e:
