@@ -18,12 +18,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, Daemon, aligned_start, publish_samples, wait_for
+from conftest import ROOT, Daemon, aligned_start, free_port, publish_samples, wait_for
 from nilmd import config, keys
 from nilmd.config import Config
 from nilmd.daemon.ingest import REJECT_REASONS
 from nilmd.errors import EXIT_USAGE, ConfigError
 from test_faults import schedule
+from test_metrics import scrape, value
 
 WINDOW, STEP = 256, 16
 
@@ -160,7 +161,8 @@ def test_one_buildings_garbage_gap_and_clock_touch_no_other(redis_server, redis_
     """Lost: only the bad building's own. It gets garbage of every kind, a gap longer than
     --max-gap-fill, a jump of its clock into the future and its samples again (out of order);
     the other nine get clean bursts and stay exact."""
-    d = list_daemon(redis_server, model_dir, tmp_path, 10).start()
+    port = free_port()
+    d = list_daemon(redis_server, model_dir, tmp_path, 10, extra_env={"NILMD_METRICS_PORT": str(port)}).start()
     try:
         preds = Predictions(redis_client)
         wait_ready(d, redis_client)
@@ -193,6 +195,16 @@ def test_one_buildings_garbage_gap_and_clock_touch_no_other(redis_server, redis_
         assert preds.by_building.get(bad) == schedule(t0, t0 + 299) + schedule(t0 + 500, t0 + 649)
         assert d.proc.poll() is None
         assert "building " + bad + ": rejected a sample" in d.log()
+        # /metrics: the daemon's series once (building=""), every building's with its id
+        m = scrape(port)
+        assert value(m, "nilmd_models_loaded", building="") == 11
+        for b in d.ids:
+            assert value(m, "nilmd_samples_received_total", building=b) == int(statuses(redis_client, [b])[b][
+                "samples_received"]), b
+        assert value(m, "nilmd_samples_rejected_total", building=bad, reason="not_json") == 6
+        assert value(m, "nilmd_samples_rejected_total", building=good[0], reason="not_json") == 0
+        per_building = {k for f in m.values() for k in f if ("building", good[0]) in k[1]}
+        print(f"metrics: {len(per_building)} series per building, {sum(len(f) for f in m.values())} in all")
         # `nilmd status` for the list: the daemon's summary and a line per building; one with --building-id
         env = {k: v for k, v in d.env.items() if k != "BUILDING_ID"}
         shown = subprocess.run([sys.executable, "-m", "nilmd", "status"], env=env, cwd=ROOT, capture_output=True,

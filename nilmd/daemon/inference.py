@@ -32,6 +32,7 @@ from nilmd.daemon.worker import Worker
 
 POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
+GATHER_S = 0.25  # the longest a due window waits for others closing at the same time, to share one call
 
 
 class RedisPublisher:
@@ -225,6 +226,8 @@ class InferenceWorker(Worker):
         self.tracks: dict[str, Track] = {}
         self._heap: list = []  # (monotonic time to look at it, tie-breaker, Track): each track once
         self._pushed = itertools.count()
+        self._gathered: list = []  # [(track, end)] due, waiting (GATHER_S at most) for the rest of their batch
+        self._gathered_at = 0.0
         for b in self.roster.current:
             self.add_building(b)
 
@@ -400,10 +403,14 @@ class InferenceWorker(Worker):
             self.follow_roster()
             now = time.monotonic()
             fresh, retry = self.due(now)
-            if not fresh and not retry:
+            if fresh and not self._gathered:
+                self._gathered_at = now
+            self._gathered += fresh
+            if not retry and not self._batch_now(now):
                 time.sleep(POLL_S)
                 self.throttle.flush()
                 continue
+            fresh, self._gathered = [(t, end) for t, end in self._gathered if not t.gone], []
             for track, end, prediction in self.infer(fresh):
                 if prediction is None:  # overrun: skipped, nothing to publish
                     track.ctl["last_window_end"] = end
@@ -414,6 +421,17 @@ class InferenceWorker(Worker):
             self._publish(publisher, retry)
             self.throttle.flush()
         return EXIT_OK
+
+    def _batch_now(self, now: float) -> bool:
+        """Whether to run the gathered windows now. One call costs about as much for one building as
+        for ten (measured: 5 ms and 7 ms), and a full window for 1000 in one call 2 s where one
+        at a time took 18 s, so the buildings whose windows close together (a clock interval) go
+        together: after GATHER_S at most, or at once when no other building is due within it."""
+        if not self._gathered:
+            return False
+        if now - self._gathered_at >= GATHER_S or len(self._gathered) >= len(self.tracks):
+            return True
+        return not self._heap or self._heap[0][0] > self._gathered_at + GATHER_S
 
     def _publish(self, publisher, tracks: list[Track]) -> None:
         results = publisher.publish_many([(t.cfg, t.held[1]) for t in tracks]) if tracks else []

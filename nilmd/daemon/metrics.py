@@ -35,7 +35,7 @@ STATES = ("starting", "warming_up", "running", "degraded", "reloading", "stoppin
 class DaemonCollector:
     def __init__(self, supervisor):
         self.sup = supervisor
-        self.building = supervisor.cfg.building_id
+        self.building = supervisor.cfg.building_id  # with a list: "" for the daemon, each one's id for its series
         self.throttle = Throttle(logging.getLogger("nilmd.metrics"), period=60.0)  # this thread's own
 
     def _family(self, kind, name: str, doc: str, values, label: str | None = None):
@@ -47,27 +47,36 @@ class DaemonCollector:
         return family
 
     def collect(self):
-        """One building: its series, as always. A list: each building's series, one family each
-        (nilmd.daemon.metrics.merge), the daemon's own (processes, Redis errors) labelled
-        building="" once."""
-        served = list(self.sup.served.values())  # a copy: the loop may change the list meanwhile
-        if not self.sup.listed:
-            yield from self.collect_one(served[0] if served else None)
+        """One building: its series, as always. A list: the daemon's own series (its processes, its
+        input connection, the models) once, labelled building="", and each building's series
+        labelled with its id (merged into one family per name)."""
+        sup = self.sup
+        served = list(sup.served.values())  # a copy: the loop may change the list meanwhile
+        if not sup.listed:
+            one = served[0] if served else None
+            snap = sup.ctl.snapshot()
+            yield from self._process(snap)
+            yield from self._building(snap, one.ring if one else None, sup.state, sup.problems)
+            yield from self._appliances()
             return
         families: dict[str, object] = {}
+        daemon = DaemonCollector.labelled(sup, "")
+        merge(families, daemon._process(sup.ctl.snapshot()))
+        merge(families, daemon._states(sup.state, sup.problems))
         for one in served:
-            merge(families, DaemonCollector.for_building(self.sup, one).collect_one(one, appliances=False))
+            merge(families, DaemonCollector.labelled(sup, one.building)._building(
+                sup.ctl.snapshot(one.ctl), one.ring, one.state, one.problems))
         yield from families.values()
 
     @classmethod
-    def for_building(cls, sup, served):
+    def labelled(cls, sup, building: str) -> "DaemonCollector":
         one = cls.__new__(cls)
-        one.sup, one.building, one.throttle = sup, served.building, None
+        one.sup, one.building, one.throttle = sup, building, None
         return one
 
-    def collect_one(self, served, appliances: bool = True):
-        sup, now = self.sup, time.time()
-        snap = sup.ctl.snapshot(served.ctl if served is not None else None)
+    def _process(self, snap):
+        """The series of the processes and the input connection."""
+        sup = self.sup
         c, g = CounterMetricFamily, GaugeMetricFamily
         f = self._family
         info = GaugeMetricFamily("nilmd_info", "nilmd's version and set-up (always 1)",
@@ -75,6 +84,31 @@ class DaemonCollector:
         info.add_metric([self.building, __version__, "cuda" if snap["device_cuda"] else "cpu", sup.cfg.input_mode], 1)
         yield info
         yield f(g, "nilmd_start_time_seconds", "when the supervisor started (epoch s)", sup.started)
+        yield f(c, "nilmd_input_disconnects", "input subscriptions cut, by cause",
+                {k: snap[f"disconnects_{k}"] for k in DISCONNECT_CAUSES}, "cause")
+        yield f(g, "nilmd_input_connected", "1 while the reader is connected to its input", snap["redis_connected"])
+        yield f(c, "nilmd_redis_errors", "Redis commands that failed, by process",
+                {"reader": snap["redis_errors"], "inference": snap["inference_redis_errors"],
+                 "supervisor": snap["supervisor_redis_errors"]}, "process")
+        yield f(g, "nilmd_window_size_samples", "samples per model window", sup.cfg.window_size)
+        yield f(g, "nilmd_models_loaded", "appliance models serving", snap["models_loaded"])
+        yield f(c, "nilmd_reload_failures", "checkpoint reloads that failed", snap["reload_failed"])
+        yield self._latency(snap)
+        yield f(c, "nilmd_child_restarts", "restarts of each child process", {
+            r: ch.restarts for r, ch in sup.children.items()}, "role")
+        yield f(g, "nilmd_child_up", "1 while the child process runs (0 from its death to its restart)", {
+            r: _pid_of(ch)() != "none" for r, ch in sup.children.items()}, "role")
+        if "mqtt" in sup.children:
+            yield f(g, "nilmd_mqtt_connected", "1 while connected to the MQTT broker",
+                    snap["mqtt_state"] == ctlmod.MQTT_CONNECTED)
+            yield f(c, "nilmd_mqtt_messages", "MQTT messages published (discovery, states, availability)",
+                    snap["mqtt_published"])
+
+    def _building(self, snap, ring, state: str, problems):
+        """The series of one building's data (`snap`: its block over the daemon's)."""
+        sup, now = self.sup, time.time()
+        c, g = CounterMetricFamily, GaugeMetricFamily
+        f = self._family
         # samples: received = accepted + rejected (by the first reason that applies)
         yield f(c, "nilmd_samples_received", "meter messages received", snap["samples_received"])
         yield f(c, "nilmd_samples_accepted", "samples accepted into the ring", snap["samples_accepted"])
@@ -85,49 +119,30 @@ class DaemonCollector:
         yield f(c, "nilmd_samples_filled", "gap seconds filled by holding the last sample", snap["samples_filled"])
         yield f(c, "nilmd_gaps_broken", "gaps longer than --max-gap-fill, each starting a new window",
                 snap["gaps_broken"])
-        yield f(c, "nilmd_input_disconnects", "input subscriptions cut, by cause",
-                {k: snap[f"disconnects_{k}"] for k in DISCONNECT_CAUSES}, "cause")
         yield f(c, "nilmd_input_samples_lost", "samples estimated lost in input cuts", snap["samples_lost"])
-        yield f(g, "nilmd_input_connected", "1 while the reader is connected to its input", snap["redis_connected"])
-        yield f(c, "nilmd_redis_errors", "Redis commands that failed, by process",
-                {"reader": snap["redis_errors"], "inference": snap["inference_redis_errors"],
-                 "supervisor": snap["supervisor_redis_errors"]}, "process")
         age = now - max(snap["last_arrival"], sup.started)
         yield f(g, "nilmd_last_sample_age_seconds", "seconds since a sample was last accepted (by the box's "
                 "clock; since the start if none was)", max(age, 0.0))
         yield f(g, "nilmd_last_sample_timestamp_seconds", "the meter's timestamp of the newest accepted sample",
                 snap["last_sample_ts"])
         # the window and the predictions
-        run_length = served.ring.run_length() if served is not None and served.ring is not None else 0
+        run_length = ring.run_length() if ring is not None else 0
         yield f(g, "nilmd_buffer_fill_samples", "samples of the next window already in the ring",
                 min(run_length, sup.cfg.window_size))
-        yield f(g, "nilmd_window_size_samples", "samples per model window", sup.cfg.window_size)
-        yield f(g, "nilmd_models_loaded", "appliance models serving", snap["models_loaded"])
         yield f(c, "nilmd_predictions", "predictions published", snap["inferences"])
         yield f(g, "nilmd_predictions_pending", "1 while a prediction waits for Redis to take it",
                 snap["predictions_pending"])
         yield f(c, "nilmd_overruns", "windows overwritten while read (skipped)", snap["overruns"])
-        yield f(c, "nilmd_reload_failures", "checkpoint reloads that failed", snap["reload_failed"])
         yield f(g, "nilmd_last_prediction_timestamp_seconds", "when the last prediction was published (epoch s)",
                 snap["last_inference_ts"])
-        yield self._latency(snap)
-        # health and the processes
-        state, problems = (served.state, served.problems) if served is not None else (sup.state, sup.problems)
+        yield from self._states(state, problems)
+
+    def _states(self, state: str, problems):
+        f, g = self._family, GaugeMetricFamily
         yield f(g, "nilmd_state", "1 for the daemon's current state (README, \"Redis interface\")",
                 {s: s == state for s in STATES}, "state")
         yield f(g, "nilmd_degraded_reason", "1 for each reason the state is degraded", {
             r: 1 for r in (problems if state == "degraded" else [])}, "reason")
-        yield f(c, "nilmd_child_restarts", "restarts of each child process", {
-            r: ch.restarts for r, ch in sup.children.items()}, "role")
-        yield f(g, "nilmd_child_up", "1 while the child process runs (0 from its death to its restart)", {
-            r: _pid_of(ch)() != "none" for r, ch in sup.children.items()}, "role")
-        if "mqtt" in sup.children:
-            yield f(g, "nilmd_mqtt_connected", "1 while connected to the MQTT broker",
-                    snap["mqtt_state"] == ctlmod.MQTT_CONNECTED)
-            yield f(c, "nilmd_mqtt_messages", "MQTT messages published (discovery, states, availability)",
-                    snap["mqtt_published"])
-        if appliances:  # (a list: one Redis round trip per building per scrape is too many; not served)
-            yield from self._appliances()
 
     def _latency(self, snap):
         family = HistogramMetricFamily("nilmd_inference_latency_seconds", "time of one inference step (all "
