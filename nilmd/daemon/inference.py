@@ -32,6 +32,7 @@ from nilmd.daemon.worker import Worker
 
 POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
+BATCH_MAX = 256  # buildings per predictor call: big enough to batch, small enough to beat between calls
 GATHER_S = 0.25  # the longest a due window waits for others closing at the same time, to share one call
 
 
@@ -320,7 +321,11 @@ class InferenceWorker(Worker):
         taken = [(track, end, track.ring.window(size, end)) for track, end in due]
         items = [(track.building, window, n) for track, _, window in taken if window is not None]
         t0 = time.perf_counter()
-        outs = iter(self.predictor.step(items) if items else [])  # only the new samples when it can
+        outs = []  # only the new samples when it can; in parts, with a heartbeat after each (a thousand
+        for k in range(0, len(items), BATCH_MAX):  # full windows take 15 s on 2 cores: past the timeout)
+            outs += self.predictor.step(items[k:k + BATCH_MAX])
+            self.beat()
+        outs = iter(outs)
         ms = (time.perf_counter() - t0) * 1000.0
         out = []
         for track, end, window in taken:

@@ -17,7 +17,7 @@ restarted inference process goes on with an open run where its predecessor left 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 OFF, PENDING, ON = "off", "pending", "on"
 
@@ -40,7 +40,9 @@ class Run:
     tail_prob: float = 0.0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # vars(), not asdict(): the same fields in the same order (all plain numbers and a string),
+        # without asdict's deep copy, which was half of a 1000-building batch's publishing time
+        return json.dumps(vars(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text) -> "Run":
