@@ -86,7 +86,7 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
     mask = int(snap["models_mask"])
     missing = [a for i, a in enumerate(APPLIANCES) if not mask >> i & 1]
     rejected = {f"rejected_{r}": int(snap[f"rejected_{r}"]) for r in REJECT_REASONS}
-    rss = {f"memory_{role}_mb": rss[role] if rss else rss_mb(pid) for role, pid in pids.items()}
+    rss = {role: rss[role] if rss else rss_mb(pid) for role, pid in pids.items()}
     return {
         "state": state,
         "degraded_reason": "; ".join(problems) if state == "degraded" else "",
@@ -129,10 +129,17 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         "restored_samples": int(snap["restored_samples"]),  # from the ring snapshot at start (warm restart)
         "snapshot_ts": snap["snapshot_ts"],
         "snapshot_failures": int(snap["snapshot_failures"]),
+        **_processes(cfg, started, pids, restarts, rss),
+    }
+
+
+def _processes(cfg: Config, started: float, pids: dict, restarts: dict, rss: dict) -> dict:
+    """The processes' fields, the same in a building's hash and in a list daemon's."""
+    return {
         **{f"pid_{role}": pid for role, pid in pids.items()},
         "restarts": sum(restarts.values()),
         **{f"restarts_{role}": n for role, n in restarts.items()},
-        **rss,
+        **{f"memory_{role}_mb": mb for role, mb in rss.items()},
         "memory_total_mb": round(sum(rss.values()), 1),
         "uptime_s": round(time.time() - started, 1),
         "version": __version__,
@@ -160,16 +167,7 @@ def daemon_fields(cfg: Config, state: str, line: str, states: list[str], snap: d
         "redis_errors_supervisor": int(snap["supervisor_redis_errors"]),
         "redis_errors_inference": int(snap["inference_redis_errors"]),
         "reload_failures": int(snap["reload_failed"]),
-        **{f"pid_{role}": pid for role, pid in pids.items()},
-        "restarts": sum(restarts.values()),
-        **{f"restarts_{role}": n for role, n in restarts.items()},
-        **{f"memory_{role}_mb": mb for role, mb in rss.items()},
-        "memory_total_mb": round(sum(rss.values()), 1),
-        "uptime_s": round(time.time() - started, 1),
-        "version": __version__,
-        "updated_at": round(time.time(), 3),
-        "status_interval_s": cfg.status_interval,
-        "host": os.uname().nodename,
+        **_processes(cfg, started, pids, restarts, rss),
     }
 
 

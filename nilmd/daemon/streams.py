@@ -50,31 +50,50 @@ POLL_S = 0.05  # how often a caught-up reader looks for new entries
 
 # XREAD and XRANGE hand over whole entries, so a batch of large ones (10 MB each, 4096 to a
 # batch) would be in the reader's memory before the size rule could reject one. This script
-# walks the stream one entry at a time inside Redis and hands over each entry's id and its
+# walks each stream one entry at a time inside Redis and hands over each entry's id and its
 # `data` field, or only that field's length when it is longer than any valid sample can be
-# (ARGV[4]): the reader never holds more than BATCH x MAX_MESSAGE_BYTES of input, whatever is in
-# the stream. ARGV: first bound (an id, "(id" to exclude it, "-" or "+"), last bound, count,
-# the size limit, "1" to walk backwards (newest first, like XREVRANGE: first bound the newest).
+# (ARGV[1]): the reader never holds more than BATCH x MAX_MESSAGE_BYTES of input, whatever is in
+# the streams. Many streams in one call (a daemon of many buildings reads them all in one round
+# trip), sharing a budget of entries (ARGV[2]: the caller starts at a rotating stream, so that
+# none starves); "1" in ARGV[3] walks backwards (newest first, like XREVRANGE). Then, per stream
+# (KEYS), its first bound (an id, "(id" to exclude it, "-" or "+") and its last. Returns one flat
+# list [id, data or length, ...] per stream.
 _READ_SCRIPT = """
-local key, cursor, stop = KEYS[1], ARGV[1], ARGV[2]
-local count, limit, reverse = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+local limit, budget, reverse = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
 local out = {}
-for _ = 1, count do
-  local step
-  if reverse then step = redis.call('XREVRANGE', key, cursor, stop, 'COUNT', 1)
-  else step = redis.call('XRANGE', key, cursor, stop, 'COUNT', 1) end
-  local entry = step[1]
-  if entry == nil then break end
-  local data, fields = '', entry[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'data' then data = fields[i + 1]; break end
+for k = 1, #KEYS do
+  local got, cursor, stop = {}, ARGV[2 + 2 * k], ARGV[3 + 2 * k]
+  while budget > 0 do
+    local step
+    if reverse then step = redis.call('XREVRANGE', KEYS[k], cursor, stop, 'COUNT', 1)
+    else step = redis.call('XRANGE', KEYS[k], cursor, stop, 'COUNT', 1) end
+    local entry = step[1]
+    if entry == nil then break end
+    local data, fields = '', entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'data' then data = fields[i + 1]; break end
+    end
+    got[#got + 1] = entry[1]
+    if #data > limit then got[#got + 1] = #data else got[#got + 1] = data end
+    cursor = '(' .. entry[1]
+    budget = budget - 1
   end
-  out[#out + 1] = entry[1]
-  if #data > limit then out[#out + 1] = #data else out[#out + 1] = data end
-  cursor = '(' .. entry[1]
+  out[k] = got
 end
 return out
 """
+
+
+def read_many(client, spans: list[tuple[str, str, str]], count: int, reverse: bool = False) -> list[list]:
+    """[(stream key, first bound, last bound)] -> per stream [(entry id, data or Unread)], at most
+    `count` entries in all, without ever fetching a `data` field larger than a valid sample can be."""
+    from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
+
+    bounds = [bound for _, first, last in spans for bound in (first, last)]
+    replies = client.eval(_READ_SCRIPT, len(spans), *(key for key, _, _ in spans), MAX_MESSAGE_BYTES, count,
+                          "1" if reverse else "0", *bounds)
+    return [[(flat[i], Unread(flat[i + 1]) if isinstance(flat[i + 1], int) else flat[i + 1])
+             for i in range(0, len(flat), 2)] for flat in replies]
 
 
 class Unread:
@@ -179,14 +198,8 @@ class StreamCursor:
 
     # -- reading ----------------------------------------------------------------------------------
     def _entries(self, first: str, last: str, count: int, reverse: bool = False) -> list:
-        """[(entry id, data or Unread)] from `first` to `last` (stream range syntax), at most
-        `count`, without ever fetching a `data` field larger than a valid sample can be."""
-        from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
-
-        flat = self._client.eval(_READ_SCRIPT, 1, self.key, first, last, count, MAX_MESSAGE_BYTES,
-                                 "1" if reverse else "0")
-        return [(flat[i], Unread(flat[i + 1]) if isinstance(flat[i + 1], int) else flat[i + 1])
-                for i in range(0, len(flat), 2)]
+        """[(entry id, data or Unread)] from `first` to `last` (stream range syntax), at most `count`."""
+        return read_many(self._client, [(self.key, first, last)], count, reverse)[0]
 
     @property
     def caught_up(self) -> bool:
@@ -248,32 +261,6 @@ class StreamCursor:
             del window
         if end is not None:
             self.ctl["history_end"] = end
-
-
-# KEYS: the caught-up buildings' streams; ARGV: the size limit, the most entries in all, then each
-# stream's low bound. The same walk as _READ_SCRIPT, over many streams in one round trip; returns
-# one flat list per stream. The budget is shared, so the caller starts at a rotating stream.
-_READ_MANY_SCRIPT = """
-local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
-local out = {}
-for k = 1, #KEYS do
-  local got, cursor = {}, ARGV[2 + k]
-  while budget > 0 do
-    local entry = redis.call('XRANGE', KEYS[k], cursor, '+', 'COUNT', 1)[1]
-    if entry == nil then break end
-    local data, fields = '', entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'data' then data = fields[i + 1]; break end
-    end
-    got[#got + 1] = entry[1]
-    if #data > limit then got[#got + 1] = #data else got[#got + 1] = data end
-    cursor = '(' .. entry[1]
-    budget = budget - 1
-  end
-  out[k] = got
-end
-return out
-"""
 
 
 class StreamSource:
@@ -339,18 +326,13 @@ class StreamSource:
             time.sleep(POLL_S)
 
     def _read_many(self, out, limit: int) -> None:
-        from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
-
         ready = [(b, c) for b, c in self.cursors.items() if c.caught_up]
         if not ready:
             return
         self._turn = (self._turn + 1) % len(ready)
         ready = ready[self._turn:] + ready[:self._turn]
-        replies = self._client.eval(_READ_MANY_SCRIPT, len(ready), *(c.key for _, c in ready), MAX_MESSAGE_BYTES,
-                                    limit, *(c.low() for _, c in ready))
-        for (b, cursor), flat in zip(ready, replies):
-            entries = [(flat[i], Unread(flat[i + 1]) if isinstance(flat[i + 1], int) else flat[i + 1])
-                       for i in range(0, len(flat), 2)]
+        for (b, cursor), entries in zip(ready, read_many(self._client, [(c.key, c.low(), "+") for _, c in ready],
+                                                         limit)):
             out.extend_for(b, cursor.took(entries))
 
     def commit(self) -> None:
