@@ -32,7 +32,7 @@ from nilmd.daemon.worker import Worker
 
 POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
-BATCH_MAX = 256  # buildings per predictor call: big enough to batch, small enough to beat between calls
+BATCH_MAX = 256  # buildings per predictor call and pipeline: batched, and out before the rest is computed
 GATHER_S = 0.25  # the longest a due window waits for others closing at the same time, to share one call
 
 
@@ -321,11 +321,7 @@ class InferenceWorker(Worker):
         taken = [(track, end, track.ring.window(size, end)) for track, end in due]
         items = [(track.building, window, n) for track, _, window in taken if window is not None]
         t0 = time.perf_counter()
-        outs = []  # only the new samples when it can; in parts, with a heartbeat after each (a thousand
-        for k in range(0, len(items), BATCH_MAX):  # full windows take 15 s on 2 cores: past the timeout)
-            outs += self.predictor.step(items[k:k + BATCH_MAX])
-            self.beat()
-        outs = iter(outs)
+        outs = iter(self.predictor.step(items) if items else [])  # only the new samples when it can
         ms = (time.perf_counter() - t0) * 1000.0
         out = []
         for track, end, window in taken:
@@ -416,14 +412,20 @@ class InferenceWorker(Worker):
                 self.throttle.flush()
                 continue
             fresh, self._gathered = [(t, end) for t, end in self._gathered if not t.gone], []
-            for track, end, prediction in self.infer(fresh):
-                if prediction is None:  # overrun: skipped, nothing to publish
-                    track.ctl["last_window_end"] = end
-                    self._push(track, now)
-                else:
-                    track.held = (end, prediction)
-                    retry.append(track)
-            self._publish(publisher, retry)
+            # In parts, each published as soon as it is made, with a heartbeat after each: the
+            # first buildings' predictions go out while the others are computed, and a thousand
+            # full windows (15 s on 2 cores) never look like a hang.
+            for k in range(0, max(len(fresh), 1), BATCH_MAX):
+                part = retry if k == 0 else []
+                for track, end, prediction in self.infer(fresh[k:k + BATCH_MAX]):
+                    if prediction is None:  # overrun: skipped, nothing to publish
+                        track.ctl["last_window_end"] = end
+                        self._push(track, now)
+                    else:
+                        track.held = (end, prediction)
+                        part.append(track)
+                self._publish(publisher, part)
+                self.beat()
             self.throttle.flush()
         return EXIT_OK
 

@@ -89,9 +89,9 @@ class Feed:
             self.log.warning("%sthe restored ring snapshot was not continued: the first new sample is stamped %d s "
                              "%s its newest (more than --max-gap-fill, %d s, after it is a gap); the window restarts",
                              self.tag, abs(gap), "after" if gap >= 0 else "before", self.cfg.max_gap_fill)
-        else:
-            self.log.info("%swarm restart continued: the first new sample is stamped %d s after the snapshot's "
-                          "newest", self.tag, gap)
+        else:  # (one of many buildings: at debug, the supervisor counts them)
+            self.log.log(logging.DEBUG if self.tag else logging.INFO, "%swarm restart continued: the first new "
+                         "sample is stamped %d s after the snapshot's newest", self.tag, gap)
 
     def _write(self, placements, feats: np.ndarray) -> None:
         ts, rows, flags = [], [], []

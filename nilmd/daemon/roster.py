@@ -83,8 +83,9 @@ class Served:
         self.problems: list[str] = []
         self.run_length = 0
 
-    def open(self, where: str, log) -> None:
-        """Lock (NilmdError: another daemon serves it), clear a dead run's files, create, restore."""
+    def open(self, where: str, log, quiet: bool = False) -> None:
+        """`quiet`: one of many, its warm restart's info line at debug (the caller sums them up)."""
+        # Lock (NilmdError: another daemon serves it), clear a dead run's files, create, restore.
         from nilmd.daemon import snapshot
         from nilmd.daemon.control import ControlBlock
         from nilmd.daemon.ringbuffer import RingBuffer
@@ -100,7 +101,7 @@ class Served:
             self.ring = RingBuffer.create(self.paths["ring"], self.cfg.ring_capacity, N_FEATURES)
             self.ctl = ControlBlock.create(self.paths["ctl"])
             if self.cfg.mode != "test":  # warm restart: before any child touches the ring
-                snapshot.restore_at_start(self.cfg, self.ring, self.ctl, log)
+                snapshot.restore_at_start(self.cfg, self.ring, self.ctl, _Quiet(log) if quiet else log)
         except BaseException:
             self.close()
             raise
@@ -112,3 +113,10 @@ class Served:
                 mapped.close()
         self.ring = self.ctl = None
         self.lock.release()
+
+
+class _Quiet:
+    """A logger whose info lines go to debug: what one building of a thousand says at every start."""
+
+    def __init__(self, log):
+        self.info, self.warning, self.error = log.debug, log.warning, log.error

@@ -156,11 +156,14 @@ class Supervisor:
             self.open_building(b)
         if not self.listed:
             self.ctl = self.served[self.cfg.building_id].ctl
+        elif self.cfg.mode != "test":
+            warm = sum(1 for s in self.served.values() if s.ctl["restored_samples"])
+            self.log.info("warm restart: %d of %d buildings restored from their ring snapshots", warm, len(ids))
 
     def open_building(self, b: str) -> None:
         cfg = self.cfg.replace(building_id=b) if self.listed else self.cfg
         served = roster.Served(cfg, roster.building_paths(self.cfg.runtime_dir, b))
-        served.open(self._where(), self.log)
+        served.open(self._where(), self.log, quiet=self.listed)
         self.served[b] = served
 
     def _where(self) -> str:
