@@ -408,6 +408,8 @@ def buildings(cfg: Config) -> list[str]:
             raise ConfigError(f"{at}: building id {b!r} must be 1-64 letters, digits, '_', '-' or '.'")
         if b in seen:
             raise ConfigError(f"{at}: building {b} is listed twice (first at {seen[b]})")
+        if b == "daemon":  # a list daemon's own files are nilmd-daemon.ctl/.lock (nilmd.daemon.roster)
+            raise ConfigError(f"{at}: 'daemon' names the list daemon's own files: call the building otherwise")
         seen[b] = at
         ids.append(b)
     if not ids:

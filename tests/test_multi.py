@@ -41,6 +41,8 @@ def test_the_list_inline_or_from_a_file_each_id_checked(tmp_path):
         config.buildings(Config(building_ids=f"@{listing}"))
     with pytest.raises(ConfigError, match=r"item 2: building id 'b c' must be"):
         config.buildings(Config(building_ids="a,b c"))
+    with pytest.raises(ConfigError, match="'daemon' names the list daemon's own files"):
+        config.buildings(Config(building_ids="a,daemon"))
     with pytest.raises(ConfigError, match="cannot read"):
         config.buildings(Config(building_ids=f"@{tmp_path}/missing"))
     with pytest.raises(ConfigError, match="is listed twice"):

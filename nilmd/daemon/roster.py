@@ -18,7 +18,7 @@ import os
 
 from nilmd.daemon.snapshot import write_atomic
 
-DAEMON = "daemon"  # the name of the daemon's own files with a list ("daemon" is a valid building id...)
+DAEMON = "daemon"  # the name of the daemon's own files with a list (nilmd.config refuses it as an id in one)
 SUFFIXES = ("ring", "ctl", "lock")
 
 
