@@ -79,7 +79,11 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "mqtt_password_file": str(a_file), "mqtt_tls_ca": str(a_file), "mqtt_tls_cert": str(a_file),
              "mqtt_tls_key": str(a_file), "mqtt_discovery_prefix": "ha"}
     switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"}
-    assert set(given) | switches == {s.name for s in SETTINGS if s.flag}, "a flag of the table is not tried here"
+    # --building-ids excludes --building-id, --mode test and --mqtt-url: tried on its own
+    alone = config.resolve(cli.build_parser().parse_args(["run", "--building-ids", "a,b"]), environ={})
+    assert alone.building_ids == "a,b" and config.buildings(alone) == ["a", "b"]
+    assert set(given) | switches | {"building_ids"} == {s.name for s in SETTINGS if s.flag}, \
+        "a flag of the table is not tried here"
     for left_out in ("mqtt_url", "mode"):  # --mode test has no Redis for --mqtt-url: one at a time
         argv = ["run"] + [s.flag for s in SETTINGS if s.name in switches]
         for s in SETTINGS:

@@ -32,6 +32,7 @@ from nilmd.daemon.worker import Worker
 
 POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
+CHECKS_PER_S = 1000  # buildings looked at a second, at most, while they wait (a flock'd read each)
 BATCH_MAX = 256  # buildings per predictor call and pipeline: batched, and out before the rest is computed
 GATHER_S = 0.25  # the longest a due window waits for others closing at the same time, to share one call
 
@@ -205,15 +206,15 @@ class Track:
         wait = schedule.wait_to_align(float(newest.ts[-1]), step)
         return end + wait if later else end - (step - wait) % step
 
-    def wait(self, end: int | None, head: int, now: float) -> float:
+    def wait(self, end: int | None, head: int, now: float, most: float) -> float:
         """Seconds until this building's next window can close: its closing sample arrives about
         (samples missing) seconds after the newest one did, at 1 Hz. A burst comes sooner, so at
-        most MAX_WAIT_S; a late or silent meter is looked at less and less often."""
+        `most` seconds; a late or silent meter is looked at less and less often, up to that."""
         missing = (end if end is not None else head + self.cfg.window_size) - head
         eta = self.ctl["last_arrival"] + max(missing, 1) - now
         if eta < 0:
-            return min(MAX_WAIT_S, 0.1 - eta / 2)
-        return min(MAX_WAIT_S, max(POLL_S, eta + 0.02))
+            return min(most, 0.1 - eta / 2)
+        return min(most, max(POLL_S, eta + 0.02))
 
 
 class InferenceWorker(Worker):
@@ -375,6 +376,9 @@ class InferenceWorker(Worker):
         again), from the buildings whose time has come: the heap, never a look at every ring."""
         fresh, retry, wall = [], [], time.time()
         heap = self._heap
+        # A waiting building is looked at again within `most` s: every POLL_S for one building (a
+        # burst is predicted at once), at most CHECKS_PER_S looks a second in all for many.
+        most = min(MAX_WAIT_S, max(POLL_S, len(self.tracks) / CHECKS_PER_S))
         while heap and heap[0][0] <= now:
             _, _, track = heapq.heappop(heap)
             if track.gone:
@@ -386,7 +390,7 @@ class InferenceWorker(Worker):
             if end is not None and end <= head:
                 fresh.append((track, end))
             else:
-                self._push(track, now + track.wait(end, head, wall))
+                self._push(track, now + track.wait(end, head, wall, most))
         return fresh, retry
 
     def serve(self, publisher) -> int:
