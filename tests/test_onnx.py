@@ -28,7 +28,7 @@ from nilmd.config import Config  # noqa: E402
 from nilmd.errors import NilmdError  # noqa: E402
 from nilmd.models import backends, checkpoints  # noqa: E402
 from nilmd.models.model import WaveNILMConfig  # noqa: E402
-from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor  # noqa: E402
+from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces  # noqa: E402
 from nilmd.models.onnx_export import export  # noqa: E402
 from nilmd.models.predictor import Predictor  # noqa: E402
 from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
@@ -81,7 +81,7 @@ def test_a_wrong_weight_in_the_graph_is_caught(tmp_path):
     from onnx import numpy_helper
 
     torch_pred, _ = exported(tmp_path, {a: SMALL for a in APPLIANCES[:3]})
-    path = tmp_path / "nilmd-onnx-group0.onnx"
+    path = tmp_path / "nilmd-onnx-group0-step60.onnx"  # 200 samples: 3 steps of 60, 20 of 1
     model = onnx.load(str(path))
     init = next(i for i in model.graph.initializer if i.name == "l3_f_w")
     w = numpy_helper.to_array(init).copy()
@@ -89,7 +89,8 @@ def test_a_wrong_weight_in_the_graph_is_caught(tmp_path):
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     path.write_bytes(model.SerializeToString())
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    manifest["groups"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    graph = next(gr for gr in manifest["groups"][0]["graphs"] if gr["file"] == path.name)
+    graph["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     x = features(200)
     with pytest.raises(AssertionError):
@@ -102,7 +103,7 @@ def test_export_is_deterministic(tmp_path):
     export(tmp_path / "a")
     export(tmp_path / "b")
     files = sorted(p.name for p in (tmp_path / "a").glob("nilmd-onnx*"))
-    assert files == [f"nilmd-onnx-group{k}.onnx" for k in range(3)] + [MANIFEST]
+    assert files == sorted(f"nilmd-onnx-group{k}-step{n}.onnx" for k in range(3) for n in (256, 60, 1)) + [MANIFEST]
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -181,7 +182,7 @@ def test_any_schedule(mixed, tmp_path_factory, plan):
 
 def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
     """reset() and a repeated window recompute; run() in between leaves the position alone;
-    in the steady state a step binds nothing new (the buffers of its shape are reused)."""
+    a step of an exported size binds nothing new (its arrays are bound once, at load)."""
     torch_pred, onnx_pred = mixed
     onnx_pred.reset()
     start = onnx_pred.full_recomputes
@@ -194,17 +195,54 @@ def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
         for _ in range(3):
             m.write(4)
             check_step(onnx_pred, torch_pred, m.ring, 64, 4)
-        bound = [dict(g._bound) for g in onnx_pred.groups]
+        bound = [{n: (st.io, st.x, st.power, *st.hist, *st.h) for n, st in g.steps.items()} for g in onnx_pred.groups]
         onnx_pred.run(features(300))
         m.write(4)
         check_step(onnx_pred, torch_pred, m.ring, 64, 4)
         assert onnx_pred.full_recomputes - start == 2
         for g, before in zip(onnx_pred.groups, bound):
-            assert all(g._bound.get(k) is v for k, v in before.items() if k[0] == 4), "a step re-bound its buffers"
+            for n, held in before.items():
+                st = g.steps[n]
+                assert all(a is b for a, b in zip((st.io, st.x, st.power, *st.hist, *st.h), held)), "a step re-bound"
         onnx_pred.reset()
         m.write(4)
         check_step(onnx_pred, torch_pred, m.ring, 64, 4)
         assert onnx_pred.full_recomputes - start == 3
+    finally:
+        m.close()
+
+
+def test_pieces_are_the_fewest_steps():
+    assert pieces(1536, [256, 60, 1]) == [256] * 6
+    assert pieces(121, [256, 60, 1]) == [60, 60, 1]
+    assert pieces(300, [300, 256, 1]) == [300] and pieces(512, [300, 256, 1]) == [256, 256]
+    assert pieces(7, [256, 60, 1]) == [1] * 7 and pieces(0, [60, 1]) == []
+
+
+def test_history_buffers_wrap_at_every_offset_and_after_a_break(tmp_path):
+    """Dilations up to 128 against steps of 60 (and of sizes that are sums of steps): the circular
+    history wraps at a different column every step. A break restarts from the zero history."""
+    deep = WaveNILMConfig(channels=4, depth=8, head_channels=8)  # receptive field 256
+    torch_pred, onnx_pred = exported(tmp_path / "m", {a: deep for a in APPLIANCES[:4]}, seed=3)
+    assert sorted(onnx_pred.groups[0].steps) == [1, 60, 256] and onnx_pred.groups[0].dilations[-1] == 128
+    m = Meter(tmp_path / "ring", capacity=700, seed=5)
+    try:
+        size = 300  # the newest 300 - 256 + 1 = 45 outputs see no padding
+        m.write(size)
+        check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        for n in [60] * 13 + [7, 61, 121, 1, 1, 45]:  # 60 does not divide 128: every offset differs
+            m.write(n)
+            check_step(onnx_pred, torch_pred, m.ring, size, min(n, 45))
+        assert onnx_pred.full_recomputes == 1
+        assert onnx_pred.groups[0].t == size + 13 * 60 + 7 + 61 + 121 + 2 + 45
+        m.ring.mark_break()
+        m.write(size)
+        check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        assert onnx_pred.full_recomputes == 2 and onnx_pred.groups[0].t == size
+        for _ in range(5):
+            m.write(60)
+            check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        assert onnx_pred.full_recomputes == 2
     finally:
         m.close()
 
@@ -244,10 +282,10 @@ def test_an_export_that_matches_is_chosen(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["retrained", "removed", "added", "damaged graph", "garbage graph", "bad manifest",
-                                    "malformed manifest"])
+                                    "malformed manifest", "old format"])
 def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change):
     exported(tmp_path, SET)
-    graph = tmp_path / "nilmd-onnx-group0.onnx"
+    graph = tmp_path / "nilmd-onnx-group0-step1.onnx"
     if change == "retrained":
         write_set(tmp_path, {APPLIANCES[1]: SMALL}, seed=9)
         expect = f"checkpoint {tmp_path / checkpoint_filename(APPLIANCES[1])} changed since"
@@ -265,14 +303,20 @@ def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change)
     elif change == "garbage graph":  # the manifest vouches for it, ONNX Runtime does not load it
         graph.write_bytes(b"not a graph")
         manifest = json.loads((tmp_path / MANIFEST).read_text())
-        manifest["groups"][0]["sha256"] = hashlib.sha256(b"not a graph").hexdigest()
+        next(gr for gr in manifest["groups"][0]["graphs"] if gr["n"] == 1)["sha256"] = \
+            hashlib.sha256(b"not a graph").hexdigest()
         (tmp_path / MANIFEST).write_text(json.dumps(manifest))
         expect = f"ONNX file {graph} does not load"
     elif change == "malformed manifest":  # valid JSON, but not what nilmd export writes
         manifest = json.loads((tmp_path / MANIFEST).read_text())
-        del manifest["groups"][0]["sha256"]
+        del manifest["groups"][0]["graphs"][0]["sha256"]
         (tmp_path / MANIFEST).write_text(json.dumps(manifest))
         expect = f"ONNX manifest {tmp_path / MANIFEST} is malformed"
+    elif change == "old format":  # an export of an earlier nilmd: its graphs take other inputs
+        manifest = json.loads((tmp_path / MANIFEST).read_text())
+        manifest["format_version"] = 1
+        (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+        expect = f"ONNX manifest {tmp_path / MANIFEST}: format_version 1, this nilmd reads 2: run `nilmd export"
     else:
         (tmp_path / MANIFEST).write_text("{")
         expect = f"ONNX manifest {tmp_path / MANIFEST} is unreadable"
