@@ -149,9 +149,9 @@ class _Step:
                                   "export again with `nilmd export`") from None
         a, ac = spec["n_models"], spec["n_models"] * spec["channels"]
         self.n = n
-        self.x = np.empty((1, spec["n_features"], n), np.float32)
-        self.hist = [np.zeros((1, ac, min(d, n)), np.float32) for d in spec["dilations"]]
-        self.h = [np.empty((1, ac, n), np.float32) for _ in spec["dilations"]]
+        self.x = np.empty((1, spec["n_features"], 1, n), np.float32)
+        self.hist = [np.zeros((1, ac, 1, min(d, n)), np.float32) for d in spec["dilations"]]
+        self.h = [np.empty((1, ac, 1, n), np.float32) for _ in spec["dilations"]]
         self.power, self.prob = np.empty((a, n), np.float32), np.empty((a, n), np.float32)
         ov = ort.OrtValue.ortvalue_from_numpy  # CPU: wraps the array, no copy
         self.io = self.sess.io_binding()
@@ -185,13 +185,13 @@ class _Group:
     def step(self, x: np.ndarray, s: _Step) -> None:
         """Feed x [s.n, F] through the graph of its size; outputs in s.power, s.prob."""
         n, t = s.n, self.t
-        s.x[0] = x.T  # channels-first, as the graph's convolutions read it
+        s.x[0, :, 0] = x.T  # channels-first, as the graph's convolutions read it
         for buf, d, into in zip(self.hist, self.dilations, s.hist):  # samples t-d .. t-d+m-1
-            _read(buf, t % d, into[0])
+            _read(buf, t % d, into[0, :, 0])
         s.sess.run_with_iobinding(s.io)
         for buf, d, h in zip(self.hist, self.dilations, s.h):  # the newest min(d, n) inputs stay
             k = min(d, n)
-            _write(buf, (t + n - k) % d, h[0, :, n - k:])
+            _write(buf, (t + n - k) % d, h[0, :, 0, n - k:])
         self.t = t + n
 
     def run(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:

@@ -69,52 +69,49 @@ def build_group(net: FusedWaveNILM, name: str, n: int) -> onnx.ModelProto:
     g = _Graph()
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
 
-    def conv(name, x, weight, bias, **attrs):  # weight [A, in, out] (x @ W per model) as a grouped conv
+    def conv(name, x, weight, bias=None, dilation=1):  # weight [(taps,) A, in, out] (x @ W per model), grouped
         a, cin, cout = weight.shape[-3:]
         kernel = np.ascontiguousarray(np.swapaxes(weight, -1, -2).reshape(-1, a * cout, cin))  # [taps, A*out, in]
-        kernel = np.moveaxis(kernel, 0, -1)  # [A*out, in, taps]
-        return g.op("Conv", [x, g.const(f"{name}_w", kernel), g.const(f"{name}_b", bias.reshape(-1))], name,
-                    group=a, **attrs)
+        kernel = np.ascontiguousarray(np.moveaxis(kernel, 0, -1)[:, :, None, :])  # [A*out, in, 1, taps]
+        inputs = [x, g.const(f"{name}_w", kernel)] + ([] if bias is None else [g.const(f"{name}_b", bias.reshape(-1))])
+        return g.op("Conv", inputs, name, group=a, dilations=[1, dilation])
 
     # The input conv reads the same F features for every model: one dense conv, no groups.
-    w_in = np.ascontiguousarray(np.swapaxes(w["w_in"], 1, 2).reshape(A * C, F, 1))
-    h = g.op("Conv", ["x", g.const("in_w", w_in), g.const("in_b", w["b_in"].reshape(-1))], "h_0")  # [1, A*C, n]
-    zs = []
+    w_in = np.ascontiguousarray(np.swapaxes(w["w_in"], 1, 2).reshape(A * C, F, 1, 1))
+    h = g.op("Conv", ["x", g.const("in_w", w_in), g.const("in_b", w["b_in"].reshape(-1))], "h_0")  # [1, A*C, 1, n]
+    skip = None
     for i, d in enumerate(net.dilations):
         m = min(d, n)
         # [the m history samples layer i reads, the n new ones]: one kernel-2 conv of dilation m
         # over it reads h[t - d] and h[t] for every new t (for d >= n, history sample j is t_j - d).
-        pair = g.op("Concat", [f"hist_{i}", h], f"l{i}_pair", axis=2)  # [1, A*C, m + n]
+        pair = g.op("Concat", [f"hist_{i}", h], f"l{i}_pair", axis=3)  # [1, A*C, 1, m + n]
         taps = np.stack([w["w_prev"][i], w["w_cur"][i]])  # [2 taps: t-d, t; A, C, 2C]
-        f = g.op("Tanh", [conv(f"l{i}_f", pair, taps[..., :C], w["b_conv"][i][..., :C], dilations=[m])], f"l{i}_tf")
+        f = g.op("Tanh", [conv(f"l{i}_f", pair, taps[..., :C], w["b_conv"][i][..., :C], m)], f"l{i}_tf")
         # The fused net's gate rows and res/skip weights are halved (sigmoid through tanh there);
         # ONNX Runtime fuses a Sigmoid into the conv, so undo it (powers of two: exact).
-        gate = g.op("Sigmoid", [conv(f"l{i}_g", pair, 2 * taps[..., C:], 2 * w["b_conv"][i][..., C:], dilations=[m])],
-                    f"l{i}_sg")
-        zs.append(g.op("Mul", [f, gate], f"l{i}_z"))  # [1, A*C, n]
+        gate = g.op("Sigmoid", [conv(f"l{i}_g", pair, 2 * taps[..., C:], 2 * w["b_conv"][i][..., C:], m)], f"l{i}_sg")
+        z = g.op("Mul", [f, gate], f"l{i}_z")  # [1, A*C, 1, n]
+        # The skip sum accumulates layer by layer: ONNX Runtime fuses each Add into the conv
+        # before it, and z never leaves the blocked layout (one conv over all layers' z stacked
+        # needed a reorder and a transpose of every z).
+        s = conv(f"l{i}_skip", z, 2 * w["w_skip"][i], w["b_skip"] if i == 0 else None)
+        skip = s if skip is None else g.op("Add", [s, skip], f"l{i}_skip_sum")
         if i + 1 < D:
-            h = g.op("Add", [conv(f"l{i}_res", zs[-1], 2 * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
-    # The skip sum of all layers as one grouped conv over their stacked activations, model-major.
-    zs = g.op("Concat", zs, "z_layers", axis=0)  # [D, A*C, n]
-    zs = g.op("Reshape", [zs, g.const("shape_dacn", i64(D, A, C, n))], "z_dacn")
-    zs = g.op("Transpose", [zs], "z_adcn", perm=[1, 0, 2, 3])
-    zs = g.op("Reshape", [zs, g.const("shape_1kn", i64(1, A * D * C, n))], "z_all")
-    w_skip = 2 * np.concatenate(list(w["w_skip"]), axis=1)  # [A, D*C, C]: layer-major rows per model
-    s = g.op("Relu", [conv("skip", zs, w_skip, w["b_skip"])], "skip_relu")
-    hid = g.op("Relu", [conv("head1", s, w["w_h1"], w["b_h1"])], "head1_relu")
-    out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, n]: per model mask, on
+            h = g.op("Add", [conv(f"l{i}_res", z, 2 * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
+    hid = g.op("Relu", [conv("head1", g.op("Relu", [skip], "skip_relu"), w["w_h1"], w["b_h1"])], "head1_relu")
+    out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, 1, n]: per model mask, on
     out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2n", i64(A, 2, n))], "heads_a2n")], "heads")
     first, second = g.const("c_s0", np.array(0, np.int64)), g.const("c_s1", np.array(1, np.int64))  # scalars: drop the axis
     mask = g.op("Gather", [out, first], "mask", axis=1)
     g.op("Gather", [out, second], "probability", axis=1)
-    agg = g.op("Relu", [g.op("Gather", ["x", first], "p_new", axis=1)], "p_pos")
-    g.op("Mul", [mask, agg], "power")
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, F, n])]
-    inputs += [helper.make_tensor_value_info(f"hist_{i}", TensorProto.FLOAT, [1, A * C, min(d, n)])
+    p = g.op("Reshape", [g.op("Gather", ["x", first], "p_new", axis=1), g.const("shape_1n", i64(1, n))], "p_1n")
+    g.op("Mul", [mask, g.op("Relu", [p], "p_pos")], "power")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, F, 1, n])]
+    inputs += [helper.make_tensor_value_info(f"hist_{i}", TensorProto.FLOAT, [1, A * C, 1, min(d, n)])
                for i, d in enumerate(net.dilations)]
     outputs = [helper.make_tensor_value_info("power", TensorProto.FLOAT, [A, n]),
                helper.make_tensor_value_info("probability", TensorProto.FLOAT, [A, n])]
-    outputs += [helper.make_tensor_value_info(f"h_{i}", TensorProto.FLOAT, [1, A * C, n]) for i in range(D)]
+    outputs += [helper.make_tensor_value_info(f"h_{i}", TensorProto.FLOAT, [1, A * C, 1, n]) for i in range(D)]
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, producer_name="nilmd", producer_version=__version__,
                               opset_imports=[helper.make_opsetid("", OPSET)])
