@@ -103,7 +103,8 @@ def test_export_is_deterministic(tmp_path):
     export(tmp_path / "a")
     export(tmp_path / "b")
     files = sorted(p.name for p in (tmp_path / "a").glob("nilmd-onnx*"))
-    assert files == sorted(f"nilmd-onnx-group{k}-step{n}.onnx" for k in range(3) for n in (256, 60, 1)) + [MANIFEST]
+    assert files == sorted(f"nilmd-onnx-group{k}-step{n}.onnx" for k in range(3) for n in ("256", "256-nohead", 60, 1)) \
+        + [MANIFEST]
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -224,7 +225,8 @@ def test_history_buffers_wrap_at_every_offset_and_after_a_break(tmp_path):
     history wraps at a different column every step. A break restarts from the zero history."""
     deep = WaveNILMConfig(channels=4, depth=8, head_channels=8)  # receptive field 256
     torch_pred, onnx_pred = exported(tmp_path / "m", {a: deep for a in APPLIANCES[:4]}, seed=3)
-    assert sorted(onnx_pred.groups[0].steps) == [1, 60, 256] and onnx_pred.groups[0].dilations[-1] == 128
+    assert sorted(onnx_pred.groups[0].steps) == [1, 60, 256] and list(onnx_pred.groups[0].quiet) == [256]
+    assert onnx_pred.groups[0].dilations[-1] == 128
     m = Meter(tmp_path / "ring", capacity=700, seed=5)
     try:
         size = 300  # the newest 300 - 256 + 1 = 45 outputs see no padding

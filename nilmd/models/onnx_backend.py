@@ -37,8 +37,8 @@ MANIFEST = "nilmd-onnx.json"
 CHUNK = 256
 
 
-def graph_filename(k: int, n: int) -> str:
-    return f"nilmd-onnx-group{k}-step{n}.onnx"
+def graph_filename(k: int, n: int, heads: bool = True) -> str:
+    return f"nilmd-onnx-group{k}-step{n}{'' if heads else '-nohead'}.onnx"
 
 
 def pieces(n: int, sizes) -> list[int]:
@@ -95,8 +95,9 @@ def read_manifest(model_dir) -> dict:
             "checkpoints": dict}
     wrong = [k for k, kind in need.items() if not isinstance(manifest.get(k), kind)]
     if wrong or not all(isinstance(g, dict) and {"graphs", "rows", "n_models", "dilations", "n_features"} <= set(g)
-                        and isinstance(g["graphs"], list) and {1} <= {gr.get("n") for gr in g["graphs"]}
-                        and all({"n", "file", "sha256"} <= set(gr) for gr in g["graphs"])
+                        and isinstance(g["graphs"], list)
+                        and all(isinstance(gr, dict) and {"n", "heads", "file", "sha256"} <= set(gr) for gr in g["graphs"])
+                        and {1} <= {gr["n"] for gr in g["graphs"] if gr["heads"]}  # any count is a sum of them
                         for g in manifest["groups"]):
         raise OnnxExportError(f"ONNX manifest {path} is malformed ({', '.join(wrong) or 'groups'}): {again}")
     exported = manifest["checkpoints"]
@@ -135,7 +136,7 @@ def session_options(threads: int):
 class _Step:
     """One graph of a fixed step size n: its session and the arrays bound to it once."""
 
-    def __init__(self, path: Path, sha: str, so, n: int, spec: dict):
+    def __init__(self, path: Path, sha: str, so, n: int, spec: dict, heads: bool = True):
         import onnxruntime as ort
 
         data = path.read_bytes() if path.exists() else b""
@@ -152,12 +153,12 @@ class _Step:
         self.x = np.empty((1, spec["n_features"], 1, n), np.float32)
         self.hist = [np.zeros((1, ac, 1, min(d, n)), np.float32) for d in spec["dilations"]]
         self.h = [np.empty((1, ac, 1, n), np.float32) for _ in spec["dilations"]]
-        self.power, self.prob = np.empty((a, n), np.float32), np.empty((a, n), np.float32)
+        self.power, self.prob = (np.empty((a, n), np.float32), np.empty((a, n), np.float32)) if heads else (None, None)
         ov = ort.OrtValue.ortvalue_from_numpy  # CPU: wraps the array, no copy
         self.io = self.sess.io_binding()
         self._held = []  # the OrtValues must outlive the binding
         for name, arr, out in ([("x", self.x, False)] + [(f"hist_{i}", v, False) for i, v in enumerate(self.hist)]
-                               + [("power", self.power, True), ("probability", self.prob, True)]
+                               + [("power", self.power, True), ("probability", self.prob, True)] * heads
                                + [(f"h_{i}", v, True) for i, v in enumerate(self.h)]):
             self._held.append(ov(arr))
             (self.io.bind_ortvalue_output if out else self.io.bind_ortvalue_input)(name, self._held[-1])
@@ -170,7 +171,13 @@ class _Group:
     def __init__(self, model_dir: Path, spec: dict, so):
         self.rows, self.dilations = list(spec["rows"]), list(spec["dilations"])
         self.n_models = spec["n_models"]
-        self.steps = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec) for gr in spec["graphs"]}
+        graphs = [(gr, gr["heads"]) for gr in spec["graphs"]]
+        self.steps = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec) for gr, heads in graphs
+                      if heads}
+        # A full window wants the outputs of its last piece only: the others run without the
+        # skip sum and the heads (~20 % of a step), where the export has such a graph.
+        self.quiet = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, heads=False)
+                      for gr, heads in graphs if not heads}
         self.sizes = sorted(self.steps, reverse=True)
         ac = spec["n_models"] * spec["channels"]
         self.hist = [np.zeros((ac, d), np.float32) for d in self.dilations]
@@ -208,10 +215,10 @@ class _Group:
         power, prob = np.empty((self.n_models, m), np.float32), np.empty((self.n_models, m), np.float32)
         a = 0
         for k in self._pieces[n]:
-            s = self.steps[k]
+            lo = max(0, a + k - (n - m))  # the wanted outputs this piece holds: the last lo of it
+            s = self.steps[k] if lo or k not in self.quiet else self.quiet[k]
             self.step(x[a:a + k], s)
             a += k
-            lo = max(0, a - (n - m))  # the wanted outputs this piece holds: the last lo of it
             if lo:
                 take = min(lo, k)
                 power[:, lo - take:lo] = s.power[:, k - take:]

@@ -61,8 +61,9 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
 
-def build_group(net: FusedWaveNILM, name: str, n: int) -> onnx.ModelProto:
-    """The step graph of one fused group for exactly n new samples (see the module docstring)."""
+def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> onnx.ModelProto:
+    """The step graph of one fused group for exactly n new samples (see the module docstring);
+    without `heads`, only the layer inputs (for a piece whose outputs nobody wants)."""
     w = {k: getattr(net, k).detach().cpu().numpy().astype(np.float32) for k, _ in net.named_buffers()}
     A, C, D = net.n_models, net.channels, net.depth
     F = w["w_in"].shape[1]
@@ -94,23 +95,26 @@ def build_group(net: FusedWaveNILM, name: str, n: int) -> onnx.ModelProto:
         # The skip sum accumulates layer by layer: ONNX Runtime fuses each Add into the conv
         # before it, and z never leaves the blocked layout (one conv over all layers' z stacked
         # needed a reorder and a transpose of every z).
-        s = conv(f"l{i}_skip", z, 2 * w["w_skip"][i], w["b_skip"] if i == 0 else None)
-        skip = s if skip is None else g.op("Add", [s, skip], f"l{i}_skip_sum")
+        if heads:
+            s = conv(f"l{i}_skip", z, 2 * w["w_skip"][i], w["b_skip"] if i == 0 else None)
+            skip = s if skip is None else g.op("Add", [s, skip], f"l{i}_skip_sum")
         if i + 1 < D:
             h = g.op("Add", [conv(f"l{i}_res", z, 2 * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
-    hid = g.op("Relu", [conv("head1", g.op("Relu", [skip], "skip_relu"), w["w_h1"], w["b_h1"])], "head1_relu")
-    out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, 1, n]: per model mask, on
-    out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2n", i64(A, 2, n))], "heads_a2n")], "heads")
-    first, second = g.const("c_s0", np.array(0, np.int64)), g.const("c_s1", np.array(1, np.int64))  # scalars: drop the axis
-    mask = g.op("Gather", [out, first], "mask", axis=1)
-    g.op("Gather", [out, second], "probability", axis=1)
-    p = g.op("Reshape", [g.op("Gather", ["x", first], "p_new", axis=1), g.const("shape_1n", i64(1, n))], "p_1n")
-    g.op("Mul", [mask, g.op("Relu", [p], "p_pos")], "power")
+    outputs = []
+    if heads:
+        hid = g.op("Relu", [conv("head1", g.op("Relu", [skip], "skip_relu"), w["w_h1"], w["b_h1"])], "head1_relu")
+        out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, 1, n]: per model mask, on
+        out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2n", i64(A, 2, n))], "heads_a2n")], "heads")
+        first, second = g.const("c_s0", np.array(0, np.int64)), g.const("c_s1", np.array(1, np.int64))  # scalars
+        mask = g.op("Gather", [out, first], "mask", axis=1)
+        g.op("Gather", [out, second], "probability", axis=1)
+        p = g.op("Reshape", [g.op("Gather", ["x", first], "p_new", axis=1), g.const("shape_1n", i64(1, n))], "p_1n")
+        g.op("Mul", [mask, g.op("Relu", [p], "p_pos")], "power")
+        outputs += [helper.make_tensor_value_info("power", TensorProto.FLOAT, [A, n]),
+                    helper.make_tensor_value_info("probability", TensorProto.FLOAT, [A, n])]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, F, 1, n])]
     inputs += [helper.make_tensor_value_info(f"hist_{i}", TensorProto.FLOAT, [1, A * C, 1, min(d, n)])
                for i, d in enumerate(net.dilations)]
-    outputs = [helper.make_tensor_value_info("power", TensorProto.FLOAT, [A, n]),
-               helper.make_tensor_value_info("probability", TensorProto.FLOAT, [A, n])]
     outputs += [helper.make_tensor_value_info(f"h_{i}", TensorProto.FLOAT, [1, A * C, 1, n]) for i in range(D)]
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, producer_name="nilmd", producer_version=__version__,
@@ -142,11 +146,12 @@ def export(model_dir, out_dir=None, ckpts: dict | None = None, interval: int = 6
     groups = []
     for k, (rows, net) in enumerate(pred.groups):
         graphs = []
-        for n in step_sizes(interval):
-            data = build_group(net, f"nilmd_group_{k}_step_{n}", n).SerializeToString()
-            fname = graph_filename(k, n)
+        for n, heads in [(n, True) for n in step_sizes(interval)] + [(CHUNK, False)]:
+            data = build_group(net, f"nilmd_group_{k}_step_{n}{'' if heads else '_nohead'}", n, heads)
+            data = data.SerializeToString()
+            fname = graph_filename(k, n, heads)
             _write(out / fname, data)
-            graphs.append({"n": n, "file": fname, "sha256": hashlib.sha256(data).hexdigest()})
+            graphs.append({"n": n, "heads": heads, "file": fname, "sha256": hashlib.sha256(data).hexdigest()})
         groups.append({"graphs": graphs, "rows": list(rows),
                        "n_models": net.n_models, "channels": net.channels, "depth": net.depth,
                        "head_channels": int(net.w_h1.shape[2]), "dilations": list(net.dilations),
