@@ -28,7 +28,7 @@ from nilmd.config import Config  # noqa: E402
 from nilmd.errors import NilmdError  # noqa: E402
 from nilmd.models import backends, checkpoints  # noqa: E402
 from nilmd.models.model import WaveNILMConfig  # noqa: E402
-from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces  # noqa: E402
+from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces, span  # noqa: E402
 from nilmd.models.onnx_export import export  # noqa: E402
 from nilmd.models.predictor import Predictor  # noqa: E402
 from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
@@ -249,6 +249,43 @@ def test_history_buffers_wrap_at_every_offset_and_after_a_break(tmp_path):
         m.close()
 
 
+def test_span_covers_what_the_outputs_see_in_few_steps():
+    sizes = [256, 60, 1]
+    assert span(1536, 60 + 1023, sizes) == 1084 and pieces(1084, sizes) == [256] * 4 + [60]  # the shipped set
+    assert span(1536, 1 + 1023, sizes) == 1024 and span(1536, 1600, sizes) == 1536 and span(100, 100, sizes) == 100
+    for t, need in [(300, 17), (700, 301), (1536, 999), (64, 63)]:
+        n = span(t, need, sizes)
+        assert need <= n <= t and len(pieces(n, sizes)) <= len(pieces(need, sizes))
+
+
+def test_a_full_recompute_runs_only_the_samples_its_outputs_see(tmp_path):
+    """A 600-sample window, receptive field 256, 5 outputs: 316 samples from the zero history (a
+    step of 256 and one of 60) give the models' outputs on the whole window; 250 would not (the
+    one path from the oldest samples is too weak to show in float32 at 259)."""
+    deep = WaveNILMConfig(channels=4, depth=8, head_channels=8)
+    torch_pred, onnx_pred = exported(tmp_path / "m", {a: deep for a in APPLIANCES[:3]}, seed=2)
+    g = onnx_pred.groups[0]
+    m = Meter(tmp_path / "ring", capacity=900, seed=1)
+    try:
+        m.write(600)
+        check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        assert g.t == 316 and onnx_pred.full_recomputes == 1
+        x = m.ring.window(600).features.copy()
+        g.zero()
+        power, prob = g.run(x[-250:], 5)  # 10 samples short of what output 600 - 5 sees
+        with pytest.raises(AssertionError):
+            assert_matches_models(torch_pred, x, power, prob, last=5)
+        onnx_pred.reset()  # (that run moved the history on behind its back)
+        m.write(5)
+        check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        for _ in range(3):  # and the history a trimmed recompute leaves is exact
+            m.write(5)
+            check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        assert onnx_pred.full_recomputes == 2
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("interval", [1, 60])
 def test_daemon_sized_models_and_window(tmp_path, interval):
     """11 models of the shipped architecture on a 1536-sample window (computed in chunks)."""
@@ -258,6 +295,7 @@ def test_daemon_sized_models_and_window(tmp_path, interval):
     try:
         m.write(1536)
         check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
+        assert onnx_pred.groups[0].t == {1: 1024, 60: 1084}[interval]  # the receptive field and the outputs
         for _ in range(2):
             m.write(interval)
             check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
