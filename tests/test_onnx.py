@@ -29,7 +29,7 @@ from nilmd.errors import NilmdError  # noqa: E402
 from nilmd.models import backends, checkpoints  # noqa: E402
 from nilmd.models.model import WaveNILMConfig  # noqa: E402
 from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces, span  # noqa: E402
-from nilmd.models.onnx_export import export  # noqa: E402
+from nilmd.models.onnx_export import export, step_sizes  # noqa: E402
 from nilmd.models.predictor import Predictor  # noqa: E402
 from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
 from test_incremental import Meter  # noqa: E402
@@ -211,6 +211,12 @@ def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
         assert onnx_pred.full_recomputes - start == 3
     finally:
         m.close()
+
+
+def test_step_sizes_bound_the_largest_graph():
+    assert step_sizes(60) == [256, 60, 1] and step_sizes(1) == [256, 1] and step_sizes(256) == [256, 1]
+    assert step_sizes(300) == [256, 44, 1] and step_sizes(3600) == [256, 16, 1] and step_sizes(512) == [256, 1]
+    assert pieces(3600, step_sizes(3600)) == [256] * 14 + [16]
 
 
 def test_pieces_are_the_fewest_steps():

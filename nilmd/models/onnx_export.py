@@ -125,8 +125,10 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> on
 
 
 def step_sizes(interval: int) -> list[int]:
-    """The step sizes exported: CHUNK (full windows and long inputs), the daemon's interval, 1."""
-    return sorted({CHUNK, int(interval), 1}, reverse=True)
+    """The step sizes exported: CHUNK (full windows and long inputs), the daemon's interval (one
+    longer than CHUNK as CHUNKs and its remainder: a graph's activations grow with its step), 1."""
+    interval = int(interval)
+    return sorted({CHUNK, interval if interval <= CHUNK else interval % CHUNK or 1, 1}, reverse=True)
 
 
 def export(model_dir, out_dir=None, ckpts: dict | None = None, interval: int = 60) -> dict:
