@@ -301,11 +301,16 @@ def test_daemon_sized_models_and_window(tmp_path, interval):
     try:
         m.write(1536)
         check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
-        assert onnx_pred.groups[0].t == {1: 1024, 60: 1084}[interval]  # the receptive field and the outputs
+        # the receptive field and the outputs: 4 steps of 256 without heads, then one of the interval
+        assert onnx_pred.groups[0].t == {1: 1025, 60: 1084}[interval]
         for _ in range(2):
             m.write(interval)
             check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
         assert onnx_pred.full_recomputes == 1
+        assert onnx_pred.groups[0].steps[256].sess is None  # the 256-step with heads: opened when first needed
+        x = features(512, seed=2)
+        assert_matches_models(torch_pred, x, *onnx_pred.run(x))  # which run() is: 2 steps of 256
+        assert onnx_pred.groups[0].steps[256].sess is not None
     finally:
         m.close()
 

@@ -136,9 +136,17 @@ def not_served(model_dir, manifest: dict) -> dict[str, str]:
             for a in APPLIANCES if a not in manifest["appliances"]}
 
 
+_shared_arena = False
+
+
 def session_options(threads: int):
     import onnxruntime as ort
 
+    global _shared_arena
+    if not _shared_arena:  # once per process: one memory arena for every session (see below)
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _shared_arena = True
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -147,40 +155,59 @@ def session_options(threads: int):
     # Threads that spin while they wait take the core from the reader on a small box (see
     # InferenceWorker.prepare_process: the same reason as OMP_WAIT_POLICY=PASSIVE for torch).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The sessions of the step sizes run one at a time: in one arena the largest step's memory
+    # serves them all, where each of its own kept its peak (~3 MB more for the daemon).
+    so.add_session_config_entry("session.use_env_allocators", "1")
     so.log_severity_level = 3
     return so
 
 
 class _Step:
-    """One graph of a fixed step size n: its session and the arrays bound to it once."""
+    """One graph of a fixed step size n: its session and the arrays bound to it once (the input
+    and layer arrays those of `like`, a graph of the same n: they run one at a time). A `lazy`
+    one is checked now and opened on its first step (the 256-step with heads: only run() and
+    odd counts of samples use it, and a session holds ~2 MB)."""
 
-    def __init__(self, path: Path, sha: str, so, n: int, spec: dict, heads: bool = True):
-        import onnxruntime as ort
-
-        data = path.read_bytes() if path.exists() else b""
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise OnnxExportError(f"ONNX file {path} is {'missing' if not data else 'damaged'} (its SHA-256 is not "
-                                  "the manifest's): export again with `nilmd export`")
-        try:
-            self.sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/...: all one answer here
-            raise OnnxExportError(f"ONNX file {path} does not load ({str(e).splitlines()[0][:200]}): "
-                                  "export again with `nilmd export`") from None
+    def __init__(self, path: Path, sha: str, so, n: int, spec: dict, heads: bool = True, like: "_Step | None" = None,
+                 lazy: bool = False):
+        self.path, self.sha, self.so, self.n, self.heads = path, sha, so, n, heads
         a, ac = spec["n_models"], spec["n_models"] * spec["channels"]
-        self.n = n
-        self.x = np.empty((1, spec["n_features"], 1, n), np.float32)
-        self.hist = [np.zeros((1, ac, 1, min(d, n)), np.float32) for d in spec["dilations"]]
-        self.h = [np.empty((1, ac, 1, n), np.float32) for _ in spec["dilations"]]
+        if like is not None:
+            self.x, self.hist, self.h = like.x, like.hist, like.h
+        else:
+            self.x = np.empty((1, spec["n_features"], 1, n), np.float32)
+            self.hist = [np.zeros((1, ac, 1, min(d, n)), np.float32) for d in spec["dilations"]]
+            self.h = [np.empty((1, ac, 1, n), np.float32) for _ in spec["dilations"]]
         self.power, self.prob = (np.empty((a, n), np.float32), np.empty((a, n), np.float32)) if heads else (None, None)
-        ov = ort.OrtValue.ortvalue_from_numpy  # CPU: wraps the array, no copy
-        self.io = self.sess.io_binding()
-        self._held = []  # the OrtValues must outlive the binding
         # per layer: its dilation, where its history samples go, the newest min(d, n) layer inputs
         self.moves = [(d, into[0, :, 0], h[0, :, 0, n - min(d, n):]) for d, into, h in zip(spec["dilations"], self.hist,
                                                                                           self.h)]
         self.x_in = self.x[0, :, 0]  # [F, n]
+        self.sess = self.io = None
+        data = self._read()
+        if not lazy:
+            self.open(data)
+
+    def _read(self) -> bytes:
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if hashlib.sha256(data).hexdigest() != self.sha:
+            raise OnnxExportError(f"ONNX file {self.path} is {'missing' if not data else 'damaged'} (its SHA-256 is "
+                                  "not the manifest's): export again with `nilmd export`")
+        return data
+
+    def open(self, data: bytes | None = None) -> None:
+        import onnxruntime as ort
+
+        try:
+            self.sess = ort.InferenceSession(data or self._read(), self.so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/...: all one answer here
+            raise OnnxExportError(f"ONNX file {self.path} does not load ({str(e).splitlines()[0][:200]}): "
+                                  "export again with `nilmd export`") from None
+        ov = ort.OrtValue.ortvalue_from_numpy  # CPU: wraps the array, no copy
+        self.io = self.sess.io_binding()
+        self._held = []  # the OrtValues must outlive the binding
         for name, arr, out in ([("x", self.x, False)] + [(f"hist_{i}", v, False) for i, v in enumerate(self.hist)]
-                               + [("power", self.power, True), ("probability", self.prob, True)] * heads
+                               + [("power", self.power, True), ("probability", self.prob, True)] * self.heads
                                + [(f"h_{i}", v, True) for i, v in enumerate(self.h)]):
             self._held.append(ov(arr))
             (self.io.bind_ortvalue_output if out else self.io.bind_ortvalue_input)(name, self._held[-1])
@@ -194,12 +221,13 @@ class _Group:
         self.rows, self.dilations = list(spec["rows"]), list(spec["dilations"])
         self.n_models = spec["n_models"]
         graphs = [(gr, gr["heads"]) for gr in spec["graphs"]]
-        self.steps = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec) for gr, heads in graphs
-                      if heads}
+        quiet = {gr["n"] for gr, heads in graphs if not heads}
+        self.steps = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, lazy=gr["n"] in quiet)
+                      for gr, heads in graphs if heads}
         # A full window wants the outputs of its last piece only: the others run without the
         # skip sum and the heads (~20 % of a step), where the export has such a graph.
-        self.quiet = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, heads=False)
-                      for gr, heads in graphs if not heads}
+        self.quiet = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, False,
+                                     self.steps.get(gr["n"])) for gr, heads in graphs if not heads}
         self.sizes = sorted(self.steps, reverse=True)
         ac = spec["n_models"] * spec["channels"]
         self.hist = [np.zeros((ac, d), np.float32) for d in self.dilations]
@@ -220,7 +248,11 @@ class _Group:
         self.zero()
         n = x.shape[0]
         if (n, m) not in self._spans:
-            self._spans[n, m] = span(n, m + self.receptive_field - 1, self.sizes)
+            # the newest outputs in one small step with heads (the last piece: pieces() sorts
+            # them largest first), what comes before in steps without where there are such
+            tail = min((k for k in self.sizes if k >= m), default=0)
+            need = m + self.receptive_field - 1
+            self._spans[n, m] = tail + span(n - tail, max(need - tail, 0), self.sizes) if need < n else n
         return self.run(x[n - self._spans[n, m]:], m)
 
     def step(self, x: np.ndarray, s: _Step) -> None:
@@ -229,6 +261,8 @@ class _Group:
         s.x_in[:] = x.T  # channels-first, as the graph's convolutions read it
         for buf, (d, into, _) in zip(self.hist, s.moves):  # samples t-d .. t-d+m-1
             _read(buf, t % d, into)
+        if s.io is None:
+            s.open()
         s.sess.run_with_iobinding(s.io)
         t += s.n
         for buf, (d, _, keep) in zip(self.hist, s.moves):  # the newest min(d, n) inputs stay
