@@ -165,12 +165,13 @@ def session_options(threads: int):
 class _Step:
     """One graph of a fixed step size n: its session and the arrays bound to it once (the input
     and layer arrays those of `like`, a graph of the same n: they run one at a time). A `lazy`
-    one is checked now and opened on its first step (the 256-step with heads: only run() and
-    odd counts of samples use it, and a session holds ~2 MB)."""
+    one is checked now and opened on its first step, from the bytes checked (the 256-step with
+    heads: only run() and odd counts of samples use it, and a session holds ~2 MB; the file may
+    be a newer export by then)."""
 
     def __init__(self, path: Path, sha: str, so, n: int, spec: dict, heads: bool = True, like: "_Step | None" = None,
                  lazy: bool = False):
-        self.path, self.sha, self.so, self.n, self.heads = path, sha, so, n, heads
+        self.path, self.so, self.n, self.heads = path, so, n, heads
         a, ac = spec["n_models"], spec["n_models"] * spec["channels"]
         if like is not None:
             self.x, self.hist, self.h = like.x, like.hist, like.h
@@ -184,22 +185,20 @@ class _Step:
                                                                                           self.h)]
         self.x_in = self.x[0, :, 0]  # [F, n]
         self.sess = self.io = None
-        data = self._read()
+        data = path.read_bytes() if path.exists() else b""
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise OnnxExportError(f"ONNX file {path} is {'missing' if not data else 'damaged'} (its SHA-256 is not "
+                                  "the manifest's): export again with `nilmd export`")
+        self._data = data
         if not lazy:
-            self.open(data)
+            self.open()
 
-    def _read(self) -> bytes:
-        data = self.path.read_bytes() if self.path.exists() else b""
-        if hashlib.sha256(data).hexdigest() != self.sha:
-            raise OnnxExportError(f"ONNX file {self.path} is {'missing' if not data else 'damaged'} (its SHA-256 is "
-                                  "not the manifest's): export again with `nilmd export`")
-        return data
-
-    def open(self, data: bytes | None = None) -> None:
+    def open(self) -> None:
         import onnxruntime as ort
 
+        data, self._data = self._data, None
         try:
-            self.sess = ort.InferenceSession(data or self._read(), self.so, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(data, self.so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/...: all one answer here
             raise OnnxExportError(f"ONNX file {self.path} does not load ({str(e).splitlines()[0][:200]}): "
                                   "export again with `nilmd export`") from None
