@@ -28,8 +28,8 @@ from nilmd.config import Config  # noqa: E402
 from nilmd.errors import NilmdError  # noqa: E402
 from nilmd.models import backends, checkpoints  # noqa: E402
 from nilmd.models.model import WaveNILMConfig  # noqa: E402
-from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces, span  # noqa: E402
-from nilmd.models.onnx_export import export, step_sizes  # noqa: E402
+from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces, span, step_sizes  # noqa: E402
+from nilmd.models.onnx_export import export  # noqa: E402
 from nilmd.models.predictor import Predictor  # noqa: E402
 from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
 from test_incremental import Meter  # noqa: E402
@@ -377,6 +377,18 @@ def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change)
     for backend in ("auto", "onnxruntime"):
         choice = backends.choose(cfg_for(tmp_path, backend))
         assert choice.backend == "torch" and expect in choice.fallback and choice.fallback.endswith("with torch instead")
+
+
+def test_an_export_for_another_interval_serves_with_one_line(tmp_path):
+    exported(tmp_path, SET)  # made for 60 s
+    for interval, slow in ((60, False), (1, False), (120, True), (300, True)):
+        choice = backends.choose(cfg_for(tmp_path).replace(inference_interval=interval))
+        assert choice.backend == "onnxruntime" and bool(choice.fallback) == slow, (interval, choice.fallback)
+    assert choice.fallback == (f"the ONNX export in {tmp_path} has no step of 44 samples for INFERENCE_INTERVAL=300 "
+                               "(it was made for another interval): each interval runs as several smaller steps; "
+                               "`nilmd export --inference-interval 300` makes it")
+    export(tmp_path, interval=300)
+    assert not backends.choose(cfg_for(tmp_path).replace(inference_interval=300)).fallback
 
 
 def test_no_export_is_torch_without_a_warning_under_auto(tmp_path, monkeypatch):

@@ -41,6 +41,13 @@ def graph_filename(k: int, n: int, heads: bool = True) -> str:
     return f"nilmd-onnx-group{k}-step{n}{'' if heads else '-nohead'}.onnx"
 
 
+def step_sizes(interval: int) -> list[int]:
+    """The step sizes exported: CHUNK (full windows and long inputs), the daemon's interval (one
+    longer than CHUNK as CHUNKs and its remainder: a graph's activations grow with its step), 1."""
+    interval = int(interval)
+    return sorted({CHUNK, interval if interval <= CHUNK else interval % CHUNK or 1, 1}, reverse=True)
+
+
 PIECE_SAMPLES = 20  # a step costs about what 20 samples do (~0.1 ms against ~5 us a sample, shipped models)
 
 
@@ -330,6 +337,17 @@ class OnnxPredictor(RingFollower):
         self.groups = [_Group(Path(model_dir), g, so) for g in manifest["groups"]]
         self.full_recomputes = 0
         self.reset()
+
+    def slow_for(self, interval: int) -> str:
+        """One line when the export lacks the steps of `interval` (made for another one: each
+        interval then runs as several smaller steps), else ""."""
+        have = {n for g in self.groups for n in g.steps}
+        lacking = sorted(set(step_sizes(interval)) - have)
+        if not lacking:
+            return ""
+        return (f"the ONNX export in {self.model_dir} has no step of {lacking[0]} samples for INFERENCE_INTERVAL="
+                f"{interval} (it was made for another interval): each interval runs as several smaller steps; "
+                f"`nilmd export --inference-interval {interval}` makes it")
 
     def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """features float32 [T, F] -> (power W [A, T], probability [A, T]). Stateless: the

@@ -39,7 +39,7 @@ from nilmd.appliances import checkpoint_filename
 from nilmd.errors import NilmdError
 from nilmd.models import checkpoints
 from nilmd.models.fused import FusedWaveNILM
-from nilmd.models.onnx_backend import CHUNK, FORMAT_VERSION, MANIFEST, graph_filename, sha256
+from nilmd.models.onnx_backend import CHUNK, FORMAT_VERSION, MANIFEST, graph_filename, sha256, step_sizes
 
 OPSET = 17  # ONNX Runtime >= 1.17 runs it (the onnxruntime extra's floor)
 IR_VERSION = 8
@@ -122,13 +122,6 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> on
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
-
-
-def step_sizes(interval: int) -> list[int]:
-    """The step sizes exported: CHUNK (full windows and long inputs), the daemon's interval (one
-    longer than CHUNK as CHUNKs and its remainder: a graph's activations grow with its step), 1."""
-    interval = int(interval)
-    return sorted({CHUNK, interval if interval <= CHUNK else interval % CHUNK or 1, 1}, reverse=True)
 
 
 def export(model_dir, out_dir=None, ckpts: dict | None = None, interval: int = 60) -> dict:
