@@ -336,7 +336,7 @@ def test_an_export_that_matches_is_chosen(tmp_path):
                                     "malformed manifest", "old format"])
 def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change):
     exported(tmp_path, SET)
-    graph = tmp_path / "nilmd-onnx-group0-step1.onnx"
+    graph = tmp_path / "nilmd-onnx-group0-step60.onnx"  # (the daemon's, INFERENCE_INTERVAL=60: opened at load)
     if change == "retrained":
         write_set(tmp_path, {APPLIANCES[1]: SMALL}, seed=9)
         expect = f"checkpoint {tmp_path / checkpoint_filename(APPLIANCES[1])} changed since"
@@ -354,7 +354,7 @@ def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change)
     elif change == "garbage graph":  # the manifest vouches for it, ONNX Runtime does not load it
         graph.write_bytes(b"not a graph")
         manifest = json.loads((tmp_path / MANIFEST).read_text())
-        next(gr for gr in manifest["groups"][0]["graphs"] if gr["n"] == 1)["sha256"] = \
+        next(gr for gr in manifest["groups"][0]["graphs"] if gr["n"] == 60)["sha256"] = \
             hashlib.sha256(b"not a graph").hexdigest()
         (tmp_path / MANIFEST).write_text(json.dumps(manifest))
         expect = f"ONNX file {graph} does not load"
@@ -377,6 +377,21 @@ def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change)
     for backend in ("auto", "onnxruntime"):
         choice = backends.choose(cfg_for(tmp_path, backend))
         assert choice.backend == "torch" and expect in choice.fallback and choice.fallback.endswith("with torch instead")
+
+
+def test_the_graphs_the_schedule_never_needs_open_on_first_use(tmp_path):
+    torch_pred, _ = exported(tmp_path, SET)
+
+    def opened(pred):
+        return [n for n, s in sorted(pred.groups[0].steps.items()) if s.sess is not None]
+
+    assert opened(backends.load(cfg_for(tmp_path).replace(inference_interval=1)).predictor) == [1]
+    pred = backends.load(cfg_for(tmp_path)).predictor  # INFERENCE_INTERVAL=60
+    assert opened(pred) == [60] and pred.groups[0].quiet[256].sess is not None
+    x = features(257, seed=4)
+    power, prob = pred.run(x)  # 256 + 1, every output: the 256-step with heads and the 1-s step open now
+    assert opened(pred) == [1, 60, 256]
+    assert_matches_models(torch_pred, x, power, prob)
 
 
 def test_an_export_for_another_interval_serves_with_one_line(tmp_path):

@@ -72,7 +72,7 @@ def _onnx(cfg) -> tuple[object, str, bool]:
     from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor
 
     try:
-        return OnnxPredictor(cfg.model_dir, threads=cfg.threads or 1), "", False
+        return OnnxPredictor(cfg.model_dir, threads=cfg.threads or 1, interval=cfg.inference_interval), "", False
     except OnnxExportError as e:
         return None, str(e), isinstance(e, NoExport)
 

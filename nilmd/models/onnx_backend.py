@@ -172,9 +172,9 @@ def session_options(threads: int):
 class _Step:
     """One graph of a fixed step size n: its session and the arrays bound to it once (the input
     and layer arrays those of `like`, a graph of the same n: they run one at a time). A `lazy`
-    one is checked now and opened on its first step, from the bytes checked (the 256-step with
-    heads: only run() and odd counts of samples use it, and a session holds ~2 MB; the file may
-    be a newer export by then)."""
+    one is checked now and opened on its first step, from the bytes checked (the file may be a
+    newer export by then): a session holds ~1.5-2 MB, its file 0.7, and the daemon's schedule
+    never needs some (the 256-step with heads: run() and odd counts of samples)."""
 
     def __init__(self, path: Path, sha: str, so, n: int, spec: dict, heads: bool = True, like: "_Step | None" = None,
                  lazy: bool = False):
@@ -223,12 +223,14 @@ class _Group:
     """One architecture group: a graph per step size, its rows in appliance order, and each
     layer's history: hist[i] [A*C, d_i], sample t of the sequence in column t mod d_i."""
 
-    def __init__(self, model_dir: Path, spec: dict, so):
+    def __init__(self, model_dir: Path, spec: dict, so, eager=None):
+        """eager: the step sizes to open now (None: all but the 256-step with heads)."""
         self.rows, self.dilations = list(spec["rows"]), list(spec["dilations"])
         self.n_models = spec["n_models"]
         graphs = [(gr, gr["heads"]) for gr in spec["graphs"]]
         quiet = {gr["n"] for gr, heads in graphs if not heads}
-        self.steps = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, lazy=gr["n"] in quiet)
+        lazy = (lambda n: n in quiet) if eager is None else (lambda n: n not in eager)
+        self.steps = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, lazy=lazy(gr["n"]))
                       for gr, heads in graphs if heads}
         # A full window wants the outputs of its last piece only: the others run without the
         # skip sum and the heads (~20 % of a step), where the export has such a graph.
@@ -326,7 +328,9 @@ class OnnxPredictor(RingFollower):
     backend = "onnxruntime"
     device = Device("cpu")
 
-    def __init__(self, model_dir, threads: int = 1):
+    def __init__(self, model_dir, threads: int = 1, interval: int | None = None):
+        """interval: the daemon's INFERENCE_INTERVAL: the graphs its schedule never needs (an
+        interval of 60 s needs no 1-s step) open on first use instead of at load."""
         manifest = read_manifest(model_dir)
         so = session_options(max(1, threads))
         self.model_dir = str(model_dir)
@@ -334,7 +338,8 @@ class OnnxPredictor(RingFollower):
         self.appliances = list(manifest["appliances"])
         self.probability_thresholds = np.array(manifest["probability_thresholds"], np.float32)
         self.receptive_field = int(manifest["receptive_field"])
-        self.groups = [_Group(Path(model_dir), g, so) for g in manifest["groups"]]
+        eager = None if interval is None else set(pieces(interval, step_sizes(interval)))  # a step and a recompute
+        self.groups = [_Group(Path(model_dir), g, so, eager) for g in manifest["groups"]]
         self.full_recomputes = 0
         self.reset()
 
