@@ -48,3 +48,8 @@ def predictions_stream(building: str) -> str:
 def runs_key(building: str) -> str:
     """The run tracker's state per appliance, so that a restarted inference continues a run."""
     return f"nilm:{building}:runs"
+
+
+def lease_key(building: str) -> str:
+    """Which nilmd instance serves the building, with --leases (nilmd.daemon.sharing)."""
+    return f"nilm:{building}:lease"

@@ -28,7 +28,8 @@ from nilmd.config import Config  # noqa: E402
 from nilmd.errors import NilmdError  # noqa: E402
 from nilmd.models import backends, checkpoints  # noqa: E402
 from nilmd.models.model import WaveNILMConfig  # noqa: E402
-from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces, span, step_sizes  # noqa: E402
+from nilmd.models.onnx_backend import (MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces, span,  # noqa: E402
+                                       step_sizes)
 from nilmd.models.onnx_export import export  # noqa: E402
 from nilmd.models.predictor import Predictor  # noqa: E402
 from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
@@ -103,8 +104,8 @@ def test_export_is_deterministic(tmp_path):
     export(tmp_path / "a")
     export(tmp_path / "b")
     files = sorted(p.name for p in (tmp_path / "a").glob("nilmd-onnx*"))
-    assert files == sorted(f"nilmd-onnx-group{k}-step{n}.onnx" for k in range(3) for n in ("256", "256-nohead", 60, 1)) \
-        + [MANIFEST]
+    steps = ("256", "256-nohead", 60, 1)
+    assert files == sorted(f"nilmd-onnx-group{k}-step{n}.onnx" for k in range(3) for n in steps) + [MANIFEST]
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 

@@ -8,12 +8,14 @@ y[t] = h[t-d] @ W_prev + h[t] @ W_cur + b.
 
 Same arithmetic as nilmd.models.model.WaveNILM, rearranged (each change exact or a float32 rounding):
   * the input scales are folded into the input conv's weights;
-  * sigmoid(g) = (1 + tanh(g/2)) / 2: the gate rows of the conv are halved and the out conv's
-    weights are halved, so a layer's gate is one tanh over [filter, gate] and one addcmul
-    (sigmoid is several times slower than tanh on CPU, and powers of two scale exactly);
+  * tanh(f) = 2 sigmoid(2f) - 1: the filter rows of the conv are doubled and the out conv's
+    weights are doubled, so a layer's gate is one sigmoid over [filter, gate], a subtraction and
+    a multiply: (sigmoid(2f) - 1/2) * sigmoid(g) = tanh(f) * sigmoid(g) / 2 (torch 2.13's CPU tanh
+    costs ~4x its sigmoid, measured on this project's AVX-512 box; powers of two scale exactly);
   * the skip sum and the head run only for the samples whose output is wanted (the newest
     interval, not the whole window); the last layer's residual is never made;
   * the head's sigmoids are one sigmoid_ over [mask, on] logits.
+nilmd.models.fleet runs the same `gate` and `head` over many buildings' states at once.
 
 Incremental ("fast WaveNet generation", Paine et al. 2016). Layer i's input at t is only ever
 needed again at t + 2**i, so a State keeps each layer's last `dilation` inputs followed by room
@@ -54,16 +56,16 @@ class FusedWaveNILM(nn.Module):
         def layers(get):
             return torch.stack([stack(lambda m: get(m.layers[i])) for i in range(self.depth)])
 
-        gate_half = torch.cat([torch.ones(C), torch.full((C,), 0.5)])  # [filter rows, gate rows]
+        doubled = torch.cat([torch.full((C,), 2.0), torch.ones(C)])  # [filter rows, gate rows]
         buffers = {
             "w_in": stack(lambda m: (m.inp.weight[:, :, 0] * m.inv_scale.view(1, -1)).T),  # [A, F, C]
             "b_in": stack(lambda m: m.inp.bias.view(1, C)),
-            "w_prev": layers(lambda l: (l.conv.weight[:, :, 0] * gate_half[:, None]).T),  # [D, A, C, 2C]
-            "w_cur": layers(lambda l: (l.conv.weight[:, :, 1] * gate_half[:, None]).T),
-            "b_conv": layers(lambda l: (l.conv.bias * gate_half).view(1, 2 * C)),
-            "w_res": layers(lambda l: 0.5 * l.out.weight[:C, :, 0].T),  # [D, A, C, C]
+            "w_prev": layers(lambda l: (l.conv.weight[:, :, 0] * doubled[:, None]).T),  # [D, A, C, 2C]
+            "w_cur": layers(lambda l: (l.conv.weight[:, :, 1] * doubled[:, None]).T),
+            "b_conv": layers(lambda l: (l.conv.bias * doubled).view(1, 2 * C)),
+            "w_res": layers(lambda l: 2.0 * l.out.weight[:C, :, 0].T),  # [D, A, C, C]
             "b_res": layers(lambda l: l.out.bias[:C].view(1, C)),
-            "w_skip": layers(lambda l: 0.5 * l.out.weight[C:, :, 0].T),  # [D, A, C, C]
+            "w_skip": layers(lambda l: 2.0 * l.out.weight[C:, :, 0].T),  # [D, A, C, C]
             "b_skip": stack(lambda m: sum(l.out.bias[C:] for l in m.layers).view(1, C)),
             "w_h1": stack(lambda m: m.head.hidden.weight[:, :, 0].T),  # [A, C, H]
             "b_h1": stack(lambda m: m.head.hidden.bias.view(1, -1)),
@@ -128,10 +130,8 @@ class FusedWaveNILM(nn.Module):
         for i, (w_cur, w_prev, b_conv, w_res, b_res, _) in enumerate(layers):
             h, d = st.hist[i], self.dilations[i]
             cur = h.narrow(1, d + q, n)
-            y = torch.baddbmm(b_conv, cur, w_cur).baddbmm_(h.narrow(1, q, n), w_prev).tanh_()
-            # tanh(f) * (1 + tanh(g/2)) = 2 * tanh(f) * sigmoid(g); the 1/2 is in w_res, w_skip
-            f = y[..., :C]
-            z = torch.addcmul(f, f, y[..., C:], out=st.z[i].narrow(1, 0, n))
+            y = torch.baddbmm(b_conv, cur, w_cur).baddbmm_(h.narrow(1, q, n), w_prev)
+            z = gate(y, C, out=st.z[i].narrow(1, 0, n))
             if i + 1 < self.depth:
                 nxt = st.hist[i + 1].narrow(1, self.dilations[i + 1] + q, n)
                 torch.add(torch.baddbmm(cur, z, w_res), b_res, out=nxt)
@@ -141,9 +141,22 @@ class FusedWaveNILM(nn.Module):
         s = self.b_skip
         for z, (*_, w_skip) in zip(st.z, layers):
             s = torch.baddbmm(s, z.narrow(1, n - need, need), w_skip)
-        g = torch.baddbmm(self.b_h1, s.relu_(), self.w_h1).relu_()
-        out = torch.baddbmm(self.b_h2, g, self.w_h2).sigmoid_()  # [A, need, 2]: mask, on probability
-        return out[..., 0] * x[n - need:, 0].clamp_min(0.0), out[..., 1]
+        return head(self, s, x[n - need:, 0])
+
+
+def gate(y: torch.Tensor, C: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., 2C] conv outputs [2f, g] (the folded weights) -> [..., C] tanh(f) * sigmoid(g) / 2;
+    the 2 is in w_res and w_skip. Overwrites y."""
+    s = y.sigmoid_()
+    return torch.mul(s[..., :C].sub_(0.5), s[..., C:], out=out)
+
+
+def head(net: FusedWaveNILM, skip: torch.Tensor, aggregate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skip sums [A, t, C] (consumed) and the aggregate power [t] (broadcast from the right) -> (power W,
+    on probability), each [A, t]."""
+    g = torch.baddbmm(net.b_h1, skip.relu_(), net.w_h1).relu_()
+    out = torch.baddbmm(net.b_h2, g, net.w_h2).sigmoid_()  # [A, t, 2]: mask, on probability
+    return out[..., 0] * aggregate.clamp_min(0.0), out[..., 1]
 
 
 class State:

@@ -121,7 +121,8 @@ def read_manifest(model_dir) -> dict:
     wrong = [k for k, kind in need.items() if not isinstance(manifest.get(k), kind)]
     if wrong or not all(isinstance(g, dict) and {"graphs", "rows", "n_models", "dilations", "n_features"} <= set(g)
                         and isinstance(g["graphs"], list)
-                        and all(isinstance(gr, dict) and {"n", "heads", "file", "sha256"} <= set(gr) for gr in g["graphs"])
+                        and all(isinstance(gr, dict) and {"n", "heads", "file", "sha256"} <= set(gr)
+                                for gr in g["graphs"])
                         and {1} <= {gr["n"] for gr in g["graphs"] if gr["heads"]}  # any count is a sum of them
                         for g in manifest["groups"]):
         raise OnnxExportError(f"ONNX manifest {path} is malformed ({', '.join(wrong) or 'groups'}): {again}")

@@ -87,19 +87,21 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> on
         # over it reads h[t - d] and h[t] for every new t (for d >= n, history sample j is t_j - d).
         pair = g.op("Concat", [f"hist_{i}", h], f"l{i}_pair", axis=3)  # [1, A*C, 1, m + n]
         taps = np.stack([w["w_prev"][i], w["w_cur"][i]])  # [2 taps: t-d, t; A, C, 2C]
-        f = g.op("Tanh", [conv(f"l{i}_f", pair, taps[..., :C], w["b_conv"][i][..., :C], m)], f"l{i}_tf")
-        # The fused net's gate rows and res/skip weights are halved (sigmoid through tanh there);
-        # ONNX Runtime fuses a Sigmoid into the conv, so undo it (powers of two: exact).
-        gate = g.op("Sigmoid", [conv(f"l{i}_g", pair, 2 * taps[..., C:], 2 * w["b_conv"][i][..., C:], m)], f"l{i}_sg")
+        # The fused net's filter rows and res/skip weights are doubled (its tanh through a sigmoid,
+        # nilmd.models.fused.gate); ONNX Runtime fuses the activations into the convs, so undo it
+        # (powers of two: exact).
+        f = conv(f"l{i}_f", pair, 0.5 * taps[..., :C], 0.5 * w["b_conv"][i][..., :C], m)
+        f = g.op("Tanh", [f], f"l{i}_tf")
+        gate = g.op("Sigmoid", [conv(f"l{i}_g", pair, taps[..., C:], w["b_conv"][i][..., C:], m)], f"l{i}_sg")
         z = g.op("Mul", [f, gate], f"l{i}_z")  # [1, A*C, 1, n]
         # The skip sum accumulates layer by layer: ONNX Runtime fuses each Add into the conv
         # before it, and z never leaves the blocked layout (one conv over all layers' z stacked
         # needed a reorder and a transpose of every z).
         if heads:
-            s = conv(f"l{i}_skip", z, 2 * w["w_skip"][i], w["b_skip"] if i == 0 else None)
+            s = conv(f"l{i}_skip", z, 0.5 * w["w_skip"][i], w["b_skip"] if i == 0 else None)
             skip = s if skip is None else g.op("Add", [s, skip], f"l{i}_skip_sum")
         if i + 1 < D:
-            h = g.op("Add", [conv(f"l{i}_res", z, 2 * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
+            h = g.op("Add", [conv(f"l{i}_res", z, 0.5 * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
     outputs = []
     if heads:
         hid = g.op("Relu", [conv("head1", g.op("Relu", [skip], "skip_relu"), w["w_h1"], w["b_h1"])], "head1_relu")

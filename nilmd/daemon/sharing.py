@@ -1,0 +1,144 @@
+"""Several nilmd instances sharing one building list without overlap (README, "Past one box").
+
+Static shards (`--shard K/N`): instance K of N serves the buildings whose stable hash falls in its
+shard. Nothing moves by itself: an instance that dies leaves its buildings unserved until it is
+back (systemd restarts it), and changing N moves about (N-1)/N of the buildings. For a fixed fleet
+of boxes that are each restarted by systemd.
+
+Leases (`--leases`): every instance is given the whole list and serves the buildings whose lease
+it holds. A lease is a key `nilm:<id>:lease` holding the instance's token, SET NX PX (the holder
+renews it on its heartbeat, a third of the lease period); when an instance dies its leases expire
+and the others take its buildings within a lease period and a renewal, warm from their input
+streams in stream mode (the position is in Redis). Who should hold what is decided by rendezvous
+hashing over the live instances, so every instance computes the same answer alone, a new or a
+departed instance moves only its own share, and an instance gives a building back once the one it
+belongs to is live. Live instances register in one sorted set, `nilm:nilmd:instances`, scored by
+the Redis server's clock (never the boxes': their clocks need not agree).
+
+A lease is not a fence: an instance stalled for longer than a lease period (SIGSTOP, a frozen VM)
+may write a building's predictions once more after another took it over, until its next renewal
+finds the lease gone. The lease period bounds that window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+import time
+
+from nilmd import keys
+
+INSTANCES_KEY = "nilm:nilmd:instances"
+
+# One round trip, server-clock based: register (score = expiry, ms), forget the expired, list the live.
+_REGISTER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+# Renew (ARGV[2] > 0) or release (ARGV[2] == 0) a lease, only while it is ours.
+_KEEP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' (1 <= K <= N) -> (K, N); ValueError with the rule otherwise."""
+    k, sep, n = text.partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        k = n = 0
+    if not sep or not 1 <= k <= n:
+        raise ValueError(f"{text!r} is not K/N with 1 <= K <= N (e.g. 2/3: the second of three instances)")
+    return k, n
+
+
+def in_shard(buildings: list[str], k: int, n: int) -> list[str]:
+    """The buildings of shard K of N, by a stable hash of the id (the same on every box and run)."""
+    return [b for b in buildings if _hash(b) % n == k - 1]
+
+
+def owner(building: str, instances: list[str]) -> str:
+    """The live instance a building belongs to (rendezvous hashing): every instance agrees alone."""
+    return max(instances, key=lambda name: _hash(f"{building}|{name}"))
+
+
+def default_name(state_dir: str) -> str:
+    """Stable across restarts (so an instance's buildings come back to it), one per host and state dir."""
+    return f"{socket.gethostname()}:{os.path.abspath(state_dir)}"
+
+
+class Leases:
+    """One instance's leases. `claim(candidates)` once per renewal period returns the buildings it
+    holds now; the caller serves exactly those."""
+
+    def __init__(self, client, name: str, period_s: float, errors=(Exception,), clock=time.monotonic):
+        self.client = client
+        self.name = name
+        self.token = f"{name}#{secrets.token_hex(6)}"  # unique to this life: two lives never share a lease
+        self.period_ms = int(period_s * 1000)
+        self.errors = errors
+        self.clock = clock
+        self.held: set[str] = set()
+        self.instances: list[str] = []
+        self.renewed_at = -float("inf")  # clock() of the last claim Redis answered
+
+    def live(self) -> list[str]:
+        """Register this instance and return the names of the live ones (sorted, this one included)."""
+        tokens = self.client.eval(_REGISTER, 1, INSTANCES_KEY, self.token, self.period_ms)
+        return sorted({(t.decode() if isinstance(t, bytes) else t).rpartition("#")[0] for t in tokens} | {self.name})
+
+    def claim(self, candidates: list[str]) -> set[str]:
+        """Renew what is held, take what belongs here and is free, give back what belongs to another
+        live instance. Redis unreachable: what is held is kept until it has run out (a lease period
+        after the last renewal), then nothing is held, since another instance may have taken it."""
+        started = self.clock()
+        try:
+            self.held = self._claim(candidates)
+            self.renewed_at = started
+        except self.errors:
+            if started - self.renewed_at > self.period_ms / 1000:
+                self.held = set()
+            raise
+        return set(self.held)
+
+    def _claim(self, candidates: list[str]) -> set[str]:
+        self.instances = self.live()
+        mine = {b for b in candidates if owner(b, self.instances) == self.name}
+        held = sorted(self.held & set(candidates))
+        take = sorted(mine - self.held)
+        pipe = self.client.pipeline(transaction=False)
+        for b in held:  # renewed if it still belongs here, else given back
+            pipe.eval(_KEEP, 1, keys.lease_key(b), self.token, self.period_ms if b in mine else 0)
+        for b in take:
+            pipe.set(keys.lease_key(b), self.token, nx=True, px=self.period_ms)
+        replies = pipe.execute(raise_on_error=False)
+        now = set()
+        for b, reply in zip(held, replies[:len(held)]):
+            if b in mine and (reply == 1 or isinstance(reply, Exception)):  # refused: the next renewal decides
+                now.add(b)
+        for b, reply in zip(take, replies[len(held):]):
+            if reply is True:
+                now.add(b)
+        return now
+
+    def release_all(self) -> None:
+        """A clean stop: give every lease back at once, so the others need not wait for them to expire."""
+        pipe = self.client.pipeline(transaction=False)
+        for b in sorted(self.held):
+            pipe.eval(_KEEP, 1, keys.lease_key(b), self.token, 0)
+        pipe.zrem(INSTANCES_KEY, self.token)
+        pipe.execute(raise_on_error=False)
+        self.held = set()
