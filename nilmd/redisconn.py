@@ -3,6 +3,11 @@
 
 Callers own reconnection with backoff (nilmd.backoff): the client retries a failed command only
 briefly, so a dead Redis shows up quickly as an error the process can count and report.
+
+With REDIS_CLUSTER (README "Redis Cluster") the same settings make a redis-py RedisCluster that
+finds the cluster from REDIS_HOST:REDIS_PORT; callers do not tell the two apart. It follows MOVED
+by itself, and on a lost connection it reads the topology again before its one retry, so after a
+failover the callers' next try (their backoff) finds the promoted replica.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ from nilmd.config import Config
 # Everything a Redis call can raise: a lost connection, and every refusal (OOM, NOPERM, READONLY,
 # LOADING, BUSY, a reply error). A daemon's Redis call catches all of these, counts and logs them
 # (nilmd.errors.redis_error) and goes on: one refused command must never end a loop.
-ERRORS = (redis.RedisError, OSError)
+# redis-py's RedisClusterException (no node reachable, a slot not covered) is no RedisError.
+ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
-def client(cfg: Config, *, name: str, socket_timeout: float | None = 5.0) -> redis.Redis:
+def client(cfg: Config, *, name: str, socket_timeout: float | None = 5.0):
+    """A redis.Redis, or with REDIS_CLUSTER a client of the cluster (Cluster, below)."""
     kwargs = dict(
         host=cfg.redis_host,
         port=cfg.redis_port,
-        db=cfg.redis_db,
         username=cfg.redis_username or None,
         password=cfg.redis_password or None,
         socket_timeout=socket_timeout,
@@ -36,13 +42,49 @@ def client(cfg: Config, *, name: str, socket_timeout: float | None = 5.0) -> red
     if cfg.redis_tls:
         kwargs.update(ssl=True, ssl_ca_certs=cfg.redis_tls_ca or None, ssl_certfile=cfg.redis_tls_cert or None,
                       ssl_keyfile=cfg.redis_tls_key or None)
-    return redis.Redis(**kwargs)
+    if cfg.redis_cluster:
+        return Cluster(kwargs)
+    return redis.Redis(db=cfg.redis_db, **kwargs)
+
+
+class Cluster:
+    """A redis.RedisCluster made on first use: unlike redis.Redis, its constructor connects (it
+    reads the topology), and a daemon that starts while Redis is away must not fail there but
+    in its first command, which its caller counts and tries again. Everything else is the
+    RedisCluster's own, but pubsub(): see there."""
+
+    def __init__(self, kwargs: dict):
+        self._kwargs = kwargs
+        self._cluster = None
+
+    def _get(self) -> redis.RedisCluster:
+        if self._cluster is None:
+            self._cluster = redis.RedisCluster(**self._kwargs)
+        return self._cluster
+
+    def __getattr__(self, attr):
+        return getattr(self._get(), attr)
+
+    def pubsub(self, **kw):
+        """Classic pub/sub reaches every node's subscribers, so any node serves; the client picks
+        the master of the channel's slot from its slot table, which nothing refreshes while
+        only a subscription uses the client: read the topology again first, so that a reader
+        subscribing again after a failover does not go back to the dead master."""
+        cluster = self._get()
+        cluster.nodes_manager.initialize()
+        return cluster.pubsub(**kw)
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()
 
 
 def describe(cfg: Config) -> str:
     """Where we connect, for error lines (never the password)."""
     scheme = "rediss" if cfg.redis_tls else "redis"
     user = f"{cfg.redis_username}@" if cfg.redis_username else ""
+    if cfg.redis_cluster:
+        return f"{scheme}+cluster://{user}{cfg.redis_host}:{cfg.redis_port}"
     return f"{scheme}://{user}{cfg.redis_host}:{cfg.redis_port}/{cfg.redis_db}"
 
 

@@ -24,7 +24,7 @@ from nilmd import keys, schedule
 from nilmd.appliances import APPLIANCES
 from nilmd.backoff import Backoff
 from nilmd.config import Config
-from nilmd.daemon.ledger import Ledger
+from nilmd.daemon.ledger import PENDING_MAX, Ledger
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError, redis_error
 from nilmd.daemon.worker import Worker
 
@@ -49,7 +49,9 @@ class RedisPublisher:
         try:
             counted = self._ledger_ready()
             pipe = self.client.pipeline(transaction=False)
-            pipe.publish(keys.predictions_channel(self.b), text)
+            # execute_command: a cluster pipeline refuses .publish() (PUBLISH has no key to route
+            # by), but sends it to any node, and classic pub/sub reaches every node's subscribers.
+            pipe.execute_command("PUBLISH", keys.predictions_channel(self.b), text)
             pipe.set(keys.latest_key(self.b), text)
             pipe.hset(keys.status_key(self.b), mapping={
                 "last_inference_ts": prediction["timestamp"],
@@ -61,11 +63,15 @@ class RedisPublisher:
             published, *stored = pipe.execute(raise_on_error=False)
         except self.errors as e:
             published, stored = e, []
+        stored, parts = stored[:2], stored[2:]
         if counted:
-            reply = stored.pop() if stored else published
-            self.ledger.settle(reply)
-            if isinstance(reply, Exception) and not isinstance(published, Exception):
-                self._failed(reply, "could not count a prediction's energy and events", "ledger")
+            error, dropped = self.ledger.settle(parts or published)
+            if error is not None:
+                self._failed(error, "could not count a prediction's energy and events yet (tried again with the "
+                             "next one)", "ledger")
+            for part in dropped:
+                self.log.error("gave up counting the %s of the interval ending %s: Redis did not take it while "
+                               "%d later parts waited", part.kind, part.window_end, PENDING_MAX)
         if isinstance(published, Exception):
             # The caller keeps the prediction and tries again (InferenceWorker.serve).
             self._failed(published, "could not publish a prediction")
