@@ -79,6 +79,13 @@ class Cluster:
             self._cluster.close()
 
 
+def publish(pipe, channel: str, message: str) -> None:
+    """Queue a PUBLISH on a pipeline of either client. A cluster's pipeline refuses .publish()
+    (PUBLISH has no key to route it by) but sends the command itself to a node, and classic
+    pub/sub carries a message to the subscribers of every node."""
+    pipe.execute_command("PUBLISH", channel, message)
+
+
 def describe(cfg: Config) -> str:
     """Where we connect, for error lines (never the password)."""
     scheme = "rediss" if cfg.redis_tls else "redis"

@@ -127,13 +127,7 @@ class RedisCluster:
         import redis
 
         for port in self.ports:
-            node_dir = self.workdir / str(port)
-            node_dir.mkdir(parents=True, exist_ok=True)
-            self.procs[port] = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout",
-                 str(self.node_timeout_ms), "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._spawn(port)
         try:
             for port in self.ports:
                 with redis.Redis(port=port) as c:
@@ -147,6 +141,29 @@ class RedisCluster:
             self.stop()
             raise
         return self
+
+    def _spawn(self, port: int) -> None:
+        node_dir = self.workdir / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", str(self.node_timeout_ms),
+             "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def restart(self, port: int, timeout: float = 60.0) -> None:
+        """A killed node back: it rejoins from its nodes.conf (a replica of whoever took over)."""
+        self._spawn(port)
+        self.wait_ok(timeout)
+
+    def replica_of(self, port: int) -> int:
+        """The port of the live replica of the master on `port`."""
+        import redis
+
+        with redis.Redis(port=port) as c:
+            me = next(n["node_id"] for n in c.cluster("nodes").values() if "myself" in n["flags"])
+            return next(int(addr.split(":")[1].split("@")[0]) for addr, n in c.cluster("nodes").items()
+                        if n["master_id"] == me and "fail" not in n["flags"])
 
     def alive(self) -> list[int]:
         return [p for p, proc in self.procs.items() if proc.poll() is None]

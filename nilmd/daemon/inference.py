@@ -37,6 +37,7 @@ class RedisPublisher:
     def __init__(self, cfg: Config, logger, throttle, ctl):
         from nilmd import redisconn
 
+        self.redisconn = redisconn
         self.client = redisconn.client(cfg, name="inference", socket_timeout=2.0)
         self.errors = redisconn.ERRORS  # every Redis error, a refusal (OOM, NOPERM) too
         self.b = cfg.building_id
@@ -49,9 +50,7 @@ class RedisPublisher:
         try:
             counted = self._ledger_ready()
             pipe = self.client.pipeline(transaction=False)
-            # execute_command: a cluster pipeline refuses .publish() (PUBLISH has no key to route
-            # by), but sends it to any node, and classic pub/sub reaches every node's subscribers.
-            pipe.execute_command("PUBLISH", keys.predictions_channel(self.b), text)
+            self.redisconn.publish(pipe, keys.predictions_channel(self.b), text)
             pipe.set(keys.latest_key(self.b), text)
             pipe.hset(keys.status_key(self.b), mapping={
                 "last_inference_ts": prediction["timestamp"],
