@@ -48,35 +48,95 @@ def client(cfg: Config, *, name: str, socket_timeout: float | None = 5.0):
 
 
 class Cluster:
-    """A redis.RedisCluster made on first use: unlike redis.Redis, its constructor connects (it
-    reads the topology), and a daemon that starts while Redis is away must not fail there but
-    in its first command, which its caller counts and tries again. Everything else is the
-    RedisCluster's own, but pubsub(): see there."""
+    """A redis.RedisCluster made on first use, kept working across failovers; otherwise the
+    RedisCluster's own methods (and pubsub(), see there).
+
+    - Made on first use: unlike redis.Redis its constructor connects (it reads the topology), and
+      a daemon that starts while Redis is away must fail in its first command, which its caller
+      counts and tries again, not in a constructor.
+    - redis-py 8.1's cluster client can trip over its own topology while a master fails over
+      (an AttributeError on a node it no longer has, seen in tests/test_cluster.py): that is
+      raised as a ConnectionError, which every caller handles, and the client is made again,
+      seeded with every node the old one knew, so that it finds the cluster even when the node
+      REDIS_HOST:REDIS_PORT names is the one that died.
+    - After a lost connection it reads the topology again itself, but not on every path: a
+      pipeline asks its "default node" for the keys of an EVAL (COMMAND GETKEYS) and, that node
+      dead, fails the same way for ever. So on a lost connection the topology is read again
+      here too (a new default node among the live masters), and the caller's next try works.
+    """
 
     def __init__(self, kwargs: dict):
         self._kwargs = kwargs
         self._cluster = None
+        self._known: list[tuple[str, int]] = []  # nodes seen, to seed the next client with
 
     def _get(self) -> redis.RedisCluster:
         if self._cluster is None:
-            self._cluster = redis.RedisCluster(**self._kwargs)
+            from redis.cluster import ClusterNode
+
+            seeds = [ClusterNode(host, port) for host, port in self._known] or None
+            kwargs = dict(self._kwargs, startup_nodes=seeds) if seeds else self._kwargs
+            self._cluster = redis.RedisCluster(**kwargs)
         return self._cluster
 
+    def _lost(self, e: Exception):
+        """Forget a client that lost track of the cluster; the error to raise instead."""
+        try:
+            self._known = [(n.host, n.port) for n in self._cluster.get_nodes()] + self._known
+            self._cluster.close()
+        except Exception:  # it is broken: what it knew or closing may fail too
+            pass
+        self._cluster = None
+        return redis.ConnectionError(f"the cluster client lost track of the cluster ({type(e).__name__}: {e}); "
+                                     "reading its topology again")
+
+    def _refresh(self) -> None:
+        try:
+            self._cluster.nodes_manager.initialize()
+        except Exception:  # nothing answers yet: the caller's next try reads it again
+            pass
+
     def __getattr__(self, attr):
-        return getattr(self._get(), attr)
+        value = getattr(self._get(), attr)
+        return _Guarded(value, self) if callable(value) else value
 
     def pubsub(self, **kw):
         """Classic pub/sub reaches every node's subscribers, so any node serves; the client picks
         the master of the channel's slot from its slot table, which nothing refreshes while
         only a subscription uses the client: read the topology again first, so that a reader
         subscribing again after a failover does not go back to the dead master."""
-        cluster = self._get()
-        cluster.nodes_manager.initialize()
-        return cluster.pubsub(**kw)
+        try:
+            cluster = self._get()
+            cluster.nodes_manager.initialize()
+            return cluster.pubsub(**kw)
+        except AttributeError as e:
+            raise self._lost(e) from e
 
     def close(self) -> None:
         if self._cluster is not None:
             self._cluster.close()
+
+
+class _Guarded:
+    """A RedisCluster method (or the pipeline it makes, and that pipeline's execute) run with
+    the repairs of Cluster (see there)."""
+
+    def __init__(self, target, cluster: Cluster):
+        self._target, self._cluster = target, cluster
+
+    def __call__(self, *args, **kwargs):
+        try:
+            result = self._target(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._cluster._refresh()
+            raise
+        except AttributeError as e:
+            raise self._cluster._lost(e) from e
+        return _Guarded(result, self._cluster) if isinstance(result, redis.cluster.ClusterPipeline) else result
+
+    def __getattr__(self, attr):
+        value = getattr(self._target, attr)
+        return _Guarded(value, self._cluster) if attr == "execute" else value
 
 
 def publish(pipe, channel: str, message: str) -> None:

@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 
 import pytest
 import redis
@@ -127,56 +129,100 @@ def stream_len_on(port: int, key: str) -> int:
         return node.xlen(key)
 
 
+def building_on_one_master(redis_cluster, *keyfuncs) -> str:
+    """A building id whose keys `keyfuncs` all lie on one master."""
+    while True:
+        b = f"t{uuid.uuid4().hex[:10]}"
+        if len({redis_cluster.master_of(f(b)) for f in keyfuncs}) == 1:
+            return b
+
+
 @pytest.mark.slow
 def test_a_master_killed_under_a_stream_daemon_loses_nothing(redis_cluster, model_dir, tmp_path):
-    """SIGKILL the master that holds the building's input stream while the daemon reads it: its
-    replica takes over within seconds, the daemon's clients find it by themselves (no child
-    restarts), and every sample and every prediction the data implies is there."""
+    """SIGKILL the master that holds the building's input stream, energy and history while a
+    meter feeds the daemon: its replica takes over within seconds, the daemon's clients find it
+    by themselves (no child restarts), and every sample and every prediction the data implies is
+    there, each counted once."""
     client = redis_cluster.client()
-    d = cluster_daemon(redis_cluster, model_dir, tmp_path, "stream").start()
-    b = d.building
+    d = cluster_daemon(redis_cluster, model_dir, tmp_path, "stream")
+    b = d.building = building_on_one_master(redis_cluster, keys.input_stream, keys.energy_key, keys.predictions_stream)
     stream = keys.input_stream(b)
     victim = redis_cluster.master_of(stream)
+    replica = redis_cluster.replica_of(victim)
+    # the worst case: the node nilmd was told about is the one that dies
+    d.env.update(BUILDING_ID=b, REDIS_PORT=str(victim))
+    d.start()
+    t0 = aligned_start(time.time() - 3000, W, I)
+    first, chunks, kill_after = W + 3 * I, 30, 8
+    total = first + chunks * I
+    sent, ready, killed, failed = [first], threading.Event(), threading.Event(), []
+
+    def meter():
+        """I samples every 0.1 s, each batch tried again until Redis takes it; the kill comes
+        once the replica holds everything sent (what it has not got when its master dies is
+        lost: README "Redis Cluster")."""
+        try:
+            for k in range(chunks):
+                def add():
+                    try:
+                        publish_samples(client, b, I, start=t0 + first + k * I, to="stream")
+                        return True
+                    except (redis.RedisError, redis.exceptions.RedisClusterException):
+                        return False
+                wait_for(add, 60, f"the cluster to take the meter's batch {k}", not_yet=())
+                sent[0] += I
+                if k == kill_after:
+                    wait_for(lambda: stream_len_on(replica, stream) == sent[0], 10, "the replica to catch up")
+                    ready.set()
+                    killed.wait(30)
+                time.sleep(0.1)
+        except BaseException as e:  # the main thread fails with it
+            failed.append(e)
+            ready.set()
+
+    thread = threading.Thread(target=meter, daemon=True)
     try:
         wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
                  f"the daemon to read its stream on the cluster\n{d.log()[-3000:]}")
-        t0 = aligned_start(time.time() - 3000, W, I)
-        first, second = W + 3 * I, 10 * I
         publish_samples(client, b, first, start=t0, to="stream")
         updated = lambda: client.hget(keys.energy_key(b), "updated")  # noqa: E731
         wait_for(lambda: updated() is not None and float(updated()) == t0 + first - 1, 60,
-                 f"the first part to be predicted\n{d.log()[-3000:]}")
-        # Replication is asynchronous: what the replica has not got when its master dies is lost
-        # (README "Redis Cluster"). Here the test makes sure it has it all.
-        replica = redis_cluster.replica_of(victim)
-        wait_for(lambda: stream_len_on(replica, stream) == first, 10, "the replica to hold the whole stream")
-        redis_cluster.kill(victim)
-        killed = time.monotonic()
-
-        def add_second_part():  # a meter that keeps trying, as `nilmd produce` would be restarted
-            try:
-                publish_samples(client, b, second, start=t0 + first, to="stream")
-                return True
-            except (redis.RedisError, redis.exceptions.RedisClusterException):
-                return False
-        wait_for(add_second_part, 60, "the cluster to take writes for the input stream again", not_yet=())
-        took_over = time.monotonic() - killed
-        last = t0 + first + second - 1
+                 f"the first window to be predicted\n{d.log()[-3000:]}")
+        # The inference paused while the meter sends, so that it has windows to publish and
+        # count while the master is dead (its held prediction, the ledger's parts sent again).
+        inference = int(d.status(client)["pid_inference"])
+        os.kill(inference, signal.SIGSTOP)
+        thread.start()
+        try:
+            assert ready.wait(60) and not failed, failed
+            redis_cluster.kill(victim)
+        finally:
+            os.kill(inference, signal.SIGCONT)
+        killed.set()
+        at = time.monotonic()
+        wait_for(lambda: redis_cluster.master_of(stream) == replica, 30, "the replica to take over", not_yet=(
+            redis.RedisError, redis.exceptions.RedisClusterException))
+        took_over = time.monotonic() - at
+        thread.join(120)
+        assert not failed, failed
+        last = t0 + total - 1
         wait_for(lambda: updated() is not None and float(updated()) == last, 90,
                  f"the interval ending {last} to be counted after the failover\n{d.log()[-3000:]}")
-        assert redis_cluster.master_of(stream) == replica
-        assert window_ends(client, b) == [t0 + W - 1 + I * k for k in range(1 + (first + second - W) // I)]
+        assert window_ends(client, b) == [t0 + W - 1 + I * k for k in range(1 + (total - W) // I)]
 
         def settled():
             s = d.status(client)
-            return s if s.get("samples_accepted") == str(first + second) else None
-        status = wait_for(settled, 20, "the status hash to count every sample")
+            return s if s.get("samples_accepted") == str(total) else None
+        status = wait_for(settled, 20, f"the status hash to count every sample\n{d.log()[-3000:]}")
         assert int(status["samples_received"]) == int(status["samples_accepted"]) + int(status["samples_rejected"])
-        assert status["restarts"] == "0", status  # the clients reconnected by themselves
+        assert status["restarts"] == "0", d.log()[-6000:]  # the clients reconnected by themselves
         assert d.stop() == 0, d.log()[-3000:]
-        print(f"failover: writes taken again {took_over:.1f} s after the kill")
+        print(f"failover: the replica took over {took_over:.1f} s after the kill; Redis errors: reader "
+              f"{status['input_errors']}, inference {status['redis_errors_inference']}, supervisor "
+              f"{status['redis_errors_supervisor']}; rejected {status['samples_rejected']}")
     finally:
-        if d.proc.poll() is None:
+        killed.set()
+        if d.proc is not None and d.proc.poll() is None:
             d.stop(signal.SIGKILL)
         client.close()
         if victim not in redis_cluster.alive():
