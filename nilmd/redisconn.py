@@ -170,7 +170,13 @@ ACL_COMMANDS = {
 }
 
 
-def acl_rule(input_mode: str, user: str = "nilmd") -> str:
-    """The ACL SETUSER line for the daemon's user: only its keys and channels, only its commands."""
-    commands = " ".join(f"+{c}" for c in ACL_COMMANDS[input_mode])
+# On a cluster (REDIS_CLUSTER) the client also reads the topology (CLUSTER SLOTS) and the
+# commands' key positions (COMMAND; COMMAND GETKEYS for an EVAL in a pipeline).
+CLUSTER_ACL_COMMANDS = ("cluster|slots", "command")
+
+
+def acl_rule(input_mode: str, user: str = "nilmd", cluster: bool = False) -> str:
+    """The ACL SETUSER line for the daemon's user: only its keys and channels, only its commands
+    (on a cluster: on every node, each keeps its own users)."""
+    commands = " ".join(f"+{c}" for c in ACL_COMMANDS[input_mode] + (CLUSTER_ACL_COMMANDS if cluster else ()))
     return f"ACL SETUSER {user} on >PASSWORD resetkeys ~nilm:* resetchannels &nilm:* nocommands {commands}"

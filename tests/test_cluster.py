@@ -20,6 +20,7 @@ from conftest import ROOT, Daemon, aligned_start, publish_samples, wait_for
 from nilmd import keys
 from nilmd.config import Config
 from nilmd.daemon.ledger import Ledger
+from test_acl import acl_user
 from test_ledger import count, prediction
 
 W, I = 256, 16  # the tests' window and interval (conftest.Daemon)
@@ -61,9 +62,9 @@ def test_the_ledger_counts_on_a_cluster_what_it_counts_on_one_node(redis_cluster
     assert len(got[0]["history"]) == 20 and [e for e in got[0]["events"]], "the input should make runs"
 
 
-def cluster_daemon(redis_cluster, model_dir, tmp_path, mode: str) -> Daemon:
+def cluster_daemon(redis_cluster, model_dir, tmp_path, mode: str, **env) -> Daemon:
     return Daemon(redis_cluster.port, model_dir, tmp_path,
-                  extra_env={"REDIS_CLUSTER": "1", "NILMD_INPUT_MODE": mode})
+                  extra_env={"REDIS_CLUSTER": "1", "NILMD_INPUT_MODE": mode, **env})
 
 
 def window_ends(client, b: str) -> list[float]:
@@ -89,8 +90,11 @@ def drain(sub, quiet: float = 1.0) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pubsub", "stream"])
 def test_the_daemon_serves_a_building_whose_keys_span_the_cluster(mode, redis_cluster, model_dir, tmp_path):
+    """Under the README's ACL rule for a cluster, set on every node."""
     client = redis_cluster.client()
-    d = cluster_daemon(redis_cluster, model_dir, tmp_path, mode).start()
+    nodes = [redis.Redis(port=port) for port in redis_cluster.alive()]
+    user, password = acl_user(nodes, mode, cluster=True)
+    d = cluster_daemon(redis_cluster, model_dir, tmp_path, mode, REDIS_USERNAME=user, REDIS_PASSWORD=password).start()
     b = d.building
     try:
         wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
@@ -111,15 +115,25 @@ def test_the_daemon_serves_a_building_whose_keys_span_the_cluster(mode, redis_cl
         status = d.status(client)
         assert status["samples_received"] == status["samples_accepted"] == str(n), status
         assert status["state"] == "running" and status["input_mode"] == mode
-        env = {**os.environ, "REDIS_CLUSTER": "1", "REDIS_PORT": str(redis_cluster.port), "BUILDING_ID": b}
+        env = {**os.environ, "REDIS_CLUSTER": "1", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis_cluster.port),
+               "BUILDING_ID": b}
         shown = subprocess.run([sys.executable, "-m", "nilmd", "status"], env=env, cwd=ROOT, capture_output=True,
                                text=True, timeout=60)
         assert shown.returncode == 0, shown.stdout + shown.stderr
+        if mode == "stream":
+            checked = subprocess.run([sys.executable, "-m", "nilmd", "check"], env={**env, "MODEL_DIR": str(model_dir)},
+                                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            assert f"redis+cluster://127.0.0.1:{redis_cluster.port} answered" in checked.stdout, checked.stdout
         assert d.stop() == 0, d.log()[-3000:]
+        assert "NOPERM" not in d.log(), d.log()[-3000:]
     finally:
         if d.proc.poll() is None:
             d.stop(signal.SIGKILL)
         client.close()
+        for node in nodes:
+            node.execute_command("ACL", "DELUSER", user)
+            node.close()
 
 
 def stream_len_on(port: int, key: str) -> int:

@@ -6,6 +6,7 @@ shipped models on a simulated house, is tests/test_energy.py."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -162,3 +163,41 @@ def test_days_are_calendar_days_of_the_zone():
     assert end - start == 25 * 3600
     assert days.interval_day(ts(2024, 3, 30, 23, 0, 30), 60, berlin) == ("2024-03-31", "2024-03")
     assert days.interval_day(ts(2024, 3, 30, 23, 0, 29), 60, berlin) == ("2024-03-30", "2024-03")
+
+
+def test_a_held_prediction_whose_parts_were_counted_is_published_once_counted_once(redis_server, redis_client,
+                                                                                   tmp_path):
+    """The inference's publisher, as in its process: PUBLISH refused (the ACL lacks it) while the
+    ledger's parts are taken; the prediction is held, sent again once PUBLISH is allowed, and
+    delivered and counted once."""
+    import logging
+
+    from nilmd.daemon.control import ControlBlock
+    from nilmd.daemon.inference import RedisPublisher
+    from nilmd.log import Throttle
+    from test_acl import acl_user
+
+    user, password = acl_user(redis_client, "pubsub", without=("publish",))
+    c = cfg(redis_host="127.0.0.1", redis_port=redis_server.port, redis_username=user, redis_password=password)
+    ctl = ControlBlock.create(str(tmp_path / "ctl"))
+    log = logging.getLogger("test")
+    publisher = RedisPublisher(c, log, Throttle(log), ctl)
+    sub = redis_client.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(keys.predictions_channel(c.building_id))
+    p = prediction(ts(2024, 3, 1, 8, 0), {"Television": (False, 0.1, 0.0)})  # no run, no event
+    try:
+        assert publisher.publish(p) is False  # held
+        assert float(energy(redis_client, c)["updated"]) == p["window_end"]  # its parts were taken
+        redis_client.execute_command("ACL", "SETUSER", user, "+publish")
+        assert publisher.publish(p) is True
+        got, until = [], time.monotonic() + 1.0  # long enough for a second copy to arrive
+        while time.monotonic() < until:
+            m = sub.get_message(timeout=0.1)
+            got += [m] if m else []
+        assert [json.loads(m["data"])["window_end"] for m in got] == [p["window_end"]]
+        assert redis_client.xlen(keys.predictions_stream(c.building_id)) == 1 and publisher.ledger.pending == []
+    finally:
+        redis_client.acl_deluser(user)
+        publisher.client.close()
+        ctl.unlink()
+        ctl.close()

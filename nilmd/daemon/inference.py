@@ -59,13 +59,16 @@ class RedisPublisher:
             })
             if counted:
                 self.ledger.queue(pipe, prediction, text)
-            published, *stored = pipe.execute(raise_on_error=False)
+            replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
-            published, stored = e, []
-        stored, parts = stored[:2], stored[2:]
+            replies = e  # nothing is known to have been done: for the ledger, each part failed
+        if isinstance(replies, Exception):
+            published, stored, parts = replies, [], replies
+        else:
+            published, stored, parts = replies[0], replies[1:3], replies[3:]
         if counted:
-            error, dropped = self.ledger.settle(parts or published)
-            if error is not None:
+            error, dropped = self.ledger.settle(parts)
+            if error is not None and not isinstance(published, Exception):  # else one line says it
                 self._failed(error, "could not count a prediction's energy and events yet (tried again with the "
                              "next one)", "ledger")
             for part in dropped:
