@@ -16,12 +16,14 @@ import uuid
 import pytest
 import redis
 
-from conftest import ROOT, Daemon, aligned_start, publish_samples, wait_for
+from conftest import ROOT, Daemon, aligned_start, free_port, publish_samples, wait_for
 from nilmd import keys
 from nilmd.config import Config
 from nilmd.daemon.ledger import Ledger
 from test_acl import acl_user
+from test_homeassistant import MqttSubscriber, broker, states_match  # noqa: F401 (broker: a fixture)
 from test_ledger import count, prediction
+from test_metrics import scrape, value
 
 W, I = 256, 16  # the tests' window and interval (conftest.Daemon)
 
@@ -134,6 +136,56 @@ def test_the_daemon_serves_a_building_whose_keys_span_the_cluster(mode, redis_cl
         for node in nodes:
             node.execute_command("ACL", "DELUSER", user)
             node.close()
+
+
+@pytest.mark.slow
+def test_the_exporters_and_the_report_read_a_cluster(redis_cluster, model_dir, tmp_path, broker):
+    """Prometheus (latest and energy in one pipeline), Home Assistant over MQTT (a subscription
+    and the energy hash) and `nilmd report` (the history stream) against the cluster."""
+    pytest.importorskip("matplotlib", reason="the report extra: pip install 'nilmd[report]'")
+    port = free_port()
+    (tmp_path / "mqtt-password").write_text(broker.users["nilmd"] + "\n")
+    broker.start()
+    client = redis_cluster.client()
+    d = Daemon(redis_cluster.port, model_dir, tmp_path, extra_env={"REDIS_CLUSTER": "1", "NILMD_TIMEZONE": "UTC"},
+               args=["--metrics-port", str(port), "--mqtt-url", f"mqtt://nilmd@127.0.0.1:{broker.port}",
+                     "--mqtt-password-file", str(tmp_path / "mqtt-password")]).start()
+    b = d.building
+    sub = MqttSubscriber(broker.port, "ha", broker.users["ha"])
+    try:
+        wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
+                 f"the daemon to subscribe on the cluster\n{d.log()[-3000:]}")
+        t0 = aligned_start(time.time() - 600, W, I)
+        publish_samples(client, b, W + 2 * I, start=t0)
+        last = t0 + W + 2 * I - 1
+        updated = lambda: client.hget(keys.energy_key(b), "updated")  # noqa: E731
+        wait_for(lambda: updated() is not None and float(updated()) == last, 60, f"3 predictions\n{d.log()[-3000:]}")
+        latest = json.loads(client.get(keys.latest_key(b)))
+        total = {k.decode().rsplit(":", 1)[0]: float(v) for k, v in client.hgetall(keys.energy_key(b)).items()
+                 if k.endswith(b":total_wh")}
+        families = scrape(port)
+        assert value(families, "nilmd_appliance_metrics_ok") == 1
+        for e in latest["predictions"]:
+            assert value(families, "nilmd_appliance_power_watts", appliance=e["appliance"]) == pytest.approx(
+                e["power_watts"])
+            assert value(families, "nilmd_appliance_energy_watthours_total", appliance=e["appliance"]) == \
+                pytest.approx(total[e["appliance"]])
+        wait_for(lambda: states_match(sub, b, latest, total), 30, f"the MQTT states of the latest prediction\n"
+                 f"{sub.last(f'nilmd/{b}/')}\n{d.log()[-3000:]}")
+        day = time.strftime("%Y-%m-%d", time.gmtime(last - I / 2))
+        drawn = subprocess.run([sys.executable, "-m", "nilmd", "report", "--redis-cluster", "--redis-host",
+                                "127.0.0.1", "--redis-port", str(redis_cluster.port), "--building-id", b,
+                                "--timezone", "UTC", "--day", day, "--out", str(tmp_path / "day.png")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert drawn.returncode == 0, drawn.stdout + drawn.stderr
+        assert (tmp_path / "day.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert d.stop() == 0, d.log()[-3000:]
+        assert "Traceback" not in d.log(), d.log()[-3000:]
+    finally:
+        sub.close()
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        client.close()
 
 
 def stream_len_on(port: int, key: str) -> int:
