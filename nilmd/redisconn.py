@@ -116,6 +116,12 @@ class Cluster:
         if self._cluster is not None:
             self._cluster.close()
 
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class _Guarded:
     """A RedisCluster method (or the pipeline it makes, and that pipeline's execute) run with
@@ -137,6 +143,9 @@ class _Guarded:
     def __getattr__(self, attr):
         value = getattr(self._target, attr)
         return _Guarded(value, self._cluster) if attr == "execute" else value
+
+    def __len__(self) -> int:  # a pipeline's queued commands (special methods bypass __getattr__)
+        return len(self._target)
 
 
 def publish(pipe, channel: str, message: str) -> None:

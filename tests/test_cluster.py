@@ -64,6 +64,25 @@ def test_the_ledger_counts_on_a_cluster_what_it_counts_on_one_node(redis_cluster
     assert len(got[0]["history"]) == 20 and [e for e in got[0]["events"]], "the input should make runs"
 
 
+def test_produce_publishes_and_adds_to_a_cluster(redis_cluster):
+    """`nilmd produce --to both` (a pipeline of PUBLISHes and XADDs) against the cluster."""
+    client = redis_cluster.client()
+    b = f"p{uuid.uuid4().hex[:8]}"
+    sub = client.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(keys.input_channel(b))
+    sub.get_message(timeout=1.0)  # the confirmation: subscribed before anything is sent
+    env = {**os.environ, "REDIS_CLUSTER": "1", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis_cluster.port),
+           "BUILDING_ID": b}
+    run = subprocess.run([sys.executable, "-m", "nilmd", "produce", "--to", "both", "--count", "10", "--speed",
+                          "100000"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr
+    got = []
+    wait_for(lambda: got.extend(m for m in [sub.get_message(timeout=0.1)] if m) or len(got) >= 10, 10,
+             f"10 messages on the channel, got {len(got)}")
+    assert [m["data"] for m in got] == [f[b"data"] for _, f in client.xrange(keys.input_stream(b))]
+    client.close()
+
+
 def cluster_daemon(redis_cluster, model_dir, tmp_path, mode: str, **env) -> Daemon:
     return Daemon(redis_cluster.port, model_dir, tmp_path,
                   extra_env={"REDIS_CLUSTER": "1", "NILMD_INPUT_MODE": mode, **env})
