@@ -32,7 +32,8 @@ POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms a
 
 
 class RedisPublisher:
-    """PUBLISH the prediction, SET latest and the inference's status fields in one pipeline."""
+    """SET latest, the inference's status fields and the ledger's parts, and PUBLISH the
+    prediction, in one pipeline."""
 
     def __init__(self, cfg: Config, logger, throttle, ctl):
         from nilmd import redisconn
@@ -50,7 +51,6 @@ class RedisPublisher:
         try:
             counted = self._ledger_ready()
             pipe = self.client.pipeline(transaction=False)
-            self.redisconn.publish(pipe, keys.predictions_channel(self.b), text)
             pipe.set(keys.latest_key(self.b), text)
             pipe.hset(keys.status_key(self.b), mapping={
                 "last_inference_ts": prediction["timestamp"],
@@ -59,13 +59,18 @@ class RedisPublisher:
             })
             if counted:
                 self.ledger.queue(pipe, prediction, text)
+            # PUBLISH last: Redis runs it once it has read the whole pipeline, so its reply leaves
+            # with the message itself; first, a connection cut after the message went out but
+            # before the rest was read would make this prediction go out again. And a
+            # subscriber that reads `latest` on the message finds this one.
+            self.redisconn.publish(pipe, keys.predictions_channel(self.b), text)
             replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
             replies = e  # nothing is known to have been done: for the ledger, each part failed
         if isinstance(replies, Exception):
             published, stored, parts = replies, [], replies
         else:
-            published, stored, parts = replies[0], replies[1:3], replies[3:]
+            published, stored, parts = replies[-1], replies[:2], replies[2:-1]
         if counted:
             error, dropped = self.ledger.settle(parts)
             if error is not None and not isinstance(published, Exception):  # else one line says it
