@@ -38,6 +38,13 @@ def ms(samples: list[float]) -> str:
     return f"{samples[len(samples) // 2]:.3f} | {samples[int(len(samples) * 0.99)]:.3f}"
 
 
+def commandstats(client, cluster: bool) -> list[dict]:
+    """INFO commandstats of the server, or of every master of the cluster."""
+    if not cluster:
+        return [client.info("commandstats")]
+    return [node.redis_connection.info("commandstats") for node in client.get_primaries()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="predictions per measurement")
@@ -73,13 +80,15 @@ def main() -> int:
             counted.append((time.perf_counter() - start) * 1000)
             cpu["ledger"] += time.process_time() - cpu0
         per_entry = client.memory_usage(keys.predictions_stream("bench")) / client.xlen(keys.predictions_stream("bench"))
+        redis_us = sum(info.get("cmdstat_eval", {}).get("usec", 0) for info in commandstats(client, args.cluster)) / n
         client.close()
     print(f"{'Redis Cluster (3 masters, 3 replicas)' if args.cluster else 'one redis-server'}, "
           f"load average {open('/proc/loadavg').read().split()[0]}\n")
     print("| per prediction | median ms | p99 ms | client CPU ms |\n|---|---:|---:|---:|")
     print(f"| PUBLISH + SET + HSET (the prediction) | {ms(plain)} | {cpu['plain'] / n * 1000:.3f} |")
     print(f"| the ledger: run tracker + its scripts | {ms(counted)} | {cpu['ledger'] / n * 1000:.3f} |")
-    print(f"\nhistory stream: {per_entry:.0f} bytes of Redis memory per prediction ({n} predictions)")
+    print(f"\nRedis's own CPU for the ledger's scripts (INFO commandstats): {redis_us:.0f} us per prediction")
+    print(f"history stream: {per_entry:.0f} bytes of Redis memory per prediction ({n} predictions)")
     return 0
 
 
