@@ -312,3 +312,41 @@ def test_a_master_killed_under_a_stream_daemon_loses_nothing(redis_cluster, mode
         client.close()
         if victim not in redis_cluster.alive():
             redis_cluster.restart(victim)  # whole again for the tests after this one
+
+
+@pytest.mark.slow
+def test_a_pubsub_reader_subscribes_again_after_its_node_dies(redis_cluster, model_dir, tmp_path):
+    """The default input mode: the reader's subscription is on the master of the channel's slot;
+    SIGKILL it: the reader subscribes again on a live node by itself (what was published meanwhile
+    is lost, as with one Redis, and said so), and the samples after it are predicted."""
+    client = redis_cluster.client()
+    d = cluster_daemon(redis_cluster, model_dir, tmp_path, "pubsub")
+    b = d.building
+    victim = redis_cluster.master_of(keys.input_channel(b))
+    d.env["REDIS_PORT"] = str(next(p for p in redis_cluster.alive() if p != victim))
+    d.start()
+    gone = (redis.RedisError, redis.exceptions.RedisClusterException)
+    try:
+        wait_for(lambda: d.status(client).get("input_connected") == "1", 60, f"the reader to subscribe\n{d.log()[-3000:]}")
+        t0 = aligned_start(time.time() - 2000, W, I)
+        publish_samples(client, b, W + I, start=t0)
+        updated = lambda: client.hget(keys.energy_key(b), "updated")  # noqa: E731
+        wait_for(lambda: updated() is not None and float(updated()) == t0 + W + I - 1, 60, "the first predictions")
+        redis_cluster.kill(victim)
+        wait_for(lambda: "the input subscription was cut" in d.log(), 60,
+                 f"the reader to subscribe again and say what it means\n{d.log()[-3000:]}", not_yet=gone)
+        wait_for(lambda: d.status(client).get("input_connected") == "1", 30, "input_connected again", not_yet=gone)
+        publish_samples(client, b, 3 * I, start=t0 + W + I)
+        wait_for(lambda: float(updated()) == t0 + W + 4 * I - 1, 60, f"predictions after the failover\n{d.log()[-3000:]}",
+                 not_yet=gone)
+        status = wait_for(lambda: (lambda s: s if s.get("samples_accepted") == str(W + 4 * I) else None)(
+            d.status(client)), 10, "the status hash to count every sample")
+        assert int(status["samples_received"]) == int(status["samples_accepted"]) + int(status["samples_rejected"])
+        assert status["restarts"] == "0" and int(status["input_disconnects"]) >= 1, status
+        assert d.stop() == 0, d.log()[-3000:]
+    finally:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        client.close()
+        if victim not in redis_cluster.alive():
+            redis_cluster.restart(victim)
