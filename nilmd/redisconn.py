@@ -82,7 +82,7 @@ class Cluster:
     def _lost(self, e: Exception):
         """Forget a client that lost track of the cluster; the error to raise instead."""
         try:
-            self._known = [(n.host, n.port) for n in self._cluster.get_nodes()] + self._known
+            self._known = list(dict.fromkeys([(n.host, n.port) for n in self._cluster.get_nodes()] + self._known))
             self._cluster.close()
         except Exception:  # it is broken: what it knew or closing may fail too
             pass
