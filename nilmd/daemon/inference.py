@@ -24,7 +24,7 @@ from nilmd import keys, schedule
 from nilmd.appliances import APPLIANCES
 from nilmd.backoff import Backoff
 from nilmd.config import Config
-from nilmd.daemon.ledger import Ledger
+from nilmd.daemon.ledger import PENDING_MAX, Ledger
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError, redis_error
 from nilmd.daemon.worker import Worker
 
@@ -32,11 +32,13 @@ POLL_S = 0.01  # how often to look for new samples: ~0.1 % of a core, <= 10 ms a
 
 
 class RedisPublisher:
-    """PUBLISH the prediction, SET latest and the inference's status fields in one pipeline."""
+    """SET latest, the inference's status fields and the ledger's parts, and PUBLISH the
+    prediction, in one pipeline."""
 
     def __init__(self, cfg: Config, logger, throttle, ctl):
         from nilmd import redisconn
 
+        self.redisconn = redisconn
         self.client = redisconn.client(cfg, name="inference", socket_timeout=2.0)
         self.errors = redisconn.ERRORS  # every Redis error, a refusal (OOM, NOPERM) too
         self.b = cfg.building_id
@@ -49,7 +51,6 @@ class RedisPublisher:
         try:
             counted = self._ledger_ready()
             pipe = self.client.pipeline(transaction=False)
-            pipe.publish(keys.predictions_channel(self.b), text)
             pipe.set(keys.latest_key(self.b), text)
             pipe.hset(keys.status_key(self.b), mapping={
                 "last_inference_ts": prediction["timestamp"],
@@ -58,14 +59,26 @@ class RedisPublisher:
             })
             if counted:
                 self.ledger.queue(pipe, prediction, text)
-            published, *stored = pipe.execute(raise_on_error=False)
+            # PUBLISH last: Redis runs it once it has read the whole pipeline, so its reply leaves
+            # with the message itself; first, a connection cut after the message went out but
+            # before the rest was read would make this prediction go out again. And a
+            # subscriber that reads `latest` on the message finds this one.
+            self.redisconn.publish(pipe, keys.predictions_channel(self.b), text)
+            replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
-            published, stored = e, []
+            replies = e  # nothing is known to have been done: for the ledger, each part failed
+        if isinstance(replies, Exception):
+            published, stored, parts = replies, [], replies
+        else:
+            published, stored, parts = replies[-1], replies[:2], replies[2:-1]
         if counted:
-            reply = stored.pop() if stored else published
-            self.ledger.settle(reply)
-            if isinstance(reply, Exception) and not isinstance(published, Exception):
-                self._failed(reply, "could not count a prediction's energy and events", "ledger")
+            error, dropped = self.ledger.settle(parts)
+            if error is not None and not isinstance(published, Exception):  # else one line says it
+                self._failed(error, "could not count a prediction's energy and events yet (tried again with the "
+                             "next one)", "ledger")
+            for part in dropped:
+                self.log.error("gave up counting the %s of the interval ending %s: Redis did not take it while "
+                               "%d later parts waited", part.kind, part.window_end, PENDING_MAX)
         if isinstance(published, Exception):
             # The caller keeps the prediction and tries again (InferenceWorker.serve).
             self._failed(published, "could not publish a prediction")
