@@ -15,22 +15,23 @@ import numpy as np
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
-from nilmd.daemon.ledger import Ledger
+from nilmd.daemon.ledger import PENDING_MAX, Ledger
 from nilmd.errors import redis_error
 
 
 class RedisPublisher:
-    """PUBLISH each prediction, SET latest and the inference's status fields: every building of a
-    batch in one pipeline, each with its ledger's script (nilmd.daemon.ledger)."""
+    """SET latest, the inference's status fields and the ledger's parts, and PUBLISH the
+    prediction: every building of a batch in one pipeline, each with its own ledger."""
 
     def __init__(self, cfg: Config, logger, throttle, ctl):
         from nilmd import redisconn
 
+        self.redisconn = redisconn
         self.client = redisconn.client(cfg, name="inference", socket_timeout=2.0)
         self.errors = redisconn.ERRORS  # every Redis error, a refusal (OOM, NOPERM) too
         self.cfg = cfg
         self.log, self.throttle, self.ctl = logger, throttle, ctl  # ctl: the daemon block (this process's errors)
-        self.ledgers: dict[str, Ledger] = {}  # energy, events and history: one script beside each prediction
+        self.ledgers: dict[str, Ledger] = {}  # energy, events and history: scripts beside each prediction
 
     def forget(self, building: str) -> None:
         self.ledgers.pop(building, None)
@@ -40,15 +41,16 @@ class RedisPublisher:
 
     def publish_many(self, items: list[tuple[Config, dict]]) -> list[bool]:
         """[(the building's Config, prediction)] -> whether each went out (False: the caller holds it)."""
-        queued = []  # (building, ledger or None, text, commands queued)
+        queued = []  # (ledger, or None when not counting; how many commands it queued)
+        replies = error = None
         try:
             pipe = self.client.pipeline(transaction=False)
             for cfg, prediction in items:
                 b = cfg.building_id
                 ledger = self.ledgers.get(b) or self.ledgers.setdefault(b, Ledger(cfg))
                 counted = self._ledger_ready(ledger)
+                start = len(pipe)
                 text = json.dumps(prediction, separators=(",", ":"))
-                pipe.publish(keys.predictions_channel(b), text)
                 pipe.set(keys.latest_key(b), text)
                 pipe.hset(keys.status_key(b), mapping={
                     "last_inference_ts": prediction["timestamp"],
@@ -57,29 +59,36 @@ class RedisPublisher:
                 })
                 if counted:
                     ledger.queue(pipe, prediction, text)
-                queued.append((ledger if counted else None, 4 if counted else 3))
+                # PUBLISH last: Redis runs it once it has read the whole pipeline, so its reply
+                # leaves with the message itself; first, a connection cut after the message went
+                # out but before the rest was read would make this prediction go out again. And a
+                # subscriber that reads `latest` on the message finds this one.
+                self.redisconn.publish(pipe, keys.predictions_channel(b), text)
+                queued.append((ledger if counted else None, len(pipe) - start))
             replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
-            replies = None
-            error = e
+            error = e  # nothing is known to have been done: for the ledgers, each part failed
         out, at = [], 0
-        for k, (ledger, n) in enumerate(queued):
-            if replies is None:
-                published, stored = error, []
-            else:
-                published, *stored = replies[at:at + n]
-                at += n
-            out.append(self._settle(ledger, published, stored))
-        # what never got queued (the ledger's read failed unreachable): held, tried again
-        out += [self._settle(None, error, []) for _ in items[len(queued):]]
-        return out
+        for ledger, n in queued:
+            out.append(self._settle(ledger, error if replies is None else replies[at:at + n]))
+            at += n
+        # the rest never got queued (a ledger's state could not be read: Redis is away): held
+        return out + [self._settle(None, error) for _ in items[len(queued):]]
 
-    def _settle(self, ledger, published, stored: list) -> bool:
+    def _settle(self, ledger, replies) -> bool:
+        """One building's replies (or the exception for all of them): True if it went out."""
+        if isinstance(replies, Exception):
+            published, stored, parts = replies, [], replies
+        else:
+            published, stored, parts = replies[-1], replies[:2], replies[2:-1]
         if ledger is not None:
-            reply = stored.pop() if stored else published
-            ledger.settle(reply)
-            if isinstance(reply, Exception) and not isinstance(published, Exception):
-                self._failed(reply, "could not count a prediction's energy and events", "ledger")
+            error, dropped = ledger.settle(parts)
+            if error is not None and not isinstance(published, Exception):  # else one line says it
+                self._failed(error, "could not count a prediction's energy and events yet (tried again with the "
+                             "next one)", "ledger")
+            for part in dropped:
+                self.log.error("gave up counting the %s of the interval ending %s: Redis did not take it while "
+                               "%d later parts waited", part.kind, part.window_end, PENDING_MAX)
         if isinstance(published, Exception):
             # The caller keeps the prediction and tries again (InferenceWorker.serve).
             self._failed(published, "could not publish a prediction")
