@@ -30,6 +30,7 @@ POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
 CHECKS_PER_S = 1000  # buildings looked at a second, at most, while they wait (a flock'd read each)
 BATCH_MAX = 256  # buildings per predictor call and pipeline: batched, and out before the rest is computed
+ADVANCE_N = 15  # samples that make a waiting building worth feeding ahead of its window (a few times a minute)
 GATHER_S = 0.25  # the longest a due window waits for others closing at the same time, to share one call
 
 
@@ -42,6 +43,7 @@ class Track:
         self.retry_at = 0.0  # monotonic: when to try it again
         self.backoff = Backoff()
         self.gone = False  # removed from the list: its heap entry is dropped when it comes up
+        self.fed = 0  # ring index up to which its samples were fed to the models ahead of time
 
     def upcoming(self) -> tuple[int | None, int]:
         """(ring index one past the newest sample of the next window to run, or None while the run
@@ -101,6 +103,7 @@ class InferenceWorker(Worker):
         self._pushed = itertools.count()
         self._gathered: list = []  # [(track, end)] due, waiting (GATHER_S at most) for the rest of their batch
         self._gathered_at = 0.0
+        self._feedable: list = []  # [(track, ring index)]: buildings whose new samples can be fed early
         for b in self.roster.current:
             self.add_building(b)
 
@@ -201,6 +204,7 @@ class InferenceWorker(Worker):
                 out.append((track, end, None))
                 continue
             power, prob = next(outs)
+            track.fed = end  # the models' state is here now: feeding ahead goes on after it
             aggregate = window.features[-n:, 0].copy()
             window_end = float(window.ts[-1])
             intact = track.ring.intact(window)
@@ -262,6 +266,8 @@ class InferenceWorker(Worker):
                 fresh.append((track, end))
             else:
                 self._push(track, now + track.wait(end, head, wall, most))
+                if end is not None and min(head, end - 1) - track.fed >= ADVANCE_N:
+                    self._feedable.append((track, min(head, end - 1)))
         return fresh, retry
 
     def serve(self, publisher) -> int:
@@ -283,7 +289,8 @@ class InferenceWorker(Worker):
                 self._gathered_at = now
             self._gathered += fresh
             if not retry and not self._batch_now(now):
-                time.sleep(POLL_S)
+                if not self._advance():
+                    time.sleep(POLL_S)
                 self.throttle.flush()
                 continue
             fresh, self._gathered = [(t, end) for t, end in self._gathered if not t.gone], []
@@ -303,6 +310,27 @@ class InferenceWorker(Worker):
                 self.beat()
             self.throttle.flush()
         return EXIT_OK
+
+    def _advance(self) -> bool:
+        """Idle time: feed the models the samples that came since a building was last fed, up to just
+        before its next window's end, so that the step at the boundary has only the last few to
+        compute (FleetPredictor.advance; one building's predictor has none). True if it did."""
+        feedable, self._feedable = self._feedable[:BATCH_MAX], self._feedable[BATCH_MAX:]
+        if not feedable or not hasattr(self.predictor, "advance"):
+            self._feedable = []
+            return False
+        taken = [(track, track.ring.window(self.cfg.window_size, end)) for track, end in feedable
+                 if not track.gone]
+        taken = [(track, window) for track, window in taken if window is not None]
+        self.predictor.advance([(track.building, window) for track, window in taken])
+        for track, window in taken:
+            if track.ring.intact(window):
+                track.fed = window.end
+            else:  # overwritten while read: its state may hold the new samples; the step recomputes
+                self.predictor.reset(track.building)
+        del taken
+        self.beat()
+        return True
 
     def _batch_now(self, now: float) -> bool:
         """Whether to run the gathered windows now. One call costs about as much for one building as
