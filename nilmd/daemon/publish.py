@@ -36,6 +36,14 @@ class RedisPublisher:
     def forget(self, building: str) -> None:
         self.ledgers.pop(building, None)
 
+    def ledger_of(self, cfg: Config) -> Ledger:
+        return self.ledgers.get(cfg.building_id) or self.ledgers.setdefault(cfg.building_id, Ledger(cfg))
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger of --building-id (one building)."""
+        return self.ledger_of(self.cfg)
+
     def publish(self, prediction: dict, cfg: Config | None = None) -> bool:
         return self.publish_many([(cfg or self.cfg, prediction)])[0]
 
@@ -47,7 +55,7 @@ class RedisPublisher:
             pipe = self.client.pipeline(transaction=False)
             for cfg, prediction in items:
                 b = cfg.building_id
-                ledger = self.ledgers.get(b) or self.ledgers.setdefault(b, Ledger(cfg))
+                ledger = self.ledger_of(cfg)
                 counted = self._ledger_ready(ledger)
                 start = len(pipe)
                 text = json.dumps(prediction, separators=(",", ":"))
