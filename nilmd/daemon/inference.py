@@ -229,8 +229,7 @@ class InferenceWorker(Worker):
         self._pushed = itertools.count()
         self._gathered: list = []  # [(track, end)] due, waiting (GATHER_S at most) for the rest of their batch
         self._gathered_at = 0.0
-        for b in self.roster.current:
-            self.add_building(b)
+        self.add_buildings(self.roster.current)
 
     # -- the buildings ---------------------------------------------------------------------------
     def add_building(self, building: str) -> None:

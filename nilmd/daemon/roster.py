@@ -52,8 +52,11 @@ class Follower:
     def __init__(self, paths: dict, ctl, first: str):
         self.paths, self.ctl = paths, ctl
         self.path = paths.get("roster")
-        self.seen = ctl["roster_version"]
-        self.current = list(paths.get("buildings") or [first])
+        self.seen = ctl["roster_version"]  # before the file: a change after this read shows as changed()
+        if self.path is not None and os.path.exists(self.path):
+            self.current = read(self.path)  # now, not what the list was when the process was spawned
+        else:
+            self.current = list(paths["buildings"]) if "buildings" in paths else [first]  # may be empty (leases)
 
     def changed(self) -> tuple[list[str], list[str]] | None:
         """(added, removed) since the last call, or None (the usual case: one float compared)."""
