@@ -227,10 +227,11 @@ def cmd_export(args) -> int:
     except ImportError as e:
         return _fail(f"nilmd export needs torch and onnx, and {e.name} is not installed (pip install onnx; torch: "
                      "README, Install): export on a machine that has them and copy the files", EXIT_ERROR)
-    manifest, diff = onnx_export.export_checked(cfg.model_dir)
+    manifest, diff = onnx_export.export_checked(cfg.model_dir, cfg.inference_interval)
     for g in manifest["groups"]:
         names = [manifest["appliances"][k] for k in g["rows"]]
-        print(f"exported     {g['file']}: {len(names)} models of {g['channels']} channels, depth {g['depth']} "
+        files = ", ".join(gr["file"] for gr in g["graphs"])  # one per step size
+        print(f"exported     {files}: {len(names)} models of {g['channels']} channels, depth {g['depth']} "
               f"({', '.join(names)})")
     print(f"exported     {onnx_export.MANIFEST} in {cfg.model_dir}; ONNX Runtime against torch on a test window: "
           f"largest difference {diff:.2g}")

@@ -101,6 +101,11 @@ class Config:
                               group="redis", section="redis", note="")
     redis_db: int = setting(0, "--redis-db", "REDIS_DB", "Redis database number", minimum=0, maximum=1023,
                             group="redis", section="redis", note="Database number (0-1023).")
+    redis_cluster: bool = setting(False, "--redis-cluster", "REDIS_CLUSTER", "Redis is a Redis Cluster (REDIS_HOST "
+                                  "and REDIS_PORT name one node of it)", group="redis", section="redis",
+                                  note='Redis Cluster: "true" when Redis is a cluster; REDIS_HOST and REDIS_PORT name '
+                                  "any one of its nodes, the client finds the others (README \"Redis Cluster\"). "
+                                  "REDIS_DB must stay 0.")
     redis_username: str = setting("", "--redis-username", "REDIS_USERNAME", "Redis ACL user name", group="redis",
                                   section="redis", note="ACL user name (Redis 6+); empty: the default user.")
     # No --redis-password flag on purpose: a flag shows in `ps`. Use the file or the variable.
@@ -503,6 +508,8 @@ def _check(cfg: Config, environ) -> Config:
     if cfg.inference_interval > cfg.window_size:
         raise ConfigError(
             f"--inference-interval: {cfg.inference_interval} s is longer than the window ({cfg.window_size} samples)")
+    if cfg.redis_cluster and cfg.redis_db:
+        raise ConfigError(f"--redis-db: {cfg.redis_db}: a Redis Cluster has only database 0 (--redis-cluster)")
     days.zone(cfg.timezone)  # a zone this box does not know: one line now, not in the inference later
     cfg = _read_password(cfg, environ, "redis")
     cfg = _read_password(cfg, environ, "mqtt")

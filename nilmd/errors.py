@@ -60,7 +60,10 @@ def redis_error(e: BaseException, script: tuple[str, ...] = ("xrange", "xrevrang
     for name, kind, line in _REDIS_REFUSALS:
         if name in names:
             return kind, f"{line} ({kind}: {text})"
-    if names & {"ConnectionError", "TimeoutError", "OSError"}:
+    # A cluster without a master for a slot (CLUSTERDOWN, failing over) or with no node that
+    # answers is away for now, like a lost connection: the caller backs off and tries again.
+    if names & {"ConnectionError", "TimeoutError", "OSError", "ClusterDownError", "SlotNotCoveredError"} or (
+            "RedisClusterException" in names and "cannot be connected" in text):
         return "unreachable", f"unreachable ({type(e).__name__}: {text})"
     if text.startswith("BUSY"):
         return "BUSY", f"Redis is busy running a script or function ({text})"

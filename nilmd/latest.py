@@ -69,6 +69,15 @@ def energy(raw: dict, now: float | None = None) -> dict[str, dict[str, float]]:
     return out
 
 
+def counted(raw: dict, p: dict) -> bool:
+    """Whether the energy hash (as HGETALL returns it) has counted prediction `p`'s interval."""
+    updated = raw.get(b"updated", raw.get("updated"))
+    try:
+        return updated is not None and float(updated) >= float(p["window_end"])
+    except (TypeError, ValueError):
+        return False
+
+
 def _stale_periods(raw: dict, now: float) -> set[str]:
     """"today" and/or "month" when the hash's `day`/`month` are past in its `timezone`."""
     try:

@@ -59,6 +59,7 @@ def produce(client, building: str, samples, speed: float, *, rebase: float | Non
             to: str = "pubsub", maxlen: int | None = None) -> int:
     """Send `samples` paced at `speed` x their own time; returns how many were sent. `to`: pubsub
     (PUBLISH on the input channel), stream (XADD to the input stream, trimmed to ~`maxlen`), both."""
+    from nilmd import redisconn
     from nilmd.daemon import streams
 
     channel = keys.input_channel(building)
@@ -88,7 +89,7 @@ def produce(client, building: str, samples, speed: float, *, rebase: float | Non
             time.sleep(delay)
         text = json.dumps(msg, separators=(",", ":"))
         if to in ("pubsub", "both"):
-            pipe.publish(channel, text)
+            redisconn.publish(pipe, channel, text)
         if to in ("stream", "both"):
             streams.add(pipe, building, text, maxlen)
         sent += 1

@@ -72,8 +72,9 @@ def read_day(client, building: str, day: str, timezone: str) -> Day:
     start, end = days.bounds(day, tz)
     key = keys.predictions_stream(building)
     rows = []
-    # Entry ids are the box's clock when published, never long before the window's end: an hour's
-    # margin covers a meter clock running ahead (it is bounded by NILMD_MAX_CLOCK_SKEW).
+    # Entry ids are the window's end in ms (nilmd.daemon.ledger); an older daemon's were the box's
+    # clock when published, never long before the window's end: an hour's margin covers those and
+    # a meter clock running ahead (it is bounded by NILMD_MAX_CLOCK_SKEW).
     for _, fields in _entries(client, key, str(int(start - 3600) * 1000)):
         try:
             p, interval = json.loads(fields[b"json"]), float(fields[b"interval_s"])

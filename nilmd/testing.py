@@ -9,6 +9,7 @@ script; the daemon never imports it (tests/test_layout.py checks).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,6 +87,135 @@ class RedisServer:
         return redis.Redis(port=self.port, **kw)
 
     def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _free_cluster_port() -> int:
+    """A free port P whose cluster bus port, P + 10000, is free too (and so below 65536)."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class RedisCluster:
+    """A Redis Cluster of our own: `masters` masters with one replica each, on free loopback
+    ports, its nodes' files in `workdir`; `node_timeout_ms` small, so that a replica takes over
+    a dead master within a few seconds. `kill(port)` SIGKILLs one node (a failover test)."""
+
+    def __init__(self, workdir: Path, masters: int = 3, node_timeout_ms: int = 1000):
+        self.workdir = Path(workdir)
+        self.ports = [_free_cluster_port() for _ in range(2 * masters)]
+        self.node_timeout_ms = node_timeout_ms
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    @property
+    def port(self) -> int:
+        """A seed node (what nilmd's REDIS_PORT names)."""
+        return self.ports[0]
+
+    def start(self, timeout: float = 60.0) -> "RedisCluster":
+        import redis
+
+        for port in self.ports:
+            self._spawn(port)
+        try:
+            for port in self.ports:
+                with redis.Redis(port=port) as c:
+                    wait_for(c.ping, timeout, f"cluster node {port} to answer PING",
+                             not_yet=(redis.ConnectionError, redis.TimeoutError))
+            subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                            "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True,
+                           timeout=timeout)
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, port: int) -> None:
+        node_dir = self.workdir / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", str(self.node_timeout_ms),
+             "--save", "", "--appendonly", "no", "--dir", str(node_dir),
+             "--repl-diskless-sync-delay", "0"],  # a replica syncs at once, not 5 s later
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def restart(self, port: int, timeout: float = 60.0) -> None:
+        """A killed node back: it rejoins from its nodes.conf (a replica of whoever took over)."""
+        self._spawn(port)
+        self.wait_ok(timeout)
+
+    def replica_of(self, port: int) -> int:
+        """The port of the live replica of the master on `port`."""
+        import redis
+
+        with redis.Redis(port=port) as c:
+            me = next(n["node_id"] for n in c.cluster("nodes").values() if "myself" in n["flags"])
+            return next(int(addr.split(":")[1].split("@")[0]) for addr, n in c.cluster("nodes").items()
+                        if n["master_id"] == me and "fail" not in n["flags"])
+
+    def alive(self) -> list[int]:
+        return [p for p, proc in self.procs.items() if proc.poll() is None]
+
+    def wait_ok(self, timeout: float = 60.0) -> None:
+        """Until every live node says cluster_state:ok and agrees on which nodes are masters, and
+        every replica has synced with its master (one that has not could not take over)."""
+        import redis
+
+        def ok():
+            roles = set()
+            for port in self.alive():
+                with redis.Redis(port=port) as c:
+                    if c.cluster("info").get("cluster_state") != "ok":
+                        return False
+                    replication = c.info("replication")
+                    if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                        return False
+                    roles.add(frozenset(n for n, v in c.cluster("nodes").items()
+                                        if "master" in v["flags"] and "fail" not in v["flags"]))
+            return len(roles) == 1
+        wait_for(ok, timeout, f"cluster_state:ok and synced replicas on every live node of {self.alive()}",
+                 not_yet=(redis.ConnectionError, redis.TimeoutError, redis.ResponseError), interval=0.1)
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that holds `key`'s slot now."""
+        with self.client() as c:
+            return c.get_node_from_key(key).port
+
+    def kill(self, port: int) -> None:
+        self.procs[port].kill()
+        self.procs[port].wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def client(self, **kw):
+        import redis
+
+        return redis.RedisCluster(host="127.0.0.1", port=self.alive()[0], **kw)
+
+    def __enter__(self) -> "RedisCluster":
         return self.start()
 
     def __exit__(self, *exc) -> None:

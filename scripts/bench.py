@@ -10,7 +10,10 @@ hardware limit, on this machine in one run.
 Rows (median and p99 of wall time; cpu = this process's CPU time, which a busy machine inflates
 less than wall time):
   full window, per-model loop   every model alone on the window (the original service's way)
-  full window, fused            Predictor.step after reset(): one fused network, all models
+  full window, fused            Predictor.step after reset(): one fused network, all models (the
+                                daemon's full recompute: the newest 60 outputs; the ONNX backend
+                                computes only the samples they see, receptive field + 59)
+  whole window, every output    Predictor.run: all 1536 outputs of the window (evaluation's call)
   incremental, 60 s / 1 s       Predictor.step on a real ring after 60 / 1 new samples
   (backend onnxruntime: the same rows through OnnxPredictor, on the models exported here)
   memory holding the models     RSS of a fresh process that loaded them and ran one window
@@ -163,8 +166,10 @@ def bench_steps(pred, size: int, reps: int) -> dict:
 
     try:
         feed(size)
+        whole = window_features(size)
         out = {
             "full window, fused": timed(step(60, full=True), reps),
+            "whole window, every output": timed(lambda: pred.run(whole), max(10, reps // 4)),
             "incremental, 60 s": timed(step(60), reps),
             "incremental, 1 s": timed(step(1), reps * 3),
         }

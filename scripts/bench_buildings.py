@@ -96,11 +96,13 @@ def produce(port: int, buildings: list[str], start: int, seconds: int, stream: b
     done.put({"seconds": seconds, "late_s": round(late, 3)})
 
 
-def nilmd_processes(pid: int) -> dict:
+def nilmd_processes(pid: int, fields: dict) -> dict:
+    """Every process of the daemon, named by its role where the status hash says (pid_<role>)."""
     import psutil
 
+    roles = {int(v): k[4:] for k, v in fields.items() if k.startswith("pid_") and v.isdigit()}
     top = psutil.Process(pid)
-    return {f"{p.name()}[{p.pid}]": p for p in [top, *top.children(recursive=True)]}
+    return {roles.get(p.pid, f"{p.name()}[{p.pid}]"): p for p in [top, *top.children(recursive=True)]}
 
 
 def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, interval: int = 60,
@@ -143,7 +145,7 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
             producer.start()
             latencies: dict[int, list[float]] = {}
             got = {b: 0 for b in buildings}
-            procs = nilmd_processes(d.proc.pid)
+            procs = nilmd_processes(d.proc.pid, d.status(r))
             others = {"redis-server": psutil.Process(server.proc.pid), "producer": psutil.Process(producer.pid),
                       "this benchmark": psutil.Process()}
             cpu0 = t0 = None
@@ -176,12 +178,20 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
                                 "n": int(steady.size)}
             out["predictions"] = {"received": sum(got.values()), "expected": expected,
                                   "buildings_short": sum(v < minutes for v in got.values())}
-            # every sample accounted for, per building
-            pipe = r.pipeline(transaction=False)
-            for b in buildings:
-                pipe.hmget(keys.status_key(b), "samples_received", "samples_accepted", "samples_rejected",
-                           "input_samples_lost")
-            rows = np.asarray([[int(v or -1) for v in row] for row in pipe.execute()])
+            # every sample accounted for, per building, once the status hashes have caught up
+            def counts():
+                pipe = r.pipeline(transaction=False)
+                for b in buildings:
+                    pipe.hmget(keys.status_key(b), "samples_received", "samples_accepted", "samples_rejected",
+                               "input_samples_lost")
+                return np.asarray([[int(v or -1) for v in row] for row in pipe.execute()])
+
+            try:
+                wait_for(lambda: (counts()[:, 0] >= seconds).all(), 60, "every building's status to count every "
+                         "sample published", interval=0.5, not_yet=())
+            except AssertionError as e:
+                print(f"warning: {e}", file=sys.stderr)
+            rows = counts()
             out["samples"] = {"published_each": seconds, "received_short": int((rows[:, 0] < seconds).sum()),
                               "accepted_short": int((rows[:, 1] < rows[:, 0]).sum()),
                               "rejected": int(rows[:, 2].clip(0).sum()), "lost": int(rows[:, 3].clip(0).sum())}

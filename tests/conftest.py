@@ -14,7 +14,7 @@ import pytest
 
 from nilmd import keys
 # The harness is nilmd.testing (shared with scripts/); test files import these names from here.
-from nilmd.testing import DaemonProcess, RedisServer, aligned_start, free_port, wait_for  # noqa: F401
+from nilmd.testing import DaemonProcess, RedisCluster, RedisServer, aligned_start, free_port, wait_for  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +26,16 @@ def redis_server(tmp_path_factory):
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A Redis Cluster of three masters and three replicas (nilmd.testing.RedisCluster)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are not installed (apt-get install redis-server)")
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -121,6 +131,7 @@ def daemon_factory(redis_server, model_dir, tmp_path):
 def publish_samples(client, building: str, n: int, start: float | None = None, power=None, to: str = "pubsub"):
     """Publish n valid 1 Hz samples ending about now (`to` the input stream: XADD them); returns
     the last timestamp."""
+    from nilmd import redisconn
     from nilmd.daemon import streams
 
     start = float(int(time.time() - n)) if start is None else start
@@ -131,7 +142,7 @@ def publish_samples(client, building: str, n: int, start: float | None = None, p
         if to == "stream":
             streams.add(pipe, building, text)
         else:
-            pipe.publish(keys.input_channel(building), text)
+            redisconn.publish(pipe, keys.input_channel(building), text)
     pipe.execute()
     return start + n - 1
 

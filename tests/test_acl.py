@@ -20,12 +20,14 @@ from test_daemon import Subscriber, wait_ready
 from test_streams import wait_ready_stream
 
 
-def acl_user(client, mode: str, without=()) -> tuple[str, str]:
-    """A user made by the README's rule for `mode`, less the commands `without`."""
+def acl_user(client, mode: str, without=(), cluster: bool = False) -> tuple[str, str]:
+    """A user made by the README's rule for `mode`, less the commands `without`; `client` may
+    be a list of clients, one per node of a cluster (`cluster`: its rule)."""
     user, password = f"nilmd-{uuid.uuid4().hex[:8]}", secrets.token_hex(12)
-    rule = redisconn.acl_rule(mode, user).split()[2:]  # what follows "ACL SETUSER"
+    rule = redisconn.acl_rule(mode, user, cluster=cluster).split()[2:]  # what follows "ACL SETUSER"
     rule = [f">{password}" if part == ">PASSWORD" else part for part in rule if part.lstrip("+") not in without]
-    client.execute_command("ACL", "SETUSER", *rule)
+    for node in client if isinstance(client, list) else [client]:
+        node.execute_command("ACL", "SETUSER", *rule)
     return user, password
 
 

@@ -126,14 +126,39 @@ def test_shipped_checkpoints(meters):
             m.write(60)
         check(fleet, reference, buildings, 1536, 60)
     assert fleet.full_recomputes == 3
-    # the state a building costs: its layers' histories, nothing else
+    # the state a building costs: its layers' histories and its newest 60 outputs, nothing else
     per_building = fleet.state_bytes() / 16
-    assert per_building == 4 * len(loaded) * sum(2**i for i in range(10)) * 16, per_building
+    assert per_building == 4 * len(loaded) * (sum(2**i for i in range(10)) * 16 + 2 * 60), per_building
+
+
+@pytest.mark.parametrize("pieces", [[60], [1] * 60, [7, 23, 30], [59, 1]])
+def test_samples_fed_early_leave_the_boundary_only_what_came_since(meters, pieces):
+    """The daemon feeds samples as they arrive (advance) and asks for the interval at its boundary."""
+    ckpts = make_checkpoints({a: SMALL for a in APPLIANCES[:3]}, seed=5)
+    fleet, reference = FleetPredictor(ckpts, keep=60), Predictor(ckpts)
+    buildings = {f"b{k}": m for k, m in enumerate(meters(3))}
+    for k, m in enumerate(buildings.values()):
+        m.write(96 + 5 * k)
+    fleet.advance([(b, m.ring.window(96)) for b, m in buildings.items()])  # the first window, ahead of time
+    assert fleet.full_recomputes == 3
+    for _ in range(3):
+        for n in pieces:
+            for m in buildings.values():
+                m.write(n)
+            fleet.advance([(b, m.ring.window(96)) for b, m in buildings.items()])
+        check(fleet, reference, buildings, 96, 60)  # nothing left to feed: the outputs kept
+        check(fleet, reference, buildings, 96, 20)  # and again, fewer of them
+    for m in buildings.values():  # the last sample arrives at the boundary itself
+        m.write(1)
+    check(fleet, reference, buildings, 96, 60)
+    assert fleet.full_recomputes == 3
 
 
 def test_bad_new_is_refused(meters):
-    fleet = FleetPredictor(make_checkpoints({a: SMALL for a in APPLIANCES[:1]}))
+    fleet = FleetPredictor(make_checkpoints({a: SMALL for a in APPLIANCES[:1]}), keep=10)
     (m,) = meters(1)
     m.write(96)
     with pytest.raises(ValueError, match="b: new=0"):
         fleet.step([("b", m.ring.window(96), 0)])
+    with pytest.raises(ValueError, match=r"b: new=11 outside 1\.\.10"):
+        fleet.step([("b", m.ring.window(96), 11)])

@@ -6,11 +6,11 @@ shipped models on a simulated house, is tests/test_energy.py."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import datetime, timezone
 
 import pytest
-import redis
 
 from nilmd import keys
 from nilmd.config import Config
@@ -33,15 +33,17 @@ def prediction(window_end: float, on: dict[str, tuple[bool, float, float]]) -> d
                              "confidence": abs(2 * p - 1)} for a, (o, p, w) in on.items()]}
 
 
-def count(ledger: Ledger, client, p: dict):
-    """What RedisPublisher does for the ledger: load if need be, queue, execute, settle."""
+def count(ledger: Ledger, client, p: dict, fails: bool = False):
+    """What RedisPublisher does for the ledger: load if need be, queue, execute, settle. Returns
+    the reply of the oldest part sent: the interval's energy when nothing was pending."""
     if ledger.state is None:
         ledger.load(client)
     pipe = client.pipeline(transaction=False)
     ledger.queue(pipe, p, json.dumps(p))
-    reply = pipe.execute(raise_on_error=False)[-1]
-    ledger.settle(reply)
-    return reply
+    replies = pipe.execute(raise_on_error=False)
+    error, dropped = ledger.settle(replies)
+    assert (error is not None) == fails and not dropped, (error, dropped)
+    return replies[0] if replies else None
 
 
 def energy(client, c: Config) -> dict:
@@ -72,16 +74,36 @@ def test_energy_counts_each_interval_once_on_its_local_day_and_month(redis_clien
     assert float(e["Television:total_wh"]) == 0.0 and "Television:today_wh" in e
     assert float(e["updated"]) == ts(2024, 1, 1, 0, 3) - 3600
 
-    # The last one again (a retry whose reply was lost), and an older one: nothing changes.
+    # The last one again (a restarted inference predicting it again), and an older one: Redis's
+    # marks refuse every part, nothing changes.
     last = prediction(ts(2023, 12, 31, 23, 3), {"Dryer": (True, 0.99, 600.0)})
-    ledger.settle(redis.ConnectionError("reply lost"))
-    assert count(ledger, redis_client, last) == 0
-    assert count(ledger, redis_client, prediction(ts(2023, 12, 31, 22, 30), {"Dryer": (True, 0.99, 600.0)})) == 0
+    runs_before = redis_client.hgetall(keys.runs_key(c.building_id))
+    assert count(Ledger(c), redis_client, last) == 0
+    assert count(Ledger(c), redis_client, prediction(ts(2023, 12, 31, 22, 30), {"Dryer": (True, 0.99, 600.0)})) == 0
     assert energy(redis_client, c) == e
+    assert redis_client.hgetall(keys.runs_key(c.building_id)) == runs_before
     history = redis_client.xrange(keys.predictions_stream(c.building_id))
     assert len(history) == 7 and {f[b"interval_s"] for _, f in history} == {b"60"}
     assert [json.loads(f[b"json"])["window_end"] for _, f in history] == sorted(
         json.loads(f[b"json"])["window_end"] for _, f in history)
+
+
+def test_a_part_redis_refused_is_sent_again_with_the_next_prediction(redis_client):
+    """The energy hash refuses an interval (here: the key holds a string, WRONGTYPE); the other
+    keys take theirs. Once the key is usable the held part is counted, before the next interval's."""
+    c = cfg()
+    ledger, t0 = Ledger(c), ts(2024, 3, 1, 8, 0)
+    redis_client.set(keys.energy_key(c.building_id), "not a hash")
+    count(ledger, redis_client, prediction(t0, {"Dryer": (True, 0.99, 600.0)}), fails=True)
+    assert [p.kind for p in ledger.pending] == ["energy"]
+    assert redis_client.xlen(keys.predictions_stream(c.building_id)) == 1  # the history took it
+    redis_client.delete(keys.energy_key(c.building_id))
+    assert count(ledger, redis_client, prediction(t0 + 60, {"Dryer": (True, 0.99, 600.0)})) == 1
+    assert ledger.pending == []
+    e = energy(redis_client, c)
+    assert float(e["Dryer:total_wh"]) == pytest.approx(20.0) and float(e["updated"]) == t0 + 60
+    ids = [i for i, _ in redis_client.xrange(keys.predictions_stream(c.building_id))]
+    assert ids == [f"{int(t0 * 1000)}-0".encode(), f"{int((t0 + 60) * 1000)}-0".encode()]
 
 
 def test_hysteresis_makes_one_run_one_pair_of_events(redis_client):
@@ -141,3 +163,41 @@ def test_days_are_calendar_days_of_the_zone():
     assert end - start == 25 * 3600
     assert days.interval_day(ts(2024, 3, 30, 23, 0, 30), 60, berlin) == ("2024-03-31", "2024-03")
     assert days.interval_day(ts(2024, 3, 30, 23, 0, 29), 60, berlin) == ("2024-03-30", "2024-03")
+
+
+def test_a_held_prediction_whose_parts_were_counted_is_published_once_counted_once(redis_server, redis_client,
+                                                                                   tmp_path):
+    """The inference's publisher, as in its process: PUBLISH refused (the ACL lacks it) while the
+    ledger's parts are taken; the prediction is held, sent again once PUBLISH is allowed, and
+    delivered and counted once."""
+    import logging
+
+    from nilmd.daemon.control import ControlBlock
+    from nilmd.daemon.inference import RedisPublisher
+    from nilmd.log import Throttle
+    from test_acl import acl_user
+
+    user, password = acl_user(redis_client, "pubsub", without=("publish",))
+    c = cfg(redis_host="127.0.0.1", redis_port=redis_server.port, redis_username=user, redis_password=password)
+    ctl = ControlBlock.create(str(tmp_path / "ctl"))
+    log = logging.getLogger("test")
+    publisher = RedisPublisher(c, log, Throttle(log), ctl)
+    sub = redis_client.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(keys.predictions_channel(c.building_id))
+    p = prediction(ts(2024, 3, 1, 8, 0), {"Television": (False, 0.1, 0.0)})  # no run, no event
+    try:
+        assert publisher.publish(p) is False  # held
+        assert float(energy(redis_client, c)["updated"]) == p["window_end"]  # its parts were taken
+        redis_client.execute_command("ACL", "SETUSER", user, "+publish")
+        assert publisher.publish(p) is True
+        got, until = [], time.monotonic() + 1.0  # long enough for a second copy to arrive
+        while time.monotonic() < until:
+            m = sub.get_message(timeout=0.1)
+            got += [m] if m else []
+        assert [json.loads(m["data"])["window_end"] for m in got] == [p["window_end"]]
+        assert redis_client.xlen(keys.predictions_stream(c.building_id)) == 1 and publisher.ledger.pending == []
+    finally:
+        redis_client.acl_deluser(user)
+        publisher.client.close()
+        ctl.unlink()
+        ctl.close()

@@ -322,3 +322,30 @@ def test_reload_adds_and_removes_buildings_and_the_rest_keep_their_schedule(redi
     finally:
         if d.proc.poll() is None:
             d.stop(signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pubsub", "stream"])
+def test_a_list_on_a_redis_cluster_each_building_exact(mode, redis_cluster, model_dir, tmp_path):
+    """Twelve buildings, whose keys fall on every master: the stream reader's one-script read
+    becomes one script per stream (a cluster refuses a script over several slots), in one pipeline."""
+    client = redis_cluster.client()
+    d = Daemon(redis_cluster.port, model_dir, tmp_path, extra_env={"REDIS_CLUSTER": "1", "NILMD_INPUT_MODE": mode})
+    d.ids = [f"{d.building}-{i}" for i in range(12)]
+    d.env["BUILDING_IDS"] = ",".join(d.ids)
+    d.env.pop("BUILDING_ID")
+    d.start()
+    try:
+        wait_for(lambda: d.proc.poll() is None and all(
+            statuses(client, d.ids)[b].get("input_connected") == "1" for b in d.ids), 60,
+            f"the list daemon to connect on the cluster\n{d.log()[-3000:]}")
+        preds = Predictions(client)
+        t0 = aligned_start(time.time() - 600, WINDOW, STEP)
+        last = feed(client, d.ids, t0, extra=lambda k: k % 3, to=mode)
+        check_exact(client, d, t0, last, preds)
+        assert d.stop() == 0, d.log()[-3000:]
+        assert "CROSSSLOT" not in d.log()
+    finally:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        client.close()

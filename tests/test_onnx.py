@@ -28,7 +28,8 @@ from nilmd.config import Config  # noqa: E402
 from nilmd.errors import NilmdError  # noqa: E402
 from nilmd.models import backends, checkpoints  # noqa: E402
 from nilmd.models.model import WaveNILMConfig  # noqa: E402
-from nilmd.models.onnx_backend import MANIFEST, NoExport, OnnxExportError, OnnxPredictor  # noqa: E402
+from nilmd.models.onnx_backend import (MANIFEST, NoExport, OnnxExportError, OnnxPredictor, pieces, span,  # noqa: E402
+                                       step_sizes)
 from nilmd.models.onnx_export import export  # noqa: E402
 from nilmd.models.predictor import Predictor  # noqa: E402
 from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
@@ -81,7 +82,7 @@ def test_a_wrong_weight_in_the_graph_is_caught(tmp_path):
     from onnx import numpy_helper
 
     torch_pred, _ = exported(tmp_path, {a: SMALL for a in APPLIANCES[:3]})
-    path = tmp_path / "nilmd-onnx-group0.onnx"
+    path = tmp_path / "nilmd-onnx-group0-step60.onnx"  # 200 samples: 3 steps of 60, 20 of 1
     model = onnx.load(str(path))
     init = next(i for i in model.graph.initializer if i.name == "l3_f_w")
     w = numpy_helper.to_array(init).copy()
@@ -89,7 +90,8 @@ def test_a_wrong_weight_in_the_graph_is_caught(tmp_path):
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     path.write_bytes(model.SerializeToString())
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    manifest["groups"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    graph = next(gr for gr in manifest["groups"][0]["graphs"] if gr["file"] == path.name)
+    graph["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     x = features(200)
     with pytest.raises(AssertionError):
@@ -102,7 +104,8 @@ def test_export_is_deterministic(tmp_path):
     export(tmp_path / "a")
     export(tmp_path / "b")
     files = sorted(p.name for p in (tmp_path / "a").glob("nilmd-onnx*"))
-    assert files == [f"nilmd-onnx-group{k}.onnx" for k in range(3)] + [MANIFEST]
+    steps = ("256", "256-nohead", 60, 1)
+    assert files == sorted(f"nilmd-onnx-group{k}-step{n}.onnx" for k in range(3) for n in steps) + [MANIFEST]
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -181,7 +184,7 @@ def test_any_schedule(mixed, tmp_path_factory, plan):
 
 def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
     """reset() and a repeated window recompute; run() in between leaves the position alone;
-    in the steady state a step binds nothing new (the buffers of its shape are reused)."""
+    a step of an exported size binds nothing new (its arrays are bound once, at load)."""
     torch_pred, onnx_pred = mixed
     onnx_pred.reset()
     start = onnx_pred.full_recomputes
@@ -194,17 +197,98 @@ def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
         for _ in range(3):
             m.write(4)
             check_step(onnx_pred, torch_pred, m.ring, 64, 4)
-        bound = [dict(g._bound) for g in onnx_pred.groups]
+        bound = [{n: (st.io, st.x, st.power, *st.hist, *st.h) for n, st in g.steps.items()} for g in onnx_pred.groups]
         onnx_pred.run(features(300))
         m.write(4)
         check_step(onnx_pred, torch_pred, m.ring, 64, 4)
         assert onnx_pred.full_recomputes - start == 2
         for g, before in zip(onnx_pred.groups, bound):
-            assert all(g._bound.get(k) is v for k, v in before.items() if k[0] == 4), "a step re-bound its buffers"
+            for n, held in before.items():
+                st = g.steps[n]
+                assert all(a is b for a, b in zip((st.io, st.x, st.power, *st.hist, *st.h), held)), "a step re-bound"
         onnx_pred.reset()
         m.write(4)
         check_step(onnx_pred, torch_pred, m.ring, 64, 4)
         assert onnx_pred.full_recomputes - start == 3
+    finally:
+        m.close()
+
+
+def test_step_sizes_bound_the_largest_graph():
+    assert step_sizes(60) == [256, 60, 1] and step_sizes(1) == [256, 1] and step_sizes(256) == [256, 1]
+    assert step_sizes(300) == [256, 44, 1] and step_sizes(3600) == [256, 16, 1] and step_sizes(512) == [256, 1]
+    assert pieces(3600, step_sizes(3600)) == [256] * 14 + [16]
+
+
+def test_pieces_are_the_fewest_steps():
+    assert pieces(1536, [256, 60, 1]) == [256] * 6
+    assert pieces(121, [256, 60, 1]) == [60, 60, 1]
+    assert pieces(300, [300, 256, 1]) == [300] and pieces(512, [300, 256, 1]) == [256, 256]
+    assert pieces(7, [256, 60, 1]) == [1] * 7 and pieces(0, [60, 1]) == []
+
+
+def test_history_buffers_wrap_at_every_offset_and_after_a_break(tmp_path):
+    """Dilations up to 128 against steps of 60 (and of sizes that are sums of steps): the circular
+    history wraps at a different column every step. A break restarts from the zero history."""
+    deep = WaveNILMConfig(channels=4, depth=8, head_channels=8)  # receptive field 256
+    torch_pred, onnx_pred = exported(tmp_path / "m", {a: deep for a in APPLIANCES[:4]}, seed=3)
+    assert sorted(onnx_pred.groups[0].steps) == [1, 60, 256] and list(onnx_pred.groups[0].quiet) == [256]
+    assert onnx_pred.groups[0].dilations[-1] == 128
+    m = Meter(tmp_path / "ring", capacity=700, seed=5)
+    try:
+        size = 300  # the newest 300 - 256 + 1 = 45 outputs see no padding
+        m.write(size)
+        check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        for n in [60] * 13 + [7, 61, 121, 1, 1, 45]:  # 60 does not divide 128: every offset differs
+            m.write(n)
+            check_step(onnx_pred, torch_pred, m.ring, size, min(n, 45))
+        assert onnx_pred.full_recomputes == 1
+        assert onnx_pred.groups[0].t == size + 13 * 60 + 7 + 61 + 121 + 2 + 45
+        m.ring.mark_break()
+        m.write(size)
+        check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        assert onnx_pred.full_recomputes == 2 and onnx_pred.groups[0].t == size
+        for _ in range(5):
+            m.write(60)
+            check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        assert onnx_pred.full_recomputes == 2
+    finally:
+        m.close()
+
+
+def test_span_covers_what_the_outputs_see_in_few_steps():
+    sizes = [256, 60, 1]
+    assert span(1536, 60 + 1023, sizes) == 1084 and pieces(1084, sizes) == [256] * 4 + [60]  # the shipped set
+    assert span(1536, 1 + 1023, sizes) == 1024 and span(1536, 1600, sizes) == 1536 and span(100, 100, sizes) == 100
+    for t, need in [(300, 17), (700, 301), (1536, 999), (64, 63)]:
+        n = span(t, need, sizes)
+        assert need <= n <= t and len(pieces(n, sizes)) <= len(pieces(need, sizes))
+
+
+def test_a_full_recompute_runs_only_the_samples_its_outputs_see(tmp_path):
+    """A 600-sample window, receptive field 256, 5 outputs: 316 samples from the zero history (a
+    step of 256 and one of 60) give the models' outputs on the whole window; 250 would not (the
+    one path from the oldest samples is too weak to show in float32 at 259)."""
+    deep = WaveNILMConfig(channels=4, depth=8, head_channels=8)
+    torch_pred, onnx_pred = exported(tmp_path / "m", {a: deep for a in APPLIANCES[:3]}, seed=2)
+    g = onnx_pred.groups[0]
+    m = Meter(tmp_path / "ring", capacity=900, seed=1)
+    try:
+        m.write(600)
+        check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        assert g.t == 316 and onnx_pred.full_recomputes == 1
+        x = m.ring.window(600).features.copy()
+        g.zero()
+        power, prob = g.run(x[-250:], 5)  # 10 samples short of what output 600 - 5 sees
+        with pytest.raises(AssertionError):
+            assert_matches_models(torch_pred, x, power, prob, last=5)
+        onnx_pred.reset()  # (that run moved the history on behind its back)
+        m.write(5)
+        check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        for _ in range(3):  # and the history a trimmed recompute leaves is exact
+            m.write(5)
+            check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        assert onnx_pred.full_recomputes == 2
     finally:
         m.close()
 
@@ -218,10 +302,16 @@ def test_daemon_sized_models_and_window(tmp_path, interval):
     try:
         m.write(1536)
         check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
+        # the receptive field and the outputs: 4 steps of 256 without heads, then one of the interval
+        assert onnx_pred.groups[0].t == {1: 1025, 60: 1084}[interval]
         for _ in range(2):
             m.write(interval)
             check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
         assert onnx_pred.full_recomputes == 1
+        assert onnx_pred.groups[0].steps[256].sess is None  # the 256-step with heads: opened when first needed
+        x = features(512, seed=2)
+        assert_matches_models(torch_pred, x, *onnx_pred.run(x))  # which run() is: 2 steps of 256
+        assert onnx_pred.groups[0].steps[256].sess is not None
     finally:
         m.close()
 
@@ -244,10 +334,10 @@ def test_an_export_that_matches_is_chosen(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["retrained", "removed", "added", "damaged graph", "garbage graph", "bad manifest",
-                                    "malformed manifest"])
+                                    "malformed manifest", "old format"])
 def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change):
     exported(tmp_path, SET)
-    graph = tmp_path / "nilmd-onnx-group0.onnx"
+    graph = tmp_path / "nilmd-onnx-group0-step60.onnx"  # (the daemon's, INFERENCE_INTERVAL=60: opened at load)
     if change == "retrained":
         write_set(tmp_path, {APPLIANCES[1]: SMALL}, seed=9)
         expect = f"checkpoint {tmp_path / checkpoint_filename(APPLIANCES[1])} changed since"
@@ -265,14 +355,20 @@ def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change)
     elif change == "garbage graph":  # the manifest vouches for it, ONNX Runtime does not load it
         graph.write_bytes(b"not a graph")
         manifest = json.loads((tmp_path / MANIFEST).read_text())
-        manifest["groups"][0]["sha256"] = hashlib.sha256(b"not a graph").hexdigest()
+        next(gr for gr in manifest["groups"][0]["graphs"] if gr["n"] == 60)["sha256"] = \
+            hashlib.sha256(b"not a graph").hexdigest()
         (tmp_path / MANIFEST).write_text(json.dumps(manifest))
         expect = f"ONNX file {graph} does not load"
     elif change == "malformed manifest":  # valid JSON, but not what nilmd export writes
         manifest = json.loads((tmp_path / MANIFEST).read_text())
-        del manifest["groups"][0]["sha256"]
+        del manifest["groups"][0]["graphs"][0]["sha256"]
         (tmp_path / MANIFEST).write_text(json.dumps(manifest))
         expect = f"ONNX manifest {tmp_path / MANIFEST} is malformed"
+    elif change == "old format":  # an export of an earlier nilmd: its graphs take other inputs
+        manifest = json.loads((tmp_path / MANIFEST).read_text())
+        manifest["format_version"] = 1
+        (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+        expect = f"ONNX manifest {tmp_path / MANIFEST}: format_version 1, this nilmd reads 2: run `nilmd export"
     else:
         (tmp_path / MANIFEST).write_text("{")
         expect = f"ONNX manifest {tmp_path / MANIFEST} is unreadable"
@@ -282,6 +378,33 @@ def test_a_stale_or_broken_export_is_one_line_and_torch_serves(tmp_path, change)
     for backend in ("auto", "onnxruntime"):
         choice = backends.choose(cfg_for(tmp_path, backend))
         assert choice.backend == "torch" and expect in choice.fallback and choice.fallback.endswith("with torch instead")
+
+
+def test_the_graphs_the_schedule_never_needs_open_on_first_use(tmp_path):
+    torch_pred, _ = exported(tmp_path, SET)
+
+    def opened(pred):
+        return [n for n, s in sorted(pred.groups[0].steps.items()) if s.sess is not None]
+
+    assert opened(backends.load(cfg_for(tmp_path).replace(inference_interval=1)).predictor) == [1]
+    pred = backends.load(cfg_for(tmp_path)).predictor  # INFERENCE_INTERVAL=60
+    assert opened(pred) == [60] and pred.groups[0].quiet[256].sess is not None
+    x = features(257, seed=4)
+    power, prob = pred.run(x)  # 256 + 1, every output: the 256-step with heads and the 1-s step open now
+    assert opened(pred) == [1, 60, 256]
+    assert_matches_models(torch_pred, x, power, prob)
+
+
+def test_an_export_for_another_interval_serves_with_one_line(tmp_path):
+    exported(tmp_path, SET)  # made for 60 s
+    for interval, slow in ((60, False), (1, False), (120, True), (300, True)):
+        choice = backends.choose(cfg_for(tmp_path).replace(inference_interval=interval))
+        assert choice.backend == "onnxruntime" and bool(choice.fallback) == slow, (interval, choice.fallback)
+    assert choice.fallback == (f"the ONNX export in {tmp_path} has no step of 44 samples for INFERENCE_INTERVAL=300 "
+                               "(it was made for another interval): each interval runs as several smaller steps; "
+                               "`nilmd export --inference-interval 300` makes it")
+    export(tmp_path, interval=300)
+    assert not backends.choose(cfg_for(tmp_path).replace(inference_interval=300)).fallback
 
 
 def test_no_export_is_torch_without_a_warning_under_auto(tmp_path, monkeypatch):

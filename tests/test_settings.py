@@ -79,16 +79,21 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "mqtt_password_file": str(a_file), "mqtt_tls_ca": str(a_file), "mqtt_tls_cert": str(a_file),
              "mqtt_tls_key": str(a_file), "mqtt_discovery_prefix": "ha"}
     switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"}
-    assert set(given) | switches == {s.name for s in SETTINGS if s.flag}, "a flag of the table is not tried here"
-    for left_out in ("mqtt_url", "mode"):  # --mode test has no Redis for --mqtt-url: one at a time
-        argv = ["run"] + [s.flag for s in SETTINGS if s.name in switches]
+    # --building-ids excludes --building-id, --mode test and --mqtt-url: tried on its own
+    alone = config.resolve(cli.build_parser().parse_args(["run", "--building-ids", "a,b"]), environ={})
+    assert alone.building_ids == "a,b" and config.buildings(alone) == ["a", "b"]
+    assert set(given) | switches | {"building_ids"} == {s.name for s in SETTINGS if s.flag}, \
+        "a flag of the table is not tried here"
+    # --mode test has no Redis for --mqtt-url, and a cluster has only database 0: one at a time
+    for left_out in (("mqtt_url", "redis_cluster"), ("mode", "redis_db")):
+        argv = ["run"] + [s.flag for s in SETTINGS if s.name in switches and s.name not in left_out]
         for s in SETTINGS:
-            if s.name in given and s.name != left_out:
+            if s.name in given and s.name not in left_out:
                 argv += [s.flag, given[s.name]]
         cfg = config.resolve(cli.build_parser().parse_args(argv), environ={})
-        assert all(getattr(cfg, name) is True for name in switches)
+        assert all(getattr(cfg, name) is True for name in switches if name not in left_out)
         for name, raw in given.items():
-            if name != left_out:
+            if name not in left_out:
                 value = getattr(cfg, name)
                 assert value == type(value)(raw), f"{name}: {value!r} from {raw!r}"
         assert cfg.redis_password == "secret" and cfg.mqtt_password == "secret"

@@ -1,164 +1,37 @@
-"""Inference process: every INFERENCE_INTERVAL new seconds, the newest window through every
-appliance model, and the prediction out to Redis (or stdout in test mode).
+"""Inference process: every INFERENCE_INTERVAL new seconds of each building, its newest window
+through every appliance model, and the prediction out to Redis (or stdout in test mode).
 
 Windows are taken on a fixed schedule of ring indices (end = previous end + interval), so the
 number of predictions is exactly what the data implies; the first of an unbroken run is the
 first full window whose newest sample closes an interval of the clock (nilmd.schedule). The
-last end is kept in the control block, so a restarted inference process carries on the same
-schedule instead of starting over.
+last end is kept in the building's control block, so a restarted inference process carries on
+the same schedule instead of starting over. Many buildings (nilmd.daemon.roster): each has its
+schedule (a Track), a heap says which to look at when, and the due ones run together.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import logging
 import os
-import signal
-import sys
 import time
 
-import numpy as np
-
-from nilmd.daemon import control as ctlmod
-from nilmd import keys, schedule
+from nilmd import schedule
 from nilmd.appliances import APPLIANCES
 from nilmd.backoff import Backoff
 from nilmd.config import Config
-from nilmd.daemon.ledger import Ledger
-from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError, redis_error
+from nilmd.daemon import control as ctlmod
+from nilmd.daemon.publish import RedisPublisher, StdoutPublisher  # noqa: F401 (nilmd.daemon.ledger names it here)
 from nilmd.daemon.worker import Worker
+from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
 
 POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
+CHECKS_PER_S = 1000  # buildings looked at a second, at most, while they wait (a flock'd read each)
 BATCH_MAX = 256  # buildings per predictor call and pipeline: batched, and out before the rest is computed
+ADVANCE_N = 15  # samples that make a waiting building worth feeding ahead of its window (a few times a minute)
 GATHER_S = 0.25  # the longest a due window waits for others closing at the same time, to share one call
-
-
-class RedisPublisher:
-    """PUBLISH each prediction, SET latest and the inference's status fields: every building of a
-    batch in one pipeline, each with its ledger's script (nilmd.daemon.ledger)."""
-
-    def __init__(self, cfg: Config, logger, throttle, ctl):
-        from nilmd import redisconn
-
-        self.client = redisconn.client(cfg, name="inference", socket_timeout=2.0)
-        self.errors = redisconn.ERRORS  # every Redis error, a refusal (OOM, NOPERM) too
-        self.cfg = cfg
-        self.log, self.throttle, self.ctl = logger, throttle, ctl  # ctl: the daemon block (this process's errors)
-        self.ledgers: dict[str, Ledger] = {}  # energy, events and history: one script beside each prediction
-
-    def forget(self, building: str) -> None:
-        self.ledgers.pop(building, None)
-
-    def publish(self, prediction: dict, cfg: Config | None = None) -> bool:
-        return self.publish_many([(cfg or self.cfg, prediction)])[0]
-
-    def publish_many(self, items: list[tuple[Config, dict]]) -> list[bool]:
-        """[(the building's Config, prediction)] -> whether each went out (False: the caller holds it)."""
-        queued = []  # (building, ledger or None, text, commands queued)
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for cfg, prediction in items:
-                b = cfg.building_id
-                ledger = self.ledgers.get(b) or self.ledgers.setdefault(b, Ledger(cfg))
-                counted = self._ledger_ready(ledger)
-                text = json.dumps(prediction, separators=(",", ":"))
-                pipe.publish(keys.predictions_channel(b), text)
-                pipe.set(keys.latest_key(b), text)
-                pipe.hset(keys.status_key(b), mapping={
-                    "last_inference_ts": prediction["timestamp"],
-                    "last_inference_ms": prediction["inference_time_ms"],
-                    "last_window_end": prediction["window_end"],
-                })
-                if counted:
-                    ledger.queue(pipe, prediction, text)
-                queued.append((ledger if counted else None, 4 if counted else 3))
-            replies = pipe.execute(raise_on_error=False)
-        except self.errors as e:
-            replies = None
-            error = e
-        out, at = [], 0
-        for k, (ledger, n) in enumerate(queued):
-            if replies is None:
-                published, stored = error, []
-            else:
-                published, *stored = replies[at:at + n]
-                at += n
-            out.append(self._settle(ledger, published, stored))
-        # what never got queued (the ledger's read failed unreachable): held, tried again
-        out += [self._settle(None, error, []) for _ in items[len(queued):]]
-        return out
-
-    def _settle(self, ledger, published, stored: list) -> bool:
-        if ledger is not None:
-            reply = stored.pop() if stored else published
-            ledger.settle(reply)
-            if isinstance(reply, Exception) and not isinstance(published, Exception):
-                self._failed(reply, "could not count a prediction's energy and events", "ledger")
-        if isinstance(published, Exception):
-            # The caller keeps the prediction and tries again (InferenceWorker.serve).
-            self._failed(published, "could not publish a prediction")
-            return False
-        refused = [r for r in stored if isinstance(r, Exception)]
-        if refused:
-            # Out of memory or a missing SET/HSET permission: the prediction is on the channel
-            # already, so it is not sent again (that would deliver it twice); `latest` is stale.
-            self._failed(refused[0], "published a prediction but could not store it (latest, status)")
-        return True
-
-    def _ledger_ready(self, ledger: Ledger) -> bool:
-        """The run tracker's state is known (read from Redis if need be); False: not counting now."""
-        if ledger.state is None:
-            try:
-                ledger.load(self.client)
-            except self.errors as e:
-                if redis_error(e)[0] == "unreachable":
-                    raise  # the prediction cannot go out either: it is held and tried again, counted then
-                self._failed(e, "could not read the run tracker's state (energy and events of this interval are "
-                             "not counted)", "ledger")
-                return False
-        return True
-
-    def _failed(self, error: Exception, what: str, topic: str = "publish") -> None:
-        self.ctl.add("inference_redis_errors")
-        kind, line = redis_error(error, script=Ledger.COMMANDS)
-        self.throttle.log(f"{topic} {kind}", logging.ERROR, f"{what}: {line}")
-
-
-class StdoutPublisher:
-    """`--mode test`: one JSON line per prediction, with the simulator's truth beside it."""
-
-    def __init__(self, cfg: Config):
-        from nilmd.sim.simulator import Building
-
-        self.building = Building(cfg.seed)
-        self.interval = cfg.inference_interval
-
-    def publish(self, prediction: dict) -> bool:
-        n = self.interval
-        trace = self.building.trace(prediction["window_end"] - n + 1, n)
-        prediction["truth"] = {
-            name: round(float(np.mean(trace.appliances[name])), 2) for name in APPLIANCES
-        }
-        try:
-            sys.stdout.write(json.dumps(prediction, separators=(",", ":")) + "\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            # `nilmd run --mode test | head`: whoever read the predictions is gone, and with it the
-            # point of test mode. Stop the whole daemon as SIGTERM does (exit 0), not crash five times.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            logging.getLogger("nilmd.inference").info("stdout was closed by its reader: ending test mode")
-            os.kill(os.getppid(), signal.SIGTERM)
-            return False
-        return True
-
-    def publish_many(self, items: list[tuple[Config, dict]]) -> list[bool]:
-        return [self.publish(prediction) for _, prediction in items]
-
-    def forget(self, building: str) -> None:
-        pass
 
 
 class Track:
@@ -170,6 +43,7 @@ class Track:
         self.retry_at = 0.0  # monotonic: when to try it again
         self.backoff = Backoff()
         self.gone = False  # removed from the list: its heap entry is dropped when it comes up
+        self.fed = 0  # ring index up to which its samples were fed to the models ahead of time
 
     def upcoming(self) -> tuple[int | None, int]:
         """(ring index one past the newest sample of the next window to run, or None while the run
@@ -205,15 +79,15 @@ class Track:
         wait = schedule.wait_to_align(float(newest.ts[-1]), step)
         return end + wait if later else end - (step - wait) % step
 
-    def wait(self, end: int | None, head: int, now: float) -> float:
+    def wait(self, end: int | None, head: int, now: float, most: float) -> float:
         """Seconds until this building's next window can close: its closing sample arrives about
         (samples missing) seconds after the newest one did, at 1 Hz. A burst comes sooner, so at
-        most MAX_WAIT_S; a late or silent meter is looked at less and less often."""
+        `most` seconds; a late or silent meter is looked at less and less often, up to that."""
         missing = (end if end is not None else head + self.cfg.window_size) - head
         eta = self.ctl["last_arrival"] + max(missing, 1) - now
         if eta < 0:
-            return min(MAX_WAIT_S, 0.1 - eta / 2)
-        return min(MAX_WAIT_S, max(POLL_S, eta + 0.02))
+            return min(most, 0.1 - eta / 2)
+        return min(most, max(POLL_S, eta + 0.02))
 
 
 class InferenceWorker(Worker):
@@ -229,6 +103,7 @@ class InferenceWorker(Worker):
         self._pushed = itertools.count()
         self._gathered: list = []  # [(track, end)] due, waiting (GATHER_S at most) for the rest of their batch
         self._gathered_at = 0.0
+        self._feedable: list = []  # [(track, ring index)]: buildings whose new samples can be fed early
         self.add_buildings(self.roster.current)
 
     # -- the buildings ---------------------------------------------------------------------------
@@ -328,6 +203,7 @@ class InferenceWorker(Worker):
                 out.append((track, end, None))
                 continue
             power, prob = next(outs)
+            track.fed = end  # the models' state is here now: feeding ahead goes on after it
             aggregate = window.features[-n:, 0].copy()
             window_end = float(window.ts[-1])
             intact = track.ring.intact(window)
@@ -374,6 +250,9 @@ class InferenceWorker(Worker):
         again), from the buildings whose time has come: the heap, never a look at every ring."""
         fresh, retry, wall = [], [], time.time()
         heap = self._heap
+        # A waiting building is looked at again within `most` s: every POLL_S for one building (a
+        # burst is predicted at once), at most CHECKS_PER_S looks a second in all for many.
+        most = min(MAX_WAIT_S, max(POLL_S, len(self.tracks) / CHECKS_PER_S))
         while heap and heap[0][0] <= now:
             _, _, track = heapq.heappop(heap)
             if track.gone:
@@ -385,7 +264,9 @@ class InferenceWorker(Worker):
             if end is not None and end <= head:
                 fresh.append((track, end))
             else:
-                self._push(track, now + track.wait(end, head, wall))
+                self._push(track, now + track.wait(end, head, wall, most))
+                if end is not None and min(head, end - 1) - track.fed >= ADVANCE_N:
+                    self._feedable.append((track, min(head, end - 1)))
         return fresh, retry
 
     def serve(self, publisher) -> int:
@@ -407,7 +288,8 @@ class InferenceWorker(Worker):
                 self._gathered_at = now
             self._gathered += fresh
             if not retry and not self._batch_now(now):
-                time.sleep(POLL_S)
+                if not self._advance():
+                    time.sleep(POLL_S)
                 self.throttle.flush()
                 continue
             fresh, self._gathered = [(t, end) for t, end in self._gathered if not t.gone], []
@@ -427,6 +309,27 @@ class InferenceWorker(Worker):
                 self.beat()
             self.throttle.flush()
         return EXIT_OK
+
+    def _advance(self) -> bool:
+        """Idle time: feed the models the samples that came since a building was last fed, up to just
+        before its next window's end, so that the step at the boundary has only the last few to
+        compute (FleetPredictor.advance; one building's predictor has none). True if it did."""
+        feedable, self._feedable = self._feedable[:BATCH_MAX], self._feedable[BATCH_MAX:]
+        if not feedable or not hasattr(self.predictor, "advance"):
+            self._feedable = []
+            return False
+        taken = [(track, track.ring.window(self.cfg.window_size, end)) for track, end in feedable
+                 if not track.gone]
+        taken = [(track, window) for track, window in taken if window is not None]
+        self.predictor.advance([(track.building, window) for track, window in taken])
+        for track, window in taken:
+            if track.ring.intact(window):
+                track.fed = window.end
+            else:  # overwritten while read: its state may hold the new samples; the step recomputes
+                self.predictor.reset(track.building)
+        del taken
+        self.beat()
+        return True
 
     def _batch_now(self, now: float) -> bool:
         """Whether to run the gathered windows now. One call costs about as much for one building as

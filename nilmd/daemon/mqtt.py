@@ -27,6 +27,7 @@ from nilmd.daemon.worker import Worker
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, redis_error
 
 TICK_S = 0.1  # each of the two waits of one loop turn (broker, Redis): the heartbeat stays fresh
+UNCOUNTED_WAIT_S = 10.0  # how long a prediction's energy is looked for after it (the ledger may hold it longer)
 CONNACK_TIMEOUT_S = 10.0  # a broker that took the TCP connection but never answers CONNECT
 
 
@@ -154,6 +155,7 @@ class MqttWorker(Worker):
             return EXIT_BOOT_ERROR
         self.pubsub = None
         self.redis_backoff, self.redis_retry_at = Backoff(), 0.0
+        self.uncounted, self.uncounted_until = None, 0.0  # the newest prediction whose energy Redis lacked
         self.log.info("publishing to Home Assistant via %s (discovery prefix %s)", self.broker.where,
                       self.cfg.mqtt_discovery_prefix)
         try:
@@ -189,9 +191,19 @@ class MqttWorker(Worker):
                 if msg.get("type") == "message":
                     newest = latest.prediction(msg["data"]) or newest
                 msg = self.pubsub.get_message(timeout=0.0)
-            if newest is None:
+            if newest is None and (self.uncounted is None or time.monotonic() > self.uncounted_until):
+                self.uncounted = None
                 return None
-            return newest, latest.energy(self.redis.hgetall(keys.energy_key(b)))
+            raw = self.redis.hgetall(keys.energy_key(b))
+            if newest is None:  # only the energy of the last one to send, once Redis has it
+                if not latest.counted(raw, self.uncounted):
+                    return None
+                newest = self.uncounted
+            # The energy may come after the prediction: on a Redis Cluster the energy hash and the
+            # channel are on different nodes. Its states go again once Redis counted it.
+            self.uncounted = None if latest.counted(raw, newest) else newest
+            self.uncounted_until = time.monotonic() + UNCOUNTED_WAIT_S
+            return newest, latest.energy(raw)
         except self.errors as e:
             self.ctl.add("mqtt_errors")
             kind, line = redis_error(e)

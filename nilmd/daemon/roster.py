@@ -15,6 +15,7 @@ re-reads the file only when it moved. A child starting later is handed the curre
 from __future__ import annotations
 
 import os
+import resource
 
 from nilmd.daemon.snapshot import write_atomic
 
@@ -123,3 +124,19 @@ class _Quiet:
 
     def __init__(self, log):
         self.info, self.warning, self.error = log.debug, log.warning, log.error
+
+
+def raise_open_files(buildings: int, log) -> None:
+    """Each building keeps open files in every process (its ring's fd, for the flock, and its block;
+    the supervisor its lock too): with many, the soft RLIMIT_NOFILE (often 1024) goes up to the hard
+    one, which the children inherit. Too low a hard limit is said at once (systemd: LimitNOFILE=)."""
+    need = 3 * buildings + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    top = hard if hard != resource.RLIM_INFINITY else max(need, soft)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    log.info("open files limit raised from %d to %d for %d buildings", soft, top, buildings)
+    if top < need:
+        log.warning("%d buildings need about %d open files, and the hard limit is %d: raise it (systemd: "
+                    "LimitNOFILE=%d)", buildings, need, hard, need)

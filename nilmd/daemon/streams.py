@@ -84,14 +84,25 @@ return out
 """
 
 
-def read_many(client, spans: list[tuple[str, str, str]], count: int, reverse: bool = False) -> list[list]:
+def read_many(client, spans: list[tuple[str, str, str]], count: int, reverse: bool = False,
+              cluster: bool = False) -> list[list]:
     """[(stream key, first bound, last bound)] -> per stream [(entry id, data or Unread)], at most
-    `count` entries in all, without ever fetching a `data` field larger than a valid sample can be."""
+    `count` entries in all, without ever fetching a `data` field larger than a valid sample can be.
+    A cluster refuses a script over keys of several slots: there, one call per stream, in one
+    pipeline (one round trip per node), each with its share of `count`."""
     from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
 
-    bounds = [bound for _, first, last in spans for bound in (first, last)]
-    replies = client.eval(_READ_SCRIPT, len(spans), *(key for key, _, _ in spans), MAX_MESSAGE_BYTES, count,
-                          "1" if reverse else "0", *bounds)
+    direction = "1" if reverse else "0"
+    if cluster and len(spans) > 1:
+        pipe = client.pipeline(transaction=False)
+        share = max(16, count // len(spans))
+        for key, first, last in spans:
+            pipe.execute_command("EVAL", _READ_SCRIPT, 1, key, MAX_MESSAGE_BYTES, share, direction, first, last)
+        replies = [reply[0] for reply in pipe.execute()]
+    else:
+        bounds = [bound for _, first, last in spans for bound in (first, last)]
+        replies = client.eval(_READ_SCRIPT, len(spans), *(key for key, _, _ in spans), MAX_MESSAGE_BYTES, count,
+                              direction, *bounds)
     return [[(flat[i], Unread(flat[i + 1]) if isinstance(flat[i + 1], int) else flat[i + 1])
              for i in range(0, len(flat), 2)] for flat in replies]
 
@@ -331,8 +342,8 @@ class StreamSource:
             return
         self._turn = (self._turn + 1) % len(ready)
         ready = ready[self._turn:] + ready[:self._turn]
-        for (b, cursor), entries in zip(ready, read_many(self._client, [(c.key, c.low(), "+") for _, c in ready],
-                                                         limit)):
+        spans = [(c.key, c.low(), "+") for _, c in ready]
+        for (b, cursor), entries in zip(ready, read_many(self._client, spans, limit, cluster=self.cfg.redis_cluster)):
             out.extend_for(b, cursor.took(entries))
 
     def commit(self) -> None:

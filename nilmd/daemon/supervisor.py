@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import resource
 import select
 import signal
 import time
@@ -34,22 +33,6 @@ from nilmd.backoff import Backoff
 from nilmd.daemon.instance import InstanceLock
 
 FRESH_S = 5.0  # a heartbeat older than this stops WATCHDOG=1 pings (children beat every <= 0.5 s)
-
-
-def raise_open_files(buildings: int, log) -> None:
-    """Each building keeps open files in every process (its ring's fd, for the flock, and its block;
-    the supervisor its lock too): with many, the soft RLIMIT_NOFILE (often 1024) goes up to the hard
-    one, which the children inherit. Too low a hard limit is said at once (systemd: LimitNOFILE=)."""
-    need = 3 * buildings + 64
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= need:
-        return
-    top = hard if hard != resource.RLIM_INFINITY else max(need, soft)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
-    log.info("open files limit raised from %d to %d for %d buildings", soft, top, buildings)
-    if top < need:
-        log.warning("%d buildings need about %d open files, and the hard limit is %d: raise it (systemd: "
-                    "LimitNOFILE=%d)", buildings, need, hard, need)
 
 
 class Child:
@@ -152,7 +135,7 @@ class Supervisor:
         """Own every building's shared memory: refuse if a live nilmd has one, reclaim a dead one's."""
         os.makedirs(self.cfg.runtime_dir, exist_ok=True)
         ids = self.paths["buildings"] if self.listed else [self.cfg.building_id]
-        raise_open_files(len(ids), self.log)
+        roster.raise_open_files(len(ids), self.log)
         if self.listed:
             self.lock.acquire(f"a list ({self.cfg.building_ids})", self._where())
             for p in (self.paths["ctl"], self.paths["roster"]):

@@ -37,7 +37,7 @@ def gpu_box() -> bool:
 class Choice:
     backend: str  # TORCH or ONNX
     reason: str  # why, in words (logged, and shown by `nilmd check`)
-    fallback: str = ""  # the one line saying why the wanted backend does not serve, if it does not
+    fallback: str = ""  # the one line saying why the wanted backend does not serve (or serves slowly), if so
     onnx: object = None  # the OnnxPredictor when backend is ONNX (built while choosing: it checks the files)
 
 
@@ -56,7 +56,8 @@ def choose(cfg) -> Choice:
         return Choice(TORCH, "auto: a GPU box, where torch runs CUDA")
     pred, why, absent = _onnx(cfg)
     if pred is not None:
-        return Choice(ONNX, f"{'auto: ' if want == 'auto' else ''}the ONNX export matches the checkpoints", onnx=pred)
+        return Choice(ONNX, f"{'auto: ' if want == 'auto' else ''}the ONNX export matches the checkpoints",
+                      fallback=pred.slow_for(cfg.inference_interval), onnx=pred)
     if not have_torch:
         raise NilmdError(f"cannot serve: {why}, and torch is not installed to fall back to")
     if want == "auto" and absent:  # nothing to use, nothing wrong: no onnxruntime, or no export
@@ -71,7 +72,7 @@ def _onnx(cfg) -> tuple[object, str, bool]:
     from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor
 
     try:
-        return OnnxPredictor(cfg.model_dir, threads=cfg.threads or 1), "", False
+        return OnnxPredictor(cfg.model_dir, threads=cfg.threads or 1, interval=cfg.inference_interval), "", False
     except OnnxExportError as e:
         return None, str(e), isinstance(e, NoExport)
 

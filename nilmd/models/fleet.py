@@ -93,11 +93,16 @@ class _Pool:
 
 
 class FleetPredictor:
-    """All loaded appliance models for many buildings, in the fixed appliance order."""
+    """All loaded appliance models for many buildings, in the fixed appliance order.
+
+    `keep`: the most outputs a step may ask for (the daemon's interval). Each building keeps the
+    outputs of its newest `keep` samples (5 kB for 11 models and 60 s), so that its samples can be
+    fed early, as they arrive (`advance`, in the inference's idle time between interval
+    boundaries), and the step at the boundary computes only what came since."""
 
     backend = "torch"
 
-    def __init__(self, checkpoints: dict[str, Checkpoint], device: str = "cpu", slots: int = 16):
+    def __init__(self, checkpoints: dict[str, Checkpoint], device: str = "cpu", slots: int = 16, keep: int = 60):
         self.appliances = [a for a in APPLIANCES if a in checkpoints]
         ckpts = [checkpoints[a] for a in self.appliances]
         self.device = torch.device(resolve_device(device))
@@ -108,20 +113,25 @@ class FleetPredictor:
             by_arch.setdefault(arch_key(c.config), []).append(k)
         self.groups = [(rows, _Pool(FusedWaveNILM([ckpts[k].model() for k in rows]).to(self.device), slots))
                        for rows in by_arch.values()]
+        self.keep = keep
         self.full_recomputes = 0
-        self._capacity = slots
+        self._capacity = 0
         self._slot: dict[str, int] = {}  # building -> its rows in the pools
-        self._free: list[int] = list(range(slots - 1, -1, -1))
+        self._free: list[int] = []
         self._position: dict[str, Position] = {}
-        self._seen = np.zeros(slots, np.int64)  # samples each slot has seen since its zero state
+        self._seen = np.zeros(0, np.int64)  # samples each slot has seen since its zero state
+        A = len(self.appliances)
+        self._tail = np.zeros((0, 2, A, keep), np.float32)  # per slot: power, probability of the newest samples
+        self._tail_n = np.zeros(0, np.int64)  # how many of them are valid
+        self._grow(slots)
 
     @property
     def buildings(self) -> int:
         return len(self._slot)
 
     def state_bytes(self) -> int:
-        """Memory the pools hold (all slots, in use or free)."""
-        return sum(h.numel() * h.element_size() for _, pool in self.groups for h in pool.hist)
+        """Memory the pools hold (all slots, in use or free): the layer histories and the tails."""
+        return sum(h.numel() * h.element_size() for _, pool in self.groups for h in pool.hist) + self._tail.nbytes
 
     # -- buildings -------------------------------------------------------------------------------
     def reset(self, building: str) -> None:
@@ -135,60 +145,81 @@ class FleetPredictor:
         if slot is not None:
             self._free.append(slot)
 
+    def _grow(self, capacity: int) -> None:
+        old = self._capacity
+        if old:
+            for _, pool in self.groups:
+                pool.grow(capacity)
+        more = capacity - old
+        self._seen = np.concatenate([self._seen, np.zeros(more, np.int64)])
+        self._tail = np.concatenate([self._tail, np.zeros((more, *self._tail.shape[1:]), np.float32)])
+        self._tail_n = np.concatenate([self._tail_n, np.zeros(more, np.int64)])
+        self._free = list(range(capacity - 1, old - 1, -1)) + self._free
+        self._capacity = capacity
+
     def _slot_of(self, building: str) -> int:
         slot = self._slot.get(building)
         if slot is None:
             if not self._free:
-                grown = 2 * self._capacity
-                for _, pool in self.groups:
-                    pool.grow(grown)
-                self._seen = np.concatenate([self._seen, np.zeros(grown - self._capacity, np.int64)])
-                self._free = list(range(grown - 1, self._capacity - 1, -1))
-                self._capacity = grown
+                self._grow(2 * self._capacity)
             slot = self._slot[building] = self._free.pop()
         return slot
 
-    # -- the batched step --------------------------------------------------------------------------
+    # -- feeding -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, items: list[tuple[str, object, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each (building, ring Window, new): (power W [A, new], probability [A, new]) for the
         newest `new` samples of that window, as Predictor.step(window, new) gives for the building
-        alone. A building continues its state when the window continues it, else its whole window is
-        recomputed from the zero state. Buildings with the same number of samples to feed run as one
-        batch. Copies what it reads out of the windows before it returns (check ring.intact after)."""
-        batches = defaultdict(list)  # (samples to feed, outputs wanted) -> item indices
+        alone. A building continues its state when the window continues it (computing only the
+        samples not yet fed), else its whole window is recomputed from the zero state. Buildings
+        with the same number of samples to feed run as one batch. Copies what it reads out of the
+        windows before it returns (check ring.intact after)."""
+        for building, window, new in items:
+            if not 0 < new <= min(window.size, self.keep):
+                raise ValueError(f"{building}: new={new} outside 1..{min(window.size, self.keep)}")
+        slots = self._feed(items)
+        return [(self._tail[s, 0, :, -new:].copy(), self._tail[s, 1, :, -new:].copy())
+                for s, (_, _, new) in zip(slots, items)]
+
+    @torch.inference_mode()
+    def advance(self, items: list[tuple[str, object]]) -> None:
+        """Feed each building's samples that are new in its ring Window now, keeping their outputs
+        for the step that will ask for them."""
+        self._feed([(building, window, 0) for building, window in items])
+
+    def _feed(self, items) -> list[int]:
+        batches = defaultdict(list)  # samples to feed -> item indices
+        slots = []
         for j, (building, window, new) in enumerate(items):
-            if not 0 < new <= window.size:
-                raise ValueError(f"{building}: new={new} outside 1..{window.size}")
             slot = self._slot_of(building)
+            slots.append(slot)
             position = self._position.setdefault(building, Position())
             n = position.new_since(window, self.receptive_field)
-            if n < new:  # not continued: from the zero state over the whole window
+            if n is None or n + self._tail_n[slot] < new:  # not continued: the whole window, from the zero state
                 self.full_recomputes += 1
                 for _, pool in self.groups:
                     pool.zero(slot)
-                self._seen[slot] = 0
+                self._seen[slot] = self._tail_n[slot] = 0
                 n = window.size
-            batches[n, new].append(j)
+            if n:
+                batches[n].append(j)
             position.moved_to(window)
-        out: list = [None] * len(items)
-        for (n, new), js in batches.items():
+        for n, js in batches.items():
             per_pass = max(1, ROWS // min(n, CHUNK))
             for a in range(0, len(js), per_pass):
                 part = js[a:a + per_pass]
                 x = np.stack([items[j][1].features[items[j][1].size - n:] for j in part])  # [B, n, F]
-                power, prob = self._feed([self._slot[items[j][0]] for j in part], x, new)
-                for r, j in enumerate(part):
-                    out[j] = (power[:, r], prob[:, r])
-        return out
+                self._run([slots[j] for j in part], x)
+        return slots
 
-    def _feed(self, slots: list[int], x: np.ndarray, need: int) -> tuple[np.ndarray, np.ndarray]:
-        """x [B, n, F] into the slots, in chunks of CHUNK samples -> numpy [A, B, need] each."""
+    def _run(self, slots: list[int], x: np.ndarray) -> None:
+        """x [B, n, F] into the slots, in chunks of CHUNK samples; the outputs of the newest `keep`
+        go to the slots' tails."""
         B, n, _ = x.shape
+        need = min(n, self.keep)
         xt = torch.from_numpy(x).to(self.device)
         slot_t = torch.as_tensor(slots, dtype=torch.int64, device=self.device)
-        power = np.zeros((len(self.appliances), B, need), np.float32)
-        prob = np.zeros_like(power)
+        out = np.empty((B, 2, len(self.appliances), need), np.float32)
         for a in range(0, n, CHUNK):
             m = min(CHUNK, n - a)
             want = min(m, max(0, a + m - (n - need)))  # wanted outputs inside this chunk
@@ -198,6 +229,11 @@ class FleetPredictor:
             if want:
                 lo = need - (n - a - m) - want  # where this chunk's outputs go among the wanted
                 for rows, (p, q) in got:
-                    power[rows, :, lo:lo + want] = p.cpu().numpy()
-                    prob[rows, :, lo:lo + want] = q.cpu().numpy()
-        return power, prob
+                    out[:, 0, rows, lo:lo + want] = p.permute(1, 0, 2).cpu().numpy()
+                    out[:, 1, rows, lo:lo + want] = q.permute(1, 0, 2).cpu().numpy()
+        keep = self.keep
+        for r, s in enumerate(slots):  # the tail moves on by `need`
+            if need < keep:
+                self._tail[s, :, :, :keep - need] = self._tail[s, :, :, need:]
+            self._tail[s, :, :, keep - need:] = out[r]
+            self._tail_n[s] = min(keep, self._tail_n[s] + need)

@@ -17,15 +17,15 @@ class Position:
         self.last_ts = None
         self.size = None
 
-    def new_since(self, window, receptive_field: int) -> int:
-        """How many of `window`'s samples are new to the state, or 0 when the state cannot be
-        continued with this window (first call, a gap, a ring reset, a schedule that skipped
-        ahead past the window, another window size)."""
+    def new_since(self, window, receptive_field: int) -> int | None:
+        """How many of `window`'s samples are new to the state (0: none yet), or None when the
+        state cannot be continued with this window (first call, a gap, a ring reset, a schedule
+        that skipped ahead past the window, another window size)."""
         end = self.end
         if (end is not None and window.size == self.size and window.size >= receptive_field
                 and window.start < end <= window.end and float(window.ts[end - 1 - window.start]) == self.last_ts):
             return window.end - end
-        return 0
+        return None
 
     def moved_to(self, window) -> None:
         self.end, self.last_ts, self.size = window.end, float(window.ts[-1]), window.size
@@ -55,7 +55,7 @@ class RingFollower:
         if not 0 < new <= window.size:
             raise ValueError(f"new={new} outside 1..{window.size}")
         n = self._position.new_since(window, self.receptive_field)
-        if n >= new:
+        if n is not None and n >= new:
             out = self._incremental(window.features[window.size - n:], new)
         else:
             out = None

@@ -2,16 +2,17 @@
 onnxruntime only, so a box without torch runs the daemon.
 
 OnnxPredictor keeps Predictor's contract (run, step following the ring, reset, full_recomputes,
-appliances, probability_thresholds, receptive_field). Its state per group is each layer's last
-`dilation` inputs, as arrays bound to the graph's state inputs and outputs in two sets that swap
-after every call (ONNX Runtime cannot read and write one buffer in a run); the input, the states
-and the outputs of each step size are bound once (IO binding), so a step allocates nothing and
-copies only the new samples in.
+appliances, probability_thresholds, receptive_field). The graphs are steps of fixed sizes; the
+backend keeps each layer's history in a circular buffer of `dilation` samples (numpy, sample t in
+column t mod dilation), copies into the graph only the samples the layer reads for the new ones
+and writes back the layer inputs the graph returns for them: a step moves O(n) samples, not the
+whole history (a graph cannot update a buffer in place). Every array a step uses is allocated and
+bound to its session once, at load (IO binding), so a step allocates nothing inside.
 
 The manifest beside the graphs says what they were exported from: the SHA-256 of every source
 checkpoint. They are served only while the checkpoints in the model directory are exactly those;
-a changed, added or removed checkpoint, a damaged graph or an unreadable manifest is an
-OnnxExportError, one line saying which file and what to do.
+a changed, added or removed checkpoint, a damaged graph or an unreadable manifest (or one of an
+older export format) is an OnnxExportError, one line saying which file and what to do.
 """
 
 from __future__ import annotations
@@ -27,18 +28,57 @@ from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.errors import NilmdError
 from nilmd.models.following import RingFollower
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fixed-step graphs reading only the history they need (1: whole states in and out)
 MANIFEST = "nilmd-onnx.json"
-# Samples per call on long inputs. The memory arena keeps what the largest call needed: 256 holds
-# the inference process at ~80 MB against ~89 MB with 512, for a full window ~10 % slower
-# (measured on the shipped models; without the arena, or shrinking it, a full window costs ~40 %
-# more, its activations being faulted in again each time).
+# The largest step, for full windows and long inputs. The memory arena keeps what the largest call
+# needed: 256 holds the inference process at ~80 MB against ~89 MB with 512, for a full window
+# ~10 % slower (measured on the shipped models; without the arena, or shrinking it, a full window
+# costs ~40 % more, its activations being faulted in again each time).
 CHUNK = 256
-MAX_BINDINGS = 16  # (samples, outputs, state set) combinations kept bound; the daemon uses 4-6
 
 
-def group_filename(k: int) -> str:
-    return f"nilmd-onnx-group{k}.onnx"
+def graph_filename(k: int, n: int, heads: bool = True) -> str:
+    return f"nilmd-onnx-group{k}-step{n}{'' if heads else '-nohead'}.onnx"
+
+
+def step_sizes(interval: int) -> list[int]:
+    """The step sizes exported: CHUNK (full windows and long inputs), the daemon's interval (one
+    longer than CHUNK as CHUNKs and its remainder: a graph's activations grow with its step), 1."""
+    interval = int(interval)
+    return sorted({CHUNK, interval if interval <= CHUNK else interval % CHUNK or 1, 1}, reverse=True)
+
+
+PIECE_SAMPLES = 20  # a step costs about what 20 samples do (~0.1 ms against ~5 us a sample, shipped models)
+
+
+def _fewest(n: int, sizes) -> tuple[list[int], list[int]]:
+    """For every j <= n: the fewest steps of `sizes` (which include 1) that sum to j, and the
+    last of them."""
+    best, last = [0] + [n + 1] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for s in sizes:
+            if s <= j and best[j - s] + 1 < best[j]:
+                best[j], last[j] = best[j - s] + 1, s
+    return best, last
+
+
+def pieces(n: int, sizes) -> list[int]:
+    """n as a sum of the step sizes with the fewest steps, largest first."""
+    _, last = _fewest(n, sizes)
+    out = []
+    while n:
+        out.append(last[n])
+        n -= last[n]
+    return sorted(out, reverse=True)
+
+
+def span(t: int, need: int, sizes) -> int:
+    """How many of a window's t newest samples to compute from the zero history when the outputs
+    wanted see `need` of them: at least need (or all t), as cheap a sum of steps as there is."""
+    if need >= t:
+        return t
+    best, _ = _fewest(t, sizes)
+    return min(range(need, t + 1), key=lambda n: (PIECE_SAMPLES * best[n] + n, n))
 
 
 def sha256(path) -> str:
@@ -79,8 +119,12 @@ def read_manifest(model_dir) -> dict:
     need = {"appliances": list, "probability_thresholds": list, "receptive_field": int, "groups": list,
             "checkpoints": dict}
     wrong = [k for k, kind in need.items() if not isinstance(manifest.get(k), kind)]
-    if wrong or not all(isinstance(g, dict) and {"file", "sha256", "rows", "n_models", "dilations", "n_features"}
-                        <= set(g) for g in manifest["groups"]):
+    if wrong or not all(isinstance(g, dict) and {"graphs", "rows", "n_models", "dilations", "n_features"} <= set(g)
+                        and isinstance(g["graphs"], list)
+                        and all(isinstance(gr, dict) and {"n", "heads", "file", "sha256"} <= set(gr)
+                                for gr in g["graphs"])
+                        and {1} <= {gr["n"] for gr in g["graphs"] if gr["heads"]}  # any count is a sum of them
+                        for g in manifest["groups"]):
         raise OnnxExportError(f"ONNX manifest {path} is malformed ({', '.join(wrong) or 'groups'}): {again}")
     exported = manifest["checkpoints"]
     for appliance in APPLIANCES:
@@ -100,9 +144,17 @@ def not_served(model_dir, manifest: dict) -> dict[str, str]:
             for a in APPLIANCES if a not in manifest["appliances"]}
 
 
+_shared_arena = False
+
+
 def session_options(threads: int):
     import onnxruntime as ort
 
+    global _shared_arena
+    if not _shared_arena:  # once per process: one memory arena for every session (see below)
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _shared_arena = True
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -111,85 +163,164 @@ def session_options(threads: int):
     # Threads that spin while they wait take the core from the reader on a small box (see
     # InferenceWorker.prepare_process: the same reason as OMP_WAIT_POLICY=PASSIVE for torch).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The sessions of the step sizes run one at a time: in one arena the largest step's memory
+    # serves them all, where each of its own kept its peak (~3 MB more for the daemon).
+    so.add_session_config_entry("session.use_env_allocators", "1")
     so.log_severity_level = 3
     return so
 
 
-class _Group:
-    """One exported graph: its session, its rows in appliance order, its states and bindings."""
+class _Step:
+    """One graph of a fixed step size n: its session and the arrays bound to it once (the input
+    and layer arrays those of `like`, a graph of the same n: they run one at a time). A `lazy`
+    one is checked now and opened on its first step, from the bytes checked (the file may be a
+    newer export by then): a session holds ~1.5-2 MB, its file 0.7, and the daemon's schedule
+    never needs some (the 256-step with heads: run() and odd counts of samples)."""
 
-    def __init__(self, path: Path, spec: dict, so):
-        import onnxruntime as ort
-
+    def __init__(self, path: Path, sha: str, so, n: int, spec: dict, heads: bool = True, like: "_Step | None" = None,
+                 lazy: bool = False):
+        self.path, self.so, self.n, self.heads = path, so, n, heads
+        a, ac = spec["n_models"], spec["n_models"] * spec["channels"]
+        if like is not None:
+            self.x, self.hist, self.h = like.x, like.hist, like.h
+        else:
+            self.x = np.empty((1, spec["n_features"], 1, n), np.float32)
+            self.hist = [np.zeros((1, ac, 1, min(d, n)), np.float32) for d in spec["dilations"]]
+            self.h = [np.empty((1, ac, 1, n), np.float32) for _ in spec["dilations"]]
+        self.power, self.prob = (np.empty((a, n), np.float32), np.empty((a, n), np.float32)) if heads else (None, None)
+        # per layer: its dilation, where its history samples go, the newest min(d, n) layer inputs
+        self.moves = [(d, into[0, :, 0], h[0, :, 0, n - min(d, n):]) for d, into, h in zip(spec["dilations"], self.hist,
+                                                                                          self.h)]
+        self.x_in = self.x[0, :, 0]  # [F, n]
+        self.sess = self.io = None
         data = path.read_bytes() if path.exists() else b""
-        if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+        if hashlib.sha256(data).hexdigest() != sha:
             raise OnnxExportError(f"ONNX file {path} is {'missing' if not data else 'damaged'} (its SHA-256 is not "
                                   "the manifest's): export again with `nilmd export`")
+        self._data = data
+        if not lazy:
+            self.open()
+
+    def open(self) -> None:
+        import onnxruntime as ort
+
+        data, self._data = self._data, None
         try:
-            self.sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(data, self.so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/...: all one answer here
-            raise OnnxExportError(f"ONNX file {path} does not load ({str(e).splitlines()[0][:200]}): "
+            raise OnnxExportError(f"ONNX file {self.path} does not load ({str(e).splitlines()[0][:200]}): "
                                   "export again with `nilmd export`") from None
-        self.ort = ort
+        ov = ort.OrtValue.ortvalue_from_numpy  # CPU: wraps the array, no copy
+        self.io = self.sess.io_binding()
+        self._held = []  # the OrtValues must outlive the binding
+        for name, arr, out in ([("x", self.x, False)] + [(f"hist_{i}", v, False) for i, v in enumerate(self.hist)]
+                               + [("power", self.power, True), ("probability", self.prob, True)] * self.heads
+                               + [(f"h_{i}", v, True) for i, v in enumerate(self.h)]):
+            self._held.append(ov(arr))
+            (self.io.bind_ortvalue_output if out else self.io.bind_ortvalue_input)(name, self._held[-1])
+
+
+class _Group:
+    """One architecture group: a graph per step size, its rows in appliance order, and each
+    layer's history: hist[i] [A*C, d_i], sample t of the sequence in column t mod d_i."""
+
+    def __init__(self, model_dir: Path, spec: dict, so, eager=None):
+        """eager: the step sizes to open now (None: all but the 256-step with heads)."""
         self.rows, self.dilations = list(spec["rows"]), list(spec["dilations"])
-        shapes = [i.shape for i in self.sess.get_inputs() if i.name.startswith("state_")]
-        self.sets = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]
         self.n_models = spec["n_models"]
-        self.live = 0  # which set holds the state
-        self.n_features = spec["n_features"]
-        self._bound = {}
+        graphs = [(gr, gr["heads"]) for gr in spec["graphs"]]
+        quiet = {gr["n"] for gr, heads in graphs if not heads}
+        lazy = (lambda n: n in quiet) if eager is None else (lambda n: n not in eager)
+        self.steps = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, lazy=lazy(gr["n"]))
+                      for gr, heads in graphs if heads}
+        # A full window wants the outputs of its last piece only: the others run without the
+        # skip sum and the heads (~20 % of a step), where the export has such a graph.
+        self.quiet = {gr["n"]: _Step(model_dir / gr["file"], gr["sha256"], so, gr["n"], spec, False,
+                                     self.steps.get(gr["n"])) for gr, heads in graphs if not heads}
+        self.sizes = sorted(self.steps, reverse=True)
+        ac = spec["n_models"] * spec["channels"]
+        self.hist = [np.zeros((ac, d), np.float32) for d in self.dilations]
+        self.t = 0  # samples since the zero history
+        self.receptive_field = 2 * self.dilations[-1]  # 1 + the sum of the dilations
+        self._pieces = {}  # n -> pieces(n, sizes), for the counts seen
+        self._spans = {}  # (window, outputs) -> span(...), for the windows seen
 
     def zero(self) -> None:
-        for s in self.sets[self.live]:
-            s.fill(0.0)
+        for h in self.hist:
+            h.fill(0.0)
+        self.t = 0
 
-    def step(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """Feed x [n, F]; (power, probability) [A, m] of the newest m, in buffers reused by the
-        next call of this shape."""
-        key = (x.shape[0], m, self.live)
-        if key not in self._bound:
-            if len(self._bound) >= MAX_BINDINGS:
-                self._bound.clear()
-            self._bound[key] = self._bind(*key)
-        io, xbuf, power, prob, _ = self._bound[key]
-        xbuf[0] = x.T  # channels-first, as the graph's convolutions read it
-        self.sess.run_with_iobinding(io)
-        self.live = 1 - self.live
+    def full(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """run() from the zero history, on only the newest samples the newest m outputs see (and
+        the history of the layers is exact from there on): what zero padding would have given
+        the older ones never reaches them, so they are the same, for less work."""
+        self.zero()
+        n = x.shape[0]
+        if (n, m) not in self._spans:
+            # the newest outputs in one small step with heads (the last piece: pieces() sorts
+            # them largest first), what comes before in steps without where there are such
+            tail = min((k for k in self.sizes if k >= m), default=0)
+            need = m + self.receptive_field - 1
+            self._spans[n, m] = tail + span(n - tail, max(need - tail, 0), self.sizes) if need < n else n
+        return self.run(x[n - self._spans[n, m]:], m)
+
+    def step(self, x: np.ndarray, s: _Step) -> None:
+        """Feed x [s.n, F] through the graph of its size; outputs in s.power, s.prob."""
+        t = self.t
+        s.x_in[:] = x.T  # channels-first, as the graph's convolutions read it
+        for buf, (d, into, _) in zip(self.hist, s.moves):  # samples t-d .. t-d+m-1
+            _read(buf, t % d, into)
+        if s.io is None:
+            s.open()
+        s.sess.run_with_iobinding(s.io)
+        t += s.n
+        for buf, (d, _, keep) in zip(self.hist, s.moves):  # the newest min(d, n) inputs stay
+            _write(buf, (t - keep.shape[1]) % d, keep)
+        self.t = t
+
+    def run(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """x [n, F] from the current history; (power, probability) [A, m] of the newest m. One
+        step of the size n when there is one (the outputs are its buffers, reused by its next
+        call), else steps of the sizes n is a sum of."""
+        n = x.shape[0]
+        if n in self.steps:
+            s = self.steps[n]
+            self.step(x, s)
+            return s.power[:, n - m:], s.prob[:, n - m:]
+        if n not in self._pieces:
+            self._pieces[n] = pieces(n, self.sizes)
+        power, prob = np.empty((self.n_models, m), np.float32), np.empty((self.n_models, m), np.float32)
+        a = 0
+        for k in self._pieces[n]:
+            lo = max(0, a + k - (n - m))  # the wanted outputs this piece holds: the last lo of it
+            s = self.steps[k] if lo or k not in self.quiet else self.quiet[k]
+            self.step(x[a:a + k], s)
+            a += k
+            if lo:
+                take = min(lo, k)
+                power[:, lo - take:lo] = s.power[:, k - take:]
+                prob[:, lo - take:lo] = s.prob[:, k - take:]
         return power, prob
 
-    def _bind(self, n: int, m: int, live: int):
-        ov = self.ort.OrtValue.ortvalue_from_numpy  # CPU: wraps the array, no copy
-        a = self.n_models
-        xbuf, keep = np.empty((1, self.n_features, n), np.float32), np.array([m], np.int64)
-        power, prob = np.empty((a, m), np.float32), np.empty((a, m), np.float32)
-        io = self.sess.io_binding()
-        held = [ov(xbuf), ov(keep), ov(power), ov(prob)]
-        io.bind_ortvalue_input("x", held[0])
-        io.bind_ortvalue_input("outputs", held[1])
-        io.bind_ortvalue_output("power", held[2])
-        io.bind_ortvalue_output("probability", held[3])
-        for i, (src, dst) in enumerate(zip(self.sets[live], self.sets[1 - live])):
-            held += [ov(src), ov(dst)]
-            io.bind_ortvalue_input(f"state_{i}", held[-2])
-            io.bind_ortvalue_output(f"state_out_{i}", held[-1])
-        return io, xbuf, power, prob, held  # held: the OrtValues must outlive the binding
 
-    def run(self, x: np.ndarray, m: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
-        """x [n, F] from the current state, in chunks; outputs of the newest m (m <= chunk or
-        n): the head runs only in the chunks that hold them."""
-        n = x.shape[0]
-        outs = []
-        for a in range(0, n, chunk):
-            part = x[a:a + chunk]
-            want = min(part.shape[0], max(0, a + part.shape[0] - (n - m)))
-            p, q = self.step(part, max(want, 1))
-            if want:
-                outs.append((p.copy(), q.copy()) if a + chunk < n else (p, q))
-        if len(outs) == 1:
-            return outs[0]
-        if not outs:  # no samples
-            return np.zeros((self.n_models, 0), np.float32), np.zeros((self.n_models, 0), np.float32)
-        return np.concatenate([p for p, _ in outs], axis=1), np.concatenate([q for _, q in outs], axis=1)
+def _read(buf: np.ndarray, p: int, into: np.ndarray) -> None:
+    """into [C, m] = buf's columns p, p+1, ... (circular)."""
+    m, d = into.shape[1], buf.shape[1]
+    if p + m <= d:
+        into[:] = buf[:, p:p + m]
+    else:
+        into[:, :d - p] = buf[:, p:]
+        into[:, d - p:] = buf[:, :m - (d - p)]
+
+
+def _write(buf: np.ndarray, p: int, src: np.ndarray) -> None:
+    """buf's columns p, p+1, ... (circular) = src [C, k], k <= d."""
+    k, d = src.shape[1], buf.shape[1]
+    if p + k <= d:
+        buf[:, p:p + k] = src
+    else:
+        buf[:, p:] = src[:, :d - p]
+        buf[:, :k - (d - p)] = src[:, d - p:]
 
 
 class OnnxPredictor(RingFollower):
@@ -198,7 +329,9 @@ class OnnxPredictor(RingFollower):
     backend = "onnxruntime"
     device = Device("cpu")
 
-    def __init__(self, model_dir, threads: int = 1):
+    def __init__(self, model_dir, threads: int = 1, interval: int | None = None):
+        """interval: the daemon's INFERENCE_INTERVAL: the graphs its schedule never needs (an
+        interval of 60 s needs no 1-s step) open on first use instead of at load."""
         manifest = read_manifest(model_dir)
         so = session_options(max(1, threads))
         self.model_dir = str(model_dir)
@@ -206,9 +339,21 @@ class OnnxPredictor(RingFollower):
         self.appliances = list(manifest["appliances"])
         self.probability_thresholds = np.array(manifest["probability_thresholds"], np.float32)
         self.receptive_field = int(manifest["receptive_field"])
-        self.groups = [_Group(Path(model_dir) / g["file"], g, so) for g in manifest["groups"]]
+        eager = None if interval is None else set(pieces(interval, step_sizes(interval)))  # a step and a recompute
+        self.groups = [_Group(Path(model_dir), g, so, eager) for g in manifest["groups"]]
         self.full_recomputes = 0
         self.reset()
+
+    def slow_for(self, interval: int) -> str:
+        """One line when the export lacks the steps of `interval` (made for another one: each
+        interval then runs as several smaller steps), else ""."""
+        have = {n for g in self.groups for n in g.steps}
+        lacking = sorted(set(step_sizes(interval)) - have)
+        if not lacking:
+            return ""
+        return (f"the ONNX export in {self.model_dir} has no step of {lacking[0]} samples for INFERENCE_INTERVAL="
+                f"{interval} (it was made for another interval): each interval runs as several smaller steps; "
+                f"`nilmd export --inference-interval {interval}` makes it")
 
     def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """features float32 [T, F] -> (power W [A, T], probability [A, T]). Stateless: the
@@ -216,19 +361,16 @@ class OnnxPredictor(RingFollower):
         t = features.shape[0]
         outs = []
         for g in self.groups:
-            kept = [s.copy() for s in g.sets[g.live]]
+            kept, at = [h.copy() for h in g.hist], g.t
             g.zero()
             outs.append(g.run(features, t))
-            for s, k in zip(g.sets[g.live], kept):
-                s[...] = k
+            for h, k in zip(g.hist, kept):
+                h[...] = k
+            g.t = at
         return self._collect(outs, t)
 
     def _full(self, features: np.ndarray, new: int):
-        outs = []
-        for g in self.groups:
-            g.zero()
-            outs.append(g.run(features, new))
-        return self._collect(outs, new)
+        return self._collect([g.full(features, new) for g in self.groups], new)
 
     def _incremental(self, features: np.ndarray, new: int):
         return self._collect([g.run(features, new) for g in self.groups], new)

@@ -1,23 +1,26 @@
 """`nilmd export`: the checkpoints of a model directory as ONNX graphs that ONNX Runtime serves
 without torch (nilmd.models.onnx_backend), and the manifest that ties them to the checkpoints.
 
-One graph per architecture group (the models nilmd.models.fused stacks), written with
-onnx.helper from the fused weights: the models side by side as grouped convolutions (groups =
+Per architecture group (the models nilmd.models.fused stacks) one graph per step size, written
+with onnx.helper from the fused weights: the models side by side as grouped convolutions (groups =
 models, channels-first [1, A*C, time]: ONNX Runtime's convolutions with the gate's tanh and
-sigmoid fused in ran this box's full window faster than batched matmuls, whose bias adds and
-splits cost more than the products), the scales folded in, the head only for the wanted outputs.
-Same arithmetic as WaveNILM, in another order: the two paths differ by float32 rounding only.
-The graph is the incremental step, and a full window is one step from the zero state (WaveNILM's
-left padding), so one graph serves both, for any step size:
+sigmoid fused in ran this box's steps faster than batched matmuls, whose bias adds and splits
+cost more than the products), the scales folded in. Same arithmetic as WaveNILM, in another
+order: the two paths differ by float32 rounding only. A graph is the incremental step for
+exactly n new samples; the backend keeps each layer's history and gives the graph only the
+samples that layer reads (min(dilation, n) of them), so a step costs O(n), and a full window is
+steps from the zero history (WaveNILM's left padding):
 
-    inputs   x [1, F, n] (physical units, channels-first), outputs int64 [1] (m: for how many
-             of the newest samples to run the head, 1..n), state_i [1, A*C, dilation_i] (layer
-             i's last inputs)
-    outputs  power [A, m] W, probability [A, m], state_out_i [1, A*C, dilation_i]
+    inputs   x [1, F, n] (physical units, channels-first), hist_i [1, A*C, min(d_i, n)]: layer
+             i's inputs at t-d_i .. t-d_i+min(d_i, n)-1 for the first new sample t
+    outputs  power [A, n] W, probability [A, n], h_i [1, A*C, n] (layer i's inputs at the new
+             samples: what the backend writes into its history)
 
-Deterministic: no timestamps, names from the layer index, weights as float32 bytes, so the same
-checkpoints give the same files (tests/test_onnx.py checks it). Needs torch (to read and fuse
-the checkpoints) and onnx; the box that serves the files needs neither.
+The sizes: CHUNK (full windows), the daemon's INFERENCE_INTERVAL and 1; any other count of new
+samples is a sum of them (nilmd.models.onnx_backend.pieces). Deterministic: no timestamps, names
+from the layer index, weights as float32 bytes, so the same checkpoints give the same files
+(tests/test_onnx.py checks it). Needs torch (to read and fuse the checkpoints) and onnx; the box
+that serves the files needs neither.
 """
 
 from __future__ import annotations
@@ -36,11 +39,10 @@ from nilmd.appliances import checkpoint_filename
 from nilmd.errors import NilmdError
 from nilmd.models import checkpoints
 from nilmd.models.fused import FusedWaveNILM
-from nilmd.models.onnx_backend import FORMAT_VERSION, MANIFEST, group_filename, sha256
+from nilmd.models.onnx_backend import CHUNK, FORMAT_VERSION, MANIFEST, graph_filename, sha256, step_sizes
 
 OPSET = 17  # ONNX Runtime >= 1.17 runs it (the onnxruntime extra's floor)
 IR_VERSION = 8
-BIG = np.iinfo(np.int64).max
 
 
 class _Graph:
@@ -59,66 +61,63 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
 
-def build_group(net: FusedWaveNILM, name: str) -> onnx.ModelProto:
-    """The step graph of one fused group (see the module docstring)."""
+def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> onnx.ModelProto:
+    """The step graph of one fused group for exactly n new samples (see the module docstring);
+    without `heads`, only the layer inputs (for a piece whose outputs nobody wants)."""
     w = {k: getattr(net, k).detach().cpu().numpy().astype(np.float32) for k, _ in net.named_buffers()}
     A, C, D = net.n_models, net.channels, net.depth
     F = w["w_in"].shape[1]
     g = _Graph()
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
 
-    def conv(name, x, weight, bias, **attrs):  # weight [A, in, out] (x @ W per model) as a grouped conv
+    def conv(name, x, weight, bias=None, dilation=1):  # weight [(taps,) A, in, out] (x @ W per model), grouped
         a, cin, cout = weight.shape[-3:]
         kernel = np.ascontiguousarray(np.swapaxes(weight, -1, -2).reshape(-1, a * cout, cin))  # [taps, A*out, in]
-        kernel = np.moveaxis(kernel, 0, -1)  # [A*out, in, taps]
-        return g.op("Conv", [x, g.const(f"{name}_w", kernel), g.const(f"{name}_b", bias.reshape(-1))], name,
-                    group=a, **attrs)
+        kernel = np.ascontiguousarray(np.moveaxis(kernel, 0, -1)[:, :, None, :])  # [A*out, in, 1, taps]
+        inputs = [x, g.const(f"{name}_w", kernel)] + ([] if bias is None else [g.const(f"{name}_b", bias.reshape(-1))])
+        return g.op("Conv", inputs, name, group=a, dilations=[1, dilation])
 
-    two = g.const("c_2", i64(2))
-    big = g.const("c_big", i64(BIG))
-    neg_m = g.op("Neg", ["outputs"], "neg_m")
     # The input conv reads the same F features for every model: one dense conv, no groups.
-    w_in = np.ascontiguousarray(np.swapaxes(w["w_in"], 1, 2).reshape(A * C, F, 1))
-    h = g.op("Conv", ["x", g.const("in_w", w_in), g.const("in_b", w["b_in"].reshape(-1))], "h0")  # [1, A*C, n]
-    wanted = []
+    w_in = np.ascontiguousarray(np.swapaxes(w["w_in"], 1, 2).reshape(A * C, F, 1, 1))
+    h = g.op("Conv", ["x", g.const("in_w", w_in), g.const("in_b", w["b_in"].reshape(-1))], "h_0")  # [1, A*C, 1, n]
+    skip = None
     for i, d in enumerate(net.dilations):
-        full = g.op("Concat", [f"state_{i}", h], f"l{i}_full", axis=2)  # [1, A*C, d + n]
-        g.op("Slice", [full, g.const(f"l{i}_neg_d", i64(-d)), big, two], f"state_out_{i}")
+        m = min(d, n)
+        # [the m history samples layer i reads, the n new ones]: one kernel-2 conv of dilation m
+        # over it reads h[t - d] and h[t] for every new t (for d >= n, history sample j is t_j - d).
+        pair = g.op("Concat", [f"hist_{i}", h], f"l{i}_pair", axis=3)  # [1, A*C, 1, m + n]
         taps = np.stack([w["w_prev"][i], w["w_cur"][i]])  # [2 taps: t-d, t; A, C, 2C]
         # The fused net's filter rows and res/skip weights are doubled (its tanh through a sigmoid,
         # nilmd.models.fused.gate); ONNX Runtime fuses the activations into the convs, so undo it
         # (powers of two: exact).
-        f = g.op("Tanh", [conv(f"l{i}_f", full, 0.5 * taps[..., :C], 0.5 * w["b_conv"][i][..., :C], dilations=[d])],
-                 f"l{i}_tf")
-        gate = g.op("Sigmoid", [conv(f"l{i}_g", full, taps[..., C:], w["b_conv"][i][..., C:], dilations=[d])],
-                    f"l{i}_sg")
-        z = g.op("Mul", [f, gate], f"l{i}_z")  # [1, A*C, n]
-        wanted.append(g.op("Slice", [z, neg_m, big, two], f"l{i}_z_new"))
+        f = conv(f"l{i}_f", pair, 0.5 * taps[..., :C], 0.5 * w["b_conv"][i][..., :C], m)
+        f = g.op("Tanh", [f], f"l{i}_tf")
+        gate = g.op("Sigmoid", [conv(f"l{i}_g", pair, taps[..., C:], w["b_conv"][i][..., C:], m)], f"l{i}_sg")
+        z = g.op("Mul", [f, gate], f"l{i}_z")  # [1, A*C, 1, n]
+        # The skip sum accumulates layer by layer: ONNX Runtime fuses each Add into the conv
+        # before it, and z never leaves the blocked layout (one conv over all layers' z stacked
+        # needed a reorder and a transpose of every z).
+        if heads:
+            s = conv(f"l{i}_skip", z, 0.5 * w["w_skip"][i], w["b_skip"] if i == 0 else None)
+            skip = s if skip is None else g.op("Add", [s, skip], f"l{i}_skip_sum")
         if i + 1 < D:
-            h = g.op("Add", [conv(f"l{i}_res", z, 0.5 * w["w_res"][i], w["b_res"][i]), h], f"h{i + 1}")
-    # The skip sum of all layers as one grouped conv over their stacked activations, model-major.
-    zs = g.op("Concat", wanted, "z_layers", axis=0)  # [D, A*C, m]
-    zs = g.op("Reshape", [zs, g.const("shape_dacm", i64(D, A, C, -1))], "z_dacm")
-    zs = g.op("Transpose", [zs], "z_adcm", perm=[1, 0, 2, 3])
-    zs = g.op("Reshape", [zs, g.const("shape_1km", i64(1, A * D * C, -1))], "z_all")
-    w_skip = 0.5 * np.concatenate(list(w["w_skip"]), axis=1)  # [A, D*C, C]: layer-major rows per model
-    s = g.op("Relu", [conv("skip", zs, w_skip, w["b_skip"])], "skip_relu")
-    hid = g.op("Relu", [conv("head1", s, w["w_h1"], w["b_h1"])], "head1_relu")
-    out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, m]: per model mask, on
-    out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2m", i64(A, 2, -1))], "heads_a2m")], "heads")
-    first, second = g.const("c_s0", np.array(0, np.int64)), g.const("c_s1", np.array(1, np.int64))  # scalars: drop the axis
-    mask = g.op("Gather", [out, first], "mask", axis=1)
-    g.op("Gather", [out, second], "probability", axis=1)
-    agg = g.op("Relu", [g.op("Gather", [g.op("Slice", ["x", neg_m, big, two], "x_new"), first], "p_new", axis=1)], "p_pos")
-    g.op("Mul", [mask, agg], "power")
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, F, "n"]),
-              helper.make_tensor_value_info("outputs", TensorProto.INT64, [1])]
-    inputs += [helper.make_tensor_value_info(f"state_{i}", TensorProto.FLOAT, [1, A * C, d])
+            h = g.op("Add", [conv(f"l{i}_res", z, 0.5 * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
+    outputs = []
+    if heads:
+        hid = g.op("Relu", [conv("head1", g.op("Relu", [skip], "skip_relu"), w["w_h1"], w["b_h1"])], "head1_relu")
+        out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, 1, n]: per model mask, on
+        out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2n", i64(A, 2, n))], "heads_a2n")], "heads")
+        first, second = g.const("c_s0", np.array(0, np.int64)), g.const("c_s1", np.array(1, np.int64))  # scalars
+        mask = g.op("Gather", [out, first], "mask", axis=1)
+        g.op("Gather", [out, second], "probability", axis=1)
+        p = g.op("Reshape", [g.op("Gather", ["x", first], "p_new", axis=1), g.const("shape_1n", i64(1, n))], "p_1n")
+        g.op("Mul", [mask, g.op("Relu", [p], "p_pos")], "power")
+        outputs += [helper.make_tensor_value_info("power", TensorProto.FLOAT, [A, n]),
+                    helper.make_tensor_value_info("probability", TensorProto.FLOAT, [A, n])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, F, 1, n])]
+    inputs += [helper.make_tensor_value_info(f"hist_{i}", TensorProto.FLOAT, [1, A * C, 1, min(d, n)])
                for i, d in enumerate(net.dilations)]
-    outputs = [helper.make_tensor_value_info("power", TensorProto.FLOAT, [A, "m"]),
-               helper.make_tensor_value_info("probability", TensorProto.FLOAT, [A, "m"])]
-    outputs += [helper.make_tensor_value_info(f"state_out_{i}", TensorProto.FLOAT, [1, A * C, d])
-                for i, d in enumerate(net.dilations)]
+    outputs += [helper.make_tensor_value_info(f"h_{i}", TensorProto.FLOAT, [1, A * C, 1, n]) for i in range(D)]
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, producer_name="nilmd", producer_version=__version__,
                               opset_imports=[helper.make_opsetid("", OPSET)])
@@ -127,10 +126,11 @@ def build_group(net: FusedWaveNILM, name: str) -> onnx.ModelProto:
     return model
 
 
-def export(model_dir, out_dir=None, ckpts: dict | None = None) -> dict:
+def export(model_dir, out_dir=None, ckpts: dict | None = None, interval: int = 60) -> dict:
     """Export the usable checkpoints of `model_dir` (or `ckpts`, loaded already) to `out_dir`
-    (default: beside them). Returns the manifest. Files are written atomically, the manifest
-    last, so a reader sees the old set or the new one."""
+    (default: beside them), with the steps of `interval` (the daemon's INFERENCE_INTERVAL).
+    Returns the manifest. Files are written atomically, the manifest last, so a reader sees the
+    old set or the new one; graphs of an earlier export that the new one does not name go after."""
     from nilmd.models.predictor import Predictor
 
     out = Path(out_dir or model_dir)
@@ -142,10 +142,14 @@ def export(model_dir, out_dir=None, ckpts: dict | None = None) -> dict:
     pred = Predictor(ckpts, "cpu")
     groups = []
     for k, (rows, net) in enumerate(pred.groups):
-        data = build_group(net, f"nilmd_group_{k}").SerializeToString()
-        fname = group_filename(k)
-        _write(out / fname, data)
-        groups.append({"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "rows": list(rows),
+        graphs = []
+        for n, heads in [(n, True) for n in step_sizes(interval)] + [(CHUNK, False)]:
+            data = build_group(net, f"nilmd_group_{k}_step_{n}{'' if heads else '_nohead'}", n, heads)
+            data = data.SerializeToString()
+            fname = graph_filename(k, n, heads)
+            _write(out / fname, data)
+            graphs.append({"n": n, "heads": heads, "file": fname, "sha256": hashlib.sha256(data).hexdigest()})
+        groups.append({"graphs": graphs, "rows": list(rows),
                        "n_models": net.n_models, "channels": net.channels, "depth": net.depth,
                        "head_channels": int(net.w_h1.shape[2]), "dilations": list(net.dilations),
                        "n_features": int(net.w_in.shape[1])})
@@ -162,10 +166,14 @@ def export(model_dir, out_dir=None, ckpts: dict | None = None) -> dict:
                         for c in pred.checkpoints},
     }
     _write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    named = {gr["file"] for g in groups for gr in g["graphs"]}
+    for old in out.glob("nilmd-onnx-group*.onnx"):
+        if old.name not in named:
+            old.unlink(missing_ok=True)
     return manifest
 
 
-def export_checked(model_dir) -> tuple[dict, float]:
+def export_checked(model_dir, interval: int = 60) -> tuple[dict, float]:
     """`nilmd export`: refuse a directory with a checkpoint that does not load (an export without
     it would never match the directory), export, then run both backends on one test window.
     Returns the manifest and the largest difference of the probabilities."""
@@ -176,7 +184,7 @@ def export_checked(model_dir) -> tuple[dict, float]:
     bad = [e for e in errors.values() if not e.endswith("file not found")]
     if bad or not ckpts:
         raise NilmdError("not exported: " + ("; ".join(bad) or f"no checkpoint in {os.path.abspath(model_dir)}"))
-    manifest = export(model_dir, ckpts=ckpts)
+    manifest = export(model_dir, ckpts=ckpts, interval=interval)
     rng = np.random.default_rng(0)
     p = np.abs(np.cumsum(rng.normal(0, 150, 1536)) + 1500).astype(np.float32)
     x = np.stack([p, 0.3 * p, p / 230, 1.04 * p, np.ones_like(p)], axis=1)

@@ -112,7 +112,7 @@ onnx)
   inst --backend onnxruntime --checkpoints "$ckpt"
   /opt/nilmd/venv/bin/python -c 'import torch' 2>/dev/null && fail "torch is still in the venv"
   /opt/nilmd/venv/bin/python -c 'import onnxruntime' || fail "onnxruntime is not in the venv"
-  for f in /var/lib/nilmd/checkpoints/nilmd-onnx.json /var/lib/nilmd/checkpoints/nilmd-onnx-group0.onnx; do perm "$f" "root:nilmd 640"; done
+  for f in /var/lib/nilmd/checkpoints/nilmd-onnx.json /var/lib/nilmd/checkpoints/nilmd-onnx-group0-step1.onnx; do perm "$f" "root:nilmd 640"; done
   wait_until 60 "the restarted service to serve with onnxruntime" sh -c \
     "journalctl --no-pager -o cat -u nilmd | grep -q 'models loaded: 11 of 11 .* with onnxruntime'"
   [ "$(systemctl show -p ActiveState --value nilmd)" = active ] || fail "not active after the switch"
