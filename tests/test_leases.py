@@ -95,8 +95,9 @@ def test_a_killed_instance_is_taken_over_within_a_lease_period_and_nothing_is_lo
             assert preds.by_building[x] == expected[x], (x, share[x])
             latest = json.loads(redis_client.get(keys.latest_key(x)))
             assert latest["window_end"] == expected[x][-1]
+        wait_for(lambda: daemon_hash(redis_client, "b").get("instances_live") == "1", 10, "b to count itself alone")
         st = daemon_hash(redis_client, "b")
-        assert st["buildings"] == str(len(ids)), st
+        assert (st["buildings"], st["leases_held"], st["candidates"], st["instance"]) == (str(len(ids)),) * 3 + ("b",)
     finally:
         for d in (a, b):
             if d.proc.poll() is None:

@@ -216,6 +216,13 @@ class Supervisor:
         if new != list(self.served):
             self.apply_list(new, "leases", f"{len(self.leases.instances)} instances live")
 
+    def sharing_fields(self) -> dict:
+        """The list daemon's hash: how it shares the list (docs/CONTRACT.md §3.5.1)."""
+        out = {"instance": self.instance, "shard": self.cfg.shard, "candidates": len(self.candidates)}
+        if self.leases is not None:
+            out.update(leases_held=len(self.leases.held), instances_live=len(self.leases.instances))
+        return out
+
     def reload_list(self) -> None:
         """SIGHUP with --building-ids @FILE: serve the file's list now (with leases: its buildings held)."""
         try:
@@ -475,9 +482,9 @@ class Supervisor:
                                        started=self.started, problems=served.problems, **procs)
                 pipe.hset(status.key(served.cfg), mapping=fields)
             if daemon:
-                pipe.hset(keys.daemon_status_key(self.instance), mapping=status.daemon_fields(
+                pipe.hset(keys.daemon_status_key(self.instance), mapping={**status.daemon_fields(
                     self.cfg, self.state, self._status_line, [b.state for b in self.served.values()], snap,
-                    started=self.started, problems=self.problems, **procs))
+                    started=self.started, problems=self.problems, **procs), **self.sharing_fields()})
             replies = pipe.execute(raise_on_error=False)
             failed = next((r for r in replies if isinstance(r, Exception)), None)
         except self.redis_errors as e:
