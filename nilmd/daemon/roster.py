@@ -135,7 +135,12 @@ def raise_open_files(buildings: int, log) -> None:
     if soft >= need:
         return
     top = hard if hard != resource.RLIM_INFINITY else max(need, soft)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    except OSError as e:  # the unit's SystemCallFilter=~@resources refuses setrlimit: its LimitNOFILE= decides
+        log.warning("%d buildings need about %d open files and the limit is %d; it cannot be raised here (%s): "
+                    "raise it (systemd: LimitNOFILE=%d in a drop-in)", buildings, need, soft, e.strerror or e, need)
+        return
     log.info("open files limit raised from %d to %d for %d buildings", soft, top, buildings)
     if top < need:
         log.warning("%d buildings need about %d open files, and the hard limit is %d: raise it (systemd: "
