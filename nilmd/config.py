@@ -140,6 +140,27 @@ class Config:
         "line; reloaded on SIGHUP)", group="common", section="building", note="Many buildings in one daemon "
         "(README, \"Many buildings\"): ids separated by commas, or @/etc/nilmd/buildings.list with one id a line "
         "(# comments and blank lines allowed; re-read on systemctl reload). Instead of BUILDING_ID, never with it.")
+    # Several instances sharing one list (nilmd.daemon.sharing; README, "Past one box").
+    shard: str = setting(
+        "", "--shard", "NILMD_SHARD", "K/N: serve only shard K of N of the list (by a stable hash of each id)",
+        group="common", section="building", example="2/3", note="Static shards: K/N (1 <= K <= N) serves only the "
+        "buildings of the list whose stable hash falls in shard K of N; every instance gets the same list and its "
+        "own K. Empty: the whole list.")
+    leases: bool = setting(
+        False, "--leases", "NILMD_LEASES", "share the list with the other instances by leases in Redis "
+        "(nilm:<id>:lease): an instance that dies is taken over", group="common", section="building",
+        note='"true": every instance gets the whole list and serves the buildings whose lease it holds; when one '
+        "dies, the others take its buildings within NILMD_LEASE_PERIOD (README, \"Past one box\").")
+    lease_period: float = setting(
+        15.0, "--lease-period", "NILMD_LEASE_PERIOD", "seconds a lease lasts unless renewed (renewed every third)",
+        minimum=1.0, maximum=3600.0, group="common", section="building",
+        note="How long a lease lasts unless renewed (every third of it): the longest a dead instance's buildings "
+        "wait for another.")
+    instance_name: str = setting(
+        "", "--instance-name", "NILMD_INSTANCE", "this instance's name among those sharing a list (default: "
+        "host:state dir)", group="common", section="building", note="This instance's name among those sharing "
+        "the list by leases; keep it across restarts, so its buildings come back to it. Default: host name and "
+        "state directory.")
     log_level: str = setting("info", "--log-level", ("LOG_LEVEL", "NILMD_LOG_LEVEL"), "log level",
                              choices=("debug", "info", "warning", "error"), group="common", section="building",
                              note="debug, info, warning or error. info logs no line per sample.")
@@ -469,6 +490,18 @@ def _check(cfg: Config, environ) -> Config:
         if cfg.mqtt_url:
             raise ConfigError("--building-ids: the MQTT publisher serves one building (--mqtt-url); run it with "
                               "--building-id, or one nilmd@.service instance per building")
+    if cfg.shard:
+        from nilmd.daemon.sharing import parse_shard
+
+        try:
+            parse_shard(cfg.shard)
+        except ValueError as e:
+            raise ConfigError(f"--shard: {e}") from None
+    for name, on in (("--shard", cfg.shard), ("--leases", cfg.leases)):
+        if on and not cfg.building_ids:
+            raise ConfigError(f"{name}: instances share a list: give it with --building-ids (or $BUILDING_IDS)")
+    if cfg.leases and cfg.mode == "test":
+        raise ConfigError("--leases: --mode test has no Redis to hold the leases in")
     if cfg.ring_capacity < 2 * cfg.window_size:
         raise ConfigError(
             f"--ring-capacity: {cfg.ring_capacity} must be at least twice --window-size ({cfg.window_size})")

@@ -77,12 +77,16 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "event_on_probability": "0.8", "event_off_intervals": "5",
              "metrics_port": "9105", "metrics_host": "0.0.0.0", "mqtt_url": "mqtts://ha@broker.example:8884",
              "mqtt_password_file": str(a_file), "mqtt_tls_ca": str(a_file), "mqtt_tls_cert": str(a_file),
-             "mqtt_tls_key": str(a_file), "mqtt_discovery_prefix": "ha"}
-    switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"}
-    # --building-ids excludes --building-id, --mode test and --mqtt-url: tried on its own
-    alone = config.resolve(cli.build_parser().parse_args(["run", "--building-ids", "a,b"]), environ={})
+             "mqtt_tls_key": str(a_file), "mqtt_discovery_prefix": "ha", "lease_period": "9",
+             "instance_name": "box-7"}
+    switches = {s.name for s in SETTINGS if s.flag and s.type == "bool"} - {"leases"}
+    # --building-ids excludes --building-id, --mode test and --mqtt-url, and --shard and --leases
+    # need it: tried on their own
+    alone = config.resolve(cli.build_parser().parse_args(["run", "--building-ids", "a,b", "--shard", "2/3",
+                                                          "--leases"]), environ={})
     assert alone.building_ids == "a,b" and config.buildings(alone) == ["a", "b"]
-    assert set(given) | switches | {"building_ids"} == {s.name for s in SETTINGS if s.flag}, \
+    assert alone.shard == "2/3" and alone.leases is True
+    assert set(given) | switches | {"building_ids", "shard", "leases"} == {s.name for s in SETTINGS if s.flag}, \
         "a flag of the table is not tried here"
     # --mode test has no Redis for --mqtt-url, and a cluster has only database 0: one at a time
     for left_out in (("mqtt_url", "redis_cluster"), ("mode", "redis_db")):

@@ -52,6 +52,10 @@ class Track:
         size, step = self.cfg.window_size, self.cfg.inference_interval
         if head - segment < size:
             return None, head
+        if self.cfg.input_mode == "stream" and not self.ctl["input_resumed"]:
+            # The reader is still reading the stream's history (nilmd.daemon.streams): which of these
+            # windows an earlier run (another instance, for a lease taken over) predicted is not known yet.
+            return None, head
         last = int(self.ctl["last_window_end"])  # 0: none yet in this daemon's life
         history = int(self.ctl["history_end"])  # warm restart: an earlier run predicted windows up to here
         if history > last:  # keep its schedule (or start one) at the newest window it already predicted
@@ -104,8 +108,7 @@ class InferenceWorker(Worker):
         self._gathered: list = []  # [(track, end)] due, waiting (GATHER_S at most) for the rest of their batch
         self._gathered_at = 0.0
         self._feedable: list = []  # [(track, ring index)]: buildings whose new samples can be fed early
-        for b in self.roster.current:
-            self.add_building(b)
+        self.add_buildings(self.roster.current)
 
     # -- the buildings ---------------------------------------------------------------------------
     def add_building(self, building: str) -> None:

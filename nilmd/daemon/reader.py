@@ -140,8 +140,7 @@ class Reader(Worker):
         self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshots")
         self._snapshot_check = 0.0
         self.feeds: dict[str, Feed] = {}
-        for b in self.roster.current:
-            self.add_building(b)
+        self.add_buildings(self.roster.current)
         self.source = source if source is not None else make_source(cfg, self.feeds, self.ctl)
 
     def add_building(self, building: str) -> None:

@@ -53,8 +53,11 @@ class Follower:
     def __init__(self, paths: dict, ctl, first: str):
         self.paths, self.ctl = paths, ctl
         self.path = paths.get("roster")
-        self.seen = ctl["roster_version"]
-        self.current = list(paths.get("buildings") or [first])
+        self.seen = ctl["roster_version"]  # before the file: a change after this read shows as changed()
+        if self.path is not None and os.path.exists(self.path):
+            self.current = read(self.path)  # now, not what the list was when the process was spawned
+        else:
+            self.current = list(paths["buildings"]) if "buildings" in paths else [first]  # may be empty (leases)
 
     def changed(self) -> tuple[list[str], list[str]] | None:
         """(added, removed) since the last call, or None (the usual case: one float compared)."""
@@ -132,7 +135,12 @@ def raise_open_files(buildings: int, log) -> None:
     if soft >= need:
         return
     top = hard if hard != resource.RLIM_INFINITY else max(need, soft)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    except OSError as e:  # the unit's SystemCallFilter=~@resources refuses setrlimit: its LimitNOFILE= decides
+        log.warning("%d buildings need about %d open files and the limit is %d; it cannot be raised here (%s): "
+                    "raise it (systemd: LimitNOFILE=%d in a drop-in)", buildings, need, soft, e.strerror or e, need)
+        return
     log.info("open files limit raised from %d to %d for %d buildings", soft, top, buildings)
     if top < need:
         log.warning("%d buildings need about %d open files, and the hard limit is %d: raise it (systemd: "

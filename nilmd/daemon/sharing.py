@@ -23,7 +23,6 @@ finds the lease gone. The lease period bounds that window.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import socket
 import time
@@ -75,9 +74,10 @@ def owner(building: str, instances: list[str]) -> str:
     return max(instances, key=lambda name: _hash(f"{building}|{name}"))
 
 
-def default_name(state_dir: str) -> str:
-    """Stable across restarts (so an instance's buildings come back to it), one per host and state dir."""
-    return f"{socket.gethostname()}:{os.path.abspath(state_dir)}"
+def instance_name(cfg) -> str:
+    """This instance's name: NILMD_INSTANCE, else the host's. Keep it across restarts, so that an
+    instance's buildings come back to it; two instances on one host need their own."""
+    return cfg.instance_name or socket.gethostname()
 
 
 class Leases:

@@ -72,7 +72,7 @@ class PubSubSource:
         from nilmd import redisconn  # redis-py only where Redis is used
 
         self.cfg = cfg
-        self.channels = {keys.input_channel(b): b for b in buildings or [cfg.building_id]}
+        self.channels = {keys.input_channel(b): b for b in (buildings if buildings is not None else [cfg.building_id])}
         self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
         self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)  # < heartbeat timeout
         self._pubsub = None
@@ -88,6 +88,8 @@ class PubSubSource:
         self.close()
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
         self._subscribe(list(self.channels))
+        if not self.channels:  # a list with no building to serve right now (leases): nothing to confirm
+            self.subscribed = True
 
     def _subscribe(self, channels: list[str]) -> None:
         for i in range(0, len(channels), self.CHUNK):

@@ -22,7 +22,7 @@ from collections import deque
 
 from nilmd import config, keys
 from nilmd.daemon import control as ctlmod
-from nilmd.daemon import inference, mqtt, reader, roster, status
+from nilmd.daemon import inference, mqtt, reader, roster, sharing, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
@@ -88,7 +88,11 @@ class Supervisor:
         self.throttle = Throttle(self.log, period=60.0)
         self.ctx = mp.get_context("spawn")
         self.listed = bool(cfg.building_ids)  # a list of buildings (nilmd.daemon.roster), else the one
-        self.paths = roster.daemon_paths(cfg.runtime_dir, config.buildings(cfg), self.listed)
+        self.instance = sharing.instance_name(cfg)  # the list daemon's hash, and its name among lease holders
+        self.candidates = self.read_list()  # the list (its shard), read at start and on SIGHUP
+        self.leases = None  # with --leases (nilmd.daemon.sharing): which of the candidates are ours
+        self._next_claim = 0.0
+        self._lease_trouble = False
         self.served: dict[str, roster.Served] = {}  # by building id, in the list's order
         self.children = {"reader": Child("reader", reader.main), "inference": Child("inference", inference.main)}
         if cfg.mqtt_url:  # Home Assistant: a child of its own (nilmd.daemon.mqtt says why)
@@ -104,7 +108,6 @@ class Supervisor:
         self.state = "starting"
         self.problems: list[str] = []  # why the state is degraded (nilmd.daemon.health)
         self.ctl = None  # the daemon block (with one building, that building's block)
-        self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
         self._wake_r = self._wake_w = -1
         self._last_status = 0.0
         self._last_judged = 0.0
@@ -117,6 +120,11 @@ class Supervisor:
 
             self.redis = redisconn.client(cfg, name="supervisor", socket_timeout=2.0)
             self.redis_errors = redisconn.ERRORS
+            if cfg.leases:
+                self.leases = sharing.Leases(self.redis, self.instance, cfg.lease_period, errors=self.redis_errors)
+                self.claim()  # before any shared memory: what to open is what is held
+        self.paths = roster.daemon_paths(cfg.runtime_dir, self.wanted(), self.listed)
+        self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
         # The children get the password inside their Config; in their environment it would be
         # readable in /proc/<pid>/environ and `ps eww` for as long as they live.
         os.environ.pop("REDIS_PASSWORD", None)
@@ -126,10 +134,10 @@ class Supervisor:
     def acquire(self) -> None:
         """Own every building's shared memory: refuse if a live nilmd has one, reclaim a dead one's."""
         os.makedirs(self.cfg.runtime_dir, exist_ok=True)
-        ids = self.paths.get("buildings") or [self.cfg.building_id]
+        ids = self.paths["buildings"] if self.listed else [self.cfg.building_id]
         roster.raise_open_files(len(ids), self.log)
         if self.listed:
-            self.lock.acquire(f"list of {len(ids)} ({ids[0]}, ...)", self._where())
+            self.lock.acquire(f"a list ({self.cfg.building_ids})", self._where())
             for p in (self.paths["ctl"], self.paths["roster"]):
                 if os.path.exists(p):
                     os.unlink(p)
@@ -172,15 +180,64 @@ class Supervisor:
             self.lock.release()
         self.ctl = None
 
-    def reload_list(self) -> None:
-        """SIGHUP with --building-ids @FILE: serve the file's list now. New buildings get their shared
-        memory (and snapshot), removed ones a last status and their files unlinked; the children
-        attach and detach when the daemon block says the list moved. The others are not touched."""
+    # -- the list: its shard, its leases, SIGHUP ------------------------------------------------------
+    def read_list(self) -> list[str]:
+        """The buildings this instance may serve: the list (--building-ids), only shard K of N with --shard."""
+        ids = config.buildings(self.cfg)
+        if self.cfg.shard:
+            ids = sharing.in_shard(ids, *sharing.parse_shard(self.cfg.shard))
+        return ids
+
+    def wanted(self) -> list[str]:
+        """The buildings to serve now: the candidates, with --leases only those whose lease is held."""
+        if self.leases is None:
+            return list(self.candidates)
+        return [b for b in self.candidates if b in self.leases.held]
+
+    def claim(self) -> None:
+        """Renew, take and give back leases (every third of a lease period); serve what is held."""
+        self._next_claim = time.monotonic() + self.cfg.lease_period / 3
         try:
-            new = config.buildings(self.cfg)
+            self.leases.claim(self.candidates)
+        except self.redis_errors as e:
+            self._lease_trouble = True
+            self.throttle.log("leases", logging.ERROR, f"could not renew the leases: {redis_error(e)[1]}; serving "
+                              f"the {len(self.leases.held)} buildings still held until they run out")
+        else:
+            if self._lease_trouble:
+                self._lease_trouble = False
+                self.throttle.ok("leases", msg="the leases are renewed again")
+
+    def follow_leases(self) -> None:
+        if self.leases is None or time.monotonic() < self._next_claim:
+            return
+        self.claim()
+        new = self.wanted()
+        if new != list(self.served):
+            self.apply_list(new, "leases", f"{len(self.leases.instances)} instances live")
+
+    def sharing_fields(self) -> dict:
+        """The list daemon's hash: how it shares the list (docs/CONTRACT.md §3.5.1)."""
+        out = {"instance": self.instance, "shard": self.cfg.shard, "candidates": len(self.candidates)}
+        if self.leases is not None:
+            out.update(leases_held=len(self.leases.held), instances_live=len(self.leases.instances))
+        return out
+
+    def reload_list(self) -> None:
+        """SIGHUP with --building-ids @FILE: serve the file's list now (with leases: its buildings held)."""
+        try:
+            self.candidates = self.read_list()
         except NilmdError as e:
             self.log.error("SIGHUP: the list of buildings is unchanged: %s", e)
             return
+        if self.leases is not None:
+            self.claim()
+        self.apply_list(self.wanted(), "SIGHUP", self.cfg.building_ids[1:])
+
+    def apply_list(self, new: list[str], why: str, source: str) -> None:
+        """Serve `new` from now on. New buildings get their shared memory (and snapshot), removed ones
+        a last status and their files unlinked; the children attach and detach when the daemon block
+        says the list moved. The others are not touched."""
         added = [b for b in new if b not in self.served]
         removed = [b for b in self.served if b not in set(new)]
         for b in removed:
@@ -194,12 +251,12 @@ class Supervisor:
                 self.open_building(b)
             except (NilmdError, OSError) as e:
                 failed.append(b)
-                self.log.error("SIGHUP: building %s is not served: %s", b, e)
+                self.log.error("%s: building %s is not served: %s", why, b, e)
         self.paths["buildings"] = list(self.served)
         roster.write(self.paths["roster"], self.paths["buildings"])
         self.ctl.add("roster_version")
-        self.log.info("SIGHUP: buildings: %d added, %d removed, %d served (%s)", len(added) - len(failed),
-                      len(removed), len(self.served), self.cfg.building_ids[1:])
+        self.log.info("%s: buildings: %d added, %d removed, %d served (%s)", why, len(added) - len(failed),
+                      len(removed), len(self.served), source)
 
     # -- signals: handlers only enqueue ---------------------------------------------------------
     def install_signals(self) -> None:
@@ -425,9 +482,9 @@ class Supervisor:
                                        started=self.started, problems=served.problems, **procs)
                 pipe.hset(status.key(served.cfg), mapping=fields)
             if daemon:
-                pipe.hset(keys.daemon_status_key(os.uname().nodename), mapping=status.daemon_fields(
+                pipe.hset(keys.daemon_status_key(self.instance), mapping={**status.daemon_fields(
                     self.cfg, self.state, self._status_line, [b.state for b in self.served.values()], snap,
-                    started=self.started, problems=self.problems, **procs))
+                    started=self.started, problems=self.problems, **procs), **self.sharing_fields()})
             replies = pipe.execute(raise_on_error=False)
             failed = next((r for r in replies if isinstance(r, Exception)), None)
         except self.redis_errors as e:
@@ -495,6 +552,7 @@ class Supervisor:
                 break
             self.check_heartbeats()
             self.respawn()
+            self.follow_leases()
             self.update()
 
     def shutdown(self) -> None:
@@ -517,5 +575,11 @@ class Supervisor:
                 child.process.join(2.0)
         self.state = "stopped"
         self.publish_status()
+        if self.leases is not None:  # after the last snapshot: the next holder goes on from it
+            try:
+                self.leases.release_all()
+            except self.redis_errors as e:
+                self.log.warning("could not give the leases back (they run out in %.0f s): %s",
+                                 self.cfg.lease_period, redis_error(e)[1])
         self.throttle.flush(force=True)
         self.log.info("stopped")

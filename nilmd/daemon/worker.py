@@ -109,13 +109,16 @@ class Worker:
         added, removed = change
         for b in removed:
             self.remove_building(b)
-        for b in added:
-            try:
-                self.add_building(b)
-            except (OSError, ValueError) as e:  # its files are gone again (a second reload): skip it
-                self.log.error("building %s: cannot attach its shared memory: %s", b, e)
+        self.add_buildings(added)
         self.log.info("buildings: %d added, %d removed, %d served", len(added), len(removed),
                       len(self.roster.current))
+
+    def add_buildings(self, buildings: list[str]) -> None:
+        for b in buildings:
+            try:
+                self.add_building(b)
+            except (OSError, ValueError) as e:  # removed again meanwhile (a reload, a lease given back): skip it
+                self.log.warning("building %s: cannot attach its shared memory (removed meanwhile?): %s", b, e)
 
     def add_building(self, building: str) -> None:
         """A subclass that serves buildings attaches one here."""
