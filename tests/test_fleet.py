@@ -54,6 +54,8 @@ def test_buildings_at_different_phases_step_together(meters, interval):
         m.write(size + 7 * k)  # each ring at another offset, so rows and wrap-arounds differ
     check(fleet, reference, buildings, size, interval)
     assert fleet.full_recomputes == 5 and fleet.buildings == 5
+    fleet.reserve(40)  # room made ahead: the states already there are kept
+    assert fleet.state_bytes() == 40 * FleetPredictor(ckpts, slots=1).state_bytes()
     for _ in range(200 if interval == 1 else 10):  # the 160-sample rings lap several times
         for m in buildings.values():
             m.write(interval)

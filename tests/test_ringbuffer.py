@@ -143,3 +143,25 @@ def test_ring_matches_a_plain_python_reference(tmp_path_factory, capacity, ops):
             assert ring.counters() == (len(history), segment)
     finally:
         ring.close()
+
+
+def test_dropping_resident_pages_keeps_the_data_and_frees_the_process(tmp_path):
+    """The supervisor restores a snapshot into each ring and then drops its copy of the pages."""
+    import psutil
+
+    ring = RingBuffer.create(str(tmp_path / "big.ring"), 200_000, 5)  # 11.6 MB
+    try:
+        n = 200_000
+        ts = 1.7e9 + np.arange(n, dtype=np.float64)
+        feats = np.random.default_rng(0).random((n, 5), dtype=np.float32)
+        ring.write(ts, feats, np.zeros(n, np.uint8))
+        before = psutil.Process().memory_info().rss
+        ring.drop_resident()
+        after = psutil.Process().memory_info().rss
+        assert before - after > 8 * 2**20, (before, after)
+        w = ring.window(n)
+        assert np.array_equal(w.ts, ts) and np.array_equal(w.features, feats)  # read back from the file
+        del w
+    finally:
+        ring.close()
+        ring.unlink()

@@ -183,6 +183,8 @@ class InferenceWorker(Worker):
 
         # One building or many, the loop asks the same thing: a batch of windows in one call.
         self.predictor = predictor if hasattr(predictor, "forget") else Solo(predictor)
+        if hasattr(predictor, "reserve"):  # the fleet's state for every building at once, not doubled as it grows
+            predictor.reserve(len(self.tracks))
         self.ctl["models_loaded"] = len(predictor.appliances)
         self.ctl["models_mask"] = sum(1 << APPLIANCES.index(a) for a in predictor.appliances)
         self.ctl["device_cuda"] = 1.0 if predictor.device.type == "cuda" else 0.0

@@ -46,6 +46,12 @@ class MappedFile:
             os.close(self._fd)
             self._fd = -1
 
+    def drop_resident(self) -> None:
+        """Forget this process's resident copy of the pages (MADV_DONTNEED): the data stays in the
+        file, and a page read again is mapped again. The supervisor restores a snapshot into a ring
+        and then reads only its header; without this every ring would count in its RSS too."""
+        self._mm.madvise(mmap.MADV_DONTNEED)
+
     def unlink(self) -> None:
         try:
             os.unlink(self.path)

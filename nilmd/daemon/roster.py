@@ -106,6 +106,7 @@ class Served:
             self.ctl = ControlBlock.create(self.paths["ctl"])
             if self.cfg.mode != "test":  # warm restart: before any child touches the ring
                 snapshot.restore_at_start(self.cfg, self.ring, self.ctl, _Quiet(log) if quiet else log)
+                self.ring.drop_resident()  # from here on this process reads only its header
         except BaseException:
             self.close()
             raise

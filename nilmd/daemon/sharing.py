@@ -23,11 +23,13 @@ finds the lease gone. The lease period bounds that window.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import socket
 import time
 
-from nilmd import keys
+from nilmd import config, keys
+from nilmd.errors import redis_error
 
 INSTANCES_KEY = "nilm:nilmd:instances"
 
@@ -142,3 +144,70 @@ class Leases:
         pipe.zrem(INSTANCES_KEY, self.token)
         pipe.execute(raise_on_error=False)
         self.held = set()
+
+
+class Sharing:
+    """The supervisor's view of what of the list is this instance's: the list read at start and
+    on SIGHUP (`candidates`, only its shard with --shard) and, with --leases, the leases it holds.
+    `wanted()` is what to serve now; `claim()` every third of a lease period keeps it current."""
+
+    def __init__(self, cfg, client=None, errors=(), throttle=None):
+        self.cfg = cfg
+        self.name = instance_name(cfg)  # the list daemon's hash, and its name among lease holders
+        self.throttle = throttle
+        self.errors = errors
+        self.candidates = self.read()
+        self.leases = Leases(client, self.name, cfg.lease_period, errors=errors) if cfg.leases else None
+        self.next_claim = 0.0
+        self._trouble = False
+        if self.leases is not None:
+            self.claim()  # before any shared memory: what to open is what is held
+
+    def read(self) -> list[str]:
+        """The buildings this instance may serve: the list (--building-ids), only shard K of N with
+        --shard. ConfigError as config.buildings raises it."""
+        ids = config.buildings(self.cfg)
+        if self.cfg.shard:
+            ids = in_shard(ids, *parse_shard(self.cfg.shard))
+        return ids
+
+    def wanted(self) -> list[str]:
+        """The buildings to serve now: the candidates, with --leases only those whose lease is held."""
+        if self.leases is None:
+            return list(self.candidates)
+        return [b for b in self.candidates if b in self.leases.held]
+
+    def due(self) -> bool:
+        return self.leases is not None and time.monotonic() >= self.next_claim
+
+    def claim(self) -> None:
+        """Renew, take and give back leases; Redis away is one throttled line, and what is held is
+        served until it runs out (Leases.claim)."""
+        self.next_claim = time.monotonic() + self.cfg.lease_period / 3
+        try:
+            self.leases.claim(self.candidates)
+        except self.errors as e:
+            self._trouble = True
+            self.throttle.log("leases", logging.ERROR, f"could not renew the leases: {redis_error(e)[1]}; serving "
+                              f"the {len(self.leases.held)} buildings still held until they run out")
+        else:
+            if self._trouble:
+                self._trouble = False
+                self.throttle.ok("leases", msg="the leases are renewed again")
+
+    def fields(self) -> dict:
+        """For the list daemon's hash (docs/CONTRACT.md §3.5.1)."""
+        out = {"instance": self.name, "shard": self.cfg.shard, "candidates": len(self.candidates)}
+        if self.leases is not None:
+            out.update(leases_held=len(self.leases.held), instances_live=len(self.leases.instances))
+        return out
+
+    def release(self, log) -> None:
+        """A clean stop: the leases back at once (after the last snapshot: the next holder goes on from it)."""
+        if self.leases is None:
+            return
+        try:
+            self.leases.release_all()
+        except self.errors as e:
+            log.warning("could not give the leases back (they run out in %.0f s): %s", self.cfg.lease_period,
+                        redis_error(e)[1])

@@ -88,11 +88,6 @@ class Supervisor:
         self.throttle = Throttle(self.log, period=60.0)
         self.ctx = mp.get_context("spawn")
         self.listed = bool(cfg.building_ids)  # a list of buildings (nilmd.daemon.roster), else the one
-        self.instance = sharing.instance_name(cfg)  # the list daemon's hash, and its name among lease holders
-        self.candidates = self.read_list()  # the list (its shard), read at start and on SIGHUP
-        self.leases = None  # with --leases (nilmd.daemon.sharing): which of the candidates are ours
-        self._next_claim = 0.0
-        self._lease_trouble = False
         self.served: dict[str, roster.Served] = {}  # by building id, in the list's order
         self.children = {"reader": Child("reader", reader.main), "inference": Child("inference", inference.main)}
         if cfg.mqtt_url:  # Home Assistant: a child of its own (nilmd.daemon.mqtt says why)
@@ -114,16 +109,15 @@ class Supervisor:
         self._last_ping = 0.0
         self._last_extend = 0.0
         self._status_line = ""
-        self.redis = None
+        self.redis, self.redis_errors = None, ()
         if cfg.mode != "test":
             from nilmd import redisconn
 
             self.redis = redisconn.client(cfg, name="supervisor", socket_timeout=2.0)
             self.redis_errors = redisconn.ERRORS
-            if cfg.leases:
-                self.leases = sharing.Leases(self.redis, self.instance, cfg.lease_period, errors=self.redis_errors)
-                self.claim()  # before any shared memory: what to open is what is held
-        self.paths = roster.daemon_paths(cfg.runtime_dir, self.wanted(), self.listed)
+        # which of the list is ours: its shard, its leases (nilmd.daemon.sharing)
+        self.sharing = sharing.Sharing(cfg, self.redis, self.redis_errors, self.throttle)
+        self.paths = roster.daemon_paths(cfg.runtime_dir, self.sharing.wanted(), self.listed)
         self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
         # The children get the password inside their Config; in their environment it would be
         # readable in /proc/<pid>/environ and `ps eww` for as long as they live.
@@ -180,59 +174,25 @@ class Supervisor:
             self.lock.release()
         self.ctl = None
 
-    # -- the list: its shard, its leases, SIGHUP ------------------------------------------------------
-    def read_list(self) -> list[str]:
-        """The buildings this instance may serve: the list (--building-ids), only shard K of N with --shard."""
-        ids = config.buildings(self.cfg)
-        if self.cfg.shard:
-            ids = sharing.in_shard(ids, *sharing.parse_shard(self.cfg.shard))
-        return ids
-
-    def wanted(self) -> list[str]:
-        """The buildings to serve now: the candidates, with --leases only those whose lease is held."""
-        if self.leases is None:
-            return list(self.candidates)
-        return [b for b in self.candidates if b in self.leases.held]
-
-    def claim(self) -> None:
-        """Renew, take and give back leases (every third of a lease period); serve what is held."""
-        self._next_claim = time.monotonic() + self.cfg.lease_period / 3
-        try:
-            self.leases.claim(self.candidates)
-        except self.redis_errors as e:
-            self._lease_trouble = True
-            self.throttle.log("leases", logging.ERROR, f"could not renew the leases: {redis_error(e)[1]}; serving "
-                              f"the {len(self.leases.held)} buildings still held until they run out")
-        else:
-            if self._lease_trouble:
-                self._lease_trouble = False
-                self.throttle.ok("leases", msg="the leases are renewed again")
-
+    # -- the list: SIGHUP, leases ------------------------------------------------------------------
     def follow_leases(self) -> None:
-        if self.leases is None or time.monotonic() < self._next_claim:
+        if not self.sharing.due():
             return
-        self.claim()
-        new = self.wanted()
+        self.sharing.claim()
+        new = self.sharing.wanted()
         if new != list(self.served):
-            self.apply_list(new, "leases", f"{len(self.leases.instances)} instances live")
-
-    def sharing_fields(self) -> dict:
-        """The list daemon's hash: how it shares the list (docs/CONTRACT.md §3.5.1)."""
-        out = {"instance": self.instance, "shard": self.cfg.shard, "candidates": len(self.candidates)}
-        if self.leases is not None:
-            out.update(leases_held=len(self.leases.held), instances_live=len(self.leases.instances))
-        return out
+            self.apply_list(new, "leases", f"{len(self.sharing.leases.instances)} instances live")
 
     def reload_list(self) -> None:
         """SIGHUP with --building-ids @FILE: serve the file's list now (with leases: its buildings held)."""
         try:
-            self.candidates = self.read_list()
+            self.sharing.candidates = self.sharing.read()
         except NilmdError as e:
             self.log.error("SIGHUP: the list of buildings is unchanged: %s", e)
             return
-        if self.leases is not None:
-            self.claim()
-        self.apply_list(self.wanted(), "SIGHUP", self.cfg.building_ids[1:])
+        if self.sharing.leases is not None:
+            self.sharing.claim()
+        self.apply_list(self.sharing.wanted(), "SIGHUP", self.cfg.building_ids[1:])
 
     def apply_list(self, new: list[str], why: str, source: str) -> None:
         """Serve `new` from now on. New buildings get their shared memory (and snapshot), removed ones
@@ -482,9 +442,9 @@ class Supervisor:
                                        started=self.started, problems=served.problems, **procs)
                 pipe.hset(status.key(served.cfg), mapping=fields)
             if daemon:
-                pipe.hset(keys.daemon_status_key(self.instance), mapping={**status.daemon_fields(
+                pipe.hset(keys.daemon_status_key(self.sharing.name), mapping={**status.daemon_fields(
                     self.cfg, self.state, self._status_line, [b.state for b in self.served.values()], snap,
-                    started=self.started, problems=self.problems, **procs), **self.sharing_fields()})
+                    started=self.started, problems=self.problems, **procs), **self.sharing.fields()})
             replies = pipe.execute(raise_on_error=False)
             failed = next((r for r in replies if isinstance(r, Exception)), None)
         except self.redis_errors as e:
@@ -575,11 +535,6 @@ class Supervisor:
                 child.process.join(2.0)
         self.state = "stopped"
         self.publish_status()
-        if self.leases is not None:  # after the last snapshot: the next holder goes on from it
-            try:
-                self.leases.release_all()
-            except self.redis_errors as e:
-                self.log.warning("could not give the leases back (they run out in %.0f s): %s",
-                                 self.cfg.lease_period, redis_error(e)[1])
+        self.sharing.release(self.log)
         self.throttle.flush(force=True)
         self.log.info("stopped")
