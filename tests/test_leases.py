@@ -41,6 +41,16 @@ def instance(redis_server, model_dir, tmp_path, name: str, listing, **env) -> Da
     return d.start()
 
 
+class Both:
+    """Two instances' logs for a failure message (Predictions.wait reads `.log()`)."""
+
+    def __init__(self, *daemons):
+        self.daemons = daemons
+
+    def log(self) -> str:
+        return "\n".join(f"--- instance {k}:\n{d.log()[-2500:]}" for k, d in enumerate(self.daemons))
+
+
 def daemon_hash(client, name: str) -> dict:
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.daemon_status_key(name)).items()}
 
@@ -67,8 +77,10 @@ def test_a_killed_instance_is_taken_over_within_a_lease_period_and_nothing_is_lo
     listing.write_text("\n".join(ids) + "\n")
     env = dict(NILMD_LEASES="true", NILMD_LEASE_PERIOD="2", NILMD_INPUT_MODE="stream")
     preds = Predictions(redis_client)
-    a = instance(redis_server, model_dir, tmp_path, "a", listing, **env)
+    # b first, alone: it takes every lease; a starts holding none and takes its share from b
     b = instance(redis_server, model_dir, tmp_path, "b", listing, **env)
+    wait_for(lambda: set(holders(redis_client, ids).values()) == {"b"}, 30, f"b to take every lease\n{b.log()}")
+    a = instance(redis_server, model_dir, tmp_path, "a", listing, **env)
     try:
         share = {x: owner(x, ["a", "b"]) for x in ids}
         assert set(share.values()) == {"a", "b"}  # both have some (a different split would need other ids)
@@ -78,7 +90,7 @@ def test_a_killed_instance_is_taken_over_within_a_lease_period_and_nothing_is_lo
                  60, "both instances ready")
         t0 = aligned_start(time.time() - 400, WINDOW, STEP)
         first = {x: publish_samples(redis_client, x, WINDOW + 2 * STEP, start=t0, to="stream") for x in ids}
-        preds.wait({x: schedule(t0, first[x]) for x in ids}, 60, b)
+        preds.wait({x: schedule(t0, first[x]) for x in ids}, 60, Both(a, b))
         killed = time.monotonic()
         kill_all(a)
         wait_for(lambda: set(holders(redis_client, ids).values()) == {"b"}, 10,
@@ -88,7 +100,7 @@ def test_a_killed_instance_is_taken_over_within_a_lease_period_and_nothing_is_lo
         # a's buildings go on at b, from their streams: what a had read and predicted is not made again
         last = {x: publish_samples(redis_client, x, 3 * STEP, start=first[x] + 1, to="stream") for x in ids}
         expected = {x: schedule(t0, last[x]) for x in ids}
-        preds.wait(expected, 60, b)
+        preds.wait(expected, 60, Both(a, b))
         time.sleep(0.5)
         preds.drain()
         for x in ids:
