@@ -16,6 +16,8 @@ less than wall time):
   whole window, every output    Predictor.run: all 1536 outputs of the window (evaluation's call)
   incremental, 60 s / 1 s       Predictor.step on a real ring after 60 / 1 new samples
   (backend onnxruntime: the same rows through OnnxPredictor, on the models exported here)
+  60-s step graph alone (floor) the floor: the step's arithmetic alone in ONNX Runtime (the step
+                                graph on zero padding, no history in or out, no ring)
   memory holding the models     RSS of a fresh process that loaded them and ran one window
   end-to-end at 1 Hz            a sample PUBLISHed -> its prediction received (real daemon,
                                 INFERENCE_INTERVAL=1, own redis-server)
@@ -122,7 +124,8 @@ def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu",
     if backend == "onnxruntime":
         from nilmd.models.onnx_backend import OnnxPredictor
 
-        return bench_steps(OnnxPredictor(model_dir, threads=threads), size, reps)
+        return {**bench_steps(OnnxPredictor(model_dir, threads=threads), size, reps),
+                "60-s step graph alone (floor)": timed(step_floor(Predictor(ckpts), threads, 60), reps)}
     pred = Predictor(ckpts, device)
     models = [c.model().to(pred.device) for c in pred.checkpoints]
     x = torch.from_numpy(window_features(size)).T.unsqueeze(0).to(pred.device)
@@ -137,6 +140,36 @@ def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu",
     if pred.device.type == "cuda":
         out["_gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def step_floor(pred, threads: int, n: int):
+    """The arithmetic of an n-sample step in ONNX Runtime and nothing else: each group's step graph
+    without the history in and out (nilmd.models.onnx_export.build_group(history=False): the same
+    convolutions on zero padding), bound once. What no export of these models can go below on
+    this box: the step row above minus this one is what the history costs."""
+    import onnxruntime as ort
+
+    from nilmd.models.onnx_backend import session_options
+    from nilmd.models.onnx_export import build_group
+
+    so, runs, held = session_options(threads), [], []
+    for k, (_, net) in enumerate(pred.groups):
+        sess = ort.InferenceSession(build_group(net, f"floor{k}", n, history=False).SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        io = sess.io_binding()
+        for v, out in [(np.ones((1, net.w_in.shape[1], 1, n), np.float32), False)] + [
+                (np.empty((net.n_models, n), np.float32), True)] * 2:
+            held.append(ort.OrtValue.ortvalue_from_numpy(v))
+        io.bind_ortvalue_input("x", held[-3])
+        io.bind_ortvalue_output("power", held[-2])
+        io.bind_ortvalue_output("probability", held[-1])
+        runs.append((sess, io))
+
+    def fn():
+        for sess, io in runs:
+            sess.run_with_iobinding(io)
+    fn.held = held  # the arrays outlive the bindings
+    return fn
 
 
 def bench_steps(pred, size: int, reps: int) -> dict:

@@ -176,6 +176,10 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
             out["latency_s"] = {"median": round(float(np.median(steady)), 3),
                                 "p99": round(float(np.percentile(steady, 99)), 3), "max": round(float(steady.max()), 3),
                                 "n": int(steady.size)}
+            # each boundary apart: a slow one shows as a row here, where the p99 only says "some"
+            out["boundaries"] = {int(e): {"median": round(float(np.median(latencies[e])), 3),
+                                          "max": round(float(np.max(latencies[e])), 3), "n": len(latencies[e])}
+                                 for e in boundaries}
             out["predictions"] = {"received": sum(got.values()), "expected": expected,
                                   "buildings_short": sum(v < minutes for v in got.values())}
             # every sample accounted for, per building, once the status hashes have caught up

@@ -110,6 +110,25 @@ def test_export_is_deterministic(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+def test_the_benchmarks_floor_is_the_step_on_zero_history(mixed):
+    """scripts/bench.py's floor (a step graph without history in or out) computes what the step
+    graph does from the zero history: the same arithmetic, so a fair floor."""
+    import onnxruntime as ort
+
+    from nilmd.models.onnx_export import build_group
+
+    x = np.ascontiguousarray(features(60).T[None, :, None, :])
+    for k, (_, net) in enumerate(mixed[0].groups):
+        step, floor = (ort.InferenceSession(build_group(net, f"g{k}", 60, history=h).SerializeToString(),
+                                            providers=["CPUExecutionProvider"]) for h in (True, False))
+        assert [i.name for i in floor.get_inputs()] == ["x"]
+        zero = {i.name: np.zeros(i.shape, np.float32) for i in step.get_inputs() if i.name != "x"}
+        want = step.run(["power", "probability"], {"x": x, **zero})
+        got = floor.run(["power", "probability"], {"x": x})
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_shipped_checkpoints_and_their_shipped_export(tmp_path):
     """The export in checkpoints/ is what `nilmd export` makes of the checkpoints there (same
     bytes: so it is current), and it equals each model."""

@@ -61,9 +61,11 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
 
-def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> onnx.ModelProto:
+def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True, history: bool = True) -> onnx.ModelProto:
     """The step graph of one fused group for exactly n new samples (see the module docstring);
-    without `heads`, only the layer inputs (for a piece whose outputs nobody wants)."""
+    without `heads`, only the layer inputs (for a piece whose outputs nobody wants). Without
+    `history`, the same arithmetic with no history in or out (each layer reads zero padding
+    instead): not a model, the floor scripts/bench.py measures a step against."""
     w = {k: getattr(net, k).detach().cpu().numpy().astype(np.float32) for k, _ in net.named_buffers()}
     A, C, D = net.n_models, net.channels, net.depth
     F = w["w_in"].shape[1]
@@ -75,7 +77,8 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> on
         kernel = np.ascontiguousarray(np.swapaxes(weight, -1, -2).reshape(-1, a * cout, cin))  # [taps, A*out, in]
         kernel = np.ascontiguousarray(np.moveaxis(kernel, 0, -1)[:, :, None, :])  # [A*out, in, 1, taps]
         inputs = [x, g.const(f"{name}_w", kernel)] + ([] if bias is None else [g.const(f"{name}_b", bias.reshape(-1))])
-        return g.op("Conv", inputs, name, group=a, dilations=[1, dilation])
+        pads = {} if history or kernel.shape[-1] == 1 else {"pads": [0, dilation, 0, 0]}  # (the floor: zeros before)
+        return g.op("Conv", inputs, name, group=a, dilations=[1, dilation], **pads)
 
     # The input conv reads the same F features for every model: one dense conv, no groups.
     w_in = np.ascontiguousarray(np.swapaxes(w["w_in"], 1, 2).reshape(A * C, F, 1, 1))
@@ -85,7 +88,7 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> on
         m = min(d, n)
         # [the m history samples layer i reads, the n new ones]: one kernel-2 conv of dilation m
         # over it reads h[t - d] and h[t] for every new t (for d >= n, history sample j is t_j - d).
-        pair = g.op("Concat", [f"hist_{i}", h], f"l{i}_pair", axis=3)  # [1, A*C, 1, m + n]
+        pair = g.op("Concat", [f"hist_{i}", h], f"l{i}_pair", axis=3) if history else h  # [1, A*C, 1, m + n]
         taps = np.stack([w["w_prev"][i], w["w_cur"][i]])  # [2 taps: t-d, t; A, C, 2C]
         # The fused net's filter rows and res/skip weights are doubled (its tanh through a sigmoid,
         # nilmd.models.fused.gate); ONNX Runtime fuses the activations into the convs, so undo it
@@ -115,9 +118,10 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True) -> on
         outputs += [helper.make_tensor_value_info("power", TensorProto.FLOAT, [A, n]),
                     helper.make_tensor_value_info("probability", TensorProto.FLOAT, [A, n])]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, F, 1, n])]
-    inputs += [helper.make_tensor_value_info(f"hist_{i}", TensorProto.FLOAT, [1, A * C, 1, min(d, n)])
-               for i, d in enumerate(net.dilations)]
-    outputs += [helper.make_tensor_value_info(f"h_{i}", TensorProto.FLOAT, [1, A * C, 1, n]) for i in range(D)]
+    if history:
+        inputs += [helper.make_tensor_value_info(f"hist_{i}", TensorProto.FLOAT, [1, A * C, 1, min(d, n)])
+                   for i, d in enumerate(net.dilations)]
+        outputs += [helper.make_tensor_value_info(f"h_{i}", TensorProto.FLOAT, [1, A * C, 1, n]) for i in range(D)]
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, producer_name="nilmd", producer_version=__version__,
                               opset_imports=[helper.make_opsetid("", OPSET)])
