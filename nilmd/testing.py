@@ -243,6 +243,17 @@ def role_processes(fields: dict) -> dict:
     return {role: psutil.Process(int(fields[f"pid_{role}"])) for role in ROLES}
 
 
+def daemon_processes(fields: dict, pid: int | None = None) -> dict:
+    """Every process of the daemon: the supervisor (`pid`, else the hash's pid_supervisor) and all
+    below it, by role where the status hash names its pid, else as name[pid]: what a benchmark's
+    memory must count, a helper process nilmd did not mean to start included."""
+    import psutil
+
+    roles = {int(v): k[4:] for k, v in fields.items() if k.startswith("pid_") and str(v).isdigit()}
+    top = psutil.Process(pid or int(fields["pid_supervisor"]))
+    return {roles.get(p.pid, f"{p.name()}[{p.pid}]"): p for p in [top, *top.children(recursive=True)]}
+
+
 class DaemonProcess:
     """`python -m nilmd run` as a real child process for `building`, its output in `log_path`."""
 

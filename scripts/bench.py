@@ -23,7 +23,8 @@ less than wall time):
                                 INFERENCE_INTERVAL=1, own redis-server)
   ingest                        samples/s from PUBLISH into the ring (a burst, the ring's head)
   start -> READY                process start until the status hash leaves `starting`
-  memory                        RSS of each daemon process (and PSS: shared pages split fairly)
+  memory                        RSS of every daemon process, the supervisor and all below it (and
+                                PSS: shared pages split fairly)
 Hardware limit: the FLOPs of one full window over the throughput of a large float32 matmul.
 """
 

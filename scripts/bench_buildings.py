@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nilmd import keys  # noqa: E402
-from nilmd.testing import DaemonProcess, RedisServer, free_port, wait_for  # noqa: E402
+from nilmd.testing import DaemonProcess, RedisServer, daemon_processes, free_port, wait_for  # noqa: E402
 
 PUBSUB_LIMIT = "pubsub 512mb 256mb 60"  # N predictions at once to one subscriber (this benchmark's)
 
@@ -96,15 +96,6 @@ def produce(port: int, buildings: list[str], start: int, seconds: int, stream: b
     done.put({"seconds": seconds, "late_s": round(late, 3)})
 
 
-def nilmd_processes(pid: int, fields: dict) -> dict:
-    """Every process of the daemon, named by its role where the status hash says (pid_<role>)."""
-    import psutil
-
-    roles = {int(v): k[4:] for k, v in fields.items() if k.startswith("pid_") and v.isdigit()}
-    top = psutil.Process(pid)
-    return {roles.get(p.pid, f"{p.name()}[{p.pid}]"): p for p in [top, *top.children(recursive=True)]}
-
-
 def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, interval: int = 60,
                     input_mode: str = "pubsub", threads: int = 1) -> dict:
     import psutil
@@ -145,7 +136,7 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
             producer.start()
             latencies: dict[int, list[float]] = {}
             got = {b: 0 for b in buildings}
-            procs = nilmd_processes(d.proc.pid, d.status(r))
+            procs = daemon_processes(d.status(r), d.proc.pid)
             others = {"redis-server": psutil.Process(server.proc.pid), "producer": psutil.Process(producer.pid),
                       "this benchmark": psutil.Process()}
             cpu0 = t0 = None

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nilmd import keys  # noqa: E402
-from nilmd.testing import DaemonProcess, RedisServer, free_port, role_processes, wait_for  # noqa: E402
+from nilmd.testing import (DaemonProcess, RedisServer, daemon_processes, free_port, role_processes,  # noqa: E402
+                           wait_for)
 
 
 def stats(ms: list[float], cpu: list[float] | None = None) -> dict:
@@ -58,7 +59,7 @@ class Daemon(DaemonProcess):
 
     def memory(self, r) -> dict:
         out = {}
-        for role, proc in self.processes(r).items():
+        for role, proc in daemon_processes(self.status(r), self.proc.pid).items():  # every process of it
             info = proc.memory_full_info()  # PSS needs /proc/PID/smaps: our own processes
             out[role] = {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
         out["total"] = {k: round(sum(v[k] for v in out.values()), 1) for k in ("rss_mb", "pss_mb")}

@@ -108,6 +108,8 @@ def test_pubsub_daemon_under_its_acl_rule_names_each_missing_command(daemon_fact
         for role in ("reader", "inference"):
             env = environ(int(s[f"pid_{role}"]))
             assert b"REDIS_PASSWORD" not in env and password.encode() not in env, f"the {role} inherited it"
+            with open(f"/proc/{s[f'pid_{role}']}/cmdline", "rb") as f:
+                assert password.encode() not in f.read(), f"the {role}'s command line shows it"
 
         for cmd, reconnect in (("hset", False), ("publish", False), ("set", False), ("subscribe", True),
                                ("client|setname", True)):

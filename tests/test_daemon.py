@@ -88,6 +88,12 @@ def test_prediction_end_to_end(daemon_factory, redis_client):
     assert not missing, f"status hash lacks {missing}"
     assert int(s["buffer_fill"]) == 256 and s["models_loaded"] == "11" and s["device"] == "cpu"
     assert int(s["pid_reader"]) > 0 and int(s["pid_inference"]) > 0 and float(s["memory_inference_mb"]) > 0
+    # The daemon is its supervisor and these two: no helper process beside them (multiprocessing's
+    # resource tracker was one, 13 MB resident, watching nothing: nilmd.daemon.spawn).
+    import psutil
+
+    tree = {p.pid for p in psutil.Process(int(s["pid_supervisor"])).children(recursive=True)}
+    assert tree == {int(s["pid_reader"]), int(s["pid_inference"])}, f"processes beside the children: {tree}"
     assert d.stop() == 0
 
 

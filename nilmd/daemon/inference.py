@@ -375,5 +375,5 @@ class InferenceWorker(Worker):
 
 
 def main(cfg: Config, paths: dict) -> None:
-    """Entry point of the inference process (multiprocessing spawn target)."""
+    """Entry point of the inference process (what nilmd.daemon.spawn runs)."""
     InferenceWorker.main(cfg, paths)

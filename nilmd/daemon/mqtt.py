@@ -221,5 +221,5 @@ class MqttWorker(Worker):
 
 
 def main(cfg: Config, paths: dict) -> None:
-    """Entry point of the MQTT process (multiprocessing spawn target)."""
+    """Entry point of the MQTT process (what nilmd.daemon.spawn runs)."""
     MqttWorker.main(cfg, paths)

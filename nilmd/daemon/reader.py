@@ -251,5 +251,5 @@ class Reader(Worker):
 
 
 def main(cfg: Config, paths: dict) -> None:
-    """Entry point of the reader process (multiprocessing spawn target)."""
+    """Entry point of the reader process (what nilmd.daemon.spawn runs)."""
     Reader.main(cfg, paths)

@@ -1,7 +1,7 @@
 """The supervisor: the process systemd starts (after gunicorn's arbiter).
 
-It owns the shared memory, spawns the reader and the inference process (spawn context; it never
-imports torch), and runs one loop that reaps children, checks their heartbeats, restarts the
+It owns the shared memory, spawns the reader and the inference process (fresh interpreters,
+nilmd.daemon.spawn; it never imports torch), and runs one loop that reaps children, checks their heartbeats, restarts the
 dead or hung with backoff while the ring buffer survives, publishes the status hash and is the
 only process that talks to systemd. Signal handlers only enqueue; each signal has a handle_*
 method that the loop calls.
@@ -13,7 +13,6 @@ this building, 78 a child cannot start at all (no usable checkpoint, no such dev
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import select
 import signal
@@ -29,6 +28,7 @@ from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAIL
                           NilmdError, redis_error)
 from nilmd.log import Throttle
 from nilmd.daemon.notify import Notifier
+from nilmd.daemon.spawn import Spawned
 from nilmd.backoff import Backoff
 from nilmd.daemon.instance import InstanceLock
 
@@ -86,7 +86,6 @@ class Supervisor:
         self.cfg = cfg
         self.log = logging.getLogger("nilmd.supervisor")
         self.throttle = Throttle(self.log, period=60.0)
-        self.ctx = mp.get_context("spawn")
         self.listed = bool(cfg.building_ids)  # a list of buildings (nilmd.daemon.roster), else the one
         self.served: dict[str, roster.Served] = {}  # by building id, in the list's order
         self.children = {"reader": Child("reader", reader.main), "inference": Child("inference", inference.main)}
@@ -288,9 +287,7 @@ class Supervisor:
     def spawn(self, child: Child) -> None:
         slot, starting = self.STARTING_STATE[child.role]
         self.ctl[slot] = starting
-        child.process = self.ctx.Process(target=child.target, args=(self.cfg, dict(self.paths)),
-                                         name=f"nilmd-{child.role}", daemon=False)
-        child.process.start()
+        child.process = Spawned(child.target, (self.cfg, dict(self.paths)), f"nilmd-{child.role}")
         child.started_at = time.monotonic()
         child.killed_for_hang = child.sigkilled = False
         self.ctl[f"{child.role}_pid"] = child.process.pid

@@ -49,7 +49,7 @@ class Worker:
     # -- the process --------------------------------------------------------------------------------
     @classmethod
     def main(cls, cfg: Config, paths: dict) -> None:
-        """Entry point of the child process (the multiprocessing spawn target)."""
+        """Entry point of the child process (what nilmd.daemon.spawn runs)."""
         faulthandler.enable(all_threads=True)  # first: even a hang while importing shows where
         logmod.process_main(cls.role, cfg.building_id, cfg.log_level, lambda log: cls._boot(cfg, paths))
 

@@ -1,0 +1,84 @@
+"""Starting a child of the supervisor: a fresh interpreter that runs one role's entry point with
+(cfg, paths), as multiprocessing's spawn start method does, without its resource tracker.
+
+multiprocessing starts a resource tracker with the first spawned child: a third interpreter
+(12.7 MB resident, 7.3 MB PSS) that unlinks the named semaphores and shared memory segments
+children leave behind. nilmd has neither: its shared memory is plain files that the supervisor
+owns (nilmd.daemon.ringbuffer, nilmd.daemon.mapped), so the tracker watched nothing and was a
+fifth of a torch-free daemon's memory. The arguments reach the child as multiprocessing sends
+them, pickled through a pipe: the Config holds the Redis password, which must not be in a
+child's argv or environment (`ps`, /proc/<pid>/environ). The parent's sys.path goes first, so
+the child imports nilmd from where the supervisor did.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+
+# What the child runs before nilmd is importable: the parent's sys.path, then nilmd.
+_BOOT = ("import os, pickle, sys; f = os.fdopen(int(sys.argv[2]), 'rb'); sys.path[:] = pickle.load(f); "
+         "from nilmd.daemon.spawn import child; child(f)")
+
+
+class Spawned:
+    """A started child, with the part of multiprocessing.Process the supervisor uses (pid,
+    is_alive, exitcode, join, terminate, kill, close). exitcode is -N for a child killed by
+    signal N, as there."""
+
+    def __init__(self, target, args: tuple, name: str):
+        read, write = os.pipe()
+        try:
+            # The interpreter's own flags (-X, -W, -O) as multiprocessing passes them on.
+            cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-B", "-c", _BOOT, name, str(read)]
+            self._popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(read,))
+        finally:
+            os.close(read)
+        with os.fdopen(write, "wb") as pipe:  # a child that died at once: EPIPE, and exitcode says why
+            try:
+                pickle.dump(list(sys.path), pipe)
+                pickle.dump((target.__module__, target.__qualname__, args), pipe)
+            except BrokenPipeError:
+                pass
+        self.pid = self._popen.pid
+        self.name = name
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None  # (reaps a child that has exited)
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self._popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+    def close(self) -> None:
+        """Drop an exited child (multiprocessing refuses to close a running one: so does this)."""
+        if self.is_alive():
+            raise ValueError(f"cannot close {self.name} (pid {self.pid}): it is still running")
+
+
+def child(pipe) -> None:
+    """The child's side: the entry point and its arguments from the pipe, then the entry point.
+    Its sys.exit is the child's exit code; an exception is a traceback and 1, as in multiprocessing."""
+    with pipe:
+        module, name, args = pickle.load(pipe)
+    target = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    target(*args)
