@@ -146,8 +146,8 @@ def bench_models(ckpts, size: int, threads: int, reps: int, device: str = "cpu",
 def step_floor(pred, threads: int, n: int):
     """The arithmetic of an n-sample step in ONNX Runtime and nothing else: each group's step graph
     without the history in and out (nilmd.models.onnx_export.build_group(history=False): the same
-    convolutions on zero padding), bound once. What no export of these models can go below on
-    this box: the step row above minus this one is what the history costs."""
+    convolutions on zero padding), bound once. The step row minus this one is what moving the
+    history costs; this one is what the export's arithmetic costs in this runtime on this box."""
     import onnxruntime as ort
 
     from nilmd.models.onnx_backend import session_options
@@ -157,19 +157,19 @@ def step_floor(pred, threads: int, n: int):
     for k, (_, net) in enumerate(pred.groups):
         sess = ort.InferenceSession(build_group(net, f"floor{k}", n, history=False).SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
+        arrays = {"x": np.ones((1, net.w_in.shape[1], 1, n), np.float32),
+                  "power": np.empty((net.n_models, n), np.float32), "probability": np.empty((net.n_models, n), np.float32)}
         io = sess.io_binding()
-        for v, out in [(np.ones((1, net.w_in.shape[1], 1, n), np.float32), False)] + [
-                (np.empty((net.n_models, n), np.float32), True)] * 2:
-            held.append(ort.OrtValue.ortvalue_from_numpy(v))
-        io.bind_ortvalue_input("x", held[-3])
-        io.bind_ortvalue_output("power", held[-2])
-        io.bind_ortvalue_output("probability", held[-1])
+        for name, a in arrays.items():
+            held.append(ort.OrtValue.ortvalue_from_numpy(a))  # (wraps the array: both must outlive the binding)
+            (io.bind_ortvalue_input if name == "x" else io.bind_ortvalue_output)(name, held[-1])
+        held.append(arrays)
         runs.append((sess, io))
 
     def fn():
         for sess, io in runs:
             sess.run_with_iobinding(io)
-    fn.held = held  # the arrays outlive the bindings
+    fn.held = held
     return fn
 
 

@@ -1,11 +1,11 @@
 """Starting a child of the supervisor: a fresh interpreter that runs one role's entry point with
 (cfg, paths), as multiprocessing's spawn start method does, without its resource tracker.
 
-multiprocessing starts a resource tracker with the first spawned child: a third interpreter
+multiprocessing starts a resource tracker with the first spawned child: one more interpreter
 (12.7 MB resident, 7.3 MB PSS) that unlinks the named semaphores and shared memory segments
 children leave behind. nilmd has neither: its shared memory is plain files that the supervisor
-owns (nilmd.daemon.ringbuffer, nilmd.daemon.mapped), so the tracker watched nothing and was a
-fifth of a torch-free daemon's memory. The arguments reach the child as multiprocessing sends
+owns (nilmd.daemon.ringbuffer, nilmd.daemon.mapped), so the tracker watched nothing, and it put
+a torch-free daemon over its 180 MB. The arguments reach the child as multiprocessing sends
 them, pickled through a pipe: the Config holds the Redis password, which must not be in a
 child's argv or environment (`ps`, /proc/<pid>/environ). The parent's sys.path goes first, so
 the child imports nilmd from where the supervisor did.

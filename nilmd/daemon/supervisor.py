@@ -1,9 +1,9 @@
 """The supervisor: the process systemd starts (after gunicorn's arbiter).
 
 It owns the shared memory, spawns the reader and the inference process (fresh interpreters,
-nilmd.daemon.spawn; it never imports torch), and runs one loop that reaps children, checks their heartbeats, restarts the
-dead or hung with backoff while the ring buffer survives, publishes the status hash and is the
-only process that talks to systemd. Signal handlers only enqueue; each signal has a handle_*
+nilmd.daemon.spawn; it never imports torch), and runs one loop that reaps children, checks their
+heartbeats, restarts the dead or hung with backoff while the ring buffer survives, publishes the
+status hash and is the only process that talks to systemd. Signal handlers only enqueue; each signal has a handle_*
 method that the loop calls.
 
 Exit codes (nilmd.errors): 0 stopped on request, 3 a child kept failing, 4 another nilmd owns
