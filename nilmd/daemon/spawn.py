@@ -33,7 +33,7 @@ class Spawned:
         read, write = os.pipe()
         try:
             # The interpreter's own flags (-X, -W, -O) as multiprocessing passes them on.
-            cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-B", "-c", _BOOT, name, str(read)]
+            cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", _BOOT, name, str(read)]
             self._popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(read,))
         finally:
             os.close(read)
