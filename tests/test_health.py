@@ -100,3 +100,19 @@ def test_the_reason_is_in_the_systemd_status_line_and_the_verdict():
     fields = {"state": "degraded", "degraded_reason": "no prediction for over 120 s", "updated_at": "999",
               "status_interval_s": "2"}
     assert status.judge(fields, now) == (status.WARNING, "degraded: no prediction for over 120 s")
+
+
+def test_resident_memory_is_what_the_kernel_counts():
+    """status.rss_mb reads /proc itself (no psutil in the supervisor): the same figure as psutil
+    for a live process, 0 for none and for one that is gone."""
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        p = psutil.Process(child.pid)
+        wait_for(lambda: p.memory_info().rss > 64 << 20, 10, "the child to hold its 64 MB")
+        assert abs(status.rss_mb(child.pid) - p.memory_info().rss / 2**20) < 1.0
+    finally:
+        child.kill()
+        child.wait()
+    assert status.rss_mb(child.pid) == 0.0 and status.rss_mb(0) == 0.0
