@@ -175,8 +175,11 @@ def test_checkpoint_files_round_trip(tmp_path):
         model = c.model()
         checkpoints.save(tmp_path / checkpoint_filename(name), checkpoints.to_dict(
             name, model, on_power_threshold_w=c.on_power_threshold_w, max_power_w=c.max_power_w))
-    loaded, errors = checkpoints.load_dir(tmp_path)
-    assert not errors.keys() & ckpts.keys()
+    (tmp_path / checkpoint_filename(APPLIANCES[2])).write_bytes(b"not a checkpoint")
+    beats = []  # the inference's heartbeat: once after every file, loaded, broken or missing alike
+    loaded, errors = checkpoints.load_dir(tmp_path, progress=lambda: beats.append(1))
+    assert len(beats) == len(APPLIANCES)
+    assert loaded.keys() == ckpts.keys() and APPLIANCES[2] in errors
     x = features(100)
     np.testing.assert_array_equal(Predictor(loaded).run(x)[0], Predictor(ckpts).run(x)[0])
 

@@ -139,7 +139,8 @@ class InferenceWorker(Worker):
     def _load_set(self):
         from nilmd.models import backends
 
-        got = backends.load(self.cfg)  # NILMD_BACKEND: torch or ONNX Runtime (nilmd.models.backends)
+        # NILMD_BACKEND: torch or ONNX Runtime (nilmd.models.backends); a beat after each file
+        got = backends.load(self.cfg, progress=self.beat)
         if got.choice.fallback:
             self.log.warning("%s", got.choice.fallback)
         return got.predictor.appliances if got.predictor else [], got.errors, got.predictor

@@ -351,13 +351,14 @@ class Supervisor:
                 continue
             age = self.heartbeat_age(child)
             if age > self.cfg.heartbeat_timeout:
-                self.log.error("the %s process (pid %d) sent no heartbeat for %.0f s: killing it",
+                # Logged before the signal, not after: the child writes its traceback to the same
+                # stream the moment SIGABRT lands, and a line of ours written meanwhile would split it.
+                self.log.error("the %s process (pid %d) sent no heartbeat for %.0f s: sending SIGABRT (its "
+                               "traceback shows where it hung); SIGKILL on the next tick if it is still alive",
                                child.role, child.pid, age)
                 child.killed_for_hang = True
                 child.aborted_at = now
                 os.kill(child.pid, signal.SIGABRT)
-                self.log.error("sent SIGABRT to the %s process (pid %d): its traceback shows where it hung; "
-                               "SIGKILL on the next tick if it is still alive", child.role, child.pid)
 
     def all_fresh(self) -> bool:
         return all(c.alive and self.heartbeat_age(c) < FRESH_S for c in self.children.values())

@@ -89,12 +89,12 @@ def load_torch_threads(cfg) -> None:
         _torch_threads_set = True
 
 
-def load_torch(cfg) -> Loaded:
+def load_torch(cfg, progress=None) -> Loaded:
     from nilmd.models import checkpoints
     from nilmd.models.predictor import Predictor
 
     load_torch_threads(cfg)
-    loaded, errors = checkpoints.load_dir(cfg.model_dir)
+    loaded, errors = checkpoints.load_dir(cfg.model_dir, progress=progress)
     return Loaded(Predictor(loaded, cfg.device) if loaded else None, errors)
 
 
@@ -118,7 +118,7 @@ class Solo:
         self.predictor.reset()
 
 
-def load_fleet(cfg) -> Loaded:
+def load_fleet(cfg, progress=None) -> Loaded:
     """Many buildings (--building-ids): torch, batching buildings x appliances in one call."""
     from nilmd.models import checkpoints
     from nilmd.models.fleet import FleetPredictor
@@ -129,14 +129,15 @@ def load_fleet(cfg) -> Loaded:
     choice = Choice(TORCH, "a list of buildings: batched with torch", fallback=(
         "NILMD_BACKEND=onnxruntime serves one building at a time; with --building-ids the buildings are "
         "batched with torch instead" if cfg.backend == ONNX else ""))
-    loaded, errors = checkpoints.load_dir(cfg.model_dir)
+    loaded, errors = checkpoints.load_dir(cfg.model_dir, progress=progress)
     return Loaded(FleetPredictor(loaded, cfg.device) if loaded else None, errors, choice)
 
 
-def load(cfg) -> Loaded:
-    """The whole set on the backend `cfg` asks for: Loaded.predictor is None if nothing loads."""
+def load(cfg, progress=None) -> Loaded:
+    """The whole set on the backend `cfg` asks for: Loaded.predictor is None if nothing loads.
+    `progress()` is called between files (nilmd.models.checkpoints.load_dir)."""
     if cfg.building_ids:
-        return load_fleet(cfg)
+        return load_fleet(cfg, progress)
     choice = choose(cfg)
     if choice.backend == ONNX:
         from nilmd.models.onnx_backend import not_served
@@ -144,6 +145,6 @@ def load(cfg) -> Loaded:
         pred = choice.onnx
         out = Loaded(pred, not_served(cfg.model_dir, pred.manifest))
     else:
-        out = load_torch(cfg)
+        out = load_torch(cfg, progress)
     out.choice = choice
     return out

@@ -173,9 +173,11 @@ def load(path, appliance: str | None = None, *, lookahead_ok: bool = False) -> C
     return ckpt
 
 
-def load_dir(model_dir, appliances=APPLIANCES, *, lookahead_ok: bool = False
+def load_dir(model_dir, appliances=APPLIANCES, *, lookahead_ok: bool = False, progress=None
              ) -> tuple[dict[str, Checkpoint], dict[str, str]]:
-    """Every appliance's checkpoint in `model_dir`: (loaded by appliance, error line by appliance)."""
+    """Every appliance's checkpoint in `model_dir`: (loaded by appliance, error line by appliance).
+    `progress()` is called after each file: the inference's heartbeat, so that a slow box loading
+    many files is not taken for hung while one file that never opens still is."""
     loaded, errors = {}, {}
     for appliance in appliances:
         path = Path(model_dir) / checkpoint_filename(appliance)
@@ -183,4 +185,6 @@ def load_dir(model_dir, appliances=APPLIANCES, *, lookahead_ok: bool = False
             loaded[appliance] = load(path, appliance, lookahead_ok=lookahead_ok)
         except CheckpointError as e:
             errors[appliance] = str(e)
+        if progress is not None:
+            progress()
     return loaded, errors
