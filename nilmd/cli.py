@@ -1,4 +1,4 @@
-"""`nilmd` command line: run, produce, watch, status, check, report, export (docs/CONTRACT.md §5).
+"""`nilmd` command line: run, produce, watch, status, check, report, export, history (docs/CONTRACT.md §5).
 
 Every error a user can cause ends in one line, `nilmd: error: ...`, and a non-zero exit code.
 """
@@ -238,6 +238,52 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_history(args) -> int:
+    """The input history kept in the state directory (nilmd.history): its days, or one as CSV."""
+    import numpy as np
+
+    from nilmd import history
+
+    cfg = config.resolve(args, names=_names("common", "daemon"))
+    if cfg.building_ids and args.building_id is None and not os.environ.get("BUILDING_ID"):
+        return _fail("--building-id: whose history? (this box serves a list of buildings)")
+    b, where = cfg.building_id, history.building_dir(cfg.state_dir, cfg.building_id)
+    if args.day is None:
+        kept = history.coverage(cfg.state_dir, b)
+        if not kept:
+            print(f"no input history of {b} in {where} (NILMD_HISTORY_DAYS={cfg.history_days})", file=sys.stderr)
+            return EXIT_OK
+        print(f"input history of {b} in {where} (UTC days; NILMD_HISTORY_DAYS={cfg.history_days})")
+        print(f"{'day':<12}{'recorded':>20}{'size':>12}")
+        for d in kept:
+            print(f"{d.day:<12}{d.seconds:>9} s ({100.0 * d.seconds / history.DAY_S:5.1f} %){d.bytes / 1000:>9.1f} kB")
+        return EXIT_OK
+    try:
+        start = history.day_start(args.day)
+    except ValueError:
+        return _fail(f"--day: {args.day!r} is not a date (YYYY-MM-DD)")
+    if args.day not in history.days(cfg.state_dir, b):
+        return _fail(f"no input history of {b} on {args.day} in {where} (nilmd history --building-id {b} lists "
+                     "the days kept)", EXIT_ERROR)
+    rec = history.read(cfg.state_dir, b, start, start + history.DAY_S)
+    seen = ~np.isnan(rec.power_total)
+    columns = [rec.timestamps[seen].astype(np.int64).astype(str)]
+    for name in history.FIELDS:  # float32's shortest exact text ("230.17"), an empty cell where absent
+        text = getattr(rec, name)[seen].astype(str)
+        columns.append(np.where(text == "nan", "", text))
+    lines = ",".join(("timestamp",) + history.FIELDS) + "\n" + "".join(",".join(r) + "\n" for r in zip(*columns))
+    if args.out is None:
+        sys.stdout.write(lines)
+        return EXIT_OK
+    try:
+        with open(args.out, "w", encoding="ascii") as f:
+            f.write(lines)
+    except OSError as e:
+        return _fail(f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR)
+    print(f"wrote {args.out}: {b} on {args.day}, {int(seen.sum())} samples", file=sys.stderr)
+    return EXIT_OK
+
+
 def _names(*groups) -> set[str]:
     return {s.name for s in config.SETTINGS if s.group in groups}
 
@@ -289,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--truth", default=None, help="a CSV of true appliance power to draw beside the estimate "
                         "(the layout nilmd produce and training read)")
     report.set_defaults(func=cmd_report)
+
+    hist = sub.add_parser("history", help="the input history kept in the state directory: the days and their "
+                          "coverage, or one day as CSV (--day)")
+    config.add_arguments(hist, ("common", "daemon"))
+    hist.add_argument("--day", default=None, help="write this UTC day (YYYY-MM-DD) as CSV: timestamp,power_total,"
+                      "voltage,current,power_factor (the layout nilmd produce and training read)")
+    hist.add_argument("--out", default=None, help="with --day: the CSV file (default: stdout)")
+    hist.set_defaults(func=cmd_history)
 
     produce = sub.add_parser("produce", help="publish meter samples: simulated, or replayed from a CSV file")
     config.add_arguments(produce, ("common", "redis"))
