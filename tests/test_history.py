@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import signal
@@ -176,10 +177,12 @@ def test_a_day_is_well_under_a_megabyte(tmp_path):
     np.testing.assert_array_equal(as_array(history.read(tmp_path / "full", "b", t0, t0 + DAY)), values)
     sizes = f"simulated, four fields {full / 1e3:.0f} kB; power only {power / 1e3:.0f} kB"
     if REAL_DAY.exists():
-        table = csvfile.read(REAL_DAY)  # logged on change: hold each value to the next second
-        start = int(table.time[0]) // DAY * DAY + DAY
+        with gzip.open(REAL_DAY, "rt") as f:  # no header: "YYYY-MM-DD HH:MM:SS,W", logged on change
+            rows = [line.split(",") for line in f]
+        times = np.array([csvfile.parse_time(t) for t, _ in rows])
+        start = int(times[0]) // DAY * DAY + DAY  # its first whole UTC day
         grid = np.arange(start, start + DAY)
-        held = table.power[np.searchsorted(table.time, grid, side="right") - 1].astype(np.float32)
+        held = np.array([float(w) for _, w in rows], np.float32)[np.searchsorted(times, grid, side="right") - 1]
         real = _day_as_the_daemon_keeps_it(tmp_path / "real", grid, np.stack([held] + [np.full(DAY, np.nan)] * 3))
         sizes += f"; a real meter's day (GJW house 1, power only) {real / 1e3:.0f} kB"
     print(sizes)
@@ -269,13 +272,12 @@ def test_the_daemon_records_its_input_and_a_sigkill_loses_only_the_last_seconds(
     wait_for(lambda: on_disk(t0, 100), 15, f"the first 100 samples in the history\n{one.log()[-2000:]}")
     np.testing.assert_array_equal(history.read(state, b, t0, t0 + 100).power_total[:3], [500.0, 500.0, 500.0])
 
-    # Then about 10 samples a second for 6 s, and SIGKILL right after the last is accepted.
+    # Then about 10 samples a second for 6 s, and SIGKILL right after the last.
     sent_at = {}
     for k in range(60):
         publish_samples(redis_client, b, 1, start=t0 + 100 + k)
         sent_at[t0 + 100 + k] = time.monotonic()
         time.sleep(0.1)
-    wait_for(lambda: one.status(redis_client)["samples_accepted"] == "160", 10, "the reader to accept all 160")
     _kill_everything(one, redis_client)
     killed = time.monotonic()
     got = history.read(state, b, t0, t0 + 160)
