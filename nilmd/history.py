@@ -272,11 +272,15 @@ def append(state_dir, building: str, stamp: int, slots: np.ndarray, values: np.n
     `values` float32 [4, n]) to this writer's journals, a block per run of close seconds; returns
     the bytes written. `stamp` names the writer's journals (its start, in ms): later wins."""
     directory = building_dir(state_dir, building)
-    os.makedirs(directory, exist_ok=True)
     written = 0
     for day, data in _journal_blocks(slots, values).items():
         path = os.path.join(directory, f"{day}.{stamp}{JOURNAL}")
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, FILE_MODE)
+        except FileNotFoundError:  # the building's first sample (or its directory was removed)
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(path, flags, FILE_MODE)
         try:
             if os.fstat(fd).st_size == 0:
                 data = file_header(day) + data
@@ -295,6 +299,9 @@ def _journal_blocks(slots: np.ndarray, values: np.ndarray) -> dict[str, bytes]:
     if not len(slots):
         return {}
     step = np.diff(slots)
+    first = int(slots[0])
+    if (step == 1).all() and first // DAY_S == int(slots[-1]) // DAY_S:  # the usual flush: one run
+        return {day_of(first): encode_block(first, values)}
     day_of_slot = slots // DAY_S
     cuts = np.flatnonzero((step <= 0) | (step > HOLE_S) | (np.diff(day_of_slot) != 0)) + 1
     out: dict[str, list[bytes]] = {}
