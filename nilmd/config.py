@@ -217,9 +217,9 @@ class Config:
         section="files", note="Shared memory (the ring, nilmd-<building>.ring/.ctl/.lock). Default: "
         "$RUNTIME_DIRECTORY (/run/nilmd, emptied by systemd on every stop), else /dev/shm.")
     state_dir: str = setting(
-        "./state", "--state-dir", "NILMD_STATE_DIR", "where ring snapshots are kept across restarts",
+        "./state", "--state-dir", "NILMD_STATE_DIR", "where ring snapshots and the input history are kept",
         type="path", dynamic=_default_state_dir, default_doc="`$STATE_DIRECTORY`, else `./state`",
-        section="files", note="Ring snapshots kept across restarts. Default: $STATE_DIRECTORY "
+        section="files", note="Ring snapshots and the input history (history/<id>/). Default: $STATE_DIRECTORY "
         "(/var/lib/nilmd), else ./state.")
     heartbeat_timeout: float = setting(
         30.0, "--heartbeat-timeout", "NILMD_HEARTBEAT_TIMEOUT", "seconds without a heartbeat before a child "
