@@ -62,12 +62,16 @@ class Table:
         return len(self.time)
 
 
+def open_text(path):
+    """The file as text, a `.gz` one decompressed as it is read."""
+    return (gzip.open if str(path).endswith(".gz") else open)(path, "rt", newline="")
+
+
 def read(path, power_columns=POWER_COLUMNS) -> Table:
     """Read a whole file (see the module docstring). NilmdError names the file and what is wrong.
     `power_columns`: the names the power column may have (a smart plug's log names it `W`)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        with opener(path, "rt", newline="") as f:
+        with open_text(path) as f:
             rows = csv.reader(f)
             header = next(rows, None)
             if not header:
