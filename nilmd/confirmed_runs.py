@@ -14,7 +14,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
