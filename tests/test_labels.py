@@ -159,6 +159,7 @@ def test_runs_learn_power_from_the_steps_and_say_their_days_are_off_elsewhere(re
     assert np.all(y[np.isfinite(got.power_total)] <= got.power_total[np.isfinite(got.power_total)] + 1e-3)
 
 
+@pytest.mark.slow
 def test_confirmed_runs_from_the_stream_with_nilmd_label(recorded, redis_server, redis_client, tmp_path):
     power, parts = recorded
     building = "b1"
