@@ -16,7 +16,9 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
+from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.errors import NilmdError
+from nilmd.models import adapted
 
 TORCH, ONNX = "torch", "onnxruntime"
 
@@ -46,6 +48,7 @@ class Loaded:
     predictor: object
     errors: dict = field(default_factory=dict)  # appliance -> why it is not served
     choice: Choice | None = None
+    adaptations: dict = field(default_factory=dict)  # building -> its nilmd.models.adapted.Adaptation, if it has a folder
 
 
 def choose(cfg) -> Choice:
@@ -90,20 +93,61 @@ def load_torch_threads(cfg) -> None:
 
 
 def load_torch(cfg, progress=None) -> Loaded:
+    """One building's set with torch: the shipped checkpoints, its adapted ones in their place."""
     from nilmd.models import checkpoints
     from nilmd.models.predictor import Predictor
 
     load_torch_threads(cfg)
     loaded, errors = checkpoints.load_dir(cfg.model_dir, progress=progress)
-    return Loaded(Predictor(loaded, cfg.device) if loaded else None, errors)
+    if not loaded:
+        return Loaded(None, errors)
+    own, adaptation = adapted_set(cfg, cfg.building_id, loaded, adapted.shipped_sha256(loaded))
+    return Loaded(Predictor({**loaded, **own}, cfg.device), errors,
+                  adaptations={cfg.building_id: adaptation} if adaptation else {})
+
+
+def adapted_set(cfg, building: str, shipped: dict, shipped_sha256: dict) -> tuple[dict, object]:
+    """(the building's usable adapted checkpoints by appliance, its Adaptation or None without a
+    folder). Whatever is wrong is a line of the Adaptation (nilmd.models.adapted never raises)."""
+    adaptation = adapted.read(cfg.state_dir, building, shipped_sha256)
+    if adaptation is None or not adaptation.files:
+        return {}, adaptation
+    return adapted.load(adaptation, shipped), adaptation
+
+
+def load_onnx(cfg, choice: Choice, progress=None) -> Loaded:
+    """One building's set with ONNX Runtime: the building folder's own export where it has
+    adapted models and that export matches them and the shipped files; else torch serves its
+    adapted set, where torch is installed (one line); else the shipped set (one line)."""
+    from nilmd.models.onnx_backend import OnnxExportError, OnnxPredictor, not_served
+
+    pred = choice.onnx
+    errors = not_served(cfg.model_dir, pred.manifest)
+    shipped = {a: entry["sha256"] for a, entry in pred.manifest["checkpoints"].items()}  # checked against the files
+    adaptation = adapted.read(cfg.state_dir, cfg.building_id, shipped)
+    if adaptation is None or not adaptation.files:
+        return Loaded(pred, errors, adaptations={cfg.building_id: adaptation} if adaptation else {})
+    sources = {a: adaptation.files.get(a, os.path.join(cfg.model_dir, checkpoint_filename(a))) for a in APPLIANCES}
+    try:
+        own = OnnxPredictor(adaptation.folder, threads=cfg.threads or 1, interval=cfg.inference_interval,
+                            sources=sources)
+        return Loaded(own, errors, adaptations={cfg.building_id: adaptation})
+    except OnnxExportError as e:
+        why = f"its adapted models have no ONNX export that matches them ({str(e).split(': run `nilmd export')[0]})"
+    if installed("torch"):
+        choice.backend, choice.fallback = TORCH, f"building {cfg.building_id}: {why}; serving with torch instead"
+        return load_torch(cfg, progress)
+    adaptation.refuse_all(f"{why}, and torch is not installed to serve them")
+    return Loaded(pred, errors, adaptations={cfg.building_id: adaptation})
 
 
 class Solo:
     """One building's predictor (torch or ONNX Runtime) behind the fleet's interface
-    (nilmd.models.fleet.FleetPredictor): the inference asks both the same way, a batch at a time."""
+    (nilmd.models.fleet.AdaptedFleet): the inference asks both the same way, a batch at a time."""
 
-    def __init__(self, predictor):
+    def __init__(self, predictor, adaptation=None):
         self.predictor = predictor
+        self._adaptation = adaptation  # its set was chosen at load
 
     def __getattr__(self, name):  # appliances, probability_thresholds, device, backend, full_recomputes
         return getattr(self.predictor, name)
@@ -117,11 +161,21 @@ class Solo:
     def forget(self, building: str) -> None:
         self.predictor.reset()
 
+    def place(self, building: str):
+        return self._adaptation
 
-def load_fleet(cfg, progress=None) -> Loaded:
-    """Many buildings (--building-ids): torch, batching buildings x appliances in one call."""
+    def adaptation(self, building: str):
+        return self._adaptation
+
+    def thresholds(self, building: str):
+        return self.predictor.probability_thresholds
+
+
+def load_fleet(cfg, progress=None, buildings=()) -> Loaded:
+    """Many buildings (--building-ids): torch, batching buildings x appliances in one call; each
+    of `buildings` with adapted models on its own set (nilmd.models.fleet.AdaptedFleet)."""
     from nilmd.models import checkpoints
-    from nilmd.models.fleet import FleetPredictor
+    from nilmd.models.fleet import AdaptedFleet
 
     if not installed("torch"):
         raise NilmdError("--building-ids serves the buildings with torch, which is not installed")
@@ -130,21 +184,27 @@ def load_fleet(cfg, progress=None) -> Loaded:
         "NILMD_BACKEND=onnxruntime serves one building at a time; with --building-ids the buildings are "
         "batched with torch instead" if cfg.backend == ONNX else ""))
     loaded, errors = checkpoints.load_dir(cfg.model_dir, progress=progress)
-    return Loaded(FleetPredictor(loaded, cfg.device) if loaded else None, errors, choice)
+    if not loaded:
+        return Loaded(None, errors, choice)
+    base = adapted.shipped_sha256(loaded)
+    fleet = AdaptedFleet(loaded, cfg.device, lambda b: adapted_set(cfg, b, loaded, base))
+    out = Loaded(fleet, errors, choice)
+    for building in buildings:
+        adaptation = fleet.place(building)
+        if adaptation is not None:
+            out.adaptations[building] = adaptation
+            if progress is not None:
+                progress()
+    return out
 
 
-def load(cfg, progress=None) -> Loaded:
+def load(cfg, progress=None, buildings=()) -> Loaded:
     """The whole set on the backend `cfg` asks for: Loaded.predictor is None if nothing loads.
-    `progress()` is called between files (nilmd.models.checkpoints.load_dir)."""
+    `progress()` is called between files (nilmd.models.checkpoints.load_dir). With a list,
+    `buildings`: those served now, each with its adapted models if it has any."""
     if cfg.building_ids:
-        return load_fleet(cfg, progress)
+        return load_fleet(cfg, progress, buildings)
     choice = choose(cfg)
-    if choice.backend == ONNX:
-        from nilmd.models.onnx_backend import not_served
-
-        pred = choice.onnx
-        out = Loaded(pred, not_served(cfg.model_dir, pred.manifest))
-    else:
-        out = load_torch(cfg, progress)
+    out = load_onnx(cfg, choice, progress) if choice.backend == ONNX else load_torch(cfg, progress)
     out.choice = choice
     return out
