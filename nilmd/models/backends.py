@@ -115,6 +115,30 @@ def adapted_set(cfg, building: str, shipped: dict, shipped_sha256: dict) -> tupl
     return adapted.load(adaptation, shipped), adaptation
 
 
+def check_adapted(cfg, buildings, shipped: dict | None) -> list[tuple[bool, str]]:
+    """`nilmd check`: (usable, line) for each adapted model of each building that has a folder.
+    `shipped`: the shipped checkpoints loaded with torch; None on a box without torch, where the
+    record and the files' hashes are judged (the ONNX export's manifest ties the graphs to them)."""
+    if shipped is None:
+        files = {a: os.path.join(cfg.model_dir, checkpoint_filename(a)) for a in APPLIANCES}
+        base = adapted.shipped_sha256({a: f for a, f in files.items() if os.path.isfile(f)})
+    else:
+        base = adapted.shipped_sha256(shipped)
+    out = []
+    for building in buildings:
+        if shipped is None:
+            adaptation = adapted.read(cfg.state_dir, building, base)
+        else:
+            _, adaptation = adapted_set(cfg, building, shipped, base)
+        if adaptation is None:
+            continue
+        for a in adaptation.adapted:
+            method = adaptation.record["appliances"][a].get("method")
+            out.append((True, f"building {building}: {a}: {adaptation.files[a]}" + (f" ({method})" if method else "")))
+        out += [(False, line) for line in adaptation.lines()]
+    return out
+
+
 def load_onnx(cfg, choice: Choice, progress=None) -> Loaded:
     """One building's set with ONNX Runtime: the building folder's own export where it has
     adapted models and that export matches them and the shipped files; else torch serves its
