@@ -210,6 +210,11 @@ def cmd_check(args) -> int:
             print(f"backend      WARN  {choice.backend}: {choice.fallback}")
         else:
             print(f"backend      ok    {choice.backend} ({choice.reason})")
+        if choice.backend == backends.ONNX:  # the building's adapted set needs its own export
+            why = backends.building_export(cfg, choice)[2]
+            if why:
+                print(f"backend      WARN  building {cfg.building_id}: {why}: " + (
+                    "torch serves its adapted set" if backends.installed("torch") else "the shipped set serves"))
     except NilmdError as e:
         print(f"backend      FAIL  {e}")
         ok = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nilmd.appliances import APPLIANCES
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.mapped import MappedFile
 from nilmd.daemon.sources import DISCONNECT_CAUSES
@@ -75,6 +76,16 @@ BUILDING_SLOTS = frozenset(
 _BUILDING_INDEX = np.array(sorted(SLOTS[n] for n in BUILDING_SLOTS))
 SIZE = 8 * 128
 assert len(_NAMES) <= 128
+
+
+def mask(appliances) -> int:
+    """Appliances as the bits of a mask slot (models_mask, adapted_mask), in the fixed order."""
+    return sum(1 << APPLIANCES.index(a) for a in appliances if a in APPLIANCES)
+
+
+def appliances(bits: float) -> list[str]:
+    """The appliances of a mask slot, in the fixed order."""
+    return [a for i, a in enumerate(APPLIANCES) if int(bits) >> i & 1]
 
 
 class ControlBlock(MappedFile):

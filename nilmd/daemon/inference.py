@@ -25,6 +25,7 @@ from nilmd.daemon import control as ctlmod
 from nilmd.daemon.publish import RedisPublisher, StdoutPublisher  # noqa: F401 (nilmd.daemon.ledger names it here)
 from nilmd.daemon.worker import Worker
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
+from nilmd.models import adapted
 
 POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
@@ -115,7 +116,7 @@ class InferenceWorker(Worker):
         ring, ctl, cfg = self.attach(building)
         track = self.tracks[building] = Track(building, ring, ctl, cfg, self.throttle)
         if self.predictor is not None:  # added to a list while serving: its adapted models, if any
-            self._say(self.predictor.place(building))
+            adapted.say(self.predictor.place(building), self.log, self.listed)
             self._mark(track)
         self._push(track, time.monotonic())
 
@@ -158,10 +159,9 @@ class InferenceWorker(Worker):
         if got.predictor is None:
             raise NilmdError(f"no usable checkpoint in {os.path.abspath(self.cfg.model_dir)}: nothing to serve")
         self._install(got)
-        predictor = self.predictor
         self.ctl["reload_done"] = self.reload_seen  # a fresh load answers any reload asked before it
         self.log.info("models loaded: %d of %d (%s) on %s with %s", len(loaded), len(APPLIANCES),
-                      ", ".join(predictor.appliances), predictor.device, predictor.backend)
+                      ", ".join(self.predictor.appliances), self.predictor.device, self.predictor.backend)
 
     def reload(self) -> None:
         """SIGHUP: load the new set beside the old one; swap only if it is whole."""
@@ -194,30 +194,23 @@ class InferenceWorker(Worker):
         if hasattr(predictor, "reserve"):  # the fleet's state for every building at once, not doubled as it grows
             predictor.reserve(len(self.tracks))
         for adaptation in got.adaptations.values():
-            self._say(adaptation)
+            adapted.say(adaptation, self.log, self.listed)
+        if self.listed and got.adaptations:
+            self.log.info("adapted models serve for %d of %d buildings", sum(bool(a.adapted) for a in
+                          got.adaptations.values()), len(self.tracks))
         for track in self.tracks.values():
             self._mark(track)
         self.ctl["models_loaded"] = len(predictor.appliances)
-        self.ctl["models_mask"] = _mask(predictor.appliances)
+        self.ctl["models_mask"] = ctlmod.mask(predictor.appliances)
         self.ctl["device_cuda"] = 1.0 if predictor.device.type == "cuda" else 0.0
         self.ctl["backend_onnx"] = 1.0 if predictor.backend == "onnxruntime" else 0.0
         self.ctl["inference_state"] = ctlmod.INFER_READY
 
-    def _say(self, adaptation) -> None:
-        """The one line per adapted file that does not serve (the shipped model serves for it)."""
-        if adaptation is None:
-            return
-        for line in adaptation.lines():
-            self.log.warning("%s", line)
-        if adaptation.adapted:
-            self.log.info("building %s: serving its adapted models of %s", adaptation.building,
-                          ", ".join(adaptation.adapted))
-
     def _mark(self, track: Track) -> None:
         """Which of the building's appliances are adapted, for its status hash and /metrics."""
         adaptation = self.predictor.adaptation(track.building)
-        track.ctl["adapted_mask"] = _mask(adaptation.adapted if adaptation else ())
-        track.ctl["adapted_refused_mask"] = _mask(adaptation.refused if adaptation else ())
+        track.ctl["adapted_mask"] = ctlmod.mask(adaptation.adapted if adaptation else ())
+        track.ctl["adapted_refused_mask"] = ctlmod.mask(adaptation.refused if adaptation else ())
 
     # -- the windows -----------------------------------------------------------------------------
     def infer(self, due: list[tuple[Track, int]]) -> list[tuple[Track, int, dict | None]]:
@@ -401,11 +394,6 @@ class InferenceWorker(Worker):
                 ctl["predictions_pending"] = 1
                 track.retry_at = now + track.backoff.next_delay()
                 self._push(track, track.retry_at)
-
-
-def _mask(appliances) -> int:
-    """Appliances as bits in the fixed order (the control block's models_mask, adapted_mask)."""
-    return sum(1 << APPLIANCES.index(a) for a in appliances if a in APPLIANCES)
 
 
 def main(cfg: Config, paths: dict) -> None:

@@ -25,7 +25,6 @@ from nilmd import __version__, latest
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.sources import DISCONNECT_CAUSES
-from nilmd.daemon.status import appliances
 from nilmd.errors import NilmdError, redis_error
 from nilmd.log import Throttle
 
@@ -142,8 +141,8 @@ class DaemonCollector:
     def _adapted(self, snap):
         """Per served appliance: its adapted model serves (nilmd adapt), or its adapted file was refused."""
         f, g = self._family, GaugeMetricFamily
-        served = appliances(snap["models_mask"])
-        adapted, refused = appliances(snap["adapted_mask"]), appliances(snap["adapted_refused_mask"])
+        served = ctlmod.appliances(snap["models_mask"])
+        adapted, refused = ctlmod.appliances(snap["adapted_mask"]), ctlmod.appliances(snap["adapted_refused_mask"])
         yield f(g, "nilmd_model_adapted", "1 if the building's adapted model of the appliance serves, 0 if the "
                 "shipped one", {a: a in adapted for a in served}, "appliance")
         yield f(g, "nilmd_model_adapted_refused", "1 if the building's adapted model of the appliance was refused "

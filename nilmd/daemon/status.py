@@ -16,6 +16,7 @@ import time
 from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
+from nilmd.daemon.control import appliances
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.sources import DISCONNECT_CAUSES
 
@@ -138,11 +139,6 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         "snapshot_failures": int(snap["snapshot_failures"]),
         **_processes(cfg, started, pids, restarts, rss),
     }
-
-
-def appliances(mask: float) -> list[str]:
-    """The appliances of a control-block mask (models_mask, adapted_mask), in the fixed order."""
-    return [a for i, a in enumerate(APPLIANCES) if int(mask) >> i & 1]
 
 
 def _processes(cfg: Config, started: float, pids: dict, restarts: dict, rss: dict) -> dict:

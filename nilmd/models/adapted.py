@@ -16,6 +16,7 @@ checkpoints with torch, weights_only=True (nilmd.models.checkpoints), and judges
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -68,6 +69,18 @@ class Adaptation:
                     "the shipped models serve"]
         return [f"building {self.building}: {a}: adapted model {Path(self.folder) / checkpoint_filename(a)} not "
                 f"served: {why}; the shipped model serves" for a, why in self.refused.items()]
+
+
+def say(adaptation: Adaptation | None, log, listed: bool = False) -> None:
+    """Log the one line per thing not served (warnings) and what serves (info; debug for one
+    building of a list, whose load sums them up)."""
+    if adaptation is None:
+        return
+    for line in adaptation.lines():
+        log.warning("%s", line)
+    if adaptation.adapted:
+        log.log(logging.DEBUG if listed else logging.INFO, "building %s: serving its adapted models of %s",
+                adaptation.building, ", ".join(adaptation.adapted))
 
 
 def shipped_sha256(checkpoints: dict) -> dict[str, str]:

@@ -143,26 +143,35 @@ def load_onnx(cfg, choice: Choice, progress=None) -> Loaded:
     """One building's set with ONNX Runtime: the building folder's own export where it has
     adapted models and that export matches them and the shipped files; else torch serves its
     adapted set, where torch is installed (one line); else the shipped set (one line)."""
-    from nilmd.models.onnx_backend import OnnxExportError, OnnxPredictor, not_served
+    from nilmd.models.onnx_backend import not_served
 
-    pred = choice.onnx
-    errors = not_served(cfg.model_dir, pred.manifest)
-    shipped = {a: entry["sha256"] for a, entry in pred.manifest["checkpoints"].items()}  # checked against the files
+    errors = not_served(cfg.model_dir, choice.onnx.manifest)
+    own, adaptation, why = building_export(cfg, choice)
+    if why and installed("torch"):
+        choice.backend, choice.fallback = TORCH, f"building {cfg.building_id}: {why}; serving with torch instead"
+        return load_torch(cfg, progress)
+    if why:
+        adaptation.refuse_all(f"{why}, and torch is not installed to serve them")
+    return Loaded(own or choice.onnx, errors, adaptations={cfg.building_id: adaptation} if adaptation else {})
+
+
+def building_export(cfg, choice: Choice) -> tuple[object, object, str]:
+    """(the OnnxPredictor of the building folder's export, or None; the building's Adaptation, or
+    None; why its adapted models have no export to serve them, or "")."""
+    from nilmd.models.onnx_backend import OnnxExportError, OnnxPredictor
+
+    shipped = {a: entry["sha256"] for a, entry in choice.onnx.manifest["checkpoints"].items()}  # checked already
     adaptation = adapted.read(cfg.state_dir, cfg.building_id, shipped)
     if adaptation is None or not adaptation.files:
-        return Loaded(pred, errors, adaptations={cfg.building_id: adaptation} if adaptation else {})
+        return None, adaptation, ""
     sources = {a: adaptation.files.get(a, os.path.join(cfg.model_dir, checkpoint_filename(a))) for a in APPLIANCES}
     try:
         own = OnnxPredictor(adaptation.folder, threads=cfg.threads or 1, interval=cfg.inference_interval,
                             sources=sources)
-        return Loaded(own, errors, adaptations={cfg.building_id: adaptation})
+        return own, adaptation, ""
     except OnnxExportError as e:
-        why = f"its adapted models have no ONNX export that matches them ({str(e).split(': run `nilmd export')[0]})"
-    if installed("torch"):
-        choice.backend, choice.fallback = TORCH, f"building {cfg.building_id}: {why}; serving with torch instead"
-        return load_torch(cfg, progress)
-    adaptation.refuse_all(f"{why}, and torch is not installed to serve them")
-    return Loaded(pred, errors, adaptations={cfg.building_id: adaptation})
+        return None, adaptation, ("its adapted models have no ONNX export that matches them "
+                                  f"({str(e).split(': run `nilmd export')[0]})")
 
 
 class Solo:
