@@ -75,7 +75,8 @@ def test_each_bad_file_is_one_line_naming_it_and_the_shipped_model_serves(model_
     # another architecture (fine-tuned from something else than the shipped model)
     write_checkpoints(tmp_path / "narrow", ["Refrigerator"], channels=4)
     data = torch.load(tmp_path / "narrow" / checkpoint_filename("Refrigerator"), weights_only=True)
-    data["training"]["adapted"] = {"building": B, "base_sha256": sha256(model_dir / checkpoint_filename("Refrigerator"))}
+    base = sha256(model_dir / checkpoint_filename("Refrigerator"))
+    data["training"]["adapted"] = {"building": B, "base_sha256": base}
     torch.save(data, path["Refrigerator"])
     rewrite(where, "Refrigerator", sha256=sha256(path["Refrigerator"]))
     # another appliance's model under this appliance's name

@@ -48,7 +48,7 @@ class Loaded:
     predictor: object
     errors: dict = field(default_factory=dict)  # appliance -> why it is not served
     choice: Choice | None = None
-    adaptations: dict = field(default_factory=dict)  # building -> its nilmd.models.adapted.Adaptation, if it has a folder
+    adaptations: dict = field(default_factory=dict)  # building with a folder -> its nilmd.models.adapted.Adaptation
 
 
 def choose(cfg) -> Choice:
