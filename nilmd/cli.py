@@ -179,7 +179,7 @@ def cmd_check(args) -> int:
     shown = {k: v for k, v in cfg.public().items() if v not in ("", None)}
     print("config       ok    " + " ".join(f"{k}={v}" for k, v in shown.items()))
     from nilmd.appliances import APPLIANCES
-    from nilmd.models import backends
+    from nilmd.models import adapted, backends
 
     if backends.installed("torch"):
         from nilmd.models import checkpoints
@@ -196,12 +196,25 @@ def cmd_check(args) -> int:
         ok &= not errors
     else:
         print("checkpoint   skip  torch is not installed: the ONNX export's hashes stand for the checkpoints")
+        loaded = None
+    # Each building's adapted models (nilmd.models.adapted): a refused one is a warning, since the
+    # shipped model serves for it, not a failure.
+    buildings = config.buildings(cfg)
+    for usable, line in backends.check_adapted(cfg, buildings, loaded):
+        print(f"adapted      {'ok  ' if usable else 'WARN'}  {line}")
+    print(f"adapted      ok    {sum(adapted.folder(cfg.state_dir, b).exists() for b in buildings)} of "
+          f"{len(buildings)} buildings have adapted models ({os.path.join(cfg.state_dir, adapted.MODELS)})")
     try:
         choice = backends.choose(cfg)
         if choice.fallback:
             print(f"backend      WARN  {choice.backend}: {choice.fallback}")
         else:
             print(f"backend      ok    {choice.backend} ({choice.reason})")
+        if choice.backend == backends.ONNX:  # the building's adapted set needs its own export
+            why = backends.building_export(cfg, choice)[2]
+            if why:
+                print(f"backend      WARN  building {cfg.building_id}: {why}: " + (
+                    "torch serves its adapted set" if backends.installed("torch") else "the shipped set serves"))
     except NilmdError as e:
         print(f"backend      FAIL  {e}")
         ok = False

@@ -298,3 +298,40 @@ class DaemonProcess:
         finally:
             self._log.close()
         return self.proc.returncode
+
+
+def write_adaptation(state_dir, building: str, model_dir, appliances, on_shift: float = 3.0,
+                     record_building: str | None = None) -> Path:
+    """A building's adapted folder as `nilmd adapt` leaves it (nilmd.models.adapted, docs/CONTRACT.md
+    §8.6): each appliance's shipped checkpoint of `model_dir` with its on-logit bias moved by
+    `on_shift` (so its probabilities differ from the shipped model's), marked as adapted from that
+    file for the building. `record_building`: another building's name in the files (a mix-up)."""
+    import json
+
+    import torch
+
+    from nilmd.appliances import checkpoint_filename
+    from nilmd.models import adapted, checkpoints
+    from nilmd.models.onnx_backend import sha256
+
+    where = adapted.folder(state_dir, building)
+    made = where.with_name(f".{where.name}.made")
+    shutil.rmtree(made, ignore_errors=True)
+    made.mkdir(parents=True)
+    mark = record_building or building
+    entries = {}
+    for appliance in appliances:
+        source, name = Path(model_dir) / checkpoint_filename(appliance), checkpoint_filename(appliance)
+        data = torch.load(source, map_location="cpu", weights_only=True)
+        data["state_dict"]["head.3.bias"] = data["state_dict"]["head.3.bias"] + torch.tensor([0.0, on_shift])
+        data["training"] = {**data["training"], "adapted": {"building": mark, "base_sha256": sha256(source)}}
+        checkpoints.save(made / name, data)
+        entries[appliance] = {"file": name, "sha256": sha256(made / name), "base_sha256": sha256(source),
+                              "method": "test: on-logit bias", "scores": {}}
+    record = {"format_version": adapted.FORMAT_VERSION, "building": mark,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "appliances": entries, "labels": [], "table": []}
+    (made / adapted.RECORD).write_text(json.dumps(record, indent=1))
+    adapted.reset(state_dir, building)
+    os.rename(made, where)
+    return where

@@ -17,6 +17,12 @@ The first interval boundary after the start is reported apart: there the daemon 
 building's first full window (nothing to continue yet), later boundaries are incremental steps.
 Memory: RSS and PSS of every nilmd process at the end. CPU: each process's CPU time over the
 steady boundaries, as % of one core and per building.
+
+--adapted-fraction F: that fraction of the buildings (spread over the list) each gets an adapted
+set in the state directory before the start, a perturbed copy of every shipped model
+(nilmd.testing.write_adaptation), so each is a model set of its own (nilmd.models.fleet.AdaptedFleet);
+the latency is then also reported for the adapted and the shipped buildings apart, and every
+adapted building's predictions must say so.
 """
 
 from __future__ import annotations
@@ -96,21 +102,37 @@ def produce(port: int, buildings: list[str], start: int, seconds: int, stream: b
     done.put({"seconds": seconds, "late_s": round(late, 3)})
 
 
+def adapted_ones(buildings: list[str], fraction: float) -> list[str]:
+    """floor(n x fraction) of the buildings, evenly spread over the list."""
+    return [b for k, b in enumerate(buildings) if int((k + 1) * fraction) > int(k * fraction)]
+
+
+def write_adaptations(state_dir: Path, buildings: list[str], model_dir: str) -> None:
+    from nilmd.appliances import APPLIANCES, checkpoint_filename
+    from nilmd.testing import write_adaptation
+
+    shipped = [a for a in APPLIANCES if (Path(model_dir) / checkpoint_filename(a)).exists()]
+    for k, b in enumerate(buildings):
+        write_adaptation(state_dir, b, model_dir, shipped, on_shift=0.1 + 0.01 * k)
+
+
 def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, interval: int = 60,
-                    input_mode: str = "pubsub", threads: int = 1) -> dict:
+                    input_mode: str = "pubsub", threads: int = 1, adapted_fraction: float = 0.0) -> dict:
     import psutil
 
     work = Path(tempfile.mkdtemp(prefix=f"nilmd-bench-{n}-"))
     server = RedisServer(free_port(), work)
     buildings = ids(n)
     (work / "buildings.list").write_text("\n".join(buildings) + "\n")
-    out = {"buildings": n, "input_mode": input_mode, "minutes": minutes}
+    adapted = set(adapted_ones(buildings, adapted_fraction))
+    out = {"buildings": n, "input_mode": input_mode, "minutes": minutes, "adapted_buildings": len(adapted)}
     try:
         server.start()
         r = server.client()
         r.config_set("client-output-buffer-limit", PUBSUB_LIMIT)
         now = int(time.time())
         write_snapshots(work / "state", buildings, window, interval, now)
+        write_adaptations(work / "state", sorted(adapted), model_dir)
         args = ["--redis-host", "127.0.0.1", "--redis-port", str(server.port), "--model-dir", model_dir,
                 "--building-ids", f"@{work / 'buildings.list'}", "--ring-capacity", str(2 * window),
                 "--input-mode", input_mode, "--threads", str(threads), "--backend", "torch",
@@ -135,6 +157,8 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
                                                                               input_mode == "stream", done))
             producer.start()
             latencies: dict[int, list[float]] = {}
+            by_kind = {True: [], False: []}  # steady latencies of the adapted buildings and of the others
+            flagged = set()  # buildings whose predictions say adapted
             got = {b: 0 for b in buildings}
             procs = daemon_processes(d.status(r), d.proc.pid)
             others = {"redis-server": psutil.Process(server.proc.pid), "producer": psutil.Process(producer.pid),
@@ -149,8 +173,13 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
                 recv = time.time()
                 p = json.loads(msg["data"])
                 end = int(p["window_end"])
-                got[msg["channel"].decode().split(":")[1]] += 1
+                building = msg["channel"].decode().split(":")[1]
+                got[building] += 1
                 latencies.setdefault(end, []).append(recv - end)
+                if end != first_end:
+                    by_kind[building in adapted].append(recv - end)
+                if any(e.get("adapted") for e in p["predictions"]):
+                    flagged.add(building)
                 if cpu0 is None and end == first_end and len(latencies[end]) == n:  # steady from here
                     cpu0 = {k: sum(proc.cpu_times()[:2]) for k, proc in {**procs, **others}.items()}
                     t0 = time.monotonic()
@@ -172,7 +201,12 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
                                           "max": round(float(np.max(latencies[e])), 3), "n": len(latencies[e])}
                                  for e in boundaries}
             out["predictions"] = {"received": sum(got.values()), "expected": expected,
-                                  "buildings_short": sum(v < minutes for v in got.values())}
+                                  "buildings_short": sum(v < minutes for v in got.values()),
+                                  "adapted_as_expected": flagged == adapted}
+            if adapted:
+                out["latency_by_set_s"] = {kind: {"median": round(float(np.median(v)), 3),
+                                                  "p99": round(float(np.percentile(v, 99)), 3), "n": len(v)}
+                                           for kind, v in (("adapted", by_kind[True]), ("shipped", by_kind[False])) if v}
             # every sample accounted for, per building, once the status hashes have caught up
             def counts():
                 pipe = r.pipeline(transaction=False)
@@ -214,12 +248,12 @@ def bench_buildings(model_dir: str, n: int, minutes: int, window: int = 1536, in
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| buildings | input | first boundary (max) | latency median / p99 / max | predictions | samples short / "
+    lines = ["| buildings (adapted) | input | first boundary (max) | latency median / p99 / max | predictions | samples short / "
              "rejected / lost | RSS (PSS), all processes | CPU per building | load at end |",
              "|---|---|---|---|---|---|---|---|---|"]
     for o in rows:
         lat, first, s, p, m = o["latency_s"], o["first_boundary_s"], o["samples"], o["predictions"], o["memory"]
-        lines.append(f"| {o['buildings']:,} | {o['input_mode']} | {first['max']:.2f} s | {lat['median']:.2f} / "
+        lines.append(f"| {o['buildings']:,} ({o['adapted_buildings']:,}) | {o['input_mode']} | {first['max']:.2f} s | {lat['median']:.2f} / "
                      f"{lat['p99']:.2f} / {lat['max']:.2f} s | {p['received']:,} of {p['expected']:,} | "
                      f"{s['received_short']} / {s['rejected']} / {s['lost']} | {m['rss_mb']:,.0f} MB ({m['pss_mb']:,.0f}) | "
                      f"{o['cpu_ms_per_building_per_minute']} ms CPU a minute | {o['load_end'][0]} |")
@@ -234,12 +268,15 @@ if __name__ == "__main__":
     ap.add_argument("--minutes", type=int, default=3, help="prediction boundaries per count (the first is apart)")
     ap.add_argument("--model-dir", default=str(ROOT / "checkpoints"))
     ap.add_argument("--input-mode", default="pubsub", choices=("pubsub", "stream"))
+    ap.add_argument("--adapted-fraction", type=float, default=0.0, help="fraction of the buildings with an adapted "
+                    "set of their own (a perturbed copy of the shipped models)")
     ap.add_argument("--json")
     a = ap.parse_args()
     results = []
     for count in [int(x) for x in a.buildings.split(",")]:
         print(f"{count} buildings ...", file=sys.stderr)
-        results.append(bench_buildings(a.model_dir, count, a.minutes, input_mode=a.input_mode))
+        results.append(bench_buildings(a.model_dir, count, a.minutes, input_mode=a.input_mode,
+                                       adapted_fraction=a.adapted_fraction))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "daemon_log_tail"}), file=sys.stderr)
     print(table(results))
     if a.json:

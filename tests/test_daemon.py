@@ -24,7 +24,8 @@ CONTRACT_STATUS_FIELDS = {  # docs/CONTRACT.md §3.5: the fields the original se
 }
 PREDICTION_FIELDS = {"timestamp": float, "window_start": float, "window_end": float, "total_power": float,
                      "inference_time_ms": float, "predictions": list}
-ENTRY_FIELDS = {"appliance": str, "power_watts": float, "probability": float, "is_on": bool, "confidence": float}
+ENTRY_FIELDS = {"appliance": str, "power_watts": float, "probability": float, "is_on": bool, "confidence": float,
+                "adapted": bool}
 
 
 def check_prediction(p: dict, appliances, window_size: int) -> None:

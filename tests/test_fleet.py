@@ -164,3 +164,39 @@ def test_bad_new_is_refused(meters):
         fleet.step([("b", m.ring.window(96), 0)])
     with pytest.raises(ValueError, match=r"b: new=11 outside 1\.\.10"):
         fleet.step([("b", m.ring.window(96), 11)])
+
+
+def test_an_adapted_building_steps_on_its_own_set_and_the_others_as_before(meters):
+    """nilmd.models.fleet.AdaptedFleet: the adapted building == a Predictor over its adapted set;
+    the shipped buildings == the shipped set, still one batch, whatever the adapted one does."""
+    from nilmd.models.fleet import AdaptedFleet
+
+    shipped = make_checkpoints({a: SMALL for a in APPLIANCES[:3]}, seed=6)
+    own = make_checkpoints({a: SMALL for a in APPLIANCES[1:3]}, seed=7)  # two of the three adapted
+    fleet = AdaptedFleet(shipped, slots=2)
+    reference, adapted_reference = Predictor(shipped), Predictor({**shipped, **own})
+    buildings = {f"b{k}": m for k, m in enumerate(meters(4))}
+    assert fleet.place("b2", own) is None and fleet.sets == 1
+    for k, m in enumerate(buildings.values()):
+        m.write(96 + 3 * k)
+    shipped_calls = []
+    step = fleet.shipped.step
+    fleet.shipped.step = lambda items: shipped_calls.append([b for b, _, _ in items]) or step(items)
+    for _ in range(4):
+        check(fleet, reference, buildings, 96, 10, names=["b0", "b1", "b3"])
+        check(fleet, adapted_reference, buildings, 96, 10, names=["b2"])
+        both = [buildings[b].ring.window(96) for b in ("b1", "b2")]  # in one call, each on its set
+        got = fleet.step([("b1", both[0], 10), ("b2", both[1], 10)])
+        for predictor, w, (power, prob) in zip((reference, adapted_reference), both, got):
+            assert_matches_models(predictor, w.features.copy(), power, prob, last=10)
+        del both
+        for m in buildings.values():
+            m.write(10)
+    assert shipped_calls[0] == ["b0", "b1", "b3"] and ["b1"] in shipped_calls  # b2 never in the shipped batch
+    assert fleet.buildings == 4 and fleet.full_recomputes == 4
+    assert fleet.thresholds("b2") is not fleet.thresholds("b0")
+    fleet.forget("b2")  # its set goes with its last building
+    assert fleet.sets == 0 and fleet.buildings == 3
+    fleet.place("b2", {})  # back on the shipped set: recomputed there, and right
+    check(fleet, reference, buildings, 96, 10)
+    assert fleet.full_recomputes == 5

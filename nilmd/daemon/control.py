@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nilmd.appliances import APPLIANCES
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.mapped import MappedFile
 from nilmd.daemon.sources import DISCONNECT_CAUSES
@@ -60,6 +61,9 @@ _NAMES += ["mqtt_pid", "mqtt_heartbeat", "mqtt_state", "mqtt_errors", "mqtt_publ
 _NAMES += ["backend_onnx"]
 # A list daemon (nilmd.daemon.roster): the supervisor bumps it after writing a new list of buildings
 _NAMES += ["roster_version"]
+# A building's appliances served by its adapted models, and those whose adapted file was refused
+# (bits in the fixed order, as models_mask; nilmd.models.adapted): written by the inference at each load
+_NAMES += ["adapted_mask", "adapted_refused_mask"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 # The slots of one building's data (its ring's reader and inference, its snapshot); every other slot
 # belongs to a process and lives in the daemon block. With one building both are the same block.
@@ -67,11 +71,21 @@ BUILDING_SLOTS = frozenset(
     ["samples_received", "samples_accepted", "samples_filled", "gaps_broken", "last_sample_ts", "inferences",
      "last_inference_ts", "last_inference_ms", "last_window_end", "overruns", "snapshot_ts", "input_pos_ms",
      "input_pos_seq", "input_resumed", "history_end", "restored_samples", "snapshot_failures", "snapshot_errno",
-     "clock_jumps", "last_arrival", "predictions_pending", "samples_lost"]
+     "clock_jumps", "last_arrival", "predictions_pending", "samples_lost", "adapted_mask", "adapted_refused_mask"]
     + [f"rejected_{r}" for r in REJECT_REASONS] + [f"repaired_{r}" for r in REPAIR_REASONS])
 _BUILDING_INDEX = np.array(sorted(SLOTS[n] for n in BUILDING_SLOTS))
 SIZE = 8 * 128
 assert len(_NAMES) <= 128
+
+
+def mask(appliances) -> int:
+    """Appliances as the bits of a mask slot (models_mask, adapted_mask), in the fixed order."""
+    return sum(1 << APPLIANCES.index(a) for a in appliances if a in APPLIANCES)
+
+
+def appliances(bits: float) -> list[str]:
+    """The appliances of a mask slot, in the fixed order."""
+    return [a for i, a in enumerate(APPLIANCES) if int(bits) >> i & 1]
 
 
 class ControlBlock(MappedFile):

@@ -25,6 +25,7 @@ from nilmd.daemon import control as ctlmod
 from nilmd.daemon.publish import RedisPublisher, StdoutPublisher  # noqa: F401 (nilmd.daemon.ledger names it here)
 from nilmd.daemon.worker import Worker
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
+from nilmd.models import adapted
 
 POLL_S = 0.01  # how often to look for due buildings: ~0.1 % of a core, <= 10 ms added latency
 MAX_WAIT_S = 1.0  # the longest a building waits to be looked at again (a burst of samples comes early)
@@ -114,6 +115,9 @@ class InferenceWorker(Worker):
     def add_building(self, building: str) -> None:
         ring, ctl, cfg = self.attach(building)
         track = self.tracks[building] = Track(building, ring, ctl, cfg, self.throttle)
+        if self.predictor is not None:  # added to a list while serving: its adapted models, if any
+            adapted.say(self.predictor.place(building), self.log, self.listed)
+            self._mark(track)
         self._push(track, time.monotonic())
 
     def remove_building(self, building: str) -> None:
@@ -140,57 +144,73 @@ class InferenceWorker(Worker):
         from nilmd.models import backends
 
         # NILMD_BACKEND: torch or ONNX Runtime (nilmd.models.backends); a beat after each file
-        got = backends.load(self.cfg, progress=self.beat)
+        got = backends.load(self.cfg, progress=self.beat, buildings=list(self.tracks))
         if got.choice.fallback:
             self.log.warning("%s", got.choice.fallback)
-        return got.predictor.appliances if got.predictor else [], got.errors, got.predictor
+        return got.predictor.appliances if got.predictor else [], got.errors, got
 
     def load(self) -> None:
         """First load. Raises NilmdError if nothing at all can be served."""
         self.ctl["inference_state"] = ctlmod.INFER_LOADING
         self.beat()
-        loaded, errors, predictor = self._load_set()
+        loaded, errors, got = self._load_set()
         for appliance, message in errors.items():
             self.log.error("%s: not served: %s", appliance, message, extra={"NILMD_APPLIANCE": appliance})
-        if predictor is None:
+        if got.predictor is None:
             raise NilmdError(f"no usable checkpoint in {os.path.abspath(self.cfg.model_dir)}: nothing to serve")
-        self._install(predictor)
+        self._install(got)
         self.ctl["reload_done"] = self.reload_seen  # a fresh load answers any reload asked before it
         self.log.info("models loaded: %d of %d (%s) on %s with %s", len(loaded), len(APPLIANCES),
-                      ", ".join(predictor.appliances), predictor.device, predictor.backend)
+                      ", ".join(self.predictor.appliances), self.predictor.device, self.predictor.backend)
 
     def reload(self) -> None:
         """SIGHUP: load the new set beside the old one; swap only if it is whole."""
         self.ctl["inference_state"] = ctlmod.INFER_RELOADING
         serving = set(self.predictor.appliances)
         try:
-            loaded, errors, predictor = self._load_set()
+            loaded, errors, got = self._load_set()
             # A file that exists but fails, or a served model whose file vanished, spoils the set.
+            # (An adapted model that fails does not: the shipped one serves for it, nilmd.models.adapted.)
             bad = {a: e for a, e in errors.items() if a in serving or not e.endswith("file not found")}
-            if bad or predictor is None:
+            if bad or got.predictor is None:
                 raise NilmdError("; ".join(bad.values()) or "no usable checkpoint")
         except Exception as e:  # anything at all: the old models keep serving
             self.ctl.add("reload_failed")
             self.log.error("reload failed, still serving the previous models: %s", e)
         else:
-            self._install(predictor)
-            self.log.info("reloaded: %d models (%s) with %s", len(loaded), ", ".join(predictor.appliances),
-                          predictor.backend)
+            self._install(got)
+            self.log.info("reloaded: %d models (%s) with %s", len(loaded), ", ".join(self.predictor.appliances),
+                          self.predictor.backend)
         self.ctl["inference_state"] = ctlmod.INFER_READY
         self.ctl["reload_done"] = self.reload_seen
 
-    def _install(self, predictor) -> None:
+    def _install(self, got) -> None:
         from nilmd.models.backends import Solo
 
         # One building or many, the loop asks the same thing: a batch of windows in one call.
-        self.predictor = predictor if hasattr(predictor, "forget") else Solo(predictor)
+        predictor = got.predictor
+        self.predictor = predictor if hasattr(predictor, "forget") else Solo(predictor, got.adaptations.get(
+            self.cfg.building_id))
         if hasattr(predictor, "reserve"):  # the fleet's state for every building at once, not doubled as it grows
             predictor.reserve(len(self.tracks))
+        for adaptation in got.adaptations.values():
+            adapted.say(adaptation, self.log, self.listed)
+        if self.listed and got.adaptations:
+            self.log.info("adapted models serve for %d of %d buildings", sum(bool(a.adapted) for a in
+                          got.adaptations.values()), len(self.tracks))
+        for track in self.tracks.values():
+            self._mark(track)
         self.ctl["models_loaded"] = len(predictor.appliances)
-        self.ctl["models_mask"] = sum(1 << APPLIANCES.index(a) for a in predictor.appliances)
+        self.ctl["models_mask"] = ctlmod.mask(predictor.appliances)
         self.ctl["device_cuda"] = 1.0 if predictor.device.type == "cuda" else 0.0
         self.ctl["backend_onnx"] = 1.0 if predictor.backend == "onnxruntime" else 0.0
         self.ctl["inference_state"] = ctlmod.INFER_READY
+
+    def _mark(self, track: Track) -> None:
+        """Which of the building's appliances are adapted, for its status hash and /metrics."""
+        adaptation = self.predictor.adaptation(track.building)
+        track.ctl["adapted_mask"] = ctlmod.mask(adaptation.adapted if adaptation else ())
+        track.ctl["adapted_refused_mask"] = ctlmod.mask(adaptation.refused if adaptation else ())
 
     # -- the windows -----------------------------------------------------------------------------
     def infer(self, due: list[tuple[Track, int]]) -> list[tuple[Track, int, dict | None]]:
@@ -222,10 +242,11 @@ class InferenceWorker(Worker):
                                   + "the meter overwrote a window while it was read; skipped")
                 out.append((track, end, None))
                 continue
+            adaptation = self.predictor.adaptation(track.building)
             out.append((track, end, make_prediction(
-                self.predictor.appliances, power[:, -n:], prob[:, -n:], self.predictor.probability_thresholds,
+                self.predictor.appliances, power[:, -n:], prob[:, -n:], self.predictor.thresholds(track.building),
                 aggregate, timestamp=time.time(), window_start=window_end - size, window_end=window_end,
-                inference_ms=ms)))
+                inference_ms=ms, adapted=adaptation.adapted if adaptation else ())))
         del taken
         return out
 

@@ -135,7 +135,18 @@ class DaemonCollector:
         yield f(c, "nilmd_overruns", "windows overwritten while read (skipped)", snap["overruns"])
         yield f(g, "nilmd_last_prediction_timestamp_seconds", "when the last prediction was published (epoch s)",
                 snap["last_inference_ts"])
+        yield from self._adapted(snap)
         yield from self._states(state, problems)
+
+    def _adapted(self, snap):
+        """Per served appliance: its adapted model serves (nilmd adapt), or its adapted file was refused."""
+        f, g = self._family, GaugeMetricFamily
+        served = ctlmod.appliances(snap["models_mask"])
+        adapted, refused = ctlmod.appliances(snap["adapted_mask"]), ctlmod.appliances(snap["adapted_refused_mask"])
+        yield f(g, "nilmd_model_adapted", "1 if the building's adapted model of the appliance serves, 0 if the "
+                "shipped one", {a: a in adapted for a in served}, "appliance")
+        yield f(g, "nilmd_model_adapted_refused", "1 if the building's adapted model of the appliance was refused "
+                "(the log says why; the shipped one serves)", {a: a in refused for a in served}, "appliance")
 
     def _states(self, state: str, problems):
         f, g = self._family, GaugeMetricFamily

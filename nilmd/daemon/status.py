@@ -16,6 +16,7 @@ import time
 from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
+from nilmd.daemon.control import appliances
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.sources import DISCONNECT_CAUSES
 
@@ -88,8 +89,7 @@ def rss_mb(pid: int) -> float:
 def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: float, pids: dict, restarts: dict,
            problems=(), rss: dict | None = None) -> dict:
     """`rss`: MB by role, measured once for many buildings (else here)."""
-    mask = int(snap["models_mask"])
-    missing = [a for i, a in enumerate(APPLIANCES) if not mask >> i & 1]
+    missing = [a for a in APPLIANCES if a not in appliances(snap["models_mask"])]
     rejected = {f"rejected_{r}": int(snap[f"rejected_{r}"]) for r in REJECT_REASONS}
     rss = {role: rss[role] if rss else rss_mb(pid) for role, pid in pids.items()}
     return {
@@ -114,6 +114,9 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         "overruns": int(snap["overruns"]),
         "models_loaded": int(snap["models_loaded"]),
         "models_missing": ",".join(missing) if snap["models_loaded"] else "",  # nothing is missing before a load
+        # nilmd.models.adapted: served by the building's adapted model; its adapted file refused (the shipped serves)
+        "models_adapted": ",".join(appliances(snap["adapted_mask"])),
+        "models_adapted_refused": ",".join(appliances(snap["adapted_refused_mask"])),
         "reload_failures": int(snap["reload_failed"]),
         "device": "cuda" if snap["device_cuda"] else "cpu",
         "backend": ("onnxruntime" if snap["backend_onnx"] else "torch") if snap["models_loaded"] else "",
@@ -222,6 +225,7 @@ def render(fields: dict, now: float | None = None) -> str:
         f"on {g('device')}" + (f" with {g('backend')}" if g("backend") else ""),
         f"  models       {g('models_loaded')}/{len(APPLIANCES)} loaded"
         + (f", missing: {g('models_missing')}" if g("models_missing") else ""),
+        *_adapted_line(fields),
         f"  processes    supervisor {g('pid_supervisor')}, reader {g('pid_reader')}, inference {g('pid_inference')}; "
         f"{g('restarts')} restarts; up {g('uptime_s')} s",
         f"  memory       {g('memory_total_mb')} MB (supervisor {g('memory_supervisor_mb')}, "
@@ -234,6 +238,15 @@ def render(fields: dict, now: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _adapted_line(fields: dict) -> list[str]:
+    adapted, refused = fields.get("models_adapted"), fields.get("models_adapted_refused")
+    if not adapted and not refused:
+        return []
+    return [f"  adapted      {adapted.replace(',', ', ') if adapted else 'none'}"
+            + (f"; refused (the shipped model serves; the log says why): {refused.replace(',', ', ')}"
+               if refused else "")]
+
+
 def render_list(daemon: dict, buildings: dict[str, dict], now: float | None = None) -> tuple[int, str]:
     """`nilmd status` for a list daemon: (the worst verdict's exit code, its summary and one line
     per building)."""
@@ -242,12 +255,18 @@ def render_list(daemon: dict, buildings: dict[str, dict], now: float | None = No
     alive = code in (OK, WARNING) and daemon.get("summary")
     lines = [f"nilmd {daemon.get('version', '?')} on {daemon.get('host', '?')}: {daemon['summary'] if alive else verdict}"]
     lines.append(f"  {'building':<24} {'verdict':<28} {'buffer':>11} {'received':>9} {'accepted':>9} "
-                 f"{'rejected':>8} {'predictions':>11}")
+                 f"{'rejected':>8} {'predictions':>11} {'adapted':>7}")
     for b, fields in buildings.items():
         c, v = judge(fields, now)
         code = max(code, c)
         g = fields.get
         buffer = f"{g('buffer_fill', '-')}/{g('window_size', '-')}"
         lines.append(f"  {b:<24} {v[:28]:<28} {buffer:>11} {g('samples_received', '-'):>9} "
-                     f"{g('samples_accepted', '-'):>9} {g('samples_rejected', '-'):>8} {g('inferences', '-'):>11}")
+                     f"{g('samples_accepted', '-'):>9} {g('samples_rejected', '-'):>8} {g('inferences', '-'):>11} "
+                     f"{_count(g('models_adapted')) + ('!' if g('models_adapted_refused') else ''):>7}")
     return code, "\n".join(lines)
+
+
+def _count(names: str | None) -> str:
+    """How many appliances a comma list names ("-": the field is absent, an older daemon's hash)."""
+    return "-" if names is None else str(len(names.split(",")) if names else 0)

@@ -242,3 +242,107 @@ class FleetPredictor:
                 self._tail[s, :, :, :keep - need] = self._tail[s, :, :, need:]
             self._tail[s, :, :, keep - need:] = out[r]
             self._tail_n[s] = min(keep, self._tail_n[s] + need)
+
+
+class AdaptedFleet:
+    """Many buildings by model set. Those on the shipped set are one FleetPredictor, batched as
+    before; a building with adapted models (nilmd.models.adapted) steps in a FleetPredictor of its
+    set's own (one building's pools, shared by buildings whose adapted files are the same), so the
+    shipped batch keeps its size and speed and an adapted building costs one more call of its own.
+
+    `adapted_for(building)` -> (its usable adapted checkpoints by appliance, its Adaptation or
+    None): asked when a building is placed (at load, and for each building added later)."""
+
+    backend = "torch"
+
+    def __init__(self, shipped: dict[str, Checkpoint], device: str = "cpu", adapted_for=None, slots: int = 16,
+                 keep: int = 60):
+        self.shipped = FleetPredictor(shipped, device, slots, keep)
+        self.appliances = self.shipped.appliances
+        self.device, self.receptive_field = self.shipped.device, self.shipped.receptive_field
+        self.probability_thresholds = self.shipped.probability_thresholds
+        self._checkpoints, self._device, self._keep = shipped, device, keep
+        self._adapted_for = adapted_for
+        self._sets: dict[tuple, FleetPredictor] = {}  # the served files' (appliance, sha256) -> their predictor
+        self._set_of: dict[str, tuple] = {}  # building -> its set (absent: the shipped one)
+        self._adaptations: dict = {}  # building -> its Adaptation (a folder, usable or not)
+        self._recomputed = 0  # full_recomputes of sets no longer served
+
+    # -- which set a building is on -----------------------------------------------------------------
+    def place(self, building: str, adapted: dict[str, Checkpoint] | None = None, adaptation=None):
+        """Put the building on its set (`adapted`, else what adapted_for says); returns its
+        Adaptation. A building placed again starts over on its new set."""
+        self.forget(building)
+        if adapted is None and self._adapted_for is not None:
+            adapted, adaptation = self._adapted_for(building)
+        if adaptation is not None:
+            self._adaptations[building] = adaptation
+        if adapted:
+            key = tuple(sorted((a, c.path if adaptation is None else adaptation.record["appliances"][a]["sha256"])
+                               for a, c in adapted.items()))
+            if key not in self._sets:  # one building's pools: most adapted sets are one building's
+                self._sets[key] = FleetPredictor({**self._checkpoints, **adapted}, self._device, 1, self._keep)
+            self._set_of[building] = key
+        return adaptation
+
+    def adaptation(self, building: str):
+        return self._adaptations.get(building)
+
+    def thresholds(self, building: str) -> np.ndarray:
+        return self._of(building).probability_thresholds
+
+    def _of(self, building: str) -> FleetPredictor:
+        key = self._set_of.get(building)
+        return self.shipped if key is None else self._sets[key]
+
+    @property
+    def sets(self) -> int:
+        """Adapted sets served (each a FleetPredictor beside the shipped one)."""
+        return len(self._sets)
+
+    # -- the FleetPredictor interface -------------------------------------------------------------
+    @property
+    def buildings(self) -> int:
+        return self.shipped.buildings + sum(p.buildings for p in self._sets.values())
+
+    @property
+    def full_recomputes(self) -> int:
+        return self._recomputed + self.shipped.full_recomputes + sum(p.full_recomputes for p in self._sets.values())
+
+    def state_bytes(self) -> int:
+        return self.shipped.state_bytes() + sum(p.state_bytes() for p in self._sets.values())
+
+    def reserve(self, buildings: int) -> None:
+        self.shipped.reserve(buildings - len(self._set_of))
+
+    def reset(self, building: str) -> None:
+        self._of(building).reset(building)
+
+    def forget(self, building: str) -> None:
+        self._of(building).forget(building)
+        self._adaptations.pop(building, None)
+        key = self._set_of.pop(building, None)
+        if key is not None and key not in self._set_of.values():  # its set's last building
+            self._recomputed += self._sets.pop(key).full_recomputes
+
+    def step(self, items: list[tuple[str, object, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """FleetPredictor.step, each building on its set."""
+        if not self._set_of:  # no adapted building: exactly the one batch, as before
+            return self.shipped.step(items)
+        out = [None] * len(items)
+        for predictor, js in self._split(items).items():
+            for j, got in zip(js, predictor.step([items[j] for j in js])):
+                out[j] = got
+        return out
+
+    def advance(self, items: list[tuple[str, object]]) -> None:
+        if not self._set_of:
+            return self.shipped.advance(items)
+        for predictor, js in self._split(items).items():
+            predictor.advance([items[j] for j in js])
+
+    def _split(self, items) -> dict[FleetPredictor, list[int]]:
+        parts = defaultdict(list)
+        for j, item in enumerate(items):
+            parts[self._of(item[0])].append(j)
+        return parts

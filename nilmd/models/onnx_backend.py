@@ -102,8 +102,10 @@ class Device(NamedTuple):
         return self.type
 
 
-def read_manifest(model_dir) -> dict:
-    """The manifest, checked against the checkpoints in `model_dir` by hash."""
+def read_manifest(model_dir, sources: dict | None = None) -> dict:
+    """The manifest, checked against the checkpoints in `model_dir` by hash. `sources`: appliance
+    -> the checkpoint file each row must come from, where they are not all in `model_dir` (a
+    building's adapted set, nilmd.models.adapted: its own files and the shipped ones)."""
     path = Path(model_dir) / MANIFEST
     again = f"run `nilmd export --model-dir {model_dir}` where torch is installed"
     try:
@@ -128,7 +130,7 @@ def read_manifest(model_dir) -> dict:
         raise OnnxExportError(f"ONNX manifest {path} is malformed ({', '.join(wrong) or 'groups'}): {again}")
     exported = manifest["checkpoints"]
     for appliance in APPLIANCES:
-        file = Path(model_dir) / checkpoint_filename(appliance)
+        file = Path(sources[appliance]) if sources else Path(model_dir) / checkpoint_filename(appliance)
         if appliance in exported and not file.exists():
             raise OnnxExportError(f"ONNX export in {model_dir} is stale: checkpoint {file} is gone: {again}")
         if appliance in exported and sha256(file) != exported[appliance].get("sha256"):
@@ -329,10 +331,11 @@ class OnnxPredictor(RingFollower):
     backend = "onnxruntime"
     device = Device("cpu")
 
-    def __init__(self, model_dir, threads: int = 1, interval: int | None = None):
+    def __init__(self, model_dir, threads: int = 1, interval: int | None = None, sources: dict | None = None):
         """interval: the daemon's INFERENCE_INTERVAL: the graphs its schedule never needs (an
-        interval of 60 s needs no 1-s step) open on first use instead of at load."""
-        manifest = read_manifest(model_dir)
+        interval of 60 s needs no 1-s step) open on first use instead of at load. sources: as for
+        read_manifest."""
+        manifest = read_manifest(model_dir, sources)
         so = session_options(max(1, threads))
         self.model_dir = str(model_dir)
         self.manifest = manifest

@@ -18,12 +18,13 @@ def served_power(power: np.ndarray, prob: np.ndarray, threshold) -> np.ndarray:
 
 def make_prediction(appliances, power: np.ndarray, prob: np.ndarray, thresholds: np.ndarray,
                     aggregate: np.ndarray, *, timestamp: float, window_start: float, window_end: float,
-                    inference_ms: float) -> dict:
+                    inference_ms: float, adapted=()) -> dict:
     """The prediction (docs/CONTRACT.md §3.4) for the newest samples.
 
     `power`, `prob` [A, n] and `aggregate` [n] cover the last inference interval (n samples).
     power_watts (of `served_power`) and probability are means over the interval, so power_watts
     is at most total_power (each sample's estimate is at most that sample's aggregate).
+    `adapted`: the appliances served by the building's adapted model (nilmd.models.adapted).
     """
     power = served_power(power, prob, np.asarray(thresholds, np.float32)[:, None])
     total = float(np.mean(aggregate)) if len(aggregate) else 0.0
@@ -38,6 +39,7 @@ def make_prediction(appliances, power: np.ndarray, prob: np.ndarray, thresholds:
             "probability": round(p, 4),
             "is_on": bool(p >= thresholds[k]),
             "confidence": round(abs(2.0 * p - 1.0), 4),
+            "adapted": name in adapted,
         })
     return {
         "timestamp": float(timestamp),
