@@ -1,0 +1,168 @@
+"""How much learning a house helps, on the real houses: the model card's adaptation table.
+
+For each real house and resolution, the model that never saw the house (checkpoints/folds/
+without-<house>: the shipped recipe with that house left out, i.e. the shipped model as a new house
+meets it) is adapted by `nilmd.training.adapt` on the first 1, 3 or 7 days of the house's labels and
+scored on later days that neither adaptation nor its decision saw, each second by its published
+60-s state. Label forms: `submetered` (the sub-meter's watts) and `runs` (only each run's start
+and end, its power learned from the aggregate's step, nilmd.labels.runs_targets).
+
+    python scripts/adapt_eval.py --real-dir DATA --out runs/adapt-eval.jsonl [--seeds 0 1] [--only REFIT_8s]
+
+One JSON line per (house, days, form, seed, appliance), appended as each finishes, so an interrupted
+run keeps what it did and `--resume` skips what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nilmd.models import checkpoints  # noqa: E402
+from nilmd.training import adapt  # noqa: E402
+from nilmd.training.datasets import Series, read_csv  # noqa: E402
+
+DAY = adapt.DAY
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# house/resolution -> (files, fold, label days tried, first scored day, scored days)
+HOUSES = {
+    "REFIT_8s": (["real-8s/REFIT_House2_8s_2014-04-19.csv.gz", "real-8s/REFIT_House2_8s_2014-04-26.csv.gz"],
+                 "REFIT_House2", (1, 3, 7), 7, 7),
+    "REFIT_1min": (["real-1min/REFIT_House2_2014-03.csv.gz"], "REFIT_House2", (1, 3, 7), 7, 7),
+    "UKDALE_1min": (["real-1min/UKDALE_House2_2013-07.csv.gz"], "UKDALE_House2", (1, 3, 7), 7, 7),
+    # Two days three months apart: a day of labels, the other day scored.
+    "UKDALE_6s": (["real-6s/UKDALE_House2_6s_2013-06-15.csv.gz", "real-6s/UKDALE_House2_6s_2013-09-01.csv.gz"],
+                  "UKDALE_House2", (1,), None, 1),
+}
+
+
+def stretch(paths: list[str]) -> Series:
+    """Files of one house on one 1 Hz grid from the first midnight (UTC) on; between them, gaps."""
+    parts = [read_csv(p) for p in paths]
+    t0 = int(parts[0].info["start"]) // DAY * DAY
+    end = max(int(p.info["start"]) + len(p) for p in parts)
+    n = end - t0
+    feats = np.zeros((n, parts[0].features.shape[1]), np.float32)
+    valid = np.zeros(n, bool)
+    names = set.intersection(*(set(p.targets) for p in parts))
+    targets = {a: np.zeros(n, np.float32) for a in names}
+    for p in parts:
+        o = int(p.info["start"]) - t0
+        feats[o:o + len(p)] = p.features
+        valid[o:o + len(p)] = p.valid
+        for a in names:
+            targets[a][o:o + len(p)] = p.targets[a]
+    return Series(name=os.path.basename(paths[0]), features=feats, targets=targets, valid=valid,
+                  period_s=parts[0].period_s, info={"start": float(t0)})
+
+
+def days(s: Series, first: int, count: int) -> Series:
+    sl = slice(first * DAY, (first + count) * DAY)
+    return Series(name=f"{s.name} days {first}-{first + count}", features=s.features[sl],
+                  targets={a: y[sl] for a, y in s.targets.items()}, valid=s.valid[sl], period_s=s.period_s,
+                  info={"start": s.info["start"] + first * DAY})
+
+
+def as_runs(s: Series, appliance: str) -> np.ndarray:
+    """What a confirmed-runs label gives: each run's span, its power from the aggregate's steps."""
+    _, min_on, min_off = adapt.RUN_RULES[appliance]
+    y = np.where(s.valid, s.targets[appliance], 0.0)
+    spans = adapt.runs(y, (adapt.ON_THRESHOLD_W[appliance], min_on, min_off))
+    agg = np.where(s.valid, s.features[:, 0], np.nan)
+    return runs_targets(agg, spans)
+
+
+def runs_targets(agg: np.ndarray, spans, edge: int = 30) -> np.ndarray:
+    """Each run's power: the median of the aggregate's step up at its start and down at its end
+    (means of `edge` s either side), held over the run, never above the aggregate; 0 elsewhere."""
+    out = np.zeros(len(agg), np.float32)
+    for a, b in spans:
+        before, after = agg[max(0, a - edge):a], agg[a:min(b, a + edge)]
+        inside, later = agg[max(a, b - edge):b], agg[b:b + edge]
+        steps = [np.nanmean(after) - np.nanmean(before) if len(before) and len(after) else np.nan,
+                 np.nanmean(inside) - np.nanmean(later) if len(inside) and len(later) else np.nan]
+        w = np.nanmedian(steps) if np.isfinite(steps).any() else 0.0
+        out[a:b] = np.clip(np.minimum(max(w, 0.0), agg[a:b]), 0.0, None)
+    return np.nan_to_num(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--real-dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--only", nargs="*", default=list(HOUSES))
+    ap.add_argument("--days", type=int, nargs="*", default=[1, 3, 7])
+    ap.add_argument("--forms", nargs="*", default=["submetered", "runs"])
+    ap.add_argument("--appliances", nargs="*", default=None)
+    ap.add_argument("--steps", type=int, default=adapt.AdaptConfig.steps)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    done = set()
+    if args.resume and os.path.exists(args.out):
+        for line in open(args.out):
+            r = json.loads(line)
+            done.add((r["house"], r["label_days"], r["form"], r["seed"], r["appliance"]))
+    for house in args.only:
+        files, fold, tried, first_scored, n_scored = HOUSES[house]
+        data = stretch([os.path.join(args.real_dir, f) for f in files])
+        fold_dir = os.path.join(ROOT, "checkpoints", "folds", f"without-{fold}")
+        if first_scored is None:  # two separate days: the first labels, the second scored
+            second = int(read_csv(os.path.join(args.real_dir, files[1])).info["start"]) - int(data.info["start"])
+            first_scored = second // DAY
+        scored = days(data, first_scored, n_scored)
+        for n_days in [d for d in tried if d in args.days]:
+            labelled = days(data, 0, n_days)
+            for form in args.forms:
+                for seed in args.seeds:
+                    for a in sorted(labelled.targets):
+                        if args.appliances and a not in args.appliances:
+                            continue
+                        key = (house, n_days, form, seed, a)
+                        if key in done:
+                            continue
+                        path = os.path.join(fold_dir, checkpoints.checkpoint_filename(a))
+                        ckpt = checkpoints.load(path, a)
+                        target = labelled.targets[a] if form == "submetered" else as_runs(labelled, a)
+                        s = adapt.appliance_series(a, int(labelled.info["start"]), labelled.features,
+                                                   labelled.valid, target, labelled.period_s)
+                        cfg = adapt.AdaptConfig(seed=seed, steps=args.steps)
+                        t = time.time()
+                        out = adapt.adapt_appliance(ckpt, s, cfg, base_sha256=adapt.sha256_file(path))
+                        served = out.checkpoint or ckpt
+                        score_cfg = adapt.AdaptConfig(seed=seed)
+                        shipped_later = adapt.score(ckpt, scored, score_cfg)
+                        served_later = adapt.score(served, scored, score_cfg) if out.kept else shipped_later
+                        row = {
+                            "house": house, "label_days": n_days, "form": form, "seed": seed, "appliance": a,
+                            "runs_fit": out.runs_fit, "runs_heldout": out.runs_heldout,
+                            "runs_scored": adapt.count_runs(scored, a),
+                            "heldout_shipped": out.shipped.row() if out.shipped else None,
+                            "heldout_candidates": {m: c.row() for m, c in out.candidates.items()},
+                            "method": out.method, "kept": out.kept, "why": out.why,
+                            "later_shipped": shipped_later.row(), "later_served": served_later.row(),
+                            "cpu_s": round(out.seconds, 1), "wall_s": round(time.time() - t, 1),
+                        }
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(f"{house} {n_days}d {form} s{seed} {a}: runs {out.runs_fit}/{out.runs_heldout} "
+                              f"{out.method or '-'} kept={out.kept} ({out.why}); later F1 "
+                              f"{shipped_later.f1:.3f} -> {served_later.f1:.3f}, energy err "
+                              f"{shipped_later.energy_error:.2f} -> {served_later.energy_error:.2f} "
+                              f"[{row['wall_s']} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
