@@ -105,6 +105,8 @@ def main(argv=None) -> None:
     ap.add_argument("--forms", nargs="*", default=["submetered", "runs"])
     ap.add_argument("--appliances", nargs="*", default=None)
     ap.add_argument("--steps", type=int, default=adapt.AdaptConfig.steps)
+    ap.add_argument("--lr-all", type=float, default=adapt.AdaptConfig.lr_all)
+    ap.add_argument("--tag", default="", help="a name for this variant in the output (hyper-parameter pilots)")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -114,7 +116,7 @@ def main(argv=None) -> None:
     if args.resume and os.path.exists(args.out):
         for line in open(args.out):
             r = json.loads(line)
-            done.add((r["house"], r["label_days"], r["form"], r["seed"], r["appliance"]))
+            done.add((r.get("tag", ""), r["house"], r["label_days"], r["form"], r["seed"], r["appliance"]))
     for house in args.only:
         files, fold, tried, first_scored, n_scored = HOUSES[house]
         data = stretch([os.path.join(args.real_dir, f) for f in files])
@@ -130,7 +132,7 @@ def main(argv=None) -> None:
                     for a in sorted(labelled.targets):
                         if args.appliances and a not in args.appliances:
                             continue
-                        key = (house, n_days, form, seed, a)
+                        key = (args.tag, house, n_days, form, seed, a)
                         if key in done:
                             continue
                         path = os.path.join(fold_dir, checkpoints.checkpoint_filename(a))
@@ -138,21 +140,26 @@ def main(argv=None) -> None:
                         target = labelled.targets[a] if form == "submetered" else as_runs(labelled, a)
                         s = adapt.appliance_series(a, int(labelled.info["start"]), labelled.features,
                                                    labelled.valid, target, labelled.period_s)
-                        cfg = adapt.AdaptConfig(seed=seed, steps=args.steps)
+                        cfg = adapt.AdaptConfig(seed=seed, steps=args.steps, lr_all=args.lr_all)
                         t = time.time()
                         out = adapt.adapt_appliance(ckpt, s, cfg, base_sha256=adapt.sha256_file(path))
                         served = out.checkpoint or ckpt
                         score_cfg = adapt.AdaptConfig(seed=seed)
-                        shipped_later = adapt.score(ckpt, scored, score_cfg)
-                        served_later = adapt.score(served, scored, score_cfg) if out.kept else shipped_later
+                        on_w = adapt.ON_THRESHOLD_W[a]  # the published figures' "on", whatever the house's
+                        shipped_later = adapt.score(ckpt, scored, score_cfg, on_w=on_w)
+                        served_later = adapt.score(served, scored, score_cfg, on_w=on_w) if out.kept else shipped_later
+                        # Every candidate on the later days too: what the decision rule chose against.
+                        later_cands = {m: adapt.score(c, scored, score_cfg, on_w=on_w).row()
+                                       for m, c in out.made.items()}
                         row = {
-                            "house": house, "label_days": n_days, "form": form, "seed": seed, "appliance": a,
+                            "tag": args.tag, "house": house, "label_days": n_days, "form": form, "seed": seed, "appliance": a,
                             "runs_fit": out.runs_fit, "runs_heldout": out.runs_heldout,
                             "runs_scored": adapt.count_runs(scored, a),
                             "heldout_shipped": out.shipped.row() if out.shipped else None,
                             "heldout_candidates": {m: c.row() for m, c in out.candidates.items()},
                             "method": out.method, "kept": out.kept, "why": out.why,
                             "later_shipped": shipped_later.row(), "later_served": served_later.row(),
+                            "later_candidates": later_cands, "lr_all": cfg.lr_all, "steps": cfg.steps,
                             "cpu_s": round(out.seconds, 1), "wall_s": round(time.time() - t, 1),
                         }
                         with open(args.out, "a") as f:

@@ -44,10 +44,10 @@ from nilmd.training.realdata import RUN_RULES, runs
 from nilmd.training.windows import Windows
 
 DAY = 86400
-# Runs needed to adapt: three in the fit part (a signature seen once could be a coincidence with
-# another load, twice cannot be told from its neighbours' habits), two held out (one run held out
-# makes F1 a coin toss: all or nothing).
-MIN_RUNS_FIT = 3
+# Runs needed to adapt: two in the fit part (a signature seen once could be a coincidence with
+# another load; seen twice, it is the appliance's), two held out (with one run held out the decision
+# is all or nothing on that run).
+MIN_RUNS_FIT = 2
 MIN_RUNS_HELDOUT = 2
 F1_TIE = 0.01          # F1 differences within this are a tie, decided by MAE
 ENERGY_SLACK = 0.05    # a candidate's daily-energy error may exceed the shipped one's by 5 % of the true energy
@@ -94,6 +94,7 @@ class Outcome:
     kept: bool = False
     why: str = ""
     checkpoint: Checkpoint | None = None             # the adapted checkpoint, when kept
+    made: dict = field(default_factory=dict)         # method -> its candidate checkpoint (for evaluation)
     seconds: float = 0.0
 
     @property
@@ -135,11 +136,25 @@ def cut(series: Series, at: int) -> tuple[Series, Series]:
     return part(slice(0, at), "fit"), part(slice(at, None), "held out")
 
 
-def count_runs(series: Series, appliance: str) -> int:
+def count_runs(series: Series, appliance: str, on_w: float | None = None) -> int:
     """Runs by the appliance's run rule (nilmd.training.realdata.RUN_RULES), at its on-threshold."""
     _, min_on, min_off = RUN_RULES[appliance]
     y = np.where(series.valid, series.targets[appliance], 0.0)
-    return len(runs(y, (ON_THRESHOLD_W[appliance], min_on, min_off)))
+    return len(runs(y, (ON_THRESHOLD_W[appliance] if on_w is None else on_w, min_on, min_off)))
+
+
+def house_on_threshold(series: Series, appliance: str) -> float:
+    """What "on" means for this house's appliance. The usual threshold (nilmd.appliances) unless the
+    labelled runs draw under 1.25 times it (a 1.7 kW kettle never reaches a 2 kW threshold, so it
+    would never be "on"): then half their median power, never under the run rule's own floor."""
+    usual = ON_THRESHOLD_W[appliance]
+    floor = RUN_RULES[appliance][0]
+    y = np.where(series.valid, series.targets[appliance], 0.0)
+    running = y[y >= floor]
+    if not len(running):
+        return usual
+    median = float(np.median(running))
+    return usual if median >= 1.25 * usual else max(floor, 0.5 * median)
 
 
 def labelled_days(series: Series) -> float:
@@ -147,10 +162,13 @@ def labelled_days(series: Series) -> float:
 
 
 # -- scoring as the daemon serves ------------------------------------------------------------------
-def score(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, threshold: float | None = None) -> Scores:
+def score(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, threshold: float | None = None,
+          on_w: float | None = None) -> Scores:
     """F1, MAE and daily-energy error of one checkpoint on one stretch, each second scored by the
-    state the daemon publishes for its `interval` (evaluation.evaluate, published=True)."""
+    state the daemon publishes for its `interval` (evaluation.evaluate, published=True); "on" at
+    `on_w` (default: the checkpoint's own on-power threshold)."""
     a = ckpt.appliance
+    on_w = ckpt.on_power_threshold_w if on_w is None else on_w
     th = ckpt.probability_threshold if threshold is None else threshold
     pred = Predictor({a: ckpt})
     power, prob, mask = evaluation.predict(pred, series, mode="stream", interval=cfg.interval)
@@ -161,7 +179,7 @@ def score(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, threshold: float |
     block[first:first + whole * cfg.interval] = np.arange(whole * cfg.interval) // cfg.interval
     mask &= block >= 0
     raw = {"_power": power[mask], "_prob": prob[mask], "_true": series.targets[a][mask], "_block": block[mask]}
-    s = evaluation.rescore(raw, a, th)
+    s = evaluation.rescore(raw, a, th, on_w)
     # Daily energy: the published (interval-mean) power, summed per UTC day over the scored seconds.
     served = evaluation.interval_mean(evaluation.served_power(raw["_power"], raw["_prob"], th), raw["_block"])
     day = (int(series.info["start"]) + np.flatnonzero(mask)) // DAY
@@ -181,13 +199,16 @@ def choose_threshold(ckpt: Checkpoint, fit: Series, cfg: AdaptConfig) -> float:
     r = evaluation.evaluate(Predictor({a: ckpt}), [fit], {a: 0.5}, mode="stream", interval=cfg.interval,
                             published=True)[a]
     th, _ = metrics.best_threshold(evaluation.interval_mean(r["_prob"], r["_block"]),
-                                   r["_true"] >= ON_THRESHOLD_W[a])
+                                   r["_true"] >= ckpt.on_power_threshold_w)
     return float(th)
 
 
 # -- candidates --------------------------------------------------------------------------------------
-def _with(ckpt: Checkpoint, state_dict: dict | None, threshold: float, record: dict) -> Checkpoint:
+def _with(ckpt: Checkpoint, state_dict: dict | None, threshold: float, record: dict,
+          on_w: float | None = None) -> Checkpoint:
     out = copy.copy(ckpt)
+    if on_w is not None:
+        out.on_power_threshold_w = float(on_w)
     if state_dict is not None:
         out.state_dict = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
     out.probability_threshold = float(threshold)
@@ -199,16 +220,16 @@ def fine_tune(ckpt: Checkpoint, fit: Series, method: str, cfg: AdaptConfig) -> d
     """The shipped weights trained further on the fit part: the heads only, or every weight.
     L1 or squared error on power as the checkpoint was trained (its `training.config.power_loss`),
     plus BCE on on/off, gaps and unlabelled seconds masked out."""
-    a = ckpt.appliance
+    a, on_w = ckpt.appliance, ckpt.on_power_threshold_w
     model: WaveNILM = ckpt.model().train()
     for name, p in model.named_parameters():
         p.requires_grad_(method == "all" or name.startswith("head."))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr_all if method == "all" else cfg.lr_head, weight_decay=0.0)
     y_all = fit.targets[a][fit.valid]
-    running = y_all[y_all >= ON_THRESHOLD_W[a]]
+    running = y_all[y_all >= on_w]
     typical_w = float(running.mean()) if len(running) else float(ckpt.max_power_w)
-    windows = Windows([fit], a, min(cfg.window, len(fit)), model.config.receptive_field, typical_w)
+    windows = Windows([fit], a, min(cfg.window, len(fit)), model.config.receptive_field, typical_w, on_w)
     loss_kind = (ckpt.training.get("config") or {}).get("power_loss", "l1")
     for step in range(cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
@@ -220,7 +241,7 @@ def fine_tune(ckpt: Checkpoint, fit: Series, method: str, cfg: AdaptConfig) -> d
         power, logit = model(x)
         err = ((power - y) / typical_w)[m]
         l_power = err.abs().mean() if loss_kind == "l1" else err.square().mean()
-        l_on = F.binary_cross_entropy_with_logits(logit[m], (y[m] >= ON_THRESHOLD_W[a]).float())
+        l_on = F.binary_cross_entropy_with_logits(logit[m], (y[m] >= on_w).float())
         lr = (cfg.lr_all if method == "all" else cfg.lr_head) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -263,7 +284,10 @@ def adapt_appliance(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, progress
     a = ckpt.appliance
     torch.manual_seed(cfg.seed)
     fit, held = cut(series, held_out_from(series))
-    out = Outcome(a, labelled_days(series), count_runs(fit, a), count_runs(held, a))
+    on_w = house_on_threshold(fit, a)
+    ckpt = copy.copy(ckpt)  # the shipped model, judged by what "on" means in this house
+    ckpt.on_power_threshold_w = on_w
+    out = Outcome(a, labelled_days(series), count_runs(fit, a, on_w), count_runs(held, a, on_w))
     tick = progress or (lambda: None)
     if out.runs_fit < MIN_RUNS_FIT or out.runs_heldout < MIN_RUNS_HELDOUT:
         out.why = (f"ran {out.runs_fit} times in the fit part and {out.runs_heldout} in the held-out part; "
@@ -274,7 +298,7 @@ def adapt_appliance(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, progress
     tick()
     made = {}
     for method in cfg.methods:
-        record = {"method": method, "base_sha256": base_sha256, "seed": cfg.seed,
+        record = {"method": method, "base_sha256": base_sha256, "seed": cfg.seed, "on_power_threshold_w": on_w,
                   "steps": 0 if method == "threshold" else cfg.steps}
         state = None if method == "threshold" else fine_tune(ckpt, fit, method, cfg)
         trial = _with(ckpt, state, ckpt.probability_threshold, record)
@@ -286,6 +310,7 @@ def adapt_appliance(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, progress
     for method, s in out.candidates.items():
         best = (method, s) if best is None else _better(best, (method, s))
     out.method = best[0]
+    out.made = made
     out.kept, out.why = decide(out.shipped, best[1])
     if out.kept:
         out.checkpoint = made[out.method]
