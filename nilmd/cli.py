@@ -1,4 +1,4 @@
-"""`nilmd` command line: run, produce, watch, status, check, report, export (docs/CONTRACT.md §5).
+"""`nilmd` command line: run, produce, watch, status, check, report, export, history, label (docs/CONTRACT.md §5).
 
 Every error a user can cause ends in one line, `nilmd: error: ...`, and a non-zero exit code.
 """
@@ -308,6 +308,90 @@ class _Bar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+def cmd_history(args) -> int:
+    """The input history kept in the state directory (nilmd.history): its days, or one as CSV."""
+    import numpy as np
+
+    from nilmd import history
+
+    cfg = config.resolve(args, names=_names("common", "daemon"))
+    if cfg.building_ids and args.building_id is None and not os.environ.get("BUILDING_ID"):
+        return _fail("--building-id: whose history? (this box serves a list of buildings)")
+    b, where = cfg.building_id, history.building_dir(cfg.state_dir, cfg.building_id)
+    if args.day is None:
+        kept = history.coverage(cfg.state_dir, b)
+        if not kept:
+            print(f"no input history of {b} in {where} (NILMD_HISTORY_DAYS={cfg.history_days})", file=sys.stderr)
+            return EXIT_OK
+        print(f"input history of {b} in {where} (UTC days; NILMD_HISTORY_DAYS={cfg.history_days})")
+        print(f"{'day':<12}{'recorded':>20}{'size':>12}")
+        for d in kept:
+            print(f"{d.day:<12}{d.seconds:>9} s ({100.0 * d.seconds / history.DAY_S:5.1f} %){d.bytes / 1000:>9.1f} kB")
+        return EXIT_OK
+    try:
+        start = history.day_start(args.day)
+    except ValueError:
+        return _fail(f"--day: {args.day!r} is not a date (YYYY-MM-DD)")
+    if args.day not in history.days(cfg.state_dir, b):
+        return _fail(f"no input history of {b} on {args.day} in {where} (nilmd history --building-id {b} lists "
+                     "the days kept)", EXIT_ERROR)
+    rec = history.read(cfg.state_dir, b, start, start + history.DAY_S)
+    seen = ~np.isnan(rec.power_total)
+    columns = [rec.timestamps[seen].astype(np.int64).astype(str)]
+    for name in history.FIELDS:  # float32's shortest exact text ("230.17"), an empty cell where absent
+        text = getattr(rec, name)[seen].astype(str)
+        columns.append(np.where(text == "nan", "", text))
+    lines = ",".join(("timestamp",) + history.FIELDS) + "\n" + "".join(",".join(r) + "\n" for r in zip(*columns))
+    if args.out is None:
+        sys.stdout.write(lines)
+        return EXIT_OK
+    try:
+        with open(args.out, "w", encoding="ascii") as f:
+            f.write(lines)
+    except OSError as e:
+        return _fail(f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR)
+    print(f"wrote {args.out}: {b} on {args.day}, {int(seen.sum())} samples", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_label(args) -> int:
+    """Confirm a run of an appliance (nilm:{b}:labels, docs/ADAPTATION.md "Labels"), list or delete them."""
+    from nilmd import confirmed_runs, days
+
+    cfg = config.resolve(args, names=_names("common", "redis"))
+    tz = days.zone(cfg.timezone)
+    given = [a for a in (args.appliance, args.start, args.end) if a is not None]
+    if not args.list and not args.delete and len(given) != 3:
+        return _fail("nilmd label: give APPLIANCE START END, or --list, or --delete ID")
+    if given and (args.list or args.delete):
+        return _fail("nilmd label: APPLIANCE START END, --list and --delete go one at a time")
+    if given:
+        now = time.time()
+        where = f"nilmd label {' '.join(given)}"
+        run = confirmed_runs.check_run(args.appliance, confirmed_runs.parse_when(args.start, tz, now),
+                                       confirmed_runs.parse_when(args.end, tz, now), where, now)
+    client, redisconn = _redis(cfg, "label")
+    try:
+        if args.list:
+            for entry_id, f in confirmed_runs.entries(client, cfg.building_id):
+                try:
+                    start, end = float(f["start"]), float(f["end"])
+                    span = (f"{confirmed_runs.when(start, tz)}  {confirmed_runs.when(end, tz)}  "
+                            f"{(end - start) / 60:6.1f} min")
+                except (KeyError, ValueError):
+                    span = f"(not a run: {f})"
+                print(f"{entry_id}  {f.get('appliance', '?'):<15} {span}  {f.get('source', '')}")
+            return EXIT_OK
+        if args.delete:
+            gone = confirmed_runs.delete(client, cfg.building_id, args.delete)
+            print(f"deleted {gone} of {len(args.delete)} runs from {keys.labels_stream(cfg.building_id)}", file=sys.stderr)
+            return EXIT_OK if gone == len(args.delete) else EXIT_ERROR
+        entry = confirmed_runs.add(client, cfg.building_id, run)
+    except redisconn.ERRORS as e:
+        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
+    print(f"labelled {run.appliance} {confirmed_runs.when(run.start, tz)} to {confirmed_runs.when(run.end, tz)} "
+          f"({(run.end - run.start) / 60:.1f} min) as {entry} in {keys.labels_stream(cfg.building_id)}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _names(*groups) -> set[str]:
@@ -379,6 +463,24 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--steps", type=int, default=None, metavar="N",
                        help="fine-tuning steps per candidate (default 300: about half a CPU-minute each)")
     adapt.set_defaults(func=cmd_adapt)
+    hist = sub.add_parser("history", help="the input history kept in the state directory: the days and their "
+                          "coverage, or one day as CSV (--day)")
+    config.add_arguments(hist, ("common", "daemon"))
+    hist.add_argument("--day", default=None, help="write this UTC day (YYYY-MM-DD) as CSV: timestamp,power_total,"
+                      "voltage,current,power_factor (the layout nilmd produce and training read)")
+    hist.add_argument("--out", default=None, help="with --day: the CSV file (default: stdout)")
+    hist.set_defaults(func=cmd_history)
+    label = sub.add_parser("label", help="confirm that an appliance ran from START to END (a label nilmd adapt "
+                           "learns from), or --list / --delete them")
+    config.add_arguments(label, ("common", "redis"))
+    label.add_argument("appliance", nargs="?", help="the appliance (ElectricKettle, or kettle, fridge, ...)")
+    label.add_argument("start", nargs="?", help="when it went on: ISO 8601 (2024-05-01T07:30; without an offset: "
+                       "the box's time zone, NILMD_TIMEZONE), a clock time today (07:30), or epoch seconds")
+    label.add_argument("end", nargs="?", help="when it went off, likewise")
+    label.add_argument("--list", action="store_true", help="print the building's confirmed runs")
+    label.add_argument("--delete", action="append", metavar="ID", help="delete the run with this entry id (from "
+                       "--list); may be repeated")
+    label.set_defaults(func=cmd_label)
 
     produce = sub.add_parser("produce", help="publish meter samples: simulated, or replayed from a CSV file")
     config.add_arguments(produce, ("common", "redis"))

@@ -217,9 +217,9 @@ class Config:
         section="files", note="Shared memory (the ring, nilmd-<building>.ring/.ctl/.lock). Default: "
         "$RUNTIME_DIRECTORY (/run/nilmd, emptied by systemd on every stop), else /dev/shm.")
     state_dir: str = setting(
-        "./state", "--state-dir", "NILMD_STATE_DIR", "where ring snapshots are kept across restarts",
+        "./state", "--state-dir", "NILMD_STATE_DIR", "where ring snapshots and the input history are kept",
         type="path", dynamic=_default_state_dir, default_doc="`$STATE_DIRECTORY`, else `./state`",
-        section="files", note="Ring snapshots kept across restarts. Default: $STATE_DIRECTORY "
+        section="files", note="Ring snapshots and the input history (history/<id>/). Default: $STATE_DIRECTORY "
         "(/var/lib/nilmd), else ./state.")
     heartbeat_timeout: float = setting(
         30.0, "--heartbeat-timeout", "NILMD_HEARTBEAT_TIMEOUT", "seconds without a heartbeat before a child "
@@ -256,6 +256,12 @@ class Config:
         "nilm:{b}:predictions:stream (0: none)", minimum=0, maximum=366 * 86400, section="energy",
         note="Seconds of predictions kept in the stream nilm:<id>:predictions:stream (what nilmd report and "
         "dashboards read; about 1.5 kB each with 11 models), as MAXLEN ~ this / INFERENCE_INTERVAL. 0: no stream.")
+    history_days: int = setting(
+        14, "--history-days", "NILMD_HISTORY_DAYS", "days of each building's accepted input kept in the state "
+        "directory (0: none)", minimum=0, maximum=366, section="energy",
+        note="Days of each building's accepted 1 Hz input (power_total and the optional fields) kept under "
+        "NILMD_STATE_DIR/history/<id>/, one file a UTC day (docs/CONTRACT.md, \"Input history\"): what labels are "
+        "paired with to adapt the models to the house. Older days are deleted. 0: nothing is kept.")
     event_on_intervals: int = setting(
         2, "--event-on-intervals", "NILMD_EVENT_ON_INTERVALS", "consecutive predictions with is_on that start a "
         "run (its start event)", minimum=1, maximum=1440, section="energy",
@@ -331,6 +337,11 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _BUILDING_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def is_building_id(text: str) -> bool:
+    """A building id nilmd accepts: 1-64 letters, digits, '_', '-' or '.'."""
+    return bool(_BUILDING_RE.match(text))
 
 
 def add_arguments(parser, groups: tuple[str, ...]) -> None:

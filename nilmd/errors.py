@@ -19,6 +19,10 @@ class ConfigError(NilmdError):
     pass
 
 
+class LabelError(NilmdError):
+    """A building's labels that cannot be used (nilmd.labels): the line says what and where."""
+
+
 class CheckpointError(NilmdError):
     def __init__(self, path, reason: str):
         super().__init__(f"checkpoint {path}: {reason}")

@@ -58,3 +58,8 @@ def runs_key(building: str) -> str:
 def lease_key(building: str) -> str:
     """Which nilmd instance serves the building, with --leases (nilmd.daemon.sharing)."""
     return f"nilm:{building}:lease"
+
+
+def labels_stream(building: str) -> str:
+    """Runs the owner confirmed (`nilmd label`; nilmd.labels): fields appliance, start, end, source."""
+    return f"nilm:{building}:labels"

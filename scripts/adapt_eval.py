@@ -5,7 +5,7 @@ without-<house>: the shipped recipe with that house left out, i.e. the shipped m
 meets it) is adapted by `nilmd.training.adapt` on the first 1, 3 or 7 days of the house's labels and
 scored on later days that neither adaptation nor its decision saw, each second by its published
 60-s state. Label forms: `submetered` (the sub-meter's watts) and `runs` (only each run's start
-and end, its power learned from the aggregate's step, nilmd.labels.runs_targets).
+and end, its power learned from the aggregate's steps by nilmd.labels, as `nilmd adapt` does).
 
     python scripts/adapt_eval.py --real-dir DATA --out runs/adapt-eval.jsonl [--seeds 0 1] [--only REFIT_8s]
 
@@ -16,16 +16,18 @@ run keeps what it did and `--resume` skips what is there.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from nilmd.errors import LabelError  # noqa: E402
 from nilmd.models import checkpoints  # noqa: E402
 from nilmd.training import adapt  # noqa: E402
 from nilmd.training.datasets import Series, read_csv  # noqa: E402
@@ -72,27 +74,30 @@ def days(s: Series, first: int, count: int) -> Series:
                   info={"start": s.info["start"] + first * DAY})
 
 
-def as_runs(s: Series, appliance: str) -> np.ndarray:
-    """What a confirmed-runs label gives: each run's span, its power from the aggregate's steps."""
+def as_runs(s: Series, appliance: str, work: str) -> np.ndarray:
+    """What confirmed runs give, through the product's own path: the house's aggregate recorded as
+    the daemon records it (nilmd.history), a runs file of each sub-metered run's start and end, and
+    nilmd.labels.load, which learns each run's power from the aggregate's steps. NaN: unlabelled."""
+    from nilmd import history, labels
+
     _, min_on, min_off = adapt.RUN_RULES[appliance]
     y = np.where(s.valid, s.targets[appliance], 0.0)
     spans = adapt.runs(y, (adapt.ON_THRESHOLD_W[appliance], min_on, min_off))
-    agg = np.where(s.valid, s.features[:, 0], np.nan)
-    return runs_targets(agg, spans)
-
-
-def runs_targets(agg: np.ndarray, spans, edge: int = 30) -> np.ndarray:
-    """Each run's power: the median of the aggregate's step up at its start and down at its end
-    (means of `edge` s either side), held over the run, never above the aggregate; 0 elsewhere."""
-    out = np.zeros(len(agg), np.float32)
-    for a, b in spans:
-        before, after = agg[max(0, a - edge):a], agg[a:min(b, a + edge)]
-        inside, later = agg[max(a, b - edge):b], agg[b:b + edge]
-        steps = [np.nanmean(after) - np.nanmean(before) if len(before) and len(after) else np.nan,
-                 np.nanmean(inside) - np.nanmean(later) if len(inside) and len(later) else np.nan]
-        w = np.nanmedian(steps) if np.isfinite(steps).any() else 0.0
-        out[a:b] = np.clip(np.minimum(max(w, 0.0), agg[a:b]), 0.0, None)
-    return np.nan_to_num(out)
+    t0 = int(s.info["start"])
+    state = os.path.join(work, "state")
+    shutil.rmtree(state, ignore_errors=True)
+    seen = np.flatnonzero(s.valid)
+    values = np.full((4, len(seen)), np.nan, np.float32)
+    values[0] = s.features[seen, 0]
+    history.append(state, "house", 1, t0 + seen, values)
+    path = os.path.join(work, "runs.csv")
+    with open(path, "w") as f:
+        f.write("appliance,start,end\n" + "".join(f"{appliance},{t0 + a},{t0 + b}\n" for a, b in spans))
+    got = labels.load(state, "house", [path], timezone="UTC")
+    out = np.full(len(s), np.nan, np.float32)
+    o = got.t0 - t0
+    out[max(o, 0):o + len(got)] = got.targets[appliance][max(-o, 0):len(s) - o]
+    return out
 
 
 def main(argv=None) -> None:
@@ -112,6 +117,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(1)
+    work = tempfile.mkdtemp(prefix="adapt-eval-")
     done = set()
     if args.resume and os.path.exists(args.out):
         for line in open(args.out):
@@ -137,7 +143,14 @@ def main(argv=None) -> None:
                             continue
                         path = os.path.join(fold_dir, checkpoints.checkpoint_filename(a))
                         ckpt = checkpoints.load(path, a)
-                        target = labelled.targets[a] if form == "submetered" else as_runs(labelled, a)
+                        try:
+                            target = labelled.targets[a] if form == "submetered" else as_runs(labelled, a, work)
+                        except LabelError as e:  # what nilmd adapt would have refused: recorded, not scored
+                            with open(args.out, "a") as f:
+                                f.write(json.dumps({"tag": args.tag, "house": house, "label_days": n_days, "form": form,
+                                                    "seed": seed, "appliance": a, "refused": str(e)}) + "\n")
+                            print(f"{house} {n_days}d {form} s{seed} {a}: labels refused: {e}", flush=True)
+                            continue
                         s = adapt.appliance_series(a, int(labelled.info["start"]), labelled.features,
                                                    labelled.valid, target, labelled.period_s)
                         cfg = adapt.AdaptConfig(seed=seed, steps=args.steps, lr_all=args.lr_all)

@@ -319,7 +319,7 @@ def _mount_tmpfs(path, size: str) -> bool:
 
 @pytest.mark.slow
 def test_state_dir_read_only_then_full_costs_only_the_snapshot(daemon_factory, redis_client, tmp_path):
-    """Lost: only the warm restart (snapshots cannot be written). The state directory is a real
+    """Lost: only the warm restart (snapshots cannot be written) and the input history meanwhile. The state directory is a real
     read-only, then a real full filesystem (a 4 KiB tmpfs; needs root, else skipped): each failing
     cause is logged once, the failures are counted in the status, and the daemon keeps predicting.
     The reader writes a snapshot when it stops, so SIGTERM to the reader makes it try now."""
@@ -351,7 +351,8 @@ def test_state_dir_read_only_then_full_costs_only_the_snapshot(daemon_factory, r
         subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True, timeout=10)
         make_the_reader_snapshot(3)
         assert d.log().count("cannot write the ring snapshot") == 2 and "No space left on device" in d.log()
-        assert os.listdir(state) == [], "a failed write leaves no temporary file behind"
+        assert not list(state.rglob("*.tmp")), "a failed write leaves no temporary file behind"
+        assert d.log().count("input history") <= 3, "the input history's failures: a line per cause"
         wait_ready(d, redis_client)  # (pub/sub: the new reader must be subscribed before we publish)
         last = publish_samples(redis_client, d.building, 16, start=last + 1)
         check_prediction(sub.until(last), APPLIANCES, 256)

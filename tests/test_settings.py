@@ -73,7 +73,7 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "threads": "2", "input_mode": "stream", "ring_capacity": "4096", "runtime_dir": str(tmp_path / "run"),
              "state_dir": str(tmp_path / "state"), "heartbeat_timeout": "12", "status_interval": "1.5",
              "max_gap_fill": "9", "input_timeout": "45", "max_clock_skew": "42", "speed": "5", "seed": "7",
-             "timezone": "America/Chicago", "predictions_history": "7200", "event_on_intervals": "3",
+             "timezone": "America/Chicago", "predictions_history": "7200", "history_days": "30", "event_on_intervals": "3",
              "event_on_probability": "0.8", "event_off_intervals": "5",
              "metrics_port": "9105", "metrics_host": "0.0.0.0", "mqtt_url": "mqtts://ha@broker.example:8884",
              "mqtt_password_file": str(a_file), "mqtt_tls_ca": str(a_file), "mqtt_tls_cert": str(a_file),

@@ -16,6 +16,7 @@ import numpy as np
 
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon import snapshot
+from nilmd.daemon.recorder import Recorder
 from nilmd.config import Config
 from nilmd.errors import EXIT_OK, redis_error
 from nilmd.features import derive
@@ -33,7 +34,7 @@ class Feed:
 
     def __init__(self, reader: "Reader", building: str, ring, ctl, cfg: Config):
         self.building, self.ring, self.ctl, self.cfg = building, ring, ctl, cfg
-        self.log, self.throttle = reader.log, reader.throttle
+        self.log, self.throttle, self.history = reader.log, reader.throttle, reader.history
         self.tag = f"building {building}: " if reader.listed else ""  # log lines name it when there are many
         last = ring.last()  # a restarted reader (or a restored snapshot) carries on where it stopped
         self.grid = Grid(cfg.max_gap_fill, last_slot=int(last[0]) if last else None)
@@ -75,6 +76,8 @@ class Feed:
         feats = derive([s.power for s in accepted], [s.voltage for s in accepted],
                        [s.current for s in accepted], [s.power_factor for s in accepted])
         self._write(placements, feats)
+        if self.history is not None:
+            self.history.record(self.building, accepted, placements)
         ctl.add("samples_accepted", len(accepted))
         ctl["last_sample_ts"] = float(placements[-1].slot)
         ctl["last_arrival"] = now
@@ -138,6 +141,8 @@ class Reader(Worker):
         super().__init__(cfg, paths)
         # The snapshot files are written by one thread of their own: an fsync never holds up the input.
         self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshots")
+        # The input history (NILMD_HISTORY_DAYS); test mode's simulated time is not worth keeping.
+        self.history = Recorder(cfg, self.log) if cfg.history_days and cfg.mode != "test" else None
         self._snapshot_check = 0.0
         self.feeds: dict[str, Feed] = {}
         self.add_buildings(self.roster.current)
@@ -212,6 +217,8 @@ class Reader(Worker):
             if batch:
                 self.ingest(batch)
                 self.source.commit()  # only now that the batch is in the ring
+            if self.history is not None:
+                self.history.maybe()
             if getattr(self.source, "disconnected", None):
                 self._cut(self.source.disconnected)
                 self.source.disconnected = None
@@ -227,6 +234,8 @@ class Reader(Worker):
             if feed.snapshots is not None:
                 feed.snapshots.final()
         self.files.shutdown(wait=True)
+        if self.history is not None:
+            self.history.close()
         return EXIT_OK
 
     def _cut(self, cause: str) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nilmd.atomic import write_atomic  # noqa: F401  (snapshot.write_atomic: the roster, scripts and tests)
 from nilmd.config import Config
 
 MAGIC = b"NILMSNAP"
@@ -128,34 +129,6 @@ def decode(data: bytes, n_features: int) -> Snapshot:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` so that no reader ever sees a partial file. Raises OSError."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)  # the rename itself survives a power cut
-    finally:
-        os.close(dfd)
-
-
 def load(path: str, n_features: int) -> Snapshot | None:
     """The snapshot at `path`, None if there is none; SnapshotError if it is unusable."""
     try:

@@ -50,17 +50,10 @@ def read_csv(path) -> Series:
     gaps marked invalid."""
     table = csvfile.read(path)
     t = table.time
-    diffs = np.diff(t)
-    period = max(1, int(round(np.median(diffs[diffs > 0])))) if np.any(diffs > 0) else 1
-    # Hold each row for `period` seconds on a 1 Hz grid; seconds no row covers stay NaN (gaps).
-    n = int(round(t[-1] - t[0])) + period
-    pos = (np.round(t - t[0]).astype(np.int64)[:, None] + np.arange(period)).reshape(-1)
-    keep = pos < n
+    period = csvfile.period_of(t)
 
     def hold(values):
-        out = np.full(n, np.nan)
-        out[pos[keep]] = np.repeat(values, period)[keep]
-        return out
+        return csvfile.hold(t, values, period)
 
     agg = hold(np.where(np.isin(table.power, GLITCH_W), np.nan, table.power))
     valid = np.isfinite(agg) & (agg > 0)
