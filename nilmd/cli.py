@@ -251,6 +251,76 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_adapt(args) -> int:
+    """Learn one building from its labels (docs/ADAPTATION.md); --reset goes back to the shipped models."""
+    from nilmd.models import adapted
+
+    cfg = config.resolve(args, names=_names("common", "redis", "daemon"))
+    building = cfg.building_id
+    if args.reset:
+        gone = adapted.reset(cfg.state_dir, building)
+        print(f"building {building}: {'adapted models removed' if gone else 'had no adapted models'}; the shipped "
+              "models serve it after the daemon reloads (systemctl reload nilmd, or SIGHUP)", file=sys.stderr)
+        return EXIT_OK
+    from nilmd.models import backends
+
+    if not backends.installed("torch"):
+        return _fail("nilmd adapt fine-tunes with torch, which is not installed here (pip install torch==2.13.0 "
+                     "--index-url https://download.pytorch.org/whl/cpu): docs/ADAPTATION.md, 'Where it runs'",
+                     EXIT_ERROR)
+    from nilmd import labels
+    from nilmd.training import adapt, house
+
+    client = None
+    if not args.no_stream and cfg.mode != "test":
+        client, redisconn = _redis(cfg, "adapt")
+        try:
+            client.ping()
+        except redisconn.ERRORS as e:
+            if not args.labels:
+                return _fail(f"no --labels given and Redis at {redisconn.describe(cfg)} cannot be read for the "
+                             f"confirmed runs: {redis_error(e)[1]}", EXIT_ERROR)
+            print(f"nilmd adapt: Redis at {redisconn.describe(cfg)} is not reachable ({redis_error(e)[1]}): "
+                  "using the label files only", file=sys.stderr)
+            client = None
+    house.lower_priority()
+    labelled = labels.load(cfg.state_dir, building, args.labels or [], client=client, appliances=args.appliances)
+    wanted = [a for a in labelled.targets if not args.appliances or a in args.appliances]
+    bar = _Bar(len(wanted) * (1 + len(adapt.METHODS)), f"adapting {building}")
+    t0 = time.monotonic()
+    outcomes = house.learn(cfg, building, labelled, appliances=args.appliances, out_dir=args.out, seed=args.seed,
+                           steps=args.steps, progress=bar.update)
+    bar.close()
+    print(house.table(outcomes))
+    kept = [o.appliance for o in outcomes if o.kept]
+    where = args.out or adapted.folder(cfg.state_dir, building)
+    print(f"{len(kept)} of {len(outcomes)} appliances adapted ({', '.join(kept) or 'none'}) in "
+          f"{house.elapsed(t0)}; written to {where}; the daemon serves them after it reloads "
+          "(systemctl reload nilmd, or SIGHUP)", file=sys.stderr)
+    return EXIT_OK
+
+
+class _Bar:
+    """A progress bar on stderr: tqdm where installed, else a line per step."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            self._bar, self._n, self._total, self._desc = None, 0, total, desc
+
+    def update(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+        else:
+            self._n += 1
+            print(f"{self._desc}: {self._n}/{self._total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 def cmd_history(args) -> int:
     """The input history kept in the state directory (nilmd.history): its days, or one as CSV."""
     import numpy as np
@@ -389,6 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the layout nilmd produce and training read)")
     report.set_defaults(func=cmd_report)
 
+    adapt = sub.add_parser("adapt", help="learn a building from its own labels: adapted models for that "
+                           "building only (docs/ADAPTATION.md)")
+    config.add_arguments(adapt, ("common", "redis", "daemon"))
+    adapt.add_argument("--labels", nargs="*", default=[], metavar="FILE",
+                       help="label files: sub-metered CSV, a smart plug's log, confirmed runs (docs/ADAPTATION.md)")
+    adapt.add_argument("--appliances", nargs="*", default=None, metavar="APPLIANCE",
+                       help="adapt only these (default: every labelled one); earlier adaptations of the others stay")
+    adapt.add_argument("--out", default=None, metavar="DIR",
+                       help="write here instead of STATE_DIR/models/BUILDING (where the daemon looks)")
+    adapt.add_argument("--reset", action="store_true", help="remove the building's adapted models: the shipped "
+                       "ones serve it again after a reload")
+    adapt.add_argument("--no-stream", action="store_true",
+                       help="do not read confirmed runs from the Redis stream nilm:{BUILDING}:labels")
+    adapt.add_argument("--seed", type=int, default=0, help="the fine-tuning's random seed (default 0)")
+    adapt.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="fine-tuning steps per candidate (default 300: about half a CPU-minute each)")
+    adapt.set_defaults(func=cmd_adapt)
     hist = sub.add_parser("history", help="the input history kept in the state directory: the days and their "
                           "coverage, or one day as CSV (--day)")
     config.add_arguments(hist, ("common", "daemon"))

@@ -128,7 +128,7 @@ def interval_mean(values: np.ndarray, block: np.ndarray) -> np.ndarray:
     return (sums / np.bincount(inverse))[inverse]
 
 
-def rescore(result: dict, appliance: str, probability_threshold: float) -> dict:
+def rescore(result: dict, appliance: str, probability_threshold: float, on_threshold_w: float | None = None) -> dict:
     """The scores of one `evaluate` result at a probability threshold: is_on and the power the
     daemon would report (`served_power`) both follow it; with interval blocks (published=True),
     as the interval's mean probability and mean served power."""
@@ -137,7 +137,8 @@ def rescore(result: dict, appliance: str, probability_threshold: float) -> dict:
     if "_block" in result:
         power, prob = interval_mean(power, result["_block"]), interval_mean(prob, result["_block"])
     out = metrics.score(power, prob, result["_true"],
-                        on_threshold_w=ON_THRESHOLD_W[appliance], probability_threshold=probability_threshold)
+                        on_threshold_w=ON_THRESHOLD_W[appliance] if on_threshold_w is None else on_threshold_w,
+                        probability_threshold=probability_threshold)
     out["probability_threshold"] = probability_threshold
     return out
 

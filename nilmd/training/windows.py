@@ -22,13 +22,13 @@ class Windows:
     the appliance's typical power while it is off (an oven cycling, a heat pump starting: what
     it gets confused with)."""
 
-    def __init__(self, series, appliance: str, window: int, skip: int, typical_w: float):
+    def __init__(self, series, appliance: str, window: int, skip: int, typical_w: float, on_w: float | None = None):
         self.series = [s for s in series if appliance in s.targets and len(s) >= window]
         if not self.series:
             raise SystemExit(f"no training series of at least {window} samples has {appliance}")
         self.appliance, self.window, self.skip = appliance, window, skip
         self.lengths = np.array([len(s) - window + 1 for s in self.series], dtype=np.float64)
-        thr = ON_THRESHOLD_W[appliance]
+        thr = ON_THRESHOLD_W[appliance] if on_w is None else on_w  # a house's own (nilmd.training.adapt)
         self.on = [np.flatnonzero(s.valid & (s.targets[appliance] >= thr)) for s in self.series]
         self.hard = [np.flatnonzero(s.valid & (s.targets[appliance] < thr)
                                     & (s.features[:, 0] - s.targets[appliance] >= 0.5 * typical_w))
