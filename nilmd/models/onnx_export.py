@@ -177,26 +177,29 @@ def export(model_dir, out_dir=None, ckpts: dict | None = None, interval: int = 6
     return manifest
 
 
-def export_checked(model_dir, interval: int = 60) -> tuple[dict, float]:
+def export_checked(model_dir, interval: int = 60, *, ckpts: dict | None = None, out_dir=None) -> tuple[dict, float]:
     """`nilmd export`: refuse a directory with a checkpoint that does not load (an export without
     it would never match the directory), export, then run both backends on one test window.
-    Returns the manifest and the largest difference of the probabilities."""
+    `ckpts`/`out_dir`: a set loaded already (a building's adapted set, nilmd adapt) and where its
+    export goes. Returns the manifest and the largest difference of the probabilities."""
     from nilmd.models.onnx_backend import OnnxPredictor
     from nilmd.models.predictor import Predictor
 
-    ckpts, errors = checkpoints.load_dir(model_dir)
-    bad = [e for e in errors.values() if not e.endswith("file not found")]
-    if bad or not ckpts:
-        raise NilmdError("not exported: " + ("; ".join(bad) or f"no checkpoint in {os.path.abspath(model_dir)}"))
-    manifest = export(model_dir, ckpts=ckpts, interval=interval)
+    if ckpts is None:
+        ckpts, errors = checkpoints.load_dir(model_dir)
+        bad = [e for e in errors.values() if not e.endswith("file not found")]
+        if bad or not ckpts:
+            raise NilmdError("not exported: " + ("; ".join(bad) or f"no checkpoint in {os.path.abspath(model_dir)}"))
+    out = out_dir or model_dir
+    manifest = export(model_dir, out_dir=out, ckpts=ckpts, interval=interval)
     rng = np.random.default_rng(0)
     p = np.abs(np.cumsum(rng.normal(0, 150, 1536)) + 1500).astype(np.float32)
     x = np.stack([p, 0.3 * p, p / 230, 1.04 * p, np.ones_like(p)], axis=1)
     _, want = Predictor(ckpts).run(x)
-    _, got = OnnxPredictor(model_dir).run(x)
+    _, got = OnnxPredictor(out, sources={a: c.path for a, c in ckpts.items()}).run(x)
     diff = float(np.abs(want - got).max())
     if not diff < 1e-3:
-        raise NilmdError(f"the ONNX export of {model_dir} differs from torch by {diff:.3g} in probability: not usable")
+        raise NilmdError(f"the ONNX export of {out} differs from torch by {diff:.3g} in probability: not usable")
     return manifest, diff
 
 

@@ -95,7 +95,7 @@ def write(cfg, building: str, labelled, outcomes: list[adapt.Outcome], *, out_di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tried = {o.appliance for o in outcomes}
-    previous = adapted.read_record(final) if final.exists() else {}
+    previous = _previous(final)
     entries = {a: e for a, e in (previous.get("appliances") or {}).items() if a not in tried
                and (final / e.get("file", "")).is_file()}
     for a in entries:
@@ -123,8 +123,8 @@ def write(cfg, building: str, labelled, outcomes: list[adapt.Outcome], *, out_di
         "table": [_row(o) for o in outcomes],
         "command": " ".join(["nilmd", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("nilmd") else "",
     }
+    record["onnx_max_probability_difference"] = _export_onnx(cfg, tmp, entries)
     (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    _export_onnx(cfg, tmp, entries)
     _fsync_dir(tmp)
     old = final.with_name(f".{final.name}.old{os.getpid()}")
     if final.exists():
@@ -135,6 +135,15 @@ def write(cfg, building: str, labelled, outcomes: list[adapt.Outcome], *, out_di
     return final
 
 
+def _previous(folder: Path) -> dict:
+    """The record of an earlier adaptation, to carry over what is not re-learnt ({} if none or unreadable:
+    its appliances are then simply not carried over)."""
+    try:
+        return json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _row(o: adapt.Outcome) -> dict:
     return {"appliance": o.appliance, "labelled_days": round(o.labelled_days, 2), "runs_fit": o.runs_fit,
             "runs_heldout": o.runs_heldout, "shipped": o.shipped.row() if o.shipped else None,
@@ -142,28 +151,24 @@ def _row(o: adapt.Outcome) -> dict:
             "why": o.why, "cpu_s": round(o.seconds, 1)}
 
 
-def _export_onnx(cfg, folder: Path, entries: dict) -> None:
+def _export_onnx(cfg, folder: Path, entries: dict) -> float | None:
     """Where the shipped set has an ONNX export, the building's whole set is exported too, so an
-    onnxruntime daemon serves the adapted models (nilmd.models.adapted); needs the onnx package."""
+    onnxruntime daemon serves the adapted models (nilmd.models.backends.building_export); needs the
+    onnx package. -> the largest probability difference from torch on a test window, or None."""
     if not entries or not (Path(cfg.model_dir) / "nilmd-onnx.json").exists():
-        return
+        return None
     try:
         from nilmd.models import onnx_export
     except ImportError:
         print("nilmd adapt: the onnx package is not installed, so no ONNX export of the adapted set was written; "
-              "an onnxruntime daemon serves the shipped models for this building", file=sys.stderr)
-        return
-    work = folder / ".onnx-set"
-    work.mkdir()
-    for a in APPLIANCES:
-        src = folder / checkpoint_filename(a) if a in entries else Path(cfg.model_dir) / checkpoint_filename(a)
-        if src.exists():
-            os.symlink(os.path.abspath(src), work / checkpoint_filename(a))
-    onnx_export.export_checked(str(work), cfg.inference_interval)
-    for f in work.iterdir():
-        if f.name.startswith("nilmd-onnx"):
-            os.replace(f, folder / f.name)
-    shutil.rmtree(work)
+              "an onnxruntime daemon serves this building's adapted models with torch where torch is installed, "
+              "else the shipped ones", file=sys.stderr)
+        return None
+    ckpts, _ = checkpoints.load_dir(cfg.model_dir)
+    for a in entries:
+        ckpts[a] = checkpoints.load(folder / entries[a]["file"], a)
+    _, diff = onnx_export.export_checked(cfg.model_dir, cfg.inference_interval, ckpts=ckpts, out_dir=folder)
+    return diff
 
 
 def _fsync_dir(path: Path) -> None:
