@@ -288,7 +288,7 @@ def cmd_adapt(args) -> int:
     wanted = [a for a in labelled.targets if not args.appliances or a in args.appliances]
     bar = _Bar(len(wanted) * (1 + len(adapt.METHODS)), f"adapting {building}")
     t0 = time.monotonic()
-    outcomes = house.learn(cfg, building, labelled, appliances=args.appliances, out_dir=args.out, seed=args.seed,
+    outcomes = house.learn(cfg, building, labelled, appliances=args.appliances, out_dir=args.out, seed=args.fit_seed,
                            steps=args.steps, progress=bar.update)
     bar.close()
     print(house.table(outcomes))
@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "ones serve it again after a reload")
     adapt.add_argument("--no-stream", action="store_true",
                        help="do not read confirmed runs from the Redis stream nilm:{BUILDING}:labels")
-    adapt.add_argument("--seed", type=int, default=0, help="the fine-tuning's random seed (default 0)")
+    adapt.add_argument("--fit-seed", type=int, default=0, metavar="N", help="the fine-tuning's random seed (default 0)")
     adapt.add_argument("--steps", type=int, default=None, metavar="N",
                        help="fine-tuning steps per candidate (default 300: about half a CPU-minute each)")
     adapt.set_defaults(func=cmd_adapt)

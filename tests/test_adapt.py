@@ -90,11 +90,11 @@ def test_too_few_runs_keeps_the_shipped_model_and_says_how_many():
 
 
 def simulated_house(seed: int = 3001):
-    """A test house whose kettle (1.7 kW) and fridge (60 W, 80-min cycle at half duty) are unlike
+    """A test house whose kettle (1.7 kW, ten boils a day) and fridge (60 W, 80-min cycle at half duty) are unlike
     the training houses' (2.3-3 kW kettles; 85-135 W fridges on 30-45-min cycles)."""
     b = Building(seed)
     apps = dict(b.house.appliances)
-    apps["ElectricKettle"] = dataclasses.replace(apps["ElectricKettle"], power=1700.0)
+    apps["ElectricKettle"] = dataclasses.replace(apps["ElectricKettle"], power=1700.0, rate=10.0)
     fridge = apps["Refrigerator"]
     apps["Refrigerator"] = dataclasses.replace(fridge, power=60.0, shape={**fridge.shape, "slot_s": 80 * 60,
                                                                         "duty": 0.5})
