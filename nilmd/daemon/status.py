@@ -10,12 +10,13 @@ hash calls `buffer_fill` (not `samples_filled`, the gap seconds the reader fille
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
-from nilmd.config import Config
+from nilmd.config import SETTINGS, Config
 from nilmd.daemon import health
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.sources import DISCONNECT_CAUSES
@@ -197,6 +198,29 @@ def daemon_fields(cfg: Config, state: str, line: str, states: list[str], snap: d
         "reload_failures": int(snap["reload_failed"]),
         **_processes(cfg, started, pids, restarts, rss),
     }
+
+
+# The hash's fields that are words, whatever they look like (a building id may be "42"): those of
+# the settings that are text, and the status's own.
+TEXT_FIELDS = frozenset({s.name for s in SETTINGS if s.type in ("str", "choice", "path")} | {
+    "state", "degraded_reason", "degraded_codes", "summary", "models_missing", "device", "backend", "host",
+    "version", "input_position", "building_list", "instance", "shard"})
+
+
+def typed(fields: dict) -> dict:
+    """A hash read back (str -> str) with its numbers as numbers, for `nilmd status --json`."""
+    out = {}
+    for k, v in fields.items():
+        if k not in TEXT_FIELDS:
+            for kind in (int, float):
+                try:
+                    number = kind(v)
+                except (TypeError, ValueError):
+                    continue
+                v = number if math.isfinite(number) else v  # JSON has no NaN
+                break
+        out[k] = v
+    return out
 
 
 def judge(fields: dict, now: float | None = None) -> tuple[int, str]:
