@@ -9,12 +9,14 @@ is installed, a SIGHUP swaps between the backends as the export goes stale and i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +95,23 @@ def test_serves_reloads_and_refuses_a_stale_export_without_torch(torchfree_pytho
     assert again.proc.wait(60) == 78, again.log()[-2000:]
     line = "is stale: checkpoint {} changed since".format(models / checkpoint_filename("Dryer"))
     assert line in again.log() and "torch is not installed to fall back to" in again.log()
+
+
+def test_plain_install_runs_test_mode_on_the_shipped_models(torchfree_python):
+    """`pip install nilmd`, then `nilmd run --mode test`: predictions, with ONNX Runtime, no extra."""
+    python, where = torchfree_python
+    nilmd = str(Path(python).parent / "nilmd")
+    proc = subprocess.Popen([nilmd, "run", "--mode", "test", "--model-dir", str(ROOT / "checkpoints")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=where)
+    try:
+        line = wait_for(lambda: proc.stdout.readline(), 120, "a prediction on stdout", not_yet=())
+        p = json.loads(line)
+        assert len(p["predictions"]) == len(APPLIANCES) and "always_on_watts" in p and "other_watts" in p
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "with onnxruntime" in err and "Traceback" not in err, err[-2000:]
 
 
 def test_a_reload_swaps_between_backends_where_torch_is_installed(daemon_factory, redis_client, tmp_path):
