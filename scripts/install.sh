@@ -11,7 +11,7 @@
 #   user nilmd (system user, no login)    runs the service (User= in the unit)
 #   /opt/nilmd/venv                       Python venv: nilmd from this tree, torch (or onnxruntime:
 #                                         --backend onnxruntime), systemd-python
-#   /opt/nilmd/{README.md,nilmd.env.example}
+#   /opt/nilmd/{README.md,OPERATIONS.md,nilmd.env.example}
 #   /etc/nilmd/nilmd.env                  settings (root:nilmd 0640); written once, never overwritten
 #   /var/lib/nilmd/checkpoints/           the 11 model checkpoints (root:nilmd 0640), and with
 #                                         --backend onnxruntime their ONNX export (nilmd-onnx*)
@@ -453,6 +453,7 @@ config_step() {
   step "configuration"
   put_file "$SRC/systemd/nilmd.env" "$PREFIX/nilmd.env.example" 0644 root:root || true
   put_file "$SRC/README.md" "$PREFIX/README.md" 0644 root:root || true
+  put_file "$SRC/docs/OPERATIONS.md" "$PREFIX/OPERATIONS.md" 0644 root:root || true  # the alerts' runbook
   if [ -e "$CONF_DIR/nilmd.env" ]; then
     ok "$CONF_DIR/nilmd.env kept as it is (yours; the current example is $PREFIX/nilmd.env.example)"
   else

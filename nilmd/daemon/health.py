@@ -111,4 +111,5 @@ class Health:
         if received < MIN_SAMPLES or 2 * total <= received:
             return None
         worst = REJECT_REASONS[int(np.argmax(delta))]
-        return Problem("samples_rejected", f"most samples of the last {REJECT_WINDOW_S:.0f} s rejected (mostly {worst})")
+        return Problem("samples_rejected",
+                       f"most samples of the last {REJECT_WINDOW_S:.0f} s rejected (mostly {worst})")
