@@ -13,6 +13,7 @@ import time
 
 from nilmd import __version__, config, keys
 from nilmd import log as logmod
+from nilmd.settingsdoc import SECTIONS
 from nilmd.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, NilmdError, redis_error
 
 
@@ -100,7 +101,7 @@ def cmd_watch(args) -> int:
 def cmd_status(args) -> int:
     from nilmd.daemon import status
 
-    cfg = config.resolve(args, names=_names("common", "redis"))
+    cfg = config.resolve(args, names=_names("common", "redis", "list"))
     client, redisconn = _redis(cfg, "status")
     one = args.building_id is not None or bool(os.environ.get("BUILDING_ID"))
     if cfg.building_ids and not one:  # a list daemon: its summary and a line per building
@@ -112,27 +113,38 @@ def cmd_status(args) -> int:
                 pipe.hgetall(keys.status_key(b))
             daemon, *each = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
         except redisconn.ERRORS as e:
-            print(f"nilmd: UNKNOWN: cannot read the status from Redis at {redisconn.describe(cfg)}: "
-                  f"{redis_error(e)[1]}")
-            return status.UNKNOWN
+            return _unreadable(args, cfg, redisconn, e)
         code, text = status.render_list(daemon, dict(zip(ids, each)))
         if args.json:
-            print(json.dumps({"daemon": daemon, "buildings": dict(zip(ids, each)), "exit_code": code}, indent=2))
+            print(json.dumps({"daemon": status.typed(daemon), "buildings": {b: status.typed(f) for b, f in zip(ids, each)},
+                              "exit_code": code}, indent=2))
         else:
             print(text)
         return code
     try:
         raw = client.hgetall(keys.status_key(cfg.building_id))
     except redisconn.ERRORS as e:
-        print(f"nilmd: UNKNOWN: cannot read the status from Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}")
-        return status.UNKNOWN
+        return _unreadable(args, cfg, redisconn, e)
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     code, verdict = status.judge(fields)
     if args.json:
-        print(json.dumps({"verdict": verdict, "exit_code": code, **fields}, indent=2))
+        print(json.dumps({"verdict": verdict, "exit_code": code, **status.typed(fields)}, indent=2))
     else:
         print(status.render(fields))
     return code
+
+
+def _unreadable(args, cfg, redisconn, error) -> int:
+    """Redis cannot be read: UNKNOWN, as one line, or with --json as JSON (a monitoring check
+    that parses it must not get plain text)."""
+    from nilmd.daemon import status
+
+    verdict = f"cannot read the status from Redis at {redisconn.describe(cfg)}: {redis_error(error)[1]}"
+    if args.json:
+        print(json.dumps({"verdict": verdict, "exit_code": status.UNKNOWN}, indent=2))
+    else:
+        print(f"nilmd: UNKNOWN: {verdict}")
+    return status.UNKNOWN
 
 
 def cmd_report(args) -> int:
@@ -418,52 +430,79 @@ def _positive(text: str) -> float:
     return value
 
 
+def _command(sub, name: str, help: str, description: str):
+    """A subcommand whose --help starts with what it does (`help` is its line in `nilmd --help`)."""
+    return sub.add_parser(name, help=help, description=description,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nilmd", description="Real-time NILM daemon: which appliances are on, "
                                      "from a whole-house meter, over Redis.")
     parser.add_argument("--version", action="version", version=f"nilmd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", help="run the daemon (the supervisor and its processes)")
-    config.add_arguments(run, ("common", "redis", "daemon"))
+    run = _command(sub, "run", "run the daemon (the supervisor and its processes)", """\
+Run the daemon: read the building's meter from Redis, keep the newest samples in a shared-memory
+ring and publish a prediction every INFERENCE_INTERVAL seconds (docs/CONTRACT.md). Every flag
+has an environment variable (in brackets); a flag wins. With --mode test: a simulated house, no
+Redis, predictions on stdout.""")
+    config.add_arguments(run, ("common", "redis", "list", "fleet", "daemon"), SECTIONS)
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="check configuration, checkpoints and Redis, like nginx -t")
-    config.add_arguments(check, ("common", "redis", "daemon"))
+    check = _command(sub, "check", "check configuration, checkpoints and Redis, like nginx -t", """\
+Check what `nilmd run` would use, one line each: the settings, the checkpoints, the backend that
+would serve them, and Redis. Exit 0 when all is well, 1 otherwise.""")
+    config.add_arguments(check, ("common", "redis", "list", "fleet", "daemon"), SECTIONS)
     check.set_defaults(func=cmd_check)
 
-    export = sub.add_parser("export", help="write MODEL_DIR's checkpoints as ONNX files beside them, for "
-                            "NILMD_BACKEND=onnxruntime (needs torch and onnx)")
-    config.add_arguments(export, ("common", "daemon"))
+    export = _command(sub, "export", "write MODEL_DIR's checkpoints as ONNX files beside them (needs torch, onnx)", """\
+Write MODEL_DIR's checkpoints as ONNX files beside them, checked against torch on a test window,
+for the ONNX Runtime backend (the default where the export matches). Needs torch and onnx:
+pip install 'nilmd[export]'.""")
+    config.add_arguments(export, ("common", "daemon"), SECTIONS)
     export.set_defaults(func=cmd_export)
 
-    status = sub.add_parser("status", help="show the daemon's status hash; exit 0 ok, 1 warning, 2 critical, 3 unknown")
-    config.add_arguments(status, ("common", "redis"))
-    status.add_argument("--json", action="store_true", help="print the hash as JSON")
-    status.add_argument("--host", default=None, help="with --building-ids: the host whose daemon hash to read "
-                        "(nilm:nilmd:HOST:status; default: this one)")
+    status = _command(sub, "status", "show the daemon's status; exit 0 ok, 1 warning, 2 critical, 3 unknown", """\
+Show the daemon's status hash (nilm:BUILDING:status) and judge it as a monitoring plugin does:
+exit 0 running, 1 warning (degraded, warming up), 2 critical (dead, stopped), 3 unknown (no
+status, Redis unreachable). With BUILDING_IDS: the daemon's summary and a line per building.""")
+    config.add_arguments(status, ("common", "redis", "list"), SECTIONS)
+    status.add_argument("--json", action="store_true", help="print the status as JSON, numbers as numbers "
+                        "(also when Redis cannot be read)")
+    status.add_argument("--host", default=None, metavar="HOST", help="with --building-ids: the host whose daemon "
+                        "hash to read (nilm:nilmd:HOST:status; default: this one)")
     status.set_defaults(func=cmd_status)
 
-    watch = sub.add_parser("watch", help="print predictions as they arrive")
-    config.add_arguments(watch, ("common", "redis"))
+    watch = _command(sub, "watch", "print predictions as they arrive", """\
+Print the building's predictions as the daemon publishes them: one line each (the appliances
+that are on), or the JSON of each with --json.""")
+    config.add_arguments(watch, ("common", "redis"), SECTIONS)
     watch.add_argument("--json", action="store_true", help="print each prediction's JSON")
-    watch.add_argument("--count", type=int, default=None, help="stop after N predictions")
+    watch.add_argument("--count", type=int, default=None, metavar="N", help="stop after N predictions")
     watch.set_defaults(func=cmd_watch)
 
-    report = sub.add_parser("report", help="draw a building's day: power, energy and runs (PNG, --html)")
-    config.add_arguments(report, ("common", "redis"))
-    report.add_argument("--day", default=None, help="the local day, YYYY-MM-DD (default: yesterday)")
-    report.add_argument("--out", default=None, help="the PNG (default: nilmd-BUILDING-DAY.png here)")
-    report.add_argument("--html", default=None, help="also one self-contained HTML page (the PNG inlined, tables)")
-    report.add_argument("--truth", default=None, help="a CSV of true appliance power to draw beside the estimate "
-                        "(the layout nilmd produce and training read)")
+    report = _command(sub, "report", "draw a building's day: power, energy and runs (PNG, --html)", """\
+Draw one building's day from what the daemon keeps in Redis (the predictions and events
+streams): the meter and each appliance's estimate, the always-on load and "other", the runs and
+the energy per appliance. Needs matplotlib: pip install 'nilmd[report]'.""")
+    config.add_arguments(report, ("common", "redis"), SECTIONS)
+    report.add_argument("--day", default=None, metavar="YYYY-MM-DD", help="the local day (default: yesterday)")
+    report.add_argument("--out", default=None, metavar="FILE", help="the PNG (default: nilmd-BUILDING-DAY.png here)")
+    report.add_argument("--html", default=None, metavar="FILE",
+                        help="also one self-contained HTML page (the PNG inlined, tables)")
+    report.add_argument("--truth", default=None, metavar="CSV", help="a CSV of true appliance power to draw beside "
+                        "the estimate (the layout nilmd produce and training read)")
     report.set_defaults(func=cmd_report)
 
-    adapt = sub.add_parser("adapt", help="learn a building from its own labels: adapted models for that "
-                           "building only (docs/ADAPTATION.md)")
-    config.add_arguments(adapt, ("common", "redis", "daemon"))
+    adapt = _command(sub, "adapt", "learn a building from its own labels: adapted models for it only", """\
+Learn one building from its own labels (sub-metered files, smart-plug logs, confirmed runs) and
+its recorded input history: each labelled appliance is adapted from the shipped model and kept
+only where it beats it on held-out days. The daemon serves the result after a reload.
+docs/ADAPTATION.md says how it decides and what it writes.""")
+    config.add_arguments(adapt, ("common", "redis", "daemon"), SECTIONS)
     adapt.add_argument("--labels", nargs="*", default=[], metavar="FILE",
-                       help="label files: sub-metered CSV, a smart plug's log, confirmed runs (docs/ADAPTATION.md)")
+                       help="label files: sub-metered CSV, a smart plug's log (APPLIANCE=FILE), confirmed runs")
     adapt.add_argument("--appliances", nargs="*", default=None, metavar="APPLIANCE",
                        help="adapt only these (default: every labelled one); earlier adaptations of the others stay")
     adapt.add_argument("--out", default=None, metavar="DIR",
@@ -476,16 +515,21 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--steps", type=int, default=None, metavar="N",
                        help="fine-tuning steps per candidate (default 300: about half a CPU-minute each)")
     adapt.set_defaults(func=cmd_adapt)
-    hist = sub.add_parser("history", help="the input history kept in the state directory: the days and their "
-                          "coverage, or one day as CSV (--day)")
-    config.add_arguments(hist, ("common", "daemon"))
-    hist.add_argument("--day", default=None, help="write this UTC day (YYYY-MM-DD) as CSV: timestamp,power_total,"
-                      "voltage,current,power_factor (the layout nilmd produce and training read)")
-    hist.add_argument("--out", default=None, help="with --day: the CSV file (default: stdout)")
+
+    hist = _command(sub, "history", "the input history kept in the state directory", """\
+The input the daemon recorded for a building (NILMD_HISTORY_DAYS days, in the state directory):
+the days kept with their coverage, or one UTC day as CSV (--day), the layout nilmd produce and
+training read.""")
+    config.add_arguments(hist, ("common", "daemon"), SECTIONS)
+    hist.add_argument("--day", default=None, metavar="YYYY-MM-DD", help="write this UTC day as CSV: "
+                      "timestamp,power_total,voltage,current,power_factor")
+    hist.add_argument("--out", default=None, metavar="FILE", help="with --day: the CSV file (default: stdout)")
     hist.set_defaults(func=cmd_history)
-    label = sub.add_parser("label", help="confirm that an appliance ran from START to END (a label nilmd adapt "
-                           "learns from), or --list / --delete them")
-    config.add_arguments(label, ("common", "redis"))
+
+    label = _command(sub, "label", "confirm that an appliance ran (a label nilmd adapt learns from)", """\
+Confirm that an appliance ran from START to END: appended to the Redis stream nilm:{b}:labels,
+which nilmd adapt reads. --list prints them, --delete removes one. docs/ADAPTATION.md, "Labels".""")
+    config.add_arguments(label, ("common", "redis"), SECTIONS)
     label.add_argument("appliance", nargs="?", help="the appliance (ElectricKettle, or kettle, fridge, ...)")
     label.add_argument("start", nargs="?", help="when it went on: ISO 8601 (2024-05-01T07:30; without an offset: "
                        "the box's time zone, NILMD_TIMEZONE), a clock time today (07:30), or epoch seconds")
@@ -495,22 +539,27 @@ def build_parser() -> argparse.ArgumentParser:
                        "--list); may be repeated")
     label.set_defaults(func=cmd_label)
 
-    produce = sub.add_parser("produce", help="publish meter samples: simulated, or replayed from a CSV file")
-    config.add_arguments(produce, ("common", "redis"))
-    produce.add_argument("--source", default="simulation", help="'simulation' or a CSV file (.csv or .csv.gz)")
-    produce.add_argument("--speed", type=_positive, default=1.0, help="samples' seconds per real second (default 1)")
-    produce.add_argument("--count", type=int, default=None, help="stop after N samples (default: never / end of file)")
-    produce.add_argument("--start", type=float, default=None,
+    produce = _command(sub, "produce", "publish meter samples: simulated, or replayed from a CSV file", """\
+Publish meter samples to the building's input, as a meter would: a simulated house, or a CSV file
+replayed (its times shifted to now unless --timestamps file).""")
+    config.add_arguments(produce, ("common", "redis"), SECTIONS)
+    produce.add_argument("--source", default="simulation", metavar="SOURCE",
+                         help="'simulation' or a CSV file (.csv or .csv.gz) (default simulation)")
+    produce.add_argument("--speed", type=_positive, default=1.0, metavar="FACTOR",
+                         help="samples' seconds per real second (default 1)")
+    produce.add_argument("--count", type=int, default=None, metavar="N",
+                         help="stop after N samples (default: never / end of file)")
+    produce.add_argument("--start", type=float, default=None, metavar="EPOCH",
                          help="epoch of the first sample (default: now, or --count seconds ago when --speed > 1)")
     produce.add_argument("--fields", choices=("full", "power"), default="full",
-                         help="simulation: all meter fields, or timestamp and power_total only")
-    produce.add_argument("--seed", type=int, default=1, help="simulation: which simulated house")
+                         help="simulation: all meter fields, or timestamp and power_total only (default full)")
+    produce.add_argument("--seed", type=int, default=1, metavar="N", help="simulation: which simulated house (default 1)")
     produce.add_argument("--timestamps", choices=("now", "file"), default="now",
-                         help="CSV: shift the file's times to start at --start, or keep them")
+                         help="CSV: shift the file's times to start at --start, or keep them (default now)")
     produce.add_argument("--to", choices=("pubsub", "stream", "both"), default="pubsub",
                          help="PUBLISH on the input channel (default), XADD to the input stream (for "
                          "--input-mode stream: durable), or both")
-    produce.add_argument("--maxlen", type=int, default=None,
+    produce.add_argument("--maxlen", type=int, default=None, metavar="N",
                          help="stream: keep about this many entries (default 86400, a day at 1 Hz)")
     produce.set_defaults(func=cmd_produce)
     return parser

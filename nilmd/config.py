@@ -66,7 +66,8 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     secret: bool = False
-    group: str = "daemon"  # which commands take it: common, redis, daemon
+    group: str = "daemon"  # which commands take it: common (all), redis, list (run, check, status), fleet
+    # (run, check: sharing a list), daemon (run, check, export)
     section: str = ""  # where systemd/nilmd.env lists it (nilmd.settingsdoc.SECTIONS)
     note: str | None = None  # its comment in systemd/nilmd.env; None: the help; "": shares the one above
     example: str = ""  # the value nilmd.env shows when the default is computed
@@ -137,28 +138,28 @@ class Config:
         '"_", "-", ".".', empty_is_unset=False)
     building_ids: str = setting(
         "", "--building-ids", "BUILDING_IDS", "serve many buildings: ids separated by commas, or @FILE (one id a "
-        "line; reloaded on SIGHUP)", group="common", section="building", note="Many buildings in one daemon "
+        "line; reloaded on SIGHUP)", group="list", section="building", note="Many buildings in one daemon "
         "(README, \"Many buildings\"): ids separated by commas, or @/etc/nilmd/buildings.list with one id a line "
         "(# comments and blank lines allowed; re-read on systemctl reload). Instead of BUILDING_ID, never with it.")
     # Several instances sharing one list (nilmd.daemon.sharing; README, "Past one box").
     shard: str = setting(
         "", "--shard", "NILMD_SHARD", "K/N: serve only shard K of N of the list (by a stable hash of each id)",
-        group="common", section="building", example="2/3", note="Static shards: K/N (1 <= K <= N) serves only the "
+        group="fleet", section="building", example="2/3", note="Static shards: K/N (1 <= K <= N) serves only the "
         "buildings of the list whose stable hash falls in shard K of N; every instance gets the same list and its "
         "own K. Empty: the whole list.")
     leases: bool = setting(
         False, "--leases", "NILMD_LEASES", "share the list with the other instances by leases in Redis "
-        "(nilm:<id>:lease): an instance that dies is taken over", group="common", section="building",
+        "(nilm:<id>:lease): an instance that dies is taken over", group="fleet", section="building",
         note='"true": every instance gets the whole list and serves the buildings whose lease it holds; when one '
         "dies, the others take its buildings within NILMD_LEASE_PERIOD (README, \"Past one box\").")
     lease_period: float = setting(
         15.0, "--lease-period", "NILMD_LEASE_PERIOD", "seconds a lease lasts unless renewed (renewed every third)",
-        minimum=1.0, maximum=3600.0, group="common", section="building",
+        minimum=1.0, maximum=3600.0, group="fleet", section="building",
         note="How long a lease lasts unless renewed (every third of it): the longest a dead instance's buildings "
         "wait for another.")
     instance_name: str = setting(
         "", "--instance-name", "NILMD_INSTANCE", "this instance's name among those sharing a list (default: "
-        "host:state dir)", group="common", section="building", note="This instance's name among those sharing "
+        "host:state dir)", group="fleet", section="building", note="This instance's name among those sharing "
         "the list by leases; keep it across restarts, so its buildings come back to it. Default: host name and "
         "state directory.")
     log_level: str = setting("info", "--log-level", ("LOG_LEVEL", "NILMD_LOG_LEVEL"), "log level",
@@ -344,21 +345,39 @@ def is_building_id(text: str) -> bool:
     return bool(_BUILDING_RE.match(text))
 
 
-def add_arguments(parser, groups: tuple[str, ...]) -> None:
+def metavar(s: Setting) -> str:
+    """What --help shows for a setting's value: its choices, else the flag's last word
+    (--redis-port PORT, --model-dir DIR, --input-timeout TIMEOUT)."""
+    return "{" + ",".join(s.choices) + "}" if s.choices else s.flag.rsplit("-", 1)[-1].upper()
+
+
+def default_text(s: Setting) -> str:
+    """The default as --help says it: the value, or how it is computed (`default_doc`)."""
+    default = s.default_doc.replace("`", "") if s.default is None else str(s.default)
+    return ", ".join([default] + [f"{v} with --mode {m}" for m, v, _ in s.per_mode])
+
+
+def add_arguments(parser, groups: tuple[str, ...], sections: dict[str, str] | None = None) -> None:
     """Add the flags of the settings in `groups` to an argparse parser (defaults stay None, so
-    that resolve() can tell "not given" from "given")."""
-    for s in SETTINGS:
-        if s.group not in groups or s.flag is None:
-            continue
-        metavar = "|".join(s.choices) if s.choices else s.type.upper()
+    that resolve() can tell "not given" from "given"); with `sections` (key -> title), in one
+    argument group per section, in that order."""
+    titled = {}
+    rows = [s for s in SETTINGS if s.group in groups and s.flag is not None]
+    if sections:
+        rows.sort(key=lambda s: list(sections).index(s.section) if s.section in sections else len(sections))
+    for s in rows:
+        where = parser
+        if sections:
+            if s.section not in titled:
+                titled[s.section] = parser.add_argument_group(sections.get(s.section, s.section))
+            where = titled[s.section]
         env = " or ".join("$" + e for e in s.env)
-        default = "see README" if s.default is None else s.default
-        default = ", ".join([str(default)] + [f"{v} with --mode {m}" for m, v, _ in s.per_mode])
-        help_text = f"{s.help} [{env}; default {default}]" if env else f"{s.help} [default {default}]"
+        help_text = f"{s.help} [{env}; default {default_text(s)}]" if env else f"{s.help} [default {default_text(s)}]"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if s.type == "bool":
-            parser.add_argument(s.flag, dest=s.name, action="store_const", const="true", default=None, help=help_text)
+            where.add_argument(s.flag, dest=s.name, action="store_const", const="true", default=None, help=help_text)
         else:
-            parser.add_argument(s.flag, dest=s.name, metavar=metavar, default=None, help=help_text)
+            where.add_argument(s.flag, dest=s.name, metavar=metavar(s), default=None, help=help_text)
 
 
 def _convert(s: Setting, raw: object, where: str):

@@ -17,6 +17,9 @@ from nilmd import days, keys
 from nilmd.appliances import APPLIANCES
 
 ENERGY_PERIODS = ("today", "month", "total")
+# The house's parts that are not appliances (nilmd.daemon.alwayson; nilmd.models.prediction.other_watts):
+# the prediction's field and the energy hash's name of each.
+PARTS = {"always_on": "always_on_watts", "other": "other_watts"}
 
 
 def read(client, building: str) -> tuple[dict | None, dict]:
@@ -46,8 +49,18 @@ def appliances(p: dict | None) -> dict[str, dict]:
     return {e["appliance"]: e for e in p["predictions"] if isinstance(e, dict) and e.get("appliance") in APPLIANCES}
 
 
+def parts(p: dict | None) -> dict[str, float]:
+    """"always_on", "other" -> W of a prediction, those it has (an older daemon's has neither)."""
+    out = {}
+    for part, field in PARTS.items():
+        value = (p or {}).get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[part] = float(value)
+    return out
+
+
 def energy(raw: dict, now: float | None = None) -> dict[str, dict[str, float]]:
-    """The energy hash (bytes or str) -> appliance -> {"today": Wh, "month": Wh, "total": Wh},
+    """The energy hash (bytes or str) -> appliance (or part: PARTS) -> {"today": Wh, "month": Wh, "total": Wh},
     only the fields present and finite. `today_wh` belongs to the hash's `day` until the first
     interval of a new day resets it (docs/CONTRACT.md §3.6): on a later day, in the hash's own
     time zone, today is 0 Wh so far (and likewise the month)."""
@@ -58,7 +71,7 @@ def energy(raw: dict, now: float | None = None) -> dict[str, dict[str, float]]:
     for k, v in raw.items():
         appliance, _, field = k.rpartition(":")
         period = field[:-3] if field.endswith("_wh") else ""
-        if appliance not in APPLIANCES or period not in ENERGY_PERIODS:
+        if (appliance not in APPLIANCES and appliance not in PARTS) or period not in ENERGY_PERIODS:
             continue
         try:
             wh = float(v)

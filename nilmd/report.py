@@ -2,8 +2,12 @@
 page), from what the daemon keeps in Redis: the predictions stream and the events stream
 (docs/CONTRACT.md §3.6, §3.7). No database of its own.
 
-The picture: the aggregate with each appliance's estimated power stacked under it over the local
-day; with --truth, the true appliance power of a CSV file (the layout of nilmd.csvfile) the same
+The picture: the meter's line with each appliance's estimated power stacked under it, over the
+span of the day that has predictions, the time axis named with its time zone. The stack never
+rises above the meter: where the estimates add up to more than the meter saw in an interval
+(each is at most the meter, their sum need not be) they are scaled down together to the meter,
+and the legend says in how many intervals and by how much at most. What the meter saw above the
+appliances is "other", a grey band; the always-on load a dashed line. With --truth, the true appliance power of a CSV file (the layout of nilmd.csvfile) the same
 way beside it; the runs on a time line; a bar of energy per appliance (estimate and truth); and
 the list of runs. Energy per day is added up as the daemon adds `today_wh` (nilmd.days: an
 interval counts on the day of its middle), so the bar of today matches the energy hash.
@@ -42,6 +46,7 @@ class Day:
     interval: np.ndarray  # its length (s)
     total: np.ndarray  # total_power (W)
     power: dict[str, np.ndarray]  # appliance -> power_watts (W), APPLIANCES order
+    always_on: np.ndarray | None = None  # always_on_watts (W) of each interval (NaN: an older daemon's)
     runs: list[dict] = field(default_factory=list)  # end events, and start events of runs still open
     truth: dict[str, np.ndarray] | None = None  # appliance -> W on the `truth_t` grid
     truth_t: np.ndarray | None = None  # bin starts (epoch s)
@@ -53,6 +58,30 @@ class Day:
 
     def total_wh(self) -> float:
         return float(np.sum(self.total * self.interval) / 3600)
+
+    def shown(self) -> tuple[float, float]:
+        """The time axis: from the first interval's start to the last one's end (a few hours of
+        data fill the width, not a tenth of it)."""
+        return float(self.ends[0] - self.interval[0]), float(self.ends[-1])
+
+    def drawn(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """(each appliance's power as drawn, "other" as drawn, the factor each interval was scaled
+        by): the stack scaled down to the meter wherever it would rise above it."""
+        stack = np.sum(list(self.power.values()), axis=0) if self.power else np.zeros_like(self.total)
+        scale = np.where(stack > self.total, np.maximum(self.total, 0.0) / np.maximum(stack, 1e-9), 1.0)
+        power = {a: p * scale for a, p in self.power.items()}
+        return power, np.maximum(self.total - stack * scale, 0.0), scale
+
+    def open_run(self, e: dict) -> dict:
+        """A run still on at the day's last prediction, as far as the predictions go: its duration
+        to that prediction, and its energy and peak over the intervals since it started (the start
+        event knows only its first interval)."""
+        last = float(self.ends[-1])
+        since = self.ends > e["start"]
+        p = self.power.get(e["appliance"], np.zeros_like(self.total))[since]
+        return {**e, "duration_s": max(last - e["start"], e["duration_s"]),
+                "energy_wh": float(np.sum(p * self.interval[since]) / 3600) if p.size else e["energy_wh"],
+                "peak_w": float(np.max(p, initial=e["peak_w"]))}
 
 
 def _entries(client, key: str, first: str):
@@ -80,7 +109,8 @@ def read_day(client, building: str, day: str, timezone: str) -> Day:
             p, interval = json.loads(fields[b"json"]), float(fields[b"interval_s"])
             if days.interval_day(p["window_end"], interval, tz)[0] == day:
                 rows.append((float(p["window_end"]), interval, float(p["total_power"]),
-                             {e["appliance"]: float(e["power_watts"]) for e in p["predictions"]}))
+                             {e["appliance"]: float(e["power_watts"]) for e in p["predictions"]},
+                             float(p.get("always_on_watts", "nan"))))
         except (KeyError, ValueError, TypeError):
             continue  # not an entry the daemon wrote: skip it, as a dashboard would
     if not rows:
@@ -92,8 +122,9 @@ def read_day(client, building: str, day: str, timezone: str) -> Day:
     rows.sort(key=lambda r: r[0])
     served = [a for a in APPLIANCES if any(a in r[3] for r in rows)]
     out = Day(building, day, timezone, start, end, np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
-              np.array([r[2] for r in rows]), {a: np.array([r[3].get(a, 0.0) for r in rows]) for a in served})
-    out.runs = _runs(client, building, start, end)
+              np.array([r[2] for r in rows]), {a: np.array([r[3].get(a, 0.0) for r in rows]) for a in served},
+              np.array([r[4] for r in rows]))
+    out.runs = [out.open_run(e) if e["end"] is None else e for e in _runs(client, building, start, end)]
     return out
 
 
@@ -141,12 +172,19 @@ def add_truth(day: Day, path: str) -> None:
     day.truth_wh = {a: float(np.nansum(table.appliances[a][keep]) * period / 3600) for a in day.truth}
 
 
+# One colour each, told apart at a glance (tab10's without its grey, which is "other"'s, and navy
+# and gold): HeatPump and Television were two blues of tab20.
+COLORS = dict(zip(APPLIANCES, ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#17becf", "#9467bd", "#8c564b",
+                               "#e377c2", "#bcbd22", "#000080", "#ffd700")))
+OTHER_COLOR = "#c8c8c8"
+
+
 def _clock(ts: float, tz) -> str:
     return datetime.fromtimestamp(ts, tz).strftime("%H:%M")
 
 
 def _run_line(e: dict, tz) -> str:
-    end = _clock(e["end"], tz) if e["end"] is not None else "(on)"
+    end = _clock(e["end"], tz) if e["end"] is not None else "(still on)"
     return (f"{_clock(e['start'], tz)}-{end}  {e['appliance']}  {e['duration_s'] / 60:.0f} min  "
             f"{e['energy_wh']:.0f} Wh  peak {e['peak_w']:.0f} W")
 
@@ -169,30 +207,54 @@ def render(day: Day) -> bytes:
     import matplotlib.pyplot as plt
 
     tz = days.zone(day.timezone)
-    colors = {a: plt.get_cmap("tab20")(i * 2 % 20 + i * 2 // 20) for i, a in enumerate(APPLIANCES)}
+    colors = COLORS
     when = lambda ts: [datetime.fromtimestamp(x, tz) for x in ts]  # noqa: E731
     fig = plt.figure(figsize=SIZE_IN, dpi=DPI)
     grid = fig.add_gridspec(4, 2, height_ratios=[3, 3, 1.8, 3.2], hspace=0.45, wspace=0.35)
     est = fig.add_subplot(grid[0, :] if day.truth is not None else grid[0:2, :])
     axes = [est]
+    starts = day.ends - day.interval  # each interval drawn over the seconds it covers
+    span = day.shown()
+    zone = f"{day.timezone}, UTC{datetime.fromtimestamp(span[0], tz).strftime('%z')}"
 
-    def stack(ax, t, series, total, title):
+    def axis(ax):
+        ax.set_xlim(*when(span))
+        locator = mdates.AutoDateLocator(tz=tz, minticks=4, maxticks=12)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
+        ax.set_xlabel(f"time ({zone})", fontsize=9)
+
+    def stack(ax, t, series, total, other, title):
         names = [a for a in APPLIANCES if a in series]
-        ax.stackplot(when(t), [series[a] for a in names], labels=names, colors=[colors[a] for a in names],
-                     step="post", alpha=0.85)
-        ax.step(when(t), total, where="post", color="black", lw=0.8, label="aggregate")
+        t_end = np.append(t, t[-1] + (t[-1] - t[-2] if len(t) > 1 else 60.0))  # the last interval drawn whole
+        pad = lambda v: np.append(v, v[-1])  # noqa: E731  (step="post" draws up to the next point)
+        layers = [pad(series[a]) for a in names] + ([pad(other)] if other is not None else [])
+        labels = names + (["other (the meter less the appliances)"] if other is not None else [])
+        ax.stackplot(when(t_end), layers, labels=labels, step="post", alpha=0.9,
+                     colors=[colors[a] for a in names] + ([OTHER_COLOR] if other is not None else []))
+        ax.step(when(t_end), pad(total), where="post", color="black", lw=0.8, label="meter")
         ax.set_title(title, loc="left", fontsize=11)
         ax.set_ylabel("W")
-        ax.set_xlim(*when([day.start, day.end]))
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
+        axis(ax)
         ax.set_ylim(bottom=0)
 
-    starts = day.ends - day.interval  # each interval drawn over the seconds it covers
-    stack(est, starts, day.power, day.total, "estimate: aggregate, and each appliance stacked under it")
-    est.legend(loc="upper left", fontsize=8, ncol=6, framealpha=0.8)
+    power, other, scale = day.drawn()
+    scaled = scale < 0.999
+    title = "estimate: the meter, and each appliance stacked under it"
+    stack(est, starts, power, day.total, other, title)
+    if day.always_on is not None and np.isfinite(day.always_on).any():
+        est.step(when(np.append(starts, day.ends[-1])), np.append(day.always_on, day.always_on[-1]), where="post",
+                 color="black", ls="--", lw=1.0, label=f"always on (now {np.nanmax(day.always_on[-1:]):.0f} W)")
+    handles, labels = est.get_legend_handles_labels()
+    note = (f"estimates scaled down to the meter in {int(scaled.sum())} of {len(scale)} intervals "
+            f"(at most by {100 * (1 - scale.min()):.0f} %)" if scaled.any() else "the estimates never exceed the meter")
+    handles.append(plt.Line2D([], [], color="none"))
+    labels.append(note)
+    est.legend(handles, labels, loc="upper left", fontsize=8, ncol=5, framealpha=0.85)
+    est.set_ylim(0, max(float(np.max(day.total, initial=0.0)), 1.0) * 1.3)  # room for the legend above the data
     if day.truth is not None:
         truth = fig.add_subplot(grid[1, :], sharex=est, sharey=est)
-        stack(truth, day.truth_t, day.truth, day.truth_total, "truth (--truth): aggregate and appliances")
+        stack(truth, day.truth_t, day.truth, day.truth_total, None, "truth (--truth): the meter and appliances")
         axes.append(truth)
 
     line = fig.add_subplot(grid[2, :], sharex=est)
@@ -205,7 +267,7 @@ def render(day: Day) -> bytes:
     line.set_ylim(-0.5, max(len(rows), 1) - 0.5)
     line.invert_yaxis()
     line.set_title(f"runs ({len(day.runs)})", loc="left", fontsize=11)
-    line.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
+    axis(line)
 
     bar = fig.add_subplot(grid[3, 0])
     names = list(day.power)
@@ -221,7 +283,9 @@ def render(day: Day) -> bytes:
     bar.set_yticks(y, names, fontsize=8)
     bar.invert_yaxis()
     bar.set_xlabel("kWh")
-    bar.set_title(f"energy per appliance (aggregate {day.total_wh() / 1000:.2f} kWh)", loc="left", fontsize=11)
+    other_wh = float(np.sum(other * day.interval) / 3600)
+    bar.set_title(f"energy per appliance (meter {day.total_wh() / 1000:.2f} kWh, other {other_wh / 1000:.2f} kWh)",
+                  loc="left", fontsize=11)
 
     text = fig.add_subplot(grid[3, 1])
     text.axis("off")

@@ -11,7 +11,7 @@
 #   user nilmd (system user, no login)    runs the service (User= in the unit)
 #   /opt/nilmd/venv                       Python venv: nilmd from this tree, torch (or onnxruntime:
 #                                         --backend onnxruntime), systemd-python
-#   /opt/nilmd/{README.md,nilmd.env.example}
+#   /opt/nilmd/{README.md,OPERATIONS.md,nilmd.env.example}
 #   /etc/nilmd/nilmd.env                  settings (root:nilmd 0640); written once, never overwritten
 #   /var/lib/nilmd/checkpoints/           the 11 model checkpoints (root:nilmd 0640), and with
 #                                         --backend onnxruntime their ONNX export (nilmd-onnx*)
@@ -240,17 +240,17 @@ venv() {
     ok "venv with Python $have"
   fi
   if [ "$DRY" = 1 ] && [ ! -x "$VENV/bin/python" ]; then
-    act "install pip>=23, setuptools>=61 and wheel into the venv (to build nilmd)" true
+    act "install pip>=23, setuptools>=77 and wheel into the venv (to build nilmd)" true
     return
   fi
-  # Build tools for nilmd's pyproject (setuptools>=61) and pip >= 23 for `--report`.
+  # Build tools for nilmd's pyproject (setuptools>=77) and pip >= 23 for `--report`.
   if quiet vpy - <<'EOF'
 import importlib.metadata as m
 v = lambda name: tuple(int(x) for x in m.version(name).split(".")[:2])
-assert v("pip") >= (23, 0) and v("setuptools") >= (61, 0) and m.version("wheel")
+assert v("pip") >= (23, 0) and v("setuptools") >= (77, 0) and m.version("wheel")
 EOF
   then ok "pip, setuptools and wheel in the venv"
-  else act "install pip>=23, setuptools>=61 and wheel into the venv" vpip install --quiet "pip>=23" "setuptools>=61" wheel
+  else act "install pip>=23, setuptools>=77 and wheel into the venv" vpip install --quiet "pip>=23" "setuptools>=77" wheel
   fi
 }
 
@@ -345,7 +345,7 @@ onnxruntime_step() {
 
 source_fingerprint() {
   (cd "$SRC" && find nilmd -type f ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum &&
-    sha256sum pyproject.toml README.md) |
+    sha256sum pyproject.toml LICENSE docs/PYPI.md) |
     sha256sum | cut -d' ' -f1
 }
 
@@ -364,8 +364,9 @@ nilmd_step() {
     act "install nilmd $version into the venv" true
   else
     tmpdir
-    mkdir -p "$TMP/src"
-    cp -r "$SRC/nilmd" "$SRC/pyproject.toml" "$SRC/README.md" "$TMP/src/"
+    mkdir -p "$TMP/src/docs"
+    cp -r "$SRC/nilmd" "$SRC/pyproject.toml" "$SRC/LICENSE" "$TMP/src/"
+    cp "$SRC/docs/PYPI.md" "$TMP/src/docs/"
     find "$TMP/src" -name __pycache__ -prune -exec rm -rf {} +
     act "install nilmd $version into the venv" vpip install --quiet --no-build-isolation "$TMP/src"
     act "record the installed source ($FINGERPRINT)" sh -c 'echo "$1" > "$2"' _ "$fp" "$FINGERPRINT"
@@ -452,6 +453,7 @@ config_step() {
   step "configuration"
   put_file "$SRC/systemd/nilmd.env" "$PREFIX/nilmd.env.example" 0644 root:root || true
   put_file "$SRC/README.md" "$PREFIX/README.md" 0644 root:root || true
+  put_file "$SRC/docs/OPERATIONS.md" "$PREFIX/OPERATIONS.md" 0644 root:root || true  # the alerts' runbook
   if [ -e "$CONF_DIR/nilmd.env" ]; then
     ok "$CONF_DIR/nilmd.env kept as it is (yours; the current example is $PREFIX/nilmd.env.example)"
   else

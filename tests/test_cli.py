@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -85,6 +86,47 @@ def test_status_exit_codes(redis_server, redis_client):
     r = nilmd(*args)
     assert r.returncode == status.CRITICAL and "dead" in r.stdout
     assert nilmd("status", "--redis-port", "1").returncode == status.UNKNOWN
+
+
+def test_status_json_has_numbers_as_numbers_and_is_json_when_redis_is_down(redis_server, redis_client):
+    building = "42"  # an id that looks like a number stays a string
+    redis_client.hset(keys.status_key(building), mapping={
+        "state": "running", "updated_at": time.time(), "status_interval_s": 2, "building_id": building,
+        "samples_received": 17, "last_inference_ms": 6.25, "degraded_reason": "", "last_sample_ts": "nan"})
+    r = nilmd("status", "--json", "--redis-port", str(redis_server.port), "--building-id", building)
+    out = json.loads(r.stdout)
+    assert r.returncode == status.OK and out["exit_code"] == status.OK and out["verdict"] == "running"
+    assert out["samples_received"] == 17 and out["last_inference_ms"] == 6.25 and out["status_interval_s"] == 2
+    assert out["building_id"] == "42" and out["state"] == "running" and out["degraded_reason"] == ""
+    assert out["last_sample_ts"] == "nan", "JSON has no NaN: an unreadable number stays the text it was"
+    down = nilmd("status", "--json", "--redis-port", "1")
+    assert down.returncode == status.UNKNOWN
+    out = json.loads(down.stdout)
+    assert out["exit_code"] == status.UNKNOWN and "cannot read the status" in out["verdict"]
+
+
+def help_of(*command) -> str:
+    r = nilmd(*command, "--help")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_every_subcommand_says_what_it_does_and_its_flags_read_well():
+    for command in ("run", "check", "export", "status", "watch", "report", "produce"):
+        text = help_of(command)
+        description = text.split("\n\n")[1]
+        assert not description.startswith(("options:", "  -h")), f"nilmd {command} --help has no description"
+        assert "see README" not in text, command
+        assert not re.findall(r" (?:STR|INT|FLOAT|PATH|BOOL)\b", text), f"{command}: type names as metavars"
+    run = help_of("run")
+    for title in ("Redis:", "This building:", "Models and inference:", "Supervision:",
+                  "Prometheus and Home Assistant (off by default):"):
+        assert f"\n{title}\n" in run, f"run --help has no group {title!r}"
+    assert "--model-dir DIR" in run and "./checkpoints if it exists" in run
+    produce = help_of("produce")
+    for daemon_only in ("--leases", "--shard", "--instance-name", "--building-ids", "--window-size"):
+        assert daemon_only not in produce, daemon_only
+    assert "--building-ids" in help_of("status") and "--leases" not in help_of("status")
 
 
 def test_judge_tells_dead_from_alive():

@@ -187,8 +187,8 @@ def test_the_exporters_and_the_report_read_a_cluster(redis_cluster, model_dir, t
         for e in latest["predictions"]:
             assert value(families, "nilmd_appliance_power_watts", appliance=e["appliance"]) == pytest.approx(
                 e["power_watts"])
-            assert value(families, "nilmd_appliance_energy_watthours_total", appliance=e["appliance"]) == \
-                pytest.approx(total[e["appliance"]])
+            assert value(families, "nilmd_appliance_energy_joules_total", appliance=e["appliance"]) == \
+                pytest.approx(total[e["appliance"]] * 3600)
         wait_for(lambda: states_match(sub, b, latest, total), 30, f"the MQTT states of the latest prediction\n"
                  f"{sub.last(f'nilmd/{b}/')}\n{d.log()[-3000:]}")
         day = time.strftime("%Y-%m-%d", time.gmtime(last - I / 2))

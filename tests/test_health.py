@@ -17,6 +17,7 @@ from conftest import publish_samples, wait_for
 
 from nilmd import keys
 from nilmd.daemon import status
+from nilmd.daemon.health import Problem
 from test_daemon import wait_ready
 
 
@@ -89,11 +90,38 @@ def test_rejected_silent_or_not_predicting_is_degraded_with_the_reason_and_recov
         meter.done.set()
         meter.join()
     assert d.stop() == 0
+    # The journal tells the story: each change of state one line, with its reasons, and each recovery.
+    changes = [line.split("] ", 1)[1] for line in d.log().splitlines() if "] state " in line]
+    assert changes[0] == "state warming_up -> running", changes
+    into = [c for c in changes if c.startswith("state running -> degraded: ")]
+    assert into and any("mostly future" in c or "no sample accepted for over 3 s" in c for c in into), changes
+    assert any(c == "state running -> degraded: no prediction for over 3 s" for c in changes), changes
+    back = [c for c in changes if c.startswith("state degraded -> running (no longer: ")]
+    assert len(back) == 2 and "no prediction for over 3 s" in back[-1], changes
+    assert len(changes) < 12, f"one line per change, not one per tick: {changes}"
+    assert any(" WARNING " in line and "-> degraded" in line for line in d.log().splitlines())
+
+
+def test_codes_are_fixed_and_each_change_is_one_line():
+    silent = Problem("no_samples", "no sample accepted for over 120 s")
+    late = Problem("no_predictions", "no prediction for over 120 s")
+    assert status.change_line(("running", ()), ("running", ())) is None
+    assert status.change_line(("warming_up", ()), ("running", ())) == "state warming_up -> running"
+    assert status.change_line(("running", ()), ("degraded", (silent,))) == \
+        "state running -> degraded: no sample accepted for over 120 s"
+    assert status.change_line(("degraded", (silent,)), ("degraded", (silent, late))) == \
+        "state degraded, its reasons changed: no sample accepted for over 120 s; no prediction for over 120 s"
+    assert status.change_line(("degraded", (silent, late)), ("running", ())) == \
+        "state degraded -> running (no longer: no sample accepted for over 120 s; no prediction for over 120 s)"
+    fields = status._degraded("degraded", [silent, late])
+    assert fields == {"degraded_reason": "no sample accepted for over 120 s; no prediction for over 120 s",
+                      "degraded_codes": "no_samples,no_predictions"}
+    assert status._degraded("running", [silent]) == {"degraded_reason": "", "degraded_codes": ""}
 
 
 def test_the_reason_is_in_the_systemd_status_line_and_the_verdict():
     snap = {"models_loaded": 11, "inferences": 0, "last_inference_ms": 0.0, "redis_connected": 1}
-    line = status.summary_line("degraded", 256, 256, snap, ["no sample accepted for over 120 s"])
+    line = status.summary_line("degraded", 256, 256, snap, [Problem("no_samples", "no sample accepted for over 120 s")])
     assert line.startswith("degraded (no sample accepted for over 120 s), buffer 256/256")
     assert status.summary_line("running", 256, 256, snap, []).startswith("running, buffer")
     now = 1000.0

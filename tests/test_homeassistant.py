@@ -23,6 +23,8 @@ from test_daemon import Subscriber, wait_ready
 
 paho = pytest.importorskip("paho.mqtt.client", reason="pip install 'nilmd[mqtt]'")
 
+CONFIGS = 3 * len(APPLIANCES) + 4  # each appliance 3 entities; always-on and other 2 each
+
 
 class Mosquitto:
     """A mosquitto of our own: a plain listener on `port` and a TLS one on `tls_port` (a
@@ -116,11 +118,11 @@ def broker(tmp_path):
 
 
 def check_discovery(configs: dict, building: str) -> dict:
-    """The 33 discovery configs: (component, unique_id) -> config, every field Home Assistant needs."""
+    """The 37 discovery configs: (component, unique_id) -> config, every field Home Assistant needs."""
     from nilmd.homeassistant import node_id
 
     node = node_id(building)
-    assert len(configs) == 3 * len(APPLIANCES), sorted(configs)
+    assert len(configs) == CONFIGS, sorted(configs)
     by_kind = {}
     for topic, payload in configs.items():
         prefix, component, node_in_topic, object_id, last = topic.split("/")
@@ -143,7 +145,10 @@ def check_discovery(configs: dict, building: str) -> dict:
             assert object_id.endswith("_on") and component == "binary_sensor"
             assert c["device_class"] == "running" and (c["payload_on"], c["payload_off"]) == ("ON", "OFF")
     assert len({json.loads(p)["unique_id"] for p in configs.values()}) == len(configs)
-    assert by_kind == {("sensor", "power"): 11, ("binary_sensor", "on"): 11, ("sensor", "energy"): 11}
+    # 11 appliances, and the house's always-on load and "other": power and energy, no on/off
+    assert by_kind == {("sensor", "power"): 13, ("binary_sensor", "on"): 11, ("sensor", "energy"): 13}
+    names = {json.loads(p)["name"] for p in configs.values()}
+    assert {"Always on power", "Always on energy", "Other power", "Other energy"} <= names
     return configs
 
 
@@ -156,6 +161,9 @@ def states_match(sub: MqttSubscriber, building: str, prediction: dict, energy_wh
         if got.get(f"{base}/on") != ("ON" if e["is_on"] else "OFF"):
             return False
         if abs(float(got.get(f"{base}/power", "nan")) - e["power_watts"]) > 0.006:
+            return False
+    for part, field in (("always_on", "always_on_watts"), ("other", "other_watts")):
+        if abs(float(got.get(f"nilmd/{building}/{part}/power", "nan")) - prediction[field]) > 0.006:
             return False
     return all(abs(float(got.get(f"nilmd/{building}/{slug(a)}/energy", "nan")) - wh) < 0.006
                for a, wh in energy_wh.items())
@@ -179,8 +187,8 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
 
     broker.start()
     sub = MqttSubscriber(broker.port, "ha", broker.users["ha"])
-    configs = wait_for(lambda: (lambda c: c if len(c) == 33 else None)(sub.last("homeassistant/")), 30,
-                       f"33 discovery configs\n{d.log()[-2000:]}")
+    configs = wait_for(lambda: (lambda c: c if len(c) == CONFIGS else None)(sub.last("homeassistant/")), 30,
+                       f"{CONFIGS} discovery configs\n{d.log()[-2000:]}")
     check_discovery(configs, d.building)
     availability = f"nilmd/{d.building}/availability"
     wait_for(lambda: sub.last().get(availability) == "online", 10, "availability online")
@@ -194,7 +202,8 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
 
     last = publish_samples(redis_client, d.building, 16, start=last + 1)
     p = sub_redis.until(last)
-    energy = wait_for(lambda: (lambda e: e if len(e) == 11 else None)(counted()), 10, "11 appliances counted")
+    energy = wait_for(lambda: (lambda e: e if len(e) == 13 else None)(counted()), 10,
+                      "11 appliances, always-on and other counted")
     assert any(wh > 0 for wh in energy.values()), f"a simulated house draws something: {energy}"
     wait_for(lambda: states_match(sub, d.building, p, energy), 10,
              f"states of the new prediction and the energy {sub.last()}")
@@ -210,7 +219,7 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
              "the lost connection noticed")
     broker.start()
     sub = MqttSubscriber(broker.port, "ha", broker.users["ha"])
-    wait_for(lambda: len(sub.last("homeassistant/")) == 33 and states_match(
+    wait_for(lambda: len(sub.last("homeassistant/")) == CONFIGS and states_match(
         sub, d.building, p, energy), 30, f"everything again\n{d.log()[-2000:]}")
     assert d.status(redis_client)["restarts_mqtt"] == "0"
 
@@ -225,7 +234,7 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
     wait_for(lambda: sub.history(availability)[-1:] == ["offline"], 10, "offline at a clean stop")
     sub.close()
     fresh = MqttSubscriber(broker.port, "ha", broker.users["ha"])  # what Home Assistant finds when it starts
-    wait_for(lambda: fresh.last().get(availability) == "offline" and len(fresh.last("homeassistant/")) == 33, 10,
+    wait_for(lambda: fresh.last().get(availability) == "offline" and len(fresh.last("homeassistant/")) == CONFIGS, 10,
              "the retained availability (offline) and discovery configs")
     fresh.close()
     log = d.log()
@@ -264,7 +273,7 @@ def test_tls_a_wrong_ca_and_a_wrong_password(broker, tmp_path, caplog):
         assert expected in line and password not in line and url in line, line
     b, ctl = make_broker(tmp_path, tls_url, broker.users["nilmd"], mqtt_tls_ca=str(broker.ca))
     wait_for(lambda: (b.poll(0.05), b.connected)[1], 10, f"a TLS connection ({caplog.text})")
-    wait_for(lambda: (b.poll(0.05), len(sub.last("homeassistant/")) == 33)[1], 10, "discovery over TLS")
+    wait_for(lambda: (b.poll(0.05), len(sub.last("homeassistant/")) == CONFIGS)[1], 10, "discovery over TLS")
     check_discovery(sub.last("homeassistant/"), "tls.house")
     b.close()
     wait_for(lambda: sub.last().get("nilmd/tls.house/availability") == "offline", 10, "offline after close")

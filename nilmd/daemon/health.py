@@ -1,8 +1,11 @@
 """Health: why a daemon whose processes are all alive is still not doing its job.
 
 The supervisor asks every tick; each reason makes the state `degraded` (README "Redis
-interface"), is written to the status hash as `degraded_reason` and to systemd's STATUS=, and
-goes away by itself when its cause does:
+interface"), is written to the status hash as `degraded_reason` (its sentence) and
+`degraded_codes`, to systemd's STATUS= and to the journal, is exported as
+`nilmd_degraded_reason{reason=<code>}`, and goes away by itself when its cause does. A reason is
+a short fixed code (a Prometheus label value: changing a timeout must not make new series) and
+a sentence for people, which may name the limits:
 
 - a child is down, the input is not connected, a model is missing (what `degraded` always meant);
 - no sample accepted for `input_timeout` seconds (the meter went silent, or everything it sends
@@ -16,6 +19,7 @@ goes away by itself when its cause does:
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +30,28 @@ from nilmd.daemon.ingest import REJECT_REASONS
 REJECT_WINDOW_S = 300.0  # "the last minutes" of the rejection rule
 MIN_SAMPLES = 10  # fewer received than this in the window: too few to call "most"
 POINT_S = 10.0  # how far apart the points of that window are
+
+
+class Problem(NamedTuple):
+    code: str  # fixed, short: reader_down, inference_down, mqtt_down, input_disconnected,
+    # models_missing, no_samples, samples_rejected, no_predictions (docs/CONTRACT.md §3.5)
+    text: str  # the sentence
+
+
+INPUT_DOWN = Problem("input_disconnected", "input not connected")
+
+
+def process_down(role: str) -> Problem:
+    return Problem(f"{role}_down", f"the {role} process is down")
+
+
+def sentence(problems) -> str:
+    """The reasons as the status hash's `degraded_reason` and STATUS= say them."""
+    return "; ".join(p.text for p in problems)
+
+
+def codes(problems) -> str:
+    return ",".join(p.code for p in problems)
 
 
 def input_timeout(cfg: Config) -> float:
@@ -45,32 +71,32 @@ class Health:
         self._points = np.zeros((int(REJECT_WINDOW_S // POINT_S) + 2, 2 + len(REJECT_REASONS)))
         self._written = 0
 
-    def reasons(self, snap: dict, run_length: int, *, down: list[str], input_ok: bool) -> list[str]:
+    def reasons(self, snap: dict, run_length: int, *, down: list[str], input_ok: bool) -> list[Problem]:
         """Every reason to be degraded now; empty when healthy. `down`: roles of dead children."""
         now = self.clock()
         if self._since is None:
             self._since = now
-        out = [f"the {role} process is down" for role in down]
+        out = [process_down(role) for role in down]
         if not input_ok:
-            out.append("input not connected")
+            out.append(INPUT_DOWN)
         loaded = int(snap["models_loaded"])
         if loaded and loaded < len(APPLIANCES):
-            out.append(f"{len(APPLIANCES) - loaded} models missing")
+            out.append(Problem("models_missing", f"{len(APPLIANCES) - loaded} models missing"))
         # The texts name the limits, not the seconds elapsed: STATUS= changes only when health does.
         if now - max(snap["last_arrival"], self._since) > self.timeout:
-            out.append(f"no sample accepted for over {self.timeout:.0f} s")
+            out.append(Problem("no_samples", f"no sample accepted for over {self.timeout:.0f} s"))
         rejected = self._rejected(snap)
         if rejected:
             out.append(rejected)
         if run_length >= self.window:
             self._full_since = now if self._full_since is None else self._full_since
             if now - max(snap["last_inference_ts"], self._full_since) > self.timeout:
-                out.append(f"no prediction for over {self.timeout:.0f} s")
+                out.append(Problem("no_predictions", f"no prediction for over {self.timeout:.0f} s"))
         else:
             self._full_since = None
         return out
 
-    def _rejected(self, snap: dict) -> str:
+    def _rejected(self, snap: dict) -> Problem | None:
         now = self.monotonic()
         points, n = self._points, len(self._points)
         current = np.array([now, snap["samples_received"], *(snap[f"rejected_{r}"] for r in REJECT_REASONS)])
@@ -83,6 +109,7 @@ class Health:
         delta = current[2:] - oldest[2:]
         total = delta.sum()
         if received < MIN_SAMPLES or 2 * total <= received:
-            return ""
+            return None
         worst = REJECT_REASONS[int(np.argmax(delta))]
-        return f"most samples of the last {REJECT_WINDOW_S:.0f} s rejected (mostly {worst})"
+        return Problem("samples_rejected",
+                       f"most samples of the last {REJECT_WINDOW_S:.0f} s rejected (mostly {worst})")

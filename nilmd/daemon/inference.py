@@ -22,6 +22,7 @@ from nilmd.appliances import APPLIANCES
 from nilmd.backoff import Backoff
 from nilmd.config import Config
 from nilmd.daemon import control as ctlmod
+from nilmd.daemon.alwayson import AlwaysOn
 from nilmd.daemon.publish import RedisPublisher, StdoutPublisher  # noqa: F401 (nilmd.daemon.ledger names it here)
 from nilmd.daemon.worker import Worker
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
@@ -45,6 +46,7 @@ class Track:
         self.backoff = Backoff()
         self.gone = False  # removed from the list: its heap entry is dropped when it comes up
         self.fed = 0  # ring index up to which its samples were fed to the models ahead of time
+        self.always_on = AlwaysOn()
 
     def upcoming(self) -> tuple[int | None, int]:
         """(ring index one past the newest sample of the next window to run, or None while the run
@@ -246,7 +248,8 @@ class InferenceWorker(Worker):
             out.append((track, end, make_prediction(
                 self.predictor.appliances, power[:, -n:], prob[:, -n:], self.predictor.thresholds(track.building),
                 aggregate, timestamp=time.time(), window_start=window_end - size, window_end=window_end,
-                inference_ms=ms, adapted=adaptation.adapted if adaptation else ())))
+                inference_ms=ms, adapted=adaptation.adapted if adaptation else (),
+                always_on=track.always_on.update(track.ring, window_end))))
         del taken
         return out
 

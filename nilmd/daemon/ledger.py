@@ -33,7 +33,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from nilmd import days, keys
+from nilmd import days, keys, latest
 from nilmd.config import Config
 from nilmd.daemon import runs
 
@@ -122,6 +122,11 @@ def interval_wh(prediction: dict, interval: float) -> dict[str, float]:
     return {p["appliance"]: float(p["power_watts"]) * interval / 3600.0 for p in prediction["predictions"]}
 
 
+def parts_wh(prediction: dict, interval: float) -> dict[str, float]:
+    """The always-on load's and "other"'s energy in the interval, counted like an appliance's."""
+    return {part: w * interval / 3600.0 for part, w in latest.parts(prediction).items()}
+
+
 class Ledger:
     COMMANDS = ("hget", "hkeys", "hset", "hincrbyfloat", "xadd", "publish")  # what the scripts run (README ACL)
 
@@ -161,7 +166,7 @@ class Ledger:
         wh = interval_wh(prediction, self.interval)
         day, month = days.interval_day(window_end, self.interval, self.tz)
         args = [repr(window_end), day, month, self.timezone]
-        for name, value in wh.items():
+        for name, value in {**wh, **parts_wh(prediction, self.interval)}.items():
             args += [name, f"{value:.6f}"]
         parts = [Part("energy", window_end, _ENERGY, self.energy, args)]
         ms = str(int(round(window_end * 1000)))

@@ -7,6 +7,10 @@ than every counter being kept a second time in prometheus-client objects: one bo
 a scrape always sees what the status hash would say. What only Redis knows (the latest
 prediction's power per appliance, the energy hash) is read in one round trip per scrape.
 
+Units are Prometheus' base units: energy in joules (`*_joules_total`, as node_exporter's RAPL
+and Kepler export it; a dashboard divides by 3.6e6 for kWh), power in watts. Each child's
+process metrics are one family with a `role` label (nilmd_process_*), not a family per role.
+
 prometheus-client's HTTP server runs in a daemon thread of the supervisor; the collector only
 reads (a copy of the control block, plain attributes), so it needs no lock and cannot disturb
 the supervisor's loop. Only with --metrics-port; this module imports prometheus-client, so the
@@ -29,6 +33,7 @@ from nilmd.errors import NilmdError, redis_error
 from nilmd.log import Throttle
 
 APPLIANCES_OK = "1 if this scrape could read the latest prediction and the energy from Redis"
+J_PER_WH = 3600.0
 STATES = ("starting", "warming_up", "running", "degraded", "reloading", "stopping", "stopped")
 
 
@@ -152,8 +157,9 @@ class DaemonCollector:
         f, g = self._family, GaugeMetricFamily
         yield f(g, "nilmd_state", "1 for the daemon's current state (README, \"Redis interface\")",
                 {s: s == state for s in STATES}, "state")
-        yield f(g, "nilmd_degraded_reason", "1 for each reason the state is degraded", {
-            r: 1 for r in (problems if state == "degraded" else [])}, "reason")
+        yield f(g, "nilmd_degraded_reason", "1 for each reason the state is degraded (a fixed code; the sentence "
+                "is the status hash's degraded_reason)", {p.code: 1 for p in (problems if state == "degraded" else [])},
+                "reason")
 
     def _latency(self, snap):
         family = HistogramMetricFamily("nilmd_inference_latency_seconds", "time of one inference step (all "
@@ -178,18 +184,61 @@ class DaemonCollector:
         yield self._family(GaugeMetricFamily, "nilmd_appliance_metrics_ok", APPLIANCES_OK, 1)
         entries = latest.appliances(prediction)
         f, g = self._family, GaugeMetricFamily
+        appliances = {a: e for a, e in energy.items() if a not in latest.PARTS}
         yield f(g, "nilmd_appliance_power_watts", "estimated power of each appliance, mean over the last "
                 "prediction's interval", {a: e.get("power_watts", 0.0) for a, e in entries.items()}, "appliance")
         yield f(g, "nilmd_appliance_on", "1 if the appliance was on in the last prediction",
                 {a: bool(e.get("is_on")) for a, e in entries.items()}, "appliance")
         yield f(g, "nilmd_appliance_probability", "the model's probability that the appliance is on",
                 {a: e.get("probability", 0.0) for a, e in entries.items()}, "appliance")
-        yield f(CounterMetricFamily, "nilmd_appliance_energy_watthours", "energy of each appliance since counting "
-                "began (nilm:<id>:energy, total_wh)", {a: e["total"] for a, e in energy.items() if "total" in e},
-                "appliance")
-        for period in ("today", "month"):
-            yield f(g, f"nilmd_appliance_energy_{period}_watthours", f"energy of each appliance {period} "
-                    "(the box's time zone)", {a: e[period] for a, e in energy.items() if period in e}, "appliance")
+        yield f(CounterMetricFamily, "nilmd_appliance_energy_joules", "energy of each appliance since counting "
+                "began (nilm:<id>:energy, total_wh x 3600)", {a: e["total"] * J_PER_WH for a, e in appliances.items()
+                                                               if "total" in e}, "appliance")
+        for name, period, since in (("nilmd_appliance_energy_today_joules", "today", "local midnight"),
+                                    ("nilmd_appliance_energy_month_joules", "month", "the start of the local month")):
+            yield f(g, name, f"energy of each appliance since {since} (the box's time zone)",
+                    {a: e[period] * J_PER_WH for a, e in appliances.items() if period in e}, "appliance")
+        yield from self._house(prediction, energy)
+
+    def _house(self, prediction, energy):
+        """The meter, the always-on load and "other" (what no appliance accounts for)."""
+        f, g = self._family, GaugeMetricFamily
+        parts = latest.parts(prediction)
+        if prediction is not None and isinstance(prediction.get("total_power"), (int, float)):
+            yield f(g, "nilmd_meter_power_watts", "the meter's power, mean over the last prediction's interval",
+                    prediction["total_power"])
+        if "always_on" in parts:
+            yield f(g, "nilmd_always_on_watts", "the house's always-on load: a low percentile of the last 24 h",
+                    parts["always_on"])
+        if "other" in parts:
+            yield f(g, "nilmd_other_power_watts", "the meter's power that no appliance accounts for (never "
+                    "negative)", parts["other"])
+        for name, part, doc in (("nilmd_always_on_energy_joules", "always_on", "the always-on load"),
+                                ("nilmd_other_energy_joules", "other", "\"other\"")):
+            if "total" in energy.get(part, {}):
+                yield f(CounterMetricFamily, name, f"energy of {doc} since counting began", energy[part]["total"] * J_PER_WH)
+
+
+class ProcessesCollector:
+    """prometheus-client's process metrics (memory, CPU, file descriptors, start time) of every
+    process of the daemon, renamed nilmd_process_* and labelled with the building and the role
+    (supervisor, reader, inference, mqtt): one family to graph and filter, not one per role."""
+
+    def __init__(self, supervisor):
+        self.building = supervisor.cfg.building_id  # "" with a list: the processes are the daemon's
+        roles = {"supervisor": lambda: "self", **{r: _pid_of(c) for r, c in supervisor.children.items()}}
+        self.each = {role: ProcessCollector(pid=pid, registry=None) for role, pid in roles.items()}
+
+    def collect(self):
+        families = {}
+        for role, collector in self.each.items():
+            for family in collector.collect():  # nothing for a child that is down
+                name = "nilmd_" + family.name
+                if name not in families:
+                    kind = CounterMetricFamily if family.type == "counter" else GaugeMetricFamily
+                    families[name] = kind(name, family.documentation, labels=["building", "role"])
+                families[name].add_metric([self.building, role], family.samples[0].value)
+        yield from families.values()
 
 
 def merge(families: dict, more) -> None:
@@ -218,8 +267,7 @@ def serve(supervisor):
     cfg = supervisor.cfg
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # the conventional process_* of the supervisor
-    for role, child in supervisor.children.items():  # and nilmd_<role>_process_* of each child
-        ProcessCollector(namespace=f"nilmd_{role}", pid=_pid_of(child), registry=registry)
+    registry.register(ProcessesCollector(supervisor))  # and nilmd_process_*{role} of every process
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     registry.register(DaemonCollector(supervisor))

@@ -168,6 +168,15 @@ class RingBuffer(MappedFile):
         a = (end - size) % self.capacity
         return Window(end, size, self._ts[a:a + size], self._flags[a:a + size], self._feats[a:a + size])
 
+    def recent(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the grid seconds, flags and power (the first feature) of the newest n samples
+        the ring holds, across breaks (fewer if it holds fewer). A row the writer overwrites
+        meanwhile is a newer sample: harmless to a statistic over a day (nilmd.daemon.alwayson)."""
+        head, _ = self.counters()
+        k = min(n, head, self.capacity)
+        a = (head - k) % self.capacity
+        return self._ts[a:a + k].copy(), self._flags[a:a + k].copy(), self._feats[a:a + k, 0].copy()
+
     def intact(self, window: Window) -> bool:
         """True if the writer has not (even started to) overwrite any sample of `window`."""
         with self._locked():

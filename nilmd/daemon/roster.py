@@ -84,7 +84,8 @@ class Served:
         self.ring = self.ctl = None
         self.health = Health(cfg)
         self.state = "starting"
-        self.problems: list[str] = []
+        self.problems: list = []  # nilmd.daemon.health.Problem
+        self.logged: tuple[str, tuple] = ("starting", ())  # what the journal last said of it (a list's)
         self.run_length = 0
 
     def open(self, where: str, log, quiet: bool = False) -> None:

@@ -10,12 +10,14 @@ hash calls `buffer_fill` (not `samples_filled`, the gap seconds the reader fille
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
-from nilmd.config import Config
+from nilmd.config import SETTINGS, Config
+from nilmd.daemon import health
 from nilmd.daemon.control import appliances
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.sources import DISCONNECT_CAUSES
@@ -30,7 +32,7 @@ def key(cfg: Config) -> str:
 
 def judge_state(*, ready: bool, reloading: bool, children_ok: bool, input_ok: bool, models_loaded: int,
                 run_length: int, window: int, problems=()) -> str:
-    """`problems`: nilmd.daemon.health's reasons; any of them makes a ready daemon degraded."""
+    """`problems`: nilmd.daemon.health's Problems; any of them makes a ready daemon degraded."""
     if not ready:
         return "starting"
     if reloading:
@@ -42,7 +44,7 @@ def judge_state(*, ready: bool, reloading: bool, children_ok: bool, input_ok: bo
 
 def summary_line(state: str, run_length: int, window: int, snap: dict, problems=()) -> str:
     """The one-line STATUS= for systemd."""
-    parts = [f"{state} ({'; '.join(problems)})" if state == "degraded" and problems else state, f"buffer {min(run_length, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
+    parts = [f"{state} ({health.sentence(problems)})" if state == "degraded" and problems else state, f"buffer {min(run_length, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
     if snap["inferences"]:
         parts.append(f"last inference {snap['last_inference_ms']:.1f} ms")
     if not snap["redis_connected"]:
@@ -64,7 +66,7 @@ def judge_daemon(*, ready: bool, reloading: bool, problems, states: list[str]) -
 def fleet_line(state: str, states: list[str], snap: dict, problems=()) -> str:
     """A list daemon's STATUS=: how many buildings run, warm up, are degraded."""
     counts = {s: states.count(s) for s in ("running", "warming_up", "degraded")}
-    parts = [f"{state} ({'; '.join(problems)})" if problems else state,
+    parts = [f"{state} ({health.sentence(problems)})" if problems else state,
              f"{len(states)} buildings: {counts['running']} running, {counts['warming_up']} warming up, "
              f"{counts['degraded']} degraded", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
     if not snap["redis_connected"]:
@@ -94,7 +96,7 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
     rss = {role: rss[role] if rss else rss_mb(pid) for role, pid in pids.items()}
     return {
         "state": state,
-        "degraded_reason": "; ".join(problems) if state == "degraded" else "",
+        **_degraded(state, problems),
         "building_id": cfg.building_id,
         "buffer_fill": min(run_length, cfg.window_size),
         "window_size": cfg.window_size,
@@ -141,6 +143,28 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
     }
 
 
+def _degraded(state: str, problems) -> dict:
+    """Why it is degraded: the sentence for people, the fixed codes for programs."""
+    problems = problems if state == "degraded" else ()
+    return {"degraded_reason": health.sentence(problems), "degraded_codes": health.codes(problems)}
+
+
+def change_line(old: tuple[str, tuple], new: tuple[str, tuple]) -> str | None:
+    """The journal's line for a change of (state, problems), or None when nothing changed:
+    "state running -> degraded: no sample accepted for over 120 s", and its recovery
+    "state degraded -> running (was: no sample accepted for over 120 s)"."""
+    (was, old_problems), (state, problems) = old, new
+    if (was, [p.code for p in old_problems]) == (state, [p.code for p in problems]):
+        return None
+    line = f"state {was} -> {state}" if was != state else f"state {state}, its reasons changed"
+    if state == "degraded" and problems:
+        line += f": {health.sentence(problems)}"
+    gone = [p for p in old_problems if p.code not in {q.code for q in problems}] if was == "degraded" else []
+    if gone:
+        line += f" (no longer: {health.sentence(gone)})"
+    return line
+
+
 def _processes(cfg: Config, started: float, pids: dict, restarts: dict, rss: dict) -> dict:
     """The processes' fields, the same in a building's hash and in a list daemon's."""
     return {
@@ -162,7 +186,7 @@ def daemon_fields(cfg: Config, state: str, line: str, states: list[str], snap: d
     """The list daemon's own hash (docs/CONTRACT.md §3.5.1): its processes, and its buildings counted."""
     return {
         "state": state,
-        "degraded_reason": "; ".join(problems) if state == "degraded" else "",
+        **_degraded(state, problems),
         "summary": line,
         "buildings": len(states),
         **{f"buildings_{s}": states.count(s) for s in ("running", "warming_up", "degraded", "starting")},
@@ -177,6 +201,29 @@ def daemon_fields(cfg: Config, state: str, line: str, states: list[str], snap: d
         "reload_failures": int(snap["reload_failed"]),
         **_processes(cfg, started, pids, restarts, rss),
     }
+
+
+# The hash's fields that are words, whatever they look like (a building id may be "42"): those of
+# the settings that are text, and the status's own.
+TEXT_FIELDS = frozenset({s.name for s in SETTINGS if s.type in ("str", "choice", "path")} | {
+    "state", "degraded_reason", "degraded_codes", "summary", "models_missing", "device", "backend", "host",
+    "version", "input_position", "building_list", "instance", "shard"})
+
+
+def typed(fields: dict) -> dict:
+    """A hash read back (str -> str) with its numbers as numbers, for `nilmd status --json`."""
+    out = {}
+    for k, v in fields.items():
+        if k not in TEXT_FIELDS:
+            for kind in (int, float):
+                try:
+                    number = kind(v)
+                except (TypeError, ValueError):
+                    continue
+                v = number if math.isfinite(number) else v  # JSON has no NaN
+                break
+        out[k] = v
+    return out
 
 
 def judge(fields: dict, now: float | None = None) -> tuple[int, str]:

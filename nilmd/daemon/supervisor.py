@@ -21,7 +21,7 @@ from collections import deque
 
 from nilmd import config, keys
 from nilmd.daemon import control as ctlmod
-from nilmd.daemon import inference, mqtt, reader, roster, sharing, status
+from nilmd.daemon import health, inference, mqtt, reader, roster, sharing, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
@@ -100,7 +100,8 @@ class Supervisor:
         self.reloading = False
         self.stopping = False
         self.state = "starting"
-        self.problems: list[str] = []  # why the state is degraded (nilmd.daemon.health)
+        self.problems: list[health.Problem] = []  # why the state is degraded (nilmd.daemon.health)
+        self._logged: tuple[str, tuple] = ("starting", ())  # the state and reasons the journal last said
         self.ctl = None  # the daemon block (with one building, that building's block)
         self._wake_r = self._wake_w = -1
         self._last_status = 0.0
@@ -390,8 +391,7 @@ class Supervisor:
                 models_loaded=int(snap["models_loaded"]), run_length=served.run_length, window=self.cfg.window_size,
                 problems=served.problems)
         if self.listed:
-            self.problems = [f"the {role} process is down" for role in down] + ([] if reader_up else
-                                                                               ["input not connected"])
+            self.problems = [health.process_down(role) for role in down] + ([] if reader_up else [health.INPUT_DOWN])
             self.state = status.judge_daemon(ready=ready, reloading=self.reloading, problems=self.problems,
                                              states=[b.state for b in self.served.values()])
             line = status.fleet_line(self.state, [b.state for b in self.served.values()], snap, self.problems)
@@ -403,9 +403,12 @@ class Supervisor:
             self.ready_sent = True
             self.notifier.ready(line)
             self.log.info("ready: %s", line)
+            self._logged = (self.state, tuple(self.problems))
         elif line != self._status_line:
             self.notifier.status(line)
         self._status_line = line
+        if self.ready_sent and not self.stopping:
+            self.log_changes(judge)
         if not self.ready_sent and snap["inference_state"] == ctlmod.INFER_LOADING and now - self._last_extend > 10:
             self.notifier.extend_timeout(self.EXTEND_S)
             self._last_extend = now
@@ -416,6 +419,24 @@ class Supervisor:
         if now - self._last_status >= self.cfg.status_interval:
             self.publish_status()
             self._last_status = now
+
+    def log_changes(self, judged: bool) -> None:
+        """One journal line for each change of state or of its reasons (STATUS= and the hash only
+        hold the latest): the daemon's, and with a list each building's into and out of degraded."""
+        now = (self.state, tuple(self.problems))
+        line = status.change_line(self._logged, now)
+        if line:
+            self.log.log(logging.WARNING if self.state == "degraded" else logging.INFO, "%s", line)
+        self._logged = now
+        for served in self.served.values() if self.listed and judged else ():
+            now = (served.state, tuple(served.problems))
+            was = served.logged
+            served.logged = now
+            if "degraded" in (was[0], now[0]):
+                line = status.change_line(was, now)
+                if line:
+                    self.log.log(logging.WARNING if now[0] == "degraded" else logging.INFO, "building %s: %s",
+                                 served.building, line)
 
     def _processes(self) -> dict:
         pids = {"supervisor": os.getpid(), **{r: c.pid for r, c in self.children.items()}}

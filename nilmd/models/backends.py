@@ -71,7 +71,7 @@ def choose(cfg) -> Choice:
 def _onnx(cfg) -> tuple[object, str, bool]:
     """(the OnnxPredictor or None, why there is none, whether that is simply an absence)."""
     if not installed("onnxruntime"):
-        return None, "onnxruntime is not installed (pip install 'nilmd[onnx]')", True
+        return None, "onnxruntime is not installed (a dependency of nilmd: pip install onnxruntime)", True
     from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor
 
     try:

@@ -18,13 +18,15 @@ def served_power(power: np.ndarray, prob: np.ndarray, threshold) -> np.ndarray:
 
 def make_prediction(appliances, power: np.ndarray, prob: np.ndarray, thresholds: np.ndarray,
                     aggregate: np.ndarray, *, timestamp: float, window_start: float, window_end: float,
-                    inference_ms: float, adapted=()) -> dict:
+                    inference_ms: float, adapted=(), always_on: float = 0.0) -> dict:
     """The prediction (docs/CONTRACT.md §3.4) for the newest samples.
 
     `power`, `prob` [A, n] and `aggregate` [n] cover the last inference interval (n samples).
     power_watts (of `served_power`) and probability are means over the interval, so power_watts
     is at most total_power (each sample's estimate is at most that sample's aggregate).
     `adapted`: the appliances served by the building's adapted model (nilmd.models.adapted).
+    `always_on`: the house's always-on load (nilmd.daemon.alwayson), passed through; `other_watts`
+    is what the meter saw that no appliance accounts for, never negative.
     """
     power = served_power(power, prob, np.asarray(thresholds, np.float32)[:, None])
     total = float(np.mean(aggregate)) if len(aggregate) else 0.0
@@ -46,6 +48,13 @@ def make_prediction(appliances, power: np.ndarray, prob: np.ndarray, thresholds:
         "window_start": float(window_start),
         "window_end": float(window_end),
         "total_power": round(total, 2),
+        "always_on_watts": round(float(always_on), 2),
+        "other_watts": other_watts(total, entries),
         "inference_time_ms": round(float(inference_ms), 3),
         "predictions": entries,
     }
+
+
+def other_watts(total: float, entries) -> float:
+    """The meter's power that the appliances' estimates leave over, never below 0."""
+    return round(max(total - sum(e["power_watts"] for e in entries), 0.0), 2)
