@@ -1,6 +1,6 @@
 """A building's adapted models (issue 22): `$NILMD_STATE_DIR/models/<building>/`, written by
 `nilmd adapt`, read and judged here for the daemon, `nilmd check` and `nilmd adapt --reset`
-(docs/CONTRACT.md §8.6, docs/ADAPTATION-serving.md).
+(docs/CONTRACT.md §8.6, docs/ADAPTATION.md).
 
 The folder holds `adaptation.json` (which appliances were kept as adapted, each file's SHA-256
 and that of the shipped checkpoint it started from), one checkpoint per adapted appliance in the
