@@ -140,3 +140,29 @@ def test_a_reload_swaps_between_backends_where_torch_is_installed(daemon_factory
     assert "changed since" in d.log() and "serving with torch instead" in d.log()
     assert d.status(redis_client)["reload_failures"] == "0"
     assert d.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime"])
+def test_an_onnxruntime_that_fails_to_import_is_one_line_and_torch_serves(daemon_factory, redis_client, tmp_path,
+                                                                          backend):
+    """onnxruntime installed but broken (here: a package whose import fails as a missing shared
+    library makes it fail): one line, torch serves, no traceback, no restart."""
+    models = tmp_path / "models"
+    export_set(models, seed=3)
+    broken = tmp_path / "site" / "onnxruntime"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        'raise ImportError("libonnxruntime.so.1: cannot open shared object file: No such file or directory")\n')
+    d = daemon_factory(model_dir=models, extra_env={"NILMD_BACKEND": backend,
+                                                     "PYTHONPATH": f"{broken.parent}{os.pathsep}{ROOT}"}).start()
+    sub = Subscriber(redis_client, d.building)
+    wait_ready(d, redis_client)
+    last = publish_samples(redis_client, d.building, 256 + 16, start=aligned_start(time.time() - 600, 256, 16))
+    check_prediction(sub.until(last), APPLIANCES, 256)
+    assert d.status(redis_client)["backend"] == "torch"
+    log = d.log()
+    lines = [line for line in log.splitlines() if "cannot be imported" in line]
+    assert len(lines) == 1 and "libonnxruntime.so.1" in lines[0] and "serving with torch instead" in lines[0], log
+    assert "Traceback" not in log and "failed" not in log.lower(), log
+    assert d.stop() == 0

@@ -12,6 +12,7 @@ without torch never tries to import it.
 from __future__ import annotations
 
 import glob
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -72,12 +73,21 @@ def _onnx(cfg) -> tuple[object, str, bool]:
     """(the OnnxPredictor or None, why there is none, whether that is simply an absence)."""
     if not installed("onnxruntime"):
         return None, "onnxruntime is not installed (a dependency of nilmd: pip install onnxruntime)", True
-    from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor
-
+    try:
+        importlib.import_module("onnxruntime")  # onnx_backend imports it only when a session opens
+        from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor
+    except Exception as e:  # installed but broken (a missing shared library, a wrong build): like an absent one
+        return None, f"onnxruntime is installed but cannot be imported ({broken(e)})", False
     try:
         return OnnxPredictor(cfg.model_dir, threads=cfg.threads or 1, interval=cfg.inference_interval), "", False
     except OnnxExportError as e:
         return None, str(e), isinstance(e, NoExport)
+
+
+def broken(e: BaseException) -> str:
+    """An import failure in one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 _torch_threads_set = False
