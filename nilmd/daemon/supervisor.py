@@ -21,7 +21,7 @@ from collections import deque
 
 from nilmd import config, keys
 from nilmd.daemon import control as ctlmod
-from nilmd.daemon import inference, mqtt, reader, roster, sharing, status
+from nilmd.daemon import fencing, inference, mqtt, reader, roster, sharing, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
@@ -117,6 +117,8 @@ class Supervisor:
         # which of the list is ours: its shard, its leases (nilmd.daemon.sharing)
         self.sharing = sharing.Sharing(cfg, self.redis, self.redis_errors, self.throttle)
         self.paths = roster.daemon_paths(cfg.runtime_dir, self.sharing.wanted(), self.listed)
+        if self.sharing.fence is not None:  # the children's writes carry this life's lease token
+            self.paths["fence_token"] = self.sharing.fence.token
         self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
         # The children get the password inside their Config; in their environment it would be
         # readable in /proc/<pid>/environ and `ps eww` for as long as they live.
@@ -175,11 +177,17 @@ class Supervisor:
 
     # -- the list: SIGHUP, leases ------------------------------------------------------------------
     def follow_leases(self) -> None:
+        if self.sharing.leases is None:
+            return
+        fenced = [b for b, served in self.served.items() if served.ctl["fenced"]]
+        if fenced:  # the inference stopped serving them already (and said so)
+            self.sharing.let_go(fenced)
+            self.apply_list(self.sharing.wanted(), "fenced", "Redis refused their writes: their leases are gone")
         if not self.sharing.due():
             return
         self.sharing.claim()
         new = self.sharing.wanted()
-        if new != list(self.served):
+        if set(new) != set(self.served):
             self.apply_list(new, "leases", f"{len(self.sharing.leases.instances)} instances live")
 
     def reload_list(self) -> None:
@@ -438,13 +446,16 @@ class Supervisor:
             for served in buildings:
                 fields = status.fields(served.cfg, served.state, self.ctl.snapshot(served.ctl), served.ring.run_length(),
                                        started=self.started, problems=served.problems, **procs)
-                pipe.hset(status.key(served.cfg), mapping=fields)
+                if self.sharing.fence is None:
+                    pipe.hset(status.key(served.cfg), mapping=fields)
+                else:  # a building whose lease is gone is another instance's to describe
+                    self.sharing.fence.hset(pipe, served.building, status.key(served.cfg), fields)
             if daemon:
                 pipe.hset(keys.daemon_status_key(self.sharing.name), mapping={**status.daemon_fields(
                     self.cfg, self.state, self._status_line, [b.state for b in self.served.values()], snap,
                     started=self.started, problems=self.problems, **procs), **self.sharing.fields()})
             replies = pipe.execute(raise_on_error=False)
-            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            failed = next((r for r in replies if isinstance(r, Exception) and not fencing.is_fenced(r)), None)
         except self.redis_errors as e:
             failed = e
         if failed is not None:
