@@ -202,28 +202,45 @@ class Supervisor:
         self.apply_list(self.sharing.wanted(), "SIGHUP", self.cfg.building_ids[1:])
 
     def apply_list(self, new: list[str], why: str, source: str) -> None:
-        """Serve `new` from now on. New buildings get their shared memory (and snapshot), removed ones
-        a last status and their files unlinked; the children attach and detach when the daemon block
-        says the list moved. The others are not touched."""
+        """Serve `new` from now on, whole or not at all. The list is checked first (open files, shared
+        memory), then the new buildings get their shared memory (and snapshot); if any cannot, those
+        opened are closed again and the old list keeps serving (one line). Only then do the removed
+        ones get a last status and their files unlinked; the children attach and detach when the
+        daemon block says the list moved. The others are not touched."""
         added = [b for b in new if b not in self.served]
         removed = [b for b in self.served if b not in set(new)]
+        if not added and not removed:
+            return  # nothing changed: nothing to say (a renewal every few seconds)
+        problem = roster.list_problem(self.cfg, len(new), len(added), self.log)
+        opened = []
+        try:
+            for b in added if problem is None else ():
+                self.open_building(b)
+                opened.append(b)
+        except (NilmdError, OSError) as e:
+            problem = f"building {b} cannot be served: {e}"
+            for b in opened:
+                self.served.pop(b).close()
+        if problem is not None:
+            line = (f"{why}: the new list of {len(new)} buildings is refused, the {len(self.served)} served go on "
+                    f"unchanged: {problem}")
+            if why == "SIGHUP":  # asked for: answered every time
+                self.log.error("%s", line)
+            else:  # leases come back every renewal: once a minute
+                self.throttle.log(f"list {why}", logging.ERROR, line)
+            if self.sharing.leases is not None and added:  # leases it cannot serve: another instance may
+                self.sharing.let_go(added)
+            return
         for b in removed:
             served = self.served.pop(b)
             served.state = "stopped"
             self._publish_buildings([served])
             served.close()  # the children's mappings stay valid until they let go (the reader's last snapshot)
-        failed = []
-        for b in added:
-            try:
-                self.open_building(b)
-            except (NilmdError, OSError) as e:
-                failed.append(b)
-                self.log.error("%s: building %s is not served: %s", why, b, e)
         self.paths["buildings"] = list(self.served)
         roster.write(self.paths["roster"], self.paths["buildings"])
         self.ctl.add("roster_version")
-        self.log.info("%s: buildings: %d added, %d removed, %d served (%s)", why, len(added) - len(failed),
-                      len(removed), len(self.served), source)
+        self.log.info("%s: buildings: %d added, %d removed, %d served (%s)", why, len(added), len(removed),
+                      len(self.served), source)
 
     # -- signals: handlers only enqueue ---------------------------------------------------------
     def install_signals(self) -> None:
