@@ -98,7 +98,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from nilmd.daemon import status
+    from nilmd.daemon import sharing, status
 
     cfg = config.resolve(args, names=_names("common", "redis"))
     client, redisconn = _redis(cfg, "status")
@@ -106,18 +106,27 @@ def cmd_status(args) -> int:
     if cfg.building_ids and not one:  # a list daemon: its summary and a line per building
         try:
             ids = config.buildings(cfg)
+            # instances sharing the list (leases): every live one, and who holds each building
+            live = [] if args.host else sharing.live_names(client)
+            names = [args.host] if args.host else live or [sharing.instance_name(cfg)]
+            holders = sharing.holder_names(client, ids) if live else None
             pipe = client.pipeline(transaction=False)
-            pipe.hgetall(keys.daemon_status_key(args.host or os.uname().nodename))
+            for name in names:
+                pipe.hgetall(keys.daemon_status_key(name))
             for b in ids:
                 pipe.hgetall(keys.status_key(b))
-            daemon, *each = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
+            raws = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
         except redisconn.ERRORS as e:
             print(f"nilmd: UNKNOWN: cannot read the status from Redis at {redisconn.describe(cfg)}: "
                   f"{redis_error(e)[1]}")
             return status.UNKNOWN
-        code, text = status.render_list(daemon, dict(zip(ids, each)))
+        daemons, each = dict(zip(names, raws)), dict(zip(ids, raws[len(names):]))
+        code, text = status.render_list(daemons, each, holders=holders)
         if args.json:
-            print(json.dumps({"daemon": daemon, "buildings": dict(zip(ids, each)), "exit_code": code}, indent=2))
+            out = {"daemon": daemons[names[0]], "buildings": each, "exit_code": code}
+            if holders is not None:
+                out.update(instances=daemons, holders=holders)
+            print(json.dumps(out, indent=2))
         else:
             print(text)
         return code
@@ -271,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the daemon's status hash; exit 0 ok, 1 warning, 2 critical, 3 unknown")
     config.add_arguments(status, ("common", "redis"))
     status.add_argument("--json", action="store_true", help="print the hash as JSON")
-    status.add_argument("--host", default=None, help="with --building-ids: the host whose daemon hash to read "
-                        "(nilm:nilmd:HOST:status; default: this one)")
+    status.add_argument("--host", default=None, help="with --building-ids: the instance whose daemon hash to read "
+                        "(nilm:nilmd:NAME:status; default: every live instance sharing the list, else this one)")
     status.set_defaults(func=cmd_status)
 
     watch = sub.add_parser("watch", help="print predictions as they arrive")

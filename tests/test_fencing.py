@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -74,6 +76,20 @@ def exactly(preds: Predictions, expected: dict, both: Both) -> None:
         assert preds.by_building.get(b) == ends, (b, both.log())
 
 
+def instances_in_status(d: Daemon, ids, share) -> None:
+    """Issue 23, defect 6: `nilmd status` with the list, run from a third place (no instance name of
+    its own), shows every live instance, who serves each building and its state; exit by the worst."""
+    env = {k: v for k, v in d.env.items() if k != "NILMD_INSTANCE"}
+    run = subprocess.run([sys.executable, "-m", "nilmd", "status"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode in (0, 1), run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert [x.split(":")[0] for x in lines[:2]] == ["instance a", "instance b"], run.stdout
+    for x in ids:
+        row = next(r.split() for r in lines if r.split()[:1] == [x])
+        assert row[1] == share[x] and row[2] in ("running", "warming_up"), run.stdout
+
+
 @pytest.mark.slow
 def test_a_paused_holder_is_fenced_and_every_window_is_predicted_once(redis_target, model_dir, tmp_path):
     port, env, client = redis_target
@@ -101,6 +117,7 @@ def test_a_paused_holder_is_fenced_and_every_window_is_predicted_once(redis_targ
                 assert {client.get(g) for g in fencing.guard_keys(x)} == {client.get(keys.lease_key(x))}, x
         first = {x: publish_samples(client, x, WINDOW + 2 * STEP - 1, start=t0 + 1, to="stream") for x in ids}
         exactly(preds, {x: schedule(t0, first[x]) for x in ids}, both)
+        instances_in_status(a, ids, share)
 
         os.kill(a.proc.pid, signal.SIGSTOP)  # a's supervisor only: its reader and inference run on
         try:

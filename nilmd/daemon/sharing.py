@@ -53,6 +53,27 @@ return redis.call('DEL', KEYS[1])
 """
 
 
+_LIVE = """
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), '+inf')
+"""
+
+
+def live_names(client) -> list[str]:
+    """The names of the instances registered and not expired (by the server's clock), for a reader
+    such as `nilmd status`: it registers nothing."""
+    tokens = client.eval(_LIVE, 1, INSTANCES_KEY)
+    return sorted({(t.decode() if isinstance(t, bytes) else t).rpartition("#")[0] for t in tokens})
+
+
+def holder_names(client, buildings: list[str]) -> dict[str, str]:
+    """building -> the instance name its lease holds ('' none); one GET each (a cluster's keys lie apart)."""
+    pipe = client.pipeline(transaction=False)
+    for b in buildings:
+        pipe.get(keys.lease_key(b))
+    return {b: (v.decode().rpartition("#")[0] if v else "") for b, v in zip(buildings, pipe.execute())}
+
+
 def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
