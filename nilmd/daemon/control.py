@@ -20,7 +20,8 @@ READER_STARTING, READER_CONNECTING, READER_SUBSCRIBED = 0, 1, 2
 # Inference states
 INFER_LOADING, INFER_READY, INFER_RELOADING = 0, 1, 2
 # MQTT publisher states
-MQTT_STARTING, MQTT_CONNECTING, MQTT_CONNECTED = 0, 1, 2
+# MQTT_UNUSABLE: it cannot start at all (its TLS files): it idles, the daemon is degraded, predictions go on
+MQTT_STARTING, MQTT_CONNECTING, MQTT_CONNECTED, MQTT_UNUSABLE = 0, 1, 2, 3
 
 _NAMES = [
     "reader_pid", "reader_heartbeat", "reader_state", "redis_connected", "redis_errors",

@@ -400,6 +400,9 @@ class Supervisor:
             self.notifier.ready()
         down = [r for r, c in self.children.items() if not c.alive]
         ready = self.ready_sent or (reader_up and models_up)
+        # an optional exporter that cannot start: degraded with its reason, the predictions go on
+        exporters = ["the MQTT exporter cannot start: its TLS files are not usable (its error is in the log)"] \
+            if "mqtt" in self.children and snap["mqtt_state"] == ctlmod.MQTT_UNUSABLE else []
         # Each building judged on its own data: every tick for one, with the status hashes for a
         # list (30 ms a round for 1000 buildings: every tick would be 6 % of a core)
         judge = not self.listed or now - self._last_judged >= self.cfg.status_interval or self.stopping
@@ -409,14 +412,14 @@ class Supervisor:
             bsnap = self.ctl.snapshot(served.ctl)
             served.run_length = served.ring.run_length()
             served.problems = served.health.reasons(bsnap, served.run_length, down=down, input_ok=reader_up) \
-                if self.ready_sent else []
+                + ([] if self.listed else exporters) if self.ready_sent else []
             served.state = status.judge_state(
                 ready=ready, reloading=self.reloading, children_ok=not down, input_ok=reader_up,
                 models_loaded=int(snap["models_loaded"]), run_length=served.run_length, window=self.cfg.window_size,
                 problems=served.problems)
         if self.listed:
             self.problems = [f"the {role} process is down" for role in down] + ([] if reader_up else
-                                                                               ["input not connected"])
+                                                                               ["input not connected"]) + exporters
             self.state = status.judge_daemon(ready=ready, reloading=self.reloading, problems=self.problems,
                                              states=[b.state for b in self.served.values()])
             line = status.fleet_line(self.state, [b.state for b in self.served.values()], snap, self.problems)
