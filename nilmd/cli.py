@@ -148,12 +148,16 @@ def cmd_report(args) -> int:
     from nilmd import days, report
 
     cfg = config.resolve(args, names=_names("common", "redis"))
-    report.require_matplotlib()
     day = args.day or days.yesterday(days.zone(cfg.timezone))
     try:
-        days.bounds(day, days.zone(cfg.timezone))
+        start, _ = days.bounds(day, days.zone(cfg.timezone))
     except ValueError:
         return _fail(f"--day: {day!r} is not a date (YYYY-MM-DD)")
+    except OverflowError:  # 9999-12-31: its next midnight is past what a date holds
+        return _fail(f"--day: {day} is too late a date: nilmd has no predictions there")
+    if start < 0:  # the history's entry ids count milliseconds from 1970: Redis would refuse the range
+        return _fail(f"--day: {day} is before 1970-01-01: nilmd has no predictions there")
+    report.require_matplotlib()
     client, redisconn = _redis(cfg, "report")
     try:
         data = report.read_day(client, cfg.building_id, day, cfg.timezone)
