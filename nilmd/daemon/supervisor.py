@@ -478,7 +478,9 @@ class Supervisor:
             failed = next((r for r in replies if isinstance(r, Exception) and not fencing.is_fenced(r)), None)
         except self.redis_errors as e:
             failed = e
-        if failed is not None:
+        if failed is None:
+            self.throttle.ok("status")  # a failure's suppressed repeats: said now as the past, not later
+        else:
             self.ctl.add("supervisor_redis_errors")
             kind, line = redis_error(failed)
             self.throttle.log(f"status {kind}", logging.WARNING, f"could not write the status hash: {line}")
