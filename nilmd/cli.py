@@ -99,7 +99,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from nilmd.daemon import status
+    from nilmd.daemon import sharing, status
 
     cfg = config.resolve(args, names=_names("common", "redis", "list"))
     client, redisconn = _redis(cfg, "status")
@@ -107,17 +107,26 @@ def cmd_status(args) -> int:
     if cfg.building_ids and not one:  # a list daemon: its summary and a line per building
         try:
             ids = config.buildings(cfg)
+            # instances sharing the list (leases): every live one, and who holds each building
+            live = [] if args.host else sharing.live_names(client)
+            names = [args.host] if args.host else live or [sharing.instance_name(cfg)]
+            holders = sharing.holder_names(client, ids) if live else None
             pipe = client.pipeline(transaction=False)
-            pipe.hgetall(keys.daemon_status_key(args.host or os.uname().nodename))
+            for name in names:
+                pipe.hgetall(keys.daemon_status_key(name))
             for b in ids:
                 pipe.hgetall(keys.status_key(b))
-            daemon, *each = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
+            raws = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
         except redisconn.ERRORS as e:
             return _unreadable(args, cfg, redisconn, e)
-        code, text = status.render_list(daemon, dict(zip(ids, each)))
+        daemons, each = dict(zip(names, raws)), dict(zip(ids, raws[len(names):]))
+        code, text = status.render_list(daemons, each, holders=holders)
         if args.json:
-            print(json.dumps({"daemon": status.typed(daemon), "buildings": {b: status.typed(f) for b, f in zip(ids, each)},
-                              "exit_code": code}, indent=2))
+            out = {"daemon": status.typed(daemons[names[0]]), "buildings": {b: status.typed(f) for b, f in each.items()},
+                   "exit_code": code}
+            if holders is not None:
+                out.update(instances={n: status.typed(d) for n, d in daemons.items()}, holders=holders)
+            print(json.dumps(out, indent=2))
         else:
             print(text)
         return code
@@ -151,12 +160,16 @@ def cmd_report(args) -> int:
     from nilmd import days, report
 
     cfg = config.resolve(args, names=_names("common", "redis"))
-    report.require_matplotlib()
     day = args.day or days.yesterday(days.zone(cfg.timezone))
     try:
-        days.bounds(day, days.zone(cfg.timezone))
+        start, _ = days.bounds(day, days.zone(cfg.timezone))
     except ValueError:
         return _fail(f"--day: {day!r} is not a date (YYYY-MM-DD)")
+    except OverflowError:  # 9999-12-31: its next midnight is past what a date holds
+        return _fail(f"--day: {day} is too late a date: nilmd has no predictions there")
+    if start < 0:  # the history's entry ids count milliseconds from 1970: Redis would refuse the range
+        return _fail(f"--day: {day} is before 1970-01-01: nilmd has no predictions there")
+    report.require_matplotlib()
     client, redisconn = _redis(cfg, "report")
     try:
         data = report.read_day(client, cfg.building_id, day, cfg.timezone)
@@ -470,8 +483,9 @@ status, Redis unreachable). With BUILDING_IDS: the daemon's summary and a line p
     config.add_arguments(status, ("common", "redis", "list"), SECTIONS)
     status.add_argument("--json", action="store_true", help="print the status as JSON, numbers as numbers "
                         "(also when Redis cannot be read)")
-    status.add_argument("--host", default=None, metavar="HOST", help="with --building-ids: the host whose daemon "
-                        "hash to read (nilm:nilmd:HOST:status; default: this one)")
+    status.add_argument("--host", default=None, metavar="NAME", help="with --building-ids: the instance whose "
+                        "daemon hash to read (nilm:nilmd:NAME:status; default: every live instance sharing the list, "
+                        "else this one)")
     status.set_defaults(func=cmd_status)
 
     watch = _command(sub, "watch", "print predictions as they arrive", """\

@@ -159,9 +159,9 @@ class Config:
         "wait for another.")
     instance_name: str = setting(
         "", "--instance-name", "NILMD_INSTANCE", "this instance's name among those sharing a list (default: "
-        "host:state dir)", group="fleet", section="building", note="This instance's name among those sharing "
-        "the list by leases; keep it across restarts, so its buildings come back to it. Default: host name and "
-        "state directory.")
+        "the host name)", group="fleet", section="building", note="This instance's name among those sharing "
+        "the list by leases; keep it across restarts, so its buildings come back to it. Default: the host name "
+        "(two instances on one host need their own).")
     log_level: str = setting("info", "--log-level", ("LOG_LEVEL", "NILMD_LOG_LEVEL"), "log level",
                              choices=("debug", "info", "warning", "error"), group="common", section="building",
                              note="debug, info, warning or error. info logs no line per sample.")

@@ -169,13 +169,16 @@ class Throttle:
     def ok(self, key: str, level: int = logging.INFO, msg: str | None = None) -> None:
         """The condition behind `key` is over: report its suppressed count now, as the past it is
         (at INFO: a recovered error must not reappear a minute later at its own level as if it
-        were new), log `msg` if given, and forget the key."""
-        state = self._state.pop(key, None)
+        were new), log `msg` if given, and forget the key. `key` also ends the keys it prefixes
+        ("redis" ends "redis unreachable", "redis OOM": one per kind of the same condition)."""
+        ended = [k for k in self._state if k == key or k.startswith(key + " ")]
         if msg is not None:
             self.logger.log(level, "%s", msg)
-        if state is not None and state[1]:
-            self.logger.log(level, "until then: %s (%d more like it suppressed in the last %.0f s)",
-                            state[3], state[1], self.clock() - state[0])
+        for k in ended:
+            state = self._state.pop(k)
+            if state[1]:
+                self.logger.log(level, "until then: %s (%d more like it suppressed in the last %.0f s)",
+                                state[3], state[1], self.clock() - state[0])
 
     def flush(self, force: bool = False) -> None:
         """Report suppressed counts whose period is over (all of them with force=True), and forget

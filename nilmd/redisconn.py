@@ -155,6 +155,14 @@ def publish(pipe, channel: str, message: str) -> None:
     pipe.execute_command("PUBLISH", channel, message)
 
 
+def refusal(text: str) -> Exception:
+    """The exception redis-py would raise for an error reply a script returned as text (e.g. an OOM
+    that a script caught with pcall), so that nilmd.errors.redis_error names it the same."""
+    from redis._parsers import BaseParser
+
+    return BaseParser.parse_error(text)
+
+
 def describe(cfg: Config) -> str:
     """Where we connect, for error lines (never the password)."""
     scheme = "rediss" if cfg.redis_tls else "redis"

@@ -212,3 +212,12 @@ def test_produce_simulation_and_csv(redis_server, redis_client, tmp_path):
     assert "line 4 skipped" in r.stderr
     missing = nilmd(*base, "--source", str(tmp_path / "nope.csv"))
     assert missing.returncode == 1 and missing.stderr.startswith("nilmd: error: --source")
+
+
+@pytest.mark.parametrize("day, says", [("9999-12-31", "too late a date"), ("0001-01-01", "before 1970-01-01"),
+                                       ("2024-02-30", "is not a date")])
+def test_report_days_out_of_range_are_one_line_before_redis(day, says):
+    """Issue 23, defect 8: no traceback (OverflowError), no "Redis refused" for a bad date."""
+    out = nilmd("report", "--day", day, "--building-id", "x", "--redis-port", "1")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and says in lines[0] and "Redis" not in lines[0], out.stderr

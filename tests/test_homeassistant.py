@@ -307,23 +307,35 @@ def test_mqtt_password_from_the_systemd_credential(tmp_path):
     assert config.mqtt_endpoint(cfg.mqtt_url) == (False, "nilmd", "broker", 1883)
 
 
-def test_tls_files_that_are_no_certificate_stop_with_one_line(tmp_path, caplog):
-    """A CA file that exists (the settings check passes) but holds no certificate: the MQTT
-    process ends with EXIT_BOOT_ERROR (the supervisor stops, systemd does not retry) and one line."""
-    from nilmd.config import Config
-    from nilmd.daemon.control import ControlBlock
-    from nilmd.daemon.mqtt import MqttWorker
-    from nilmd.daemon.ringbuffer import RingBuffer
-    from nilmd.errors import EXIT_BOOT_ERROR
-    from nilmd.features import N_FEATURES
-
+@pytest.mark.slow
+def test_tls_files_that_are_no_certificate_degrade_and_predictions_go_on(daemon_factory, redis_client, tmp_path):
+    """Issue 23, defect 7: a CA file that exists (the settings check passes) but holds no
+    certificate: the MQTT process says so in one line and idles, the daemon is `degraded` with the
+    reason (`nilmd status` exits 1), and every window is still predicted."""
     (tmp_path / "ca.pem").write_text("not a certificate\n")
-    paths = {"ring": str(tmp_path / "ring"), "ctl": str(tmp_path / "ctl")}
-    shared = RingBuffer.create(paths["ring"], 256, N_FEATURES), ControlBlock.create(paths["ctl"])
-    cfg = Config(mqtt_url="mqtts://nilmd@127.0.0.1:1", mqtt_tls_ca=str(tmp_path / "ca.pem"))
-    caplog.set_level(logging.CRITICAL, logger="nilmd.mqtt")
-    assert MqttWorker(cfg, paths).run() == EXIT_BOOT_ERROR
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
-    assert len(lines) == 1 and "--mqtt-tls-ca" in lines[0] and "no certificate" in lines[0], lines
-    for s in shared:
-        s.close()
+    d = daemon_factory(extra_env={"NILMD_MQTT_URL": "mqtts://nilmd@127.0.0.1:1",
+                                  "NILMD_MQTT_TLS_CA": str(tmp_path / "ca.pem")}).start()
+    t0 = aligned_start(time.time() - 400, 256, 16)
+    wait_for(lambda: d.status(redis_client).get("input_connected") == "1", 60,
+             f"the daemon to subscribe\n{d.log()[-3000:]}")
+    publish_samples(redis_client, d.building, 256 + 16, start=t0)
+    wait_for(lambda: d.status(redis_client).get("inferences") == "2", 30, f"two predictions\n{d.log()[-3000:]}")
+    st = wait_for(lambda: (lambda s: s if s.get("state") == "degraded" else None)(d.status(redis_client)), 10,
+                  f"the daemon to be degraded\n{d.log()[-3000:]}")
+    assert "MQTT exporter cannot start" in st["degraded_reason"], st
+    assert json.loads(redis_client.get(keys.latest_key(d.building)))["window_end"] == t0 + 256 + 15
+    lines = [x for x in d.log().splitlines() if "--mqtt-tls-ca" in x]
+    assert len(lines) == 1 and "no certificate" in lines[0] and "CRITICAL" not in d.log(), d.log()[-3000:]
+    assert d.proc.poll() is None and "failed" not in d.log()
+    assert d.stop() == 0
+
+
+def test_mqtts_to_a_plain_listener_names_tls(broker, tmp_path, caplog):
+    """Issue 23, defect 7: mqtts:// to a port that speaks plain MQTT says it is the TLS handshake."""
+    broker.start()
+    caplog.set_level(logging.WARNING, logger="nilmd.mqtt.test")
+    b, ctl = make_broker(tmp_path, f"mqtts://nilmd@127.0.0.1:{broker.port}", broker.users["nilmd"],
+                         mqtt_tls_ca=str(broker.ca))
+    wait_for(lambda: (b.poll(0.05), ctl["mqtt_errors"] >= 1)[1], 10, "mqtts:// to a plain listener to fail")
+    line = caplog.records[-1].getMessage()
+    assert "TLS handshake" in line and "plain listener" in line, line

@@ -143,3 +143,39 @@ def test_static_shards_split_a_list_between_two_instances(redis_server, redis_cl
     finally:
         for d in shards:
             d.stop()
+
+
+@pytest.mark.slow
+def test_instances_started_together_keep_every_building_on_the_aligned_schedule(
+        redis_server, redis_client, model_dir, tmp_path):
+    """Issue 23, defect 2: three instances started at once on preloaded streams hand buildings to
+    each other as they register; a building that moves continues the same aligned schedule, with
+    nothing missing and nothing twice, exactly like one that never moved."""
+    ids = [f"start-{k}" for k in range(4, 11)]  # some for each (rendezvous hashing)
+    assert {owner(x, ["a", "b", "c"]) for x in ids} == {"a", "b", "c"}
+    listing = tmp_path / "buildings.list"
+    listing.write_text("\n".join(ids) + "\n")
+    t0 = aligned_start(time.time() - 700, WINDOW, STEP)
+    n = WINDOW + 3 * STEP
+    loaded = {x: publish_samples(redis_client, x, n, start=t0, to="stream") for x in ids}
+    # a first start reads the newest window and interval of a stream: the windows that fit in it
+    oldest = t0 + n - (WINDOW + STEP)
+    preds = Predictions(redis_client)
+    env = dict(NILMD_LEASES="true", NILMD_LEASE_PERIOD="2", NILMD_INPUT_MODE="stream")
+    daemons = [instance(redis_server, model_dir, tmp_path, name, listing, **env) for name in "abc"]
+    every = Both(*daemons)
+    try:
+        wait_for(lambda: holders(redis_client, ids) == {x: owner(x, ["a", "b", "c"]) for x in ids}, 30,
+                 f"the three instances to settle\n{every.log()}")
+        first = {x: [e for e in schedule(t0, loaded[x]) if e - WINDOW + 1 >= oldest] for x in ids}
+        preds.wait(first, 60, every)
+        more = {x: publish_samples(redis_client, x, 2 * STEP, start=loaded[x] + 1, to="stream") for x in ids}
+        expected = {x: first[x] + [e for e in schedule(t0, more[x]) if e > loaded[x]] for x in ids}
+        preds.wait(expected, 60, every)
+        time.sleep(0.5)  # a duplicate would come within this
+        preds.drain()
+        assert {x: preds.by_building.get(x) for x in ids} == expected, every.log()
+    finally:
+        for d in daemons:
+            if d.proc.poll() is None:
+                d.stop()

@@ -233,3 +233,20 @@ def test_throttle_ok_reports_a_recovered_error_now_as_past_and_never_again():
     assert len(out) == 3, "nothing about the old error after recovery"
     th.log("redis", logging.ERROR, "Redis unreachable")
     assert out[-1] == (logging.ERROR, "Redis unreachable"), "a new failure is logged at once"
+
+
+def test_throttle_ok_ends_every_kind_of_its_condition():
+    """Issue 23, defect 8: the reader logs `redis <kind>` (one key per kind of failure) and ends them
+    with ok("redis"): the suppressed ERROR came back ~55 s after "is back" with no new error."""
+    th, out, clock = _throttle()
+    for kind in ("unreachable", "unreachable", "LOADING", "unreachable"):
+        th.log(f"redis {kind}", logging.ERROR, f"input source stream: {kind}")
+        clock.t += 1
+    th.log("cut timeout", logging.WARNING, "another condition")
+    th.ok("redis", msg="input source stream is back")
+    assert out[-2:] == [(logging.INFO, "input source stream is back"),
+                        (logging.INFO, "until then: input source stream: unreachable (2 more like it suppressed in "
+                                       "the last 4 s)")]
+    clock.t += 61
+    th.flush()
+    assert all(level < logging.ERROR for level, _ in out[3:]), out  # nothing about the old error at ERROR

@@ -100,7 +100,9 @@ def test_redis_out_of_memory_neither_hangs_nor_blinds_the_supervisor(daemon_fact
         s = wait_for(rewritten, 10, f"the status hash to be written again once Redis has room\n{d.log()[-2000:]}")
         assert s["state"] in ("running", "warming_up") and int(s["restarts_inference"]) == 1
         assert int(s["redis_errors_supervisor"]) >= 1 and int(s["redis_errors_inference"]) >= 1
-        assert d.log().count("could not write the status hash") == 1, "not once per period"
+        said = [x for x in d.log().splitlines() if "could not write the status hash" in x]
+        # once as it happened; its suppressed repeats once more, at INFO, as the past once the writes work
+        assert len([x for x in said if "until then:" not in x]) == 1, "not once per period"
         last = publish_samples(redis_client, d.building, 16, start=last + 1)
         sub.until(last, timeout=30)
         ends = [json.loads(m)["window_end"] for m in sub.received]

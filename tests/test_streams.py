@@ -125,6 +125,9 @@ def test_a_snapshot_older_than_the_position_is_continued_from_the_stream(stream_
     one.cfg = later
     one.run_reader(lambda: one.ctl["samples_accepted"] == 300, "life 1 to take 50 more")
     add(redis_client, stream_cfg, 30, t0 + 300)
+    # what life 1's inference published: its last window ends at the history's last sample (without
+    # that record nothing was predicted, and history_end stays 0: issue 23, defect 2)
+    redis_client.hset(keys.status_key(stream_cfg.building_id), "last_window_end", t0 + 299)
     two = Life(tmp_path, stream_cfg, "two")
     assert snapshot.restore_at_start(stream_cfg, two.ring, two.ctl, two.reader().log) == 250
     two.run_reader(lambda: two.ctl["samples_accepted"] == 80, "life 2: 50 of history and 30 new")

@@ -21,7 +21,8 @@ READER_STARTING, READER_CONNECTING, READER_SUBSCRIBED = 0, 1, 2
 # Inference states
 INFER_LOADING, INFER_READY, INFER_RELOADING = 0, 1, 2
 # MQTT publisher states
-MQTT_STARTING, MQTT_CONNECTING, MQTT_CONNECTED = 0, 1, 2
+# MQTT_UNUSABLE: it cannot start at all (its TLS files): it idles, the daemon is degraded, predictions go on
+MQTT_STARTING, MQTT_CONNECTING, MQTT_CONNECTED, MQTT_UNUSABLE = 0, 1, 2, 3
 
 _NAMES = [
     "reader_pid", "reader_heartbeat", "reader_state", "redis_connected", "redis_errors",
@@ -59,6 +60,9 @@ _NAMES += [f"latency_le_{i}" for i in range(len(LATENCY_BUCKETS_S))] + ["latency
 _NAMES += ["mqtt_pid", "mqtt_heartbeat", "mqtt_state", "mqtt_errors", "mqtt_published"]
 # 1 while the models are served by ONNX Runtime, 0 by torch (nilmd.models.backends)
 _NAMES += ["backend_onnx"]
+# 1 once Redis refused one of this building's writes for a lease this instance no longer holds
+# (nilmd.daemon.fencing): the inference stopped serving it, the supervisor lets it go
+_NAMES += ["fenced"]
 # A list daemon (nilmd.daemon.roster): the supervisor bumps it after writing a new list of buildings
 _NAMES += ["roster_version"]
 # A building's appliances served by its adapted models, and those whose adapted file was refused
@@ -71,7 +75,8 @@ BUILDING_SLOTS = frozenset(
     ["samples_received", "samples_accepted", "samples_filled", "gaps_broken", "last_sample_ts", "inferences",
      "last_inference_ts", "last_inference_ms", "last_window_end", "overruns", "snapshot_ts", "input_pos_ms",
      "input_pos_seq", "input_resumed", "history_end", "restored_samples", "snapshot_failures", "snapshot_errno",
-     "clock_jumps", "last_arrival", "predictions_pending", "samples_lost", "adapted_mask", "adapted_refused_mask"]
+     "clock_jumps", "last_arrival", "predictions_pending", "samples_lost", "adapted_mask", "adapted_refused_mask",
+     "fenced"]
     + [f"rejected_{r}" for r in REJECT_REASONS] + [f"repaired_{r}" for r in REPAIR_REASONS])
 _BUILDING_INDEX = np.array(sorted(SLOTS[n] for n in BUILDING_SLOTS))
 SIZE = 8 * 128

@@ -33,7 +33,7 @@ POINT_S = 10.0  # how far apart the points of that window are
 
 
 class Problem(NamedTuple):
-    code: str  # fixed, short: reader_down, inference_down, mqtt_down, input_disconnected,
+    code: str  # fixed, short: reader_down, inference_down, mqtt_down, mqtt_unusable, input_disconnected,
     # models_missing, no_samples, samples_rejected, no_predictions (docs/CONTRACT.md §3.5)
     text: str  # the sentence
 

@@ -23,6 +23,7 @@ from nilmd.backoff import Backoff
 from nilmd.config import Config
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon.alwayson import AlwaysOn
+from nilmd.daemon.fencing import Fence
 from nilmd.daemon.publish import RedisPublisher, StdoutPublisher  # noqa: F401 (nilmd.daemon.ledger names it here)
 from nilmd.daemon.worker import Worker
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
@@ -61,9 +62,12 @@ class Track:
             return None, head
         last = int(self.ctl["last_window_end"])  # 0: none yet in this daemon's life
         history = int(self.ctl["history_end"])  # warm restart: an earlier run predicted windows up to here
-        if history > last:  # keep its schedule (or start one) at the newest window it already predicted
-            last = last + (history - last) // step * step if last >= segment + size else history
-        if last < segment + size or last > head:  # first window of this unbroken run of data
+        if history > last and history >= segment + size:
+            # the first aligned window after the earlier run's last one: the schedule stays on the
+            # clock however the history ended (another instance's, or a lease handed over early)
+            end = self._aligned(history, step, later=True)
+            end += step if end == history else 0
+        elif last < segment + size or last > head:  # first window of this unbroken run of data
             end = self._aligned(segment + size, step, later=True)
         else:
             end = last + step
@@ -269,7 +273,9 @@ class InferenceWorker(Worker):
             if self.cfg.mode == "test":
                 publisher = StdoutPublisher(self.cfg)
             else:
-                publisher = RedisPublisher(self.cfg, self.log, self.throttle, self.ctl)
+                token = self.paths.get("fence_token")  # with --leases (nilmd.daemon.fencing)
+                fence = Fence(token, self.cfg.redis_cluster) if token else None
+                publisher = RedisPublisher(self.cfg, self.log, self.throttle, self.ctl, fence)
         except (NilmdError, RuntimeError) as e:
             self.log.critical("cannot start: %s", e)
             return EXIT_BOOT_ERROR
@@ -379,6 +385,9 @@ class InferenceWorker(Worker):
         for track, ok in zip(tracks, results):
             end, prediction = track.held
             ctl = track.ctl
+            if track.building in getattr(publisher, "fenced", ()):
+                self._fenced(track)
+                continue
             if ok:
                 track.held = None
                 ctl["last_window_end"] = end
@@ -397,6 +406,20 @@ class InferenceWorker(Worker):
                 ctl["predictions_pending"] = 1
                 track.retry_at = now + track.backoff.next_delay()
                 self._push(track, track.retry_at)
+
+
+    def _fenced(self, track: Track) -> None:
+        """Redis refused this building's writes: another instance holds its lease now (this one was
+        paused, cut off or slow past the lease period). Stop serving it at once; the supervisor lets
+        it go when it sees the flag, and takes it again only with a fresh lease."""
+        self.publisher.fenced.discard(track.building)
+        self.log.error("building %s: fenced: Redis refused the prediction of the window ending %s because this "
+                       "instance no longer holds the building's lease; no longer served here",
+                       track.building, track.held[1]["window_end"])
+        track.ctl["fenced"] = 1
+        self.remove_building(track.building)
+        if track.building in self.roster.current:  # taken again later: the list's change re-attaches it
+            self.roster.current.remove(track.building)
 
 
 def main(cfg: Config, paths: dict) -> None:

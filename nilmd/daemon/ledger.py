@@ -131,7 +131,7 @@ class Ledger:
     COMMANDS = ("hget", "hkeys", "hset", "hincrbyfloat", "xadd", "publish")  # what the scripts run (README ACL)
 
     def __init__(self, cfg: Config):
-        b = cfg.building_id
+        b = self.building = cfg.building_id
         self.energy, self.runs = keys.energy_key(b), keys.runs_key(b)
         self.history_key, self.events_key = keys.predictions_stream(b), keys.events_stream(b)
         self.channel = keys.events_channel(b)
@@ -151,15 +151,19 @@ class Ledger:
         self.state = {k.decode(): runs.Run.from_json(v) for k, v in raw.items()}
         self.stepped = max([self.stepped] + [r.last for r in self.state.values()])
 
-    def queue(self, pipe, prediction: dict, text: str) -> None:
+    def queue(self, pipe, prediction: dict, text: str, fence=None) -> None:
         """Add the interval's parts, after the ones still pending, to `pipe` (the state must be
-        loaded). The same prediction queued again (it was held) adds nothing new."""
+        loaded). The same prediction queued again (it was held) adds nothing new. `fence`
+        (nilmd.daemon.fencing, with --leases): each part only while the building's lease is ours."""
         window_end = float(prediction["window_end"])
         if window_end > self.made:
             parts = self._parts(prediction, text, window_end)
             self.pending, self.made = self.pending + parts, window_end
         for part in self.pending:
-            pipe.execute_command("EVAL", part.script, 1, part.key, *part.args)
+            if fence is None:
+                pipe.execute_command("EVAL", part.script, 1, part.key, *part.args)
+            else:
+                fence.eval(pipe, self.building, part.script, part.key, *part.args)
         self._queued = len(self.pending)
 
     def _parts(self, prediction: dict, text: str, window_end: float) -> list[Part]:

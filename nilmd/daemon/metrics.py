@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from nilmd import __version__, latest
 from nilmd.daemon import control as ctlmod
+from nilmd.daemon import metrics_server
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.sources import DISCONNECT_CAUSES
 from nilmd.errors import NilmdError, redis_error
@@ -272,7 +273,7 @@ def serve(supervisor):
     GCCollector(registry=registry)
     registry.register(DaemonCollector(supervisor))
     try:
-        server, _thread = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=registry)
+        server = metrics_server.start(cfg.metrics_port, cfg.metrics_host, registry)  # connections capped
     except OSError as e:
         raise NilmdError(f"cannot serve /metrics on {cfg.metrics_host}:{cfg.metrics_port} (--metrics-host, "
                          f"--metrics-port): {e.strerror or e}") from None

@@ -17,6 +17,7 @@ password never reaches a log line: the broker is named by nilmd.config.mqtt_endp
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 from nilmd import config, homeassistant, keys, latest
@@ -24,7 +25,7 @@ from nilmd.backoff import Backoff
 from nilmd.config import Config
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon.worker import Worker
-from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, redis_error
+from nilmd.errors import EXIT_OK, redis_error
 
 TICK_S = 0.1  # each of the two waits of one loop turn (broker, Redis): the heartbeat stays fresh
 UNCOUNTED_WAIT_S = 10.0  # how long a prediction's energy is looked for after it (the ledger may hold it longer)
@@ -39,6 +40,7 @@ class Broker:
 
         self.paho = paho
         tls, user, self.host, self.port = config.mqtt_endpoint(cfg.mqtt_url)
+        self.tls = tls
         self.where = f"{'mqtts' if tls else 'mqtt'}://{user + '@' if user else ''}{self.host}:{self.port}"
         self.building, self.prefix = cfg.building_id, cfg.mqtt_discovery_prefix
         self.log, self.throttle, self.ctl = log, throttle, ctl
@@ -71,7 +73,11 @@ class Broker:
             try:
                 self.client.connect(self.host, self.port, keepalive=30)  # TCP (and TLS): connect_timeout 5 s
             except (OSError, ValueError) as e:  # refused, unreachable, a TLS failure (ssl.SSLError is an OSError)
-                self._failed(f"cannot connect: {e.strerror or e}" if isinstance(e, OSError) else str(e))
+                why = f"cannot connect: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+                if self.tls and isinstance(e, (ssl.SSLError, ConnectionResetError, ConnectionAbortedError)):
+                    why += (" during the TLS handshake: is that port a TLS listener? (mqtts:// needs one; mqtt:// "
+                            "is for a plain listener)")
+                self._failed(why)
                 return
             self.started = now
         elif self.started is not None and now - self.started > CONNACK_TIMEOUT_S:
@@ -151,8 +157,15 @@ class MqttWorker(Worker):
         try:
             self.broker = Broker(self.cfg, self.log, self.throttle, self.ctl)
         except (OSError, ValueError) as e:  # TLS files that exist but are no certificate or key
-            self.log.critical("cannot use the MQTT TLS files (--mqtt-tls-ca, --mqtt-tls-cert, --mqtt-tls-key): %s", e)
-            return EXIT_BOOT_ERROR
+            # An optional exporter: Home Assistant gets nothing, the predictions go on. The process
+            # idles (restarting it would fail the same way) and the supervisor says `degraded`.
+            self.log.error("cannot use the MQTT TLS files (--mqtt-tls-ca, --mqtt-tls-cert, --mqtt-tls-key): %s; "
+                           "Home Assistant gets nothing until they are fixed and nilmd restarted", e)
+            self.ctl["mqtt_state"] = ctlmod.MQTT_UNUSABLE
+            while self.alive:
+                self.beat()
+                time.sleep(TICK_S * 5)
+            return EXIT_OK
         self.pubsub = None
         self.redis_backoff, self.redis_retry_at = Backoff(), 0.0
         self.uncounted, self.uncounted_until = None, 0.0  # the newest prediction whose energy Redis lacked

@@ -15,6 +15,7 @@ import numpy as np
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
+from nilmd.daemon.fencing import Fence, is_fenced
 from nilmd.daemon.ledger import PENDING_MAX, Ledger
 from nilmd.errors import redis_error
 
@@ -23,7 +24,7 @@ class RedisPublisher:
     """SET latest, the inference's status fields and the ledger's parts, and PUBLISH the
     prediction: every building of a batch in one pipeline, each with its own ledger."""
 
-    def __init__(self, cfg: Config, logger, throttle, ctl):
+    def __init__(self, cfg: Config, logger, throttle, ctl, fence: Fence | None = None):
         from nilmd import redisconn
 
         self.redisconn = redisconn
@@ -32,6 +33,8 @@ class RedisPublisher:
         self.cfg = cfg
         self.log, self.throttle, self.ctl = logger, throttle, ctl  # ctl: the daemon block (this process's errors)
         self.ledgers: dict[str, Ledger] = {}  # energy, events and history: scripts beside each prediction
+        self.fence = fence  # with --leases: every write only while the lease is ours (nilmd.daemon.fencing)
+        self.fenced: set[str] = set()  # buildings Redis refused for a lease lost: the caller lets them go
 
     def forget(self, building: str) -> None:
         self.ledgers.pop(building, None)
@@ -59,26 +62,36 @@ class RedisPublisher:
                 counted = self._ledger_ready(ledger)
                 start = len(pipe)
                 text = json.dumps(prediction, separators=(",", ":"))
-                pipe.set(keys.latest_key(b), text)
-                pipe.hset(keys.status_key(b), mapping={
-                    "last_inference_ts": prediction["timestamp"],
-                    "last_inference_ms": prediction["inference_time_ms"],
-                    "last_window_end": prediction["window_end"],
-                })
+                fields = {"last_inference_ts": prediction["timestamp"],
+                          "last_inference_ms": prediction["inference_time_ms"],
+                          "last_window_end": prediction["window_end"]}
+                if self.fence is None:
+                    pipe.set(keys.latest_key(b), text)
+                    pipe.hset(keys.status_key(b), mapping=fields)
+                else:  # latest is SET with the PUBLISH below, in one fenced script
+                    self.fence.hset(pipe, b, keys.status_key(b), fields)
                 if counted:
-                    ledger.queue(pipe, prediction, text)
+                    ledger.queue(pipe, prediction, text, self.fence)
                 # PUBLISH last: Redis runs it once it has read the whole pipeline, so its reply
                 # leaves with the message itself; first, a connection cut after the message went
                 # out but before the rest was read would make this prediction go out again. And a
                 # subscriber that reads `latest` on the message finds this one.
-                self.redisconn.publish(pipe, keys.predictions_channel(b), text)
-                queued.append((ledger if counted else None, len(pipe) - start))
+                if self.fence is None:
+                    self.redisconn.publish(pipe, keys.predictions_channel(b), text)
+                else:
+                    self.fence.prediction(pipe, b, text)
+                queued.append((b, ledger if counted else None, len(pipe) - start))
             replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
             error = e  # nothing is known to have been done: for the ledgers, each part failed
         out, at = [], 0
-        for ledger, n in queued:
-            out.append(self._settle(ledger, error if replies is None else replies[at:at + n]))
+        for b, ledger, n in queued:
+            mine = error if replies is None else replies[at:at + n]
+            if not isinstance(mine, Exception) and any(is_fenced(r) for r in mine):
+                self.fenced.add(b)  # not this instance's any more: nothing to count or try again
+                out.append(not isinstance(mine[-1], Exception))
+            else:
+                out.append(self._settle(ledger, mine))
             at += n
         # the rest never got queued (a ledger's state could not be read: Redis is away): held
         return out + [self._settle(None, error) for _ in items[len(queued):]]
@@ -87,8 +100,13 @@ class RedisPublisher:
         """One building's replies (or the exception for all of them): True if it went out."""
         if isinstance(replies, Exception):
             published, stored, parts = replies, [], replies
-        else:
+        elif self.fence is None:
             published, stored, parts = replies[-1], replies[:2], replies[2:-1]
+        else:  # the fenced script's reply: 'OK', or the refusal of its SET of latest (the message went out)
+            published, stored, parts = replies[-1], replies[:1], replies[1:-1]
+            if not isinstance(published, Exception) and published not in (b"OK", "OK"):
+                stored = stored + [self.redisconn.refusal(
+                    published.decode() if isinstance(published, bytes) else published)]
         if ledger is not None:
             error, dropped = ledger.settle(parts)
             if error is not None and not isinstance(published, Exception):  # else one line says it

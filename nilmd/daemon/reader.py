@@ -146,7 +146,7 @@ class Reader(Worker):
         self._snapshot_check = 0.0
         self.feeds: dict[str, Feed] = {}
         self.add_buildings(self.roster.current)
-        self.source = source if source is not None else make_source(cfg, self.feeds, self.ctl)
+        self.source = source if source is not None else make_source(cfg, self.feeds, self.ctl, paths.get("fence_token"))
 
     def add_building(self, building: str) -> None:
         ring, ctl, cfg = self.attach(building)

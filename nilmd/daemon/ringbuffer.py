@@ -49,6 +49,11 @@ def _layout(capacity: int, n_features: int) -> tuple[int, int, int, int]:
     return ts, flags, feats, size
 
 
+def file_size(capacity: int, n_features: int) -> int:
+    """Bytes of a ring's file (shared memory in the runtime dir)."""
+    return _layout(capacity, n_features)[-1]
+
+
 @dataclass
 class Window:
     """The newest `size` samples as views into the ring. Check `ring.intact(window)` after use."""

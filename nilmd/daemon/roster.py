@@ -128,11 +128,46 @@ class _Quiet:
         self.info, self.warning, self.error = log.debug, log.warning, log.error
 
 
+FILES_PER_BUILDING, FILES_BASE = 3, 64  # ring, block and lock per building; the process's own
+
+
+def open_files_needed(buildings: int) -> int:
+    return FILES_PER_BUILDING * buildings + FILES_BASE
+
+
+def building_bytes(cfg) -> int:
+    """Shared memory a building takes in the runtime dir: its ring and its control block."""
+    from nilmd.daemon import control
+    from nilmd.daemon.ringbuffer import file_size
+    from nilmd.features import N_FEATURES
+
+    return file_size(cfg.ring_capacity, N_FEATURES) + control.SIZE
+
+
+def list_problem(cfg, total: int, added: int, log) -> str | None:
+    """Why a list of `total` buildings, `added` of them new, cannot be served whole here (the open
+    files limit, raised first as far as it goes; the free space of the runtime dir for the new
+    rings), or None. Checked before anything changes, so a list is applied whole or not at all."""
+    raise_open_files(total, log)
+    need, soft = open_files_needed(total), resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft < need:
+        return (f"{total} buildings need about {need} open files and the limit is {soft} (systemd: "
+                f"LimitNOFILE={need} or more in a drop-in)")
+    per = building_bytes(cfg)
+    st = os.statvfs(cfg.runtime_dir)
+    free = st.f_bavail * st.f_frsize
+    if added * per > free:
+        return (f"its {added} new buildings need {added * per / 1e6:.1f} MB of shared memory in {cfg.runtime_dir} "
+                f"({per / 1e3:.0f} kB each with NILMD_RING_CAPACITY={cfg.ring_capacity}) and {free / 1e6:.1f} MB "
+                "are free")
+    return None
+
+
 def raise_open_files(buildings: int, log) -> None:
     """Each building keeps open files in every process (its ring's fd, for the flock, and its block;
     the supervisor its lock too): with many, the soft RLIMIT_NOFILE (often 1024) goes up to the hard
     one, which the children inherit. Too low a hard limit is said at once (systemd: LimitNOFILE=)."""
-    need = 3 * buildings + 64
+    need = open_files_needed(buildings)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= need:
         return

@@ -15,9 +15,11 @@ departed instance moves only its own share, and an instance gives a building bac
 belongs to is live. Live instances register in one sorted set, `nilm:nilmd:instances`, scored by
 the Redis server's clock (never the boxes': their clocks need not agree).
 
-A lease is not a fence: an instance stalled for longer than a lease period (SIGSTOP, a frozen VM)
-may write a building's predictions once more after another took it over, until its next renewal
-finds the lease gone. The lease period bounds that window.
+Leases fence (nilmd.daemon.fencing): every write for a building is refused by Redis unless the lease
+still holds this life's token, so an instance stalled past a lease period (SIGSTOP, a frozen VM, a
+partition) writes nothing once its lease is gone; its inference drops the building at the first
+refusal and the supervisor lets it go. On a cluster the token is also copied beside each key
+written (its guards), which are set once the lease is taken and renewed with it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import socket
 import time
 
 from nilmd import config, keys
+from nilmd.daemon import fencing
 from nilmd.errors import redis_error
 
 INSTANCES_KEY = "nilm:nilmd:instances"
@@ -48,6 +51,27 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 """
+
+
+_LIVE = """
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), '+inf')
+"""
+
+
+def live_names(client) -> list[str]:
+    """The names of the instances registered and not expired (by the server's clock), for a reader
+    such as `nilmd status`: it registers nothing."""
+    tokens = client.eval(_LIVE, 1, INSTANCES_KEY)
+    return sorted({(t.decode() if isinstance(t, bytes) else t).rpartition("#")[0] for t in tokens})
+
+
+def holder_names(client, buildings: list[str]) -> dict[str, str]:
+    """building -> the instance name its lease holds ('' none); one GET each (a cluster's keys lie apart)."""
+    pipe = client.pipeline(transaction=False)
+    for b in buildings:
+        pipe.get(keys.lease_key(b))
+    return {b: (v.decode().rpartition("#")[0] if v else "") for b, v in zip(buildings, pipe.execute())}
 
 
 def _hash(text: str) -> int:
@@ -86,11 +110,14 @@ class Leases:
     """One instance's leases. `claim(candidates)` once per renewal period returns the buildings it
     holds now; the caller serves exactly those."""
 
-    def __init__(self, client, name: str, period_s: float, errors=(Exception,), clock=time.monotonic):
+    def __init__(self, client, name: str, period_s: float, errors=(Exception,), clock=time.monotonic,
+                 cluster: bool = False):
         self.client = client
         self.name = name
         self.token = f"{name}#{secrets.token_hex(6)}"  # unique to this life: two lives never share a lease
         self.period_ms = int(period_s * 1000)
+        self.cluster = cluster  # the token also in each building's guards (nilmd.daemon.fencing)
+        self.guard_ms = int(self.period_ms * fencing.GUARD_SHARE)
         self.errors = errors
         self.clock = clock
         self.held: set[str] = set()
@@ -123,24 +150,66 @@ class Leases:
         take = sorted(mine - self.held)
         pipe = self.client.pipeline(transaction=False)
         for b in held:  # renewed if it still belongs here, else given back
-            pipe.eval(_KEEP, 1, keys.lease_key(b), self.token, self.period_ms if b in mine else 0)
+            self._keep(pipe, b, b in mine)
         for b in take:
             pipe.set(keys.lease_key(b), self.token, nx=True, px=self.period_ms)
-        replies = pipe.execute(raise_on_error=False)
-        now = set()
-        for b, reply in zip(held, replies[:len(held)]):
+        replies = iter(pipe.execute(raise_on_error=False))
+        now, stamp = set(), []
+        for b in held:
+            reply = next(replies)
+            guards = [next(replies) for _ in self._guards(b)]
             if b in mine and (reply == 1 or isinstance(reply, Exception)):  # refused: the next renewal decides
                 now.add(b)
-        for b, reply in zip(take, replies[len(held):]):
-            if reply is True:
+                if reply == 1 and any(g == 0 for g in guards):  # a guard ran out while the lease is ours
+                    stamp.append(b)
+        for b in take:
+            if next(replies) is not True:
+                continue
+            if self.cluster:
+                stamp.append(b)
+            else:
                 now.add(b)
-        return now
+        return now | self._stamp(stamp)
+
+    def _guards(self, b: str) -> list[str]:
+        return fencing.guard_keys(b) if self.cluster else []
+
+    def _keep(self, pipe, b: str, renew: bool) -> None:
+        """Queue the renewal (or the release) of a lease and its guards, each only while it is ours."""
+        # execute_command: a cluster's pipeline has no eval() taking arguments
+        pipe.execute_command("EVAL", _KEEP, 1, keys.lease_key(b), self.token, self.period_ms if renew else 0)
+        for g in self._guards(b):
+            pipe.execute_command("EVAL", _KEEP, 1, g, self.token, self.guard_ms if renew else 0)
+
+    def _stamp(self, buildings: list[str]) -> set[str]:
+        """On a cluster, a lease just taken is served only once its guards hold the token (else the
+        writes would be refused); a building whose guards could not all be set is given back."""
+        if not buildings:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for b in buildings:
+            for g in self._guards(b):
+                pipe.set(g, self.token, px=self.guard_ms)
+        replies = iter(pipe.execute(raise_on_error=False))
+        done = {b for b in buildings if all([next(replies) is True for _ in self._guards(b)])}
+        self.give_back(set(buildings) - done)
+        return done
+
+    def give_back(self, buildings: set[str]) -> None:
+        """Release these leases (those still ours) and stop holding them."""
+        if not buildings:
+            return
+        self.held -= buildings
+        pipe = self.client.pipeline(transaction=False)
+        for b in sorted(buildings):
+            self._keep(pipe, b, False)
+        pipe.execute(raise_on_error=False)
 
     def release_all(self) -> None:
         """A clean stop: give every lease back at once, so the others need not wait for them to expire."""
         pipe = self.client.pipeline(transaction=False)
         for b in sorted(self.held):
-            pipe.eval(_KEEP, 1, keys.lease_key(b), self.token, 0)
+            self._keep(pipe, b, False)
         pipe.zrem(INSTANCES_KEY, self.token)
         pipe.execute(raise_on_error=False)
         self.held = set()
@@ -157,7 +226,10 @@ class Sharing:
         self.throttle = throttle
         self.errors = errors
         self.candidates = self.read()
-        self.leases = Leases(client, self.name, cfg.lease_period, errors=errors) if cfg.leases else None
+        self.leases = Leases(client, self.name, cfg.lease_period, errors=errors,
+                             cluster=cfg.redis_cluster) if cfg.leases else None
+        # with --leases, every write for a building is checked against its lease (nilmd.daemon.fencing)
+        self.fence = fencing.Fence(self.leases.token, cfg.redis_cluster) if self.leases else None
         self.next_claim = 0.0
         self._trouble = False
         if self.leases is not None:
@@ -194,6 +266,15 @@ class Sharing:
             if self._trouble:
                 self._trouble = False
                 self.throttle.ok("leases", msg="the leases are renewed again")
+
+    def let_go(self, buildings: list[str]) -> None:
+        """Buildings whose writes Redis refused (fenced): no longer held; their leases, where still
+        ours (a cluster guard that ran out), given back so that a fresh claim sets everything anew."""
+        try:
+            self.leases.give_back(set(buildings))
+        except self.errors as e:
+            self.leases.held -= set(buildings)
+            self.throttle.log("leases", logging.ERROR, f"could not give back fenced leases: {redis_error(e)[1]}")
 
     def fields(self) -> dict:
         """For the list daemon's hash (docs/CONTRACT.md §3.5.1)."""

@@ -232,14 +232,15 @@ class SimulatedSource:
         pass
 
 
-def make_source(cfg: Config, feeds: dict, counters):
+def make_source(cfg: Config, feeds: dict, counters, fence_token: str | None = None):
     """The configured source for the reader's buildings (nilmd.daemon.reader.Feed, by id); a stream
     keeps each one's position in its control block and looks into its ring to mark where the
-    history of an earlier run ends. `counters`: the daemon block, for the reader's own errors."""
+    history of an earlier run ends. `counters`: the daemon block, for the reader's own errors.
+    `fence_token` (--leases): a stream's position is recorded only while the lease is ours."""
     if cfg.mode == "test":
         return SimulatedSource(cfg)
     if cfg.input_mode == "stream":
         from nilmd.daemon.streams import StreamSource
 
-        return StreamSource(cfg, feeds, counters)
+        return StreamSource(cfg, feeds, counters, fence_token)
     return PubSubSource(cfg, list(feeds))

@@ -294,21 +294,32 @@ def _adapted_line(fields: dict) -> list[str]:
                if refused else "")]
 
 
-def render_list(daemon: dict, buildings: dict[str, dict], now: float | None = None) -> tuple[int, str]:
-    """`nilmd status` for a list daemon: (the worst verdict's exit code, its summary and one line
-    per building)."""
+def render_list(daemons: dict[str, dict], buildings: dict[str, dict], now: float | None = None,
+                holders: dict[str, str] | None = None) -> tuple[int, str]:
+    """`nilmd status` for a list: (the worst verdict's exit code, a summary line per instance, its
+    name first when there are several, and one line per building). `holders` (instances sharing
+    the list by leases): building -> the instance that serves it ('' none), as a column."""
     now = time.time() if now is None else now
-    code, verdict = judge(daemon, now)
-    alive = code in (OK, WARNING) and daemon.get("summary")
-    lines = [f"nilmd {daemon.get('version', '?')} on {daemon.get('host', '?')}: {daemon['summary'] if alive else verdict}"]
-    lines.append(f"  {'building':<24} {'verdict':<28} {'buffer':>11} {'received':>9} {'accepted':>9} "
+    code, lines = OK, []
+    for name, daemon in daemons.items():
+        c, verdict = judge(daemon, now)
+        code = max(code, c)
+        alive = c in (OK, WARNING) and daemon.get("summary")
+        who = f"instance {name}: " if len(daemons) > 1 or holders is not None else ""
+        lines.append(f"{who}nilmd {daemon.get('version', '?')} on {daemon.get('host', '?')}: "
+                     f"{daemon['summary'] if alive else verdict}")
+    served_by = f" {'instance':<16}" if holders is not None else ""
+    lines.append(f"  {'building':<24}{served_by} {'verdict':<28} {'buffer':>11} {'received':>9} {'accepted':>9} "
                  f"{'rejected':>8} {'predictions':>11} {'adapted':>7}")
     for b, fields in buildings.items():
         c, v = judge(fields, now)
+        if holders is not None and not holders.get(b):
+            c, v = CRITICAL, f"not served (no lease); {v}"
         code = max(code, c)
         g = fields.get
         buffer = f"{g('buffer_fill', '-')}/{g('window_size', '-')}"
-        lines.append(f"  {b:<24} {v[:28]:<28} {buffer:>11} {g('samples_received', '-'):>9} "
+        who = f" {(holders.get(b) or '-')[:16]:<16}" if holders is not None else ""
+        lines.append(f"  {b:<24}{who} {v[:28]:<28} {buffer:>11} {g('samples_received', '-'):>9} "
                      f"{g('samples_accepted', '-'):>9} {g('samples_rejected', '-'):>8} {g('inferences', '-'):>11} "
                      f"{_count(g('models_adapted')) + ('!' if g('models_adapted_refused') else ''):>7}")
     return code, "\n".join(lines)

@@ -38,6 +38,7 @@ import numpy as np
 
 from nilmd import keys
 from nilmd.config import Config
+from nilmd.daemon.fencing import Fence, is_fenced
 from nilmd.errors import redis_error
 from nilmd.log import Throttle
 
@@ -241,9 +242,9 @@ class StreamCursor:
         self._pending = parse_id(entries[-1][0])
         return [data for _, data in entries]
 
-    def commit(self, pipe) -> None:
+    def commit(self, pipe, fence=None) -> None:
         """The batch just read is in the ring: record the position (ring first, then this), the
-        Redis half queued on `pipe`."""
+        Redis half queued on `pipe` (fenced with --leases)."""
         if self._pending is None:
             return
         self._position, self._pending = self._pending, None
@@ -252,7 +253,10 @@ class StreamCursor:
             if self._position >= self._history:
                 self._history_done()
             return  # Redis already holds a position at least this far
-        pipe.set(self.position_key, self.position)
+        if fence is None:
+            pipe.set(self.position_key, self.position)
+        else:
+            fence.command(pipe, self.cfg.building_id, "SET", self.position_key, self.position)
 
     def _history_done(self) -> None:
         self._mark_predicted(fallback=self.ring.counters()[0])
@@ -260,15 +264,17 @@ class StreamCursor:
         self._history = None
 
     def _mark_predicted(self, fallback: int | None) -> None:
-        """history_end := just after the earlier run's last predicted window when the ring holds
-        it, else `fallback` (None: leave it)."""
+        """history_end := just after the ring's newest sample at or before the earlier run's last
+        predicted window_end (the inference goes on at the first aligned window after it). The earlier
+        run predicted nothing (a lease handed over before its models loaded): leave it, so every
+        window the ring holds is predicted. No ring yet: `fallback` (None: leave it)."""
+        if self._predicted is None:
+            return
         head, segment = self.ring.counters()
         end = fallback
-        if self._predicted is not None and head > segment:
+        if head > segment:
             window = self.ring.window(min(head - segment, self.ring.capacity))
-            i = int(np.searchsorted(window.ts, self._predicted))
-            if i < len(window.ts) and window.ts[i] == self._predicted:
-                end = window.start + i + 1
+            end = window.start + int(np.searchsorted(window.ts, self._predicted, side="right"))
             del window
         if end is not None:
             self.ctl["history_end"] = end
@@ -281,8 +287,12 @@ class StreamSource:
     name = "stream"
     disconnected = None  # a cut loses nothing here: the next read goes on from the position
 
-    def __init__(self, cfg: Config, feeds: dict, counters):
+    def __init__(self, cfg: Config, feeds: dict, counters, fence_token: str | None = None):
         from nilmd import redisconn  # redis-py only where Redis is used
+
+        # with --leases a position is recorded only while the lease is ours: a holder paused past
+        # its lease must not move the position the next holder starts from (nilmd.daemon.fencing)
+        self.fence = Fence(fence_token, cfg.redis_cluster) if fence_token else None
 
         self.cfg, self.counters = cfg, counters  # counters: the daemon block (the reader's redis_errors)
         self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
@@ -350,14 +360,15 @@ class StreamSource:
         """The batch just read is in the ring: record every building's position, in one round trip."""
         pipe = self._client.pipeline(transaction=False)
         for cursor in self.cursors.values():
-            cursor.commit(pipe)
+            cursor.commit(pipe, self.fence)
         if not len(pipe):
             return
         try:
             replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
             replies = [e]
-        failed = [r for r in replies if isinstance(r, Exception)]
+        # a fenced one is not ours to record any more: the inference says so and lets the building go
+        failed = [r for r in replies if isinstance(r, Exception) and not is_fenced(r)]
         if failed:
             # Redis went away or refuses the write (OOM, NOPERM): the control blocks have the
             # positions, and the next commit writes them.

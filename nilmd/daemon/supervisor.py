@@ -21,7 +21,7 @@ from collections import deque
 
 from nilmd import config, keys
 from nilmd.daemon import control as ctlmod
-from nilmd.daemon import health, inference, mqtt, reader, roster, sharing, status
+from nilmd.daemon import fencing, health, inference, mqtt, reader, roster, sharing, status
 from nilmd.config import Config
 from nilmd.daemon.control import ControlBlock
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
@@ -118,6 +118,8 @@ class Supervisor:
         # which of the list is ours: its shard, its leases (nilmd.daemon.sharing)
         self.sharing = sharing.Sharing(cfg, self.redis, self.redis_errors, self.throttle)
         self.paths = roster.daemon_paths(cfg.runtime_dir, self.sharing.wanted(), self.listed)
+        if self.sharing.fence is not None:  # the children's writes carry this life's lease token
+            self.paths["fence_token"] = self.sharing.fence.token
         self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
         # The children get the password inside their Config; in their environment it would be
         # readable in /proc/<pid>/environ and `ps eww` for as long as they live.
@@ -176,11 +178,17 @@ class Supervisor:
 
     # -- the list: SIGHUP, leases ------------------------------------------------------------------
     def follow_leases(self) -> None:
+        if self.sharing.leases is None:
+            return
+        fenced = [b for b, served in self.served.items() if served.ctl["fenced"]]
+        if fenced:  # the inference stopped serving them already (and said so)
+            self.sharing.let_go(fenced)
+            self.apply_list(self.sharing.wanted(), "fenced", "Redis refused their writes: their leases are gone")
         if not self.sharing.due():
             return
         self.sharing.claim()
         new = self.sharing.wanted()
-        if new != list(self.served):
+        if set(new) != set(self.served):
             self.apply_list(new, "leases", f"{len(self.sharing.leases.instances)} instances live")
 
     def reload_list(self) -> None:
@@ -195,28 +203,45 @@ class Supervisor:
         self.apply_list(self.sharing.wanted(), "SIGHUP", self.cfg.building_ids[1:])
 
     def apply_list(self, new: list[str], why: str, source: str) -> None:
-        """Serve `new` from now on. New buildings get their shared memory (and snapshot), removed ones
-        a last status and their files unlinked; the children attach and detach when the daemon block
-        says the list moved. The others are not touched."""
+        """Serve `new` from now on, whole or not at all. The list is checked first (open files, shared
+        memory), then the new buildings get their shared memory (and snapshot); if any cannot, those
+        opened are closed again and the old list keeps serving (one line). Only then do the removed
+        ones get a last status and their files unlinked; the children attach and detach when the
+        daemon block says the list moved. The others are not touched."""
         added = [b for b in new if b not in self.served]
         removed = [b for b in self.served if b not in set(new)]
+        if not added and not removed:
+            return  # nothing changed: nothing to say (a renewal every few seconds)
+        problem = roster.list_problem(self.cfg, len(new), len(added), self.log)
+        opened = []
+        try:
+            for b in added if problem is None else ():
+                self.open_building(b)
+                opened.append(b)
+        except (NilmdError, OSError) as e:
+            problem = f"building {b} cannot be served: {e}"
+            for b in opened:
+                self.served.pop(b).close()
+        if problem is not None:
+            line = (f"{why}: the new list of {len(new)} buildings is refused, the {len(self.served)} served go on "
+                    f"unchanged: {problem}")
+            if why == "SIGHUP":  # asked for: answered every time
+                self.log.error("%s", line)
+            else:  # leases come back every renewal: once a minute
+                self.throttle.log(f"list {why}", logging.ERROR, line)
+            if self.sharing.leases is not None and added:  # leases it cannot serve: another instance may
+                self.sharing.let_go(added)
+            return
         for b in removed:
             served = self.served.pop(b)
             served.state = "stopped"
             self._publish_buildings([served])
             served.close()  # the children's mappings stay valid until they let go (the reader's last snapshot)
-        failed = []
-        for b in added:
-            try:
-                self.open_building(b)
-            except (NilmdError, OSError) as e:
-                failed.append(b)
-                self.log.error("%s: building %s is not served: %s", why, b, e)
         self.paths["buildings"] = list(self.served)
         roster.write(self.paths["roster"], self.paths["buildings"])
         self.ctl.add("roster_version")
-        self.log.info("%s: buildings: %d added, %d removed, %d served (%s)", why, len(added) - len(failed),
-                      len(removed), len(self.served), source)
+        self.log.info("%s: buildings: %d added, %d removed, %d served (%s)", why, len(added), len(removed),
+                      len(self.served), source)
 
     # -- signals: handlers only enqueue ---------------------------------------------------------
     def install_signals(self) -> None:
@@ -376,6 +401,10 @@ class Supervisor:
             self.notifier.ready()
         down = [r for r, c in self.children.items() if not c.alive]
         ready = self.ready_sent or (reader_up and models_up)
+        # an optional exporter that cannot start: degraded with its reason, the predictions go on
+        exporters = [health.Problem("mqtt_unusable", "the MQTT exporter cannot start: its TLS files are not usable "
+                                    "(its error is in the log)")] \
+            if "mqtt" in self.children and snap["mqtt_state"] == ctlmod.MQTT_UNUSABLE else []
         # Each building judged on its own data: every tick for one, with the status hashes for a
         # list (30 ms a round for 1000 buildings: every tick would be 6 % of a core)
         judge = not self.listed or now - self._last_judged >= self.cfg.status_interval or self.stopping
@@ -385,13 +414,14 @@ class Supervisor:
             bsnap = self.ctl.snapshot(served.ctl)
             served.run_length = served.ring.run_length()
             served.problems = served.health.reasons(bsnap, served.run_length, down=down, input_ok=reader_up) \
-                if self.ready_sent else []
+                + ([] if self.listed else exporters) if self.ready_sent else []
             served.state = status.judge_state(
                 ready=ready, reloading=self.reloading, children_ok=not down, input_ok=reader_up,
                 models_loaded=int(snap["models_loaded"]), run_length=served.run_length, window=self.cfg.window_size,
                 problems=served.problems)
         if self.listed:
-            self.problems = [health.process_down(role) for role in down] + ([] if reader_up else [health.INPUT_DOWN])
+            self.problems = [health.process_down(role) for role in down] + ([] if reader_up else [health.INPUT_DOWN]) \
+                + exporters
             self.state = status.judge_daemon(ready=ready, reloading=self.reloading, problems=self.problems,
                                              states=[b.state for b in self.served.values()])
             line = status.fleet_line(self.state, [b.state for b in self.served.values()], snap, self.problems)
@@ -459,16 +489,21 @@ class Supervisor:
             for served in buildings:
                 fields = status.fields(served.cfg, served.state, self.ctl.snapshot(served.ctl), served.ring.run_length(),
                                        started=self.started, problems=served.problems, **procs)
-                pipe.hset(status.key(served.cfg), mapping=fields)
+                if self.sharing.fence is None:
+                    pipe.hset(status.key(served.cfg), mapping=fields)
+                else:  # a building whose lease is gone is another instance's to describe
+                    self.sharing.fence.hset(pipe, served.building, status.key(served.cfg), fields)
             if daemon:
                 pipe.hset(keys.daemon_status_key(self.sharing.name), mapping={**status.daemon_fields(
                     self.cfg, self.state, self._status_line, [b.state for b in self.served.values()], snap,
                     started=self.started, problems=self.problems, **procs), **self.sharing.fields()})
             replies = pipe.execute(raise_on_error=False)
-            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            failed = next((r for r in replies if isinstance(r, Exception) and not fencing.is_fenced(r)), None)
         except self.redis_errors as e:
             failed = e
-        if failed is not None:
+        if failed is None:
+            self.throttle.ok("status")  # a failure's suppressed repeats: said now as the past, not later
+        else:
             self.ctl.add("supervisor_redis_errors")
             kind, line = redis_error(failed)
             self.throttle.log(f"status {kind}", logging.WARNING, f"could not write the status hash: {line}")
