@@ -161,7 +161,7 @@ def test_the_status_hash_and_its_rendering_say_what_is_adapted():
     text = status.render({k: str(v) for k, v in fields.items()})
     assert "  adapted      Microwave, ElectricKettle; refused (the shipped model serves; the log says why): " \
            "Refrigerator" in text
-    _, listing = status.render_list({"summary": "x", "state": "running"}, {"b": {k: str(v) for k, v in fields.items()}})
+    _, listing = status.render_list({"host-1": {"summary": "x", "state": "running"}}, {"b": {k: str(v) for k, v in fields.items()}})
     assert listing.splitlines()[-1].rstrip().endswith("2!")
 
 
