@@ -258,13 +258,13 @@ def cmd_check(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """The checkpoints of MODEL_DIR as ONNX files beside them (README, "Backends")."""
+    """The checkpoints of MODEL_DIR as ONNX files beside them (docs/OPERATIONS.md, "Backends")."""
     cfg = config.resolve(args)
     try:
         from nilmd.models import onnx_export
     except ImportError as e:
         return _fail(f"nilmd export needs torch and onnx, and {e.name} is not installed (pip install onnx; torch: "
-                     "README, Install): export on a machine that has them and copy the files", EXIT_ERROR)
+                     "docs/OPERATIONS.md, Install): export on a machine that has them and copy the files", EXIT_ERROR)
     manifest, diff = onnx_export.export_checked(cfg.model_dir, cfg.inference_interval)
     for g in manifest["groups"]:
         names = [manifest["appliances"][k] for k in g["rows"]]

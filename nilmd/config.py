@@ -5,7 +5,7 @@ One table names every setting once: the fields of `Config`. Each field carries, 
 original service's names first), its bounds, help text and the note the example settings file
 shows. `SETTINGS` is that table read back from `dataclasses.fields(Config)`; the CLI builds its
 flags from it, `resolve` turns flags + environment into a validated, picklable `Config` that is
-passed to the child processes as is, and `nilmd.settingsdoc` renders the README's table and
+passed to the child processes as is, and `nilmd.settingsdoc` renders the settings table of docs/CONTRACT.md §5 and
 systemd/nilmd.env from it (tests/test_settings.py keeps those files equal to what it renders).
 
 Why the dataclass carries the table rather than a table generating the dataclass: `Config` is
@@ -72,7 +72,7 @@ class Setting:
     note: str | None = None  # its comment in systemd/nilmd.env; None: the help; "": shares the one above
     example: str = ""  # the value nilmd.env shows when the default is computed
     dynamic: Callable[[], object] | None = None
-    default_doc: str = ""  # how the README describes a computed default
+    default_doc: str = ""  # how the settings table describes a computed default
     per_mode: tuple[tuple[str, object, str], ...] = ()  # (mode, default there, why)
     empty_is_unset: bool = True  # False: a variable set to "" is an error, not the default in disguise
 
@@ -105,7 +105,7 @@ class Config:
     redis_cluster: bool = setting(False, "--redis-cluster", "REDIS_CLUSTER", "Redis is a Redis Cluster (REDIS_HOST "
                                   "and REDIS_PORT name one node of it)", group="redis", section="redis",
                                   note='Redis Cluster: "true" when Redis is a cluster; REDIS_HOST and REDIS_PORT name '
-                                  "any one of its nodes, the client finds the others (README \"Redis Cluster\"). "
+                                  "any one of its nodes, the client finds the others (docs/OPERATIONS.md, \"Redis Cluster\"). "
                                   "REDIS_DB must stay 0.")
     redis_username: str = setting("", "--redis-username", "REDIS_USERNAME", "Redis ACL user name", group="redis",
                                   section="redis", note="ACL user name (Redis 6+); empty: the default user.")
@@ -139,9 +139,9 @@ class Config:
     building_ids: str = setting(
         "", "--building-ids", "BUILDING_IDS", "serve many buildings: ids separated by commas, or @FILE (one id a "
         "line; reloaded on SIGHUP)", group="list", section="building", note="Many buildings in one daemon "
-        "(README, \"Many buildings\"): ids separated by commas, or @/etc/nilmd/buildings.list with one id a line "
+        "(docs/OPERATIONS.md, \"Many buildings\"): ids separated by commas, or @/etc/nilmd/buildings.list with one id a line "
         "(# comments and blank lines allowed; re-read on systemctl reload). Instead of BUILDING_ID, never with it.")
-    # Several instances sharing one list (nilmd.daemon.sharing; README, "Past one box").
+    # Several instances sharing one list (nilmd.daemon.sharing; docs/OPERATIONS.md, "Past one box").
     shard: str = setting(
         "", "--shard", "NILMD_SHARD", "K/N: serve only shard K of N of the list (by a stable hash of each id)",
         group="fleet", section="building", example="2/3", note="Static shards: K/N (1 <= K <= N) serves only the "
@@ -151,7 +151,7 @@ class Config:
         False, "--leases", "NILMD_LEASES", "share the list with the other instances by leases in Redis "
         "(nilm:<id>:lease): an instance that dies is taken over", group="fleet", section="building",
         note='"true": every instance gets the whole list and serves the buildings whose lease it holds; when one '
-        "dies, the others take its buildings within NILMD_LEASE_PERIOD (README, \"Past one box\").")
+        "dies, the others take its buildings within NILMD_LEASE_PERIOD (docs/OPERATIONS.md, \"Past one box\").")
     lease_period: float = setting(
         15.0, "--lease-period", "NILMD_LEASE_PERIOD", "seconds a lease lasts unless renewed (renewed every third)",
         minimum=1.0, maximum=3600.0, group="fleet", section="building",
@@ -193,7 +193,7 @@ class Config:
         "`nilmd export`", choices=("auto", "torch", "onnxruntime"), section="models",
         note="auto (torch on a GPU box; else ONNX Runtime when it is installed and MODEL_DIR's ONNX export matches "
         "the checkpoints; else torch), torch or onnxruntime. One that cannot serve falls back to torch with a "
-        "warning, or stops the daemon (exit 78) where torch is not installed. README, \"Backends\".")
+        "warning, or stops the daemon (exit 78) where torch is not installed. docs/OPERATIONS.md, \"Backends\".")
     threads: int = setting(
         0, "--threads", "NILMD_THREADS", "inference threads (0: torch, the cores this process may use; "
         "ONNX Runtime, 1)",

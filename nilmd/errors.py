@@ -52,15 +52,15 @@ def redis_error(e: BaseException, script: tuple[str, ...] = ("xrange", "xrevrang
         if m:
             cmd = m.group(1)
             return (f"NOPERM {cmd}", f"Redis refuses the command '{cmd}' to this ACL user (NOPERM): "
-                    f"add +{cmd} to its ACL rule (README, \"Redis ACL\")")
+                    f"add +{cmd} to its ACL rule (docs/OPERATIONS.md, \"Redis ACL\")")
         return "NOPERM names", (f"Redis refuses this ACL user a key or channel (NOPERM: {text}): its rule needs "
-                                "~nilm:* and &nilm:* (README, \"Redis ACL\")")
+                                "~nilm:* and &nilm:* (docs/OPERATIONS.md, \"Redis ACL\")")
     if "can't run this command or subcommand script" in text:
         # Redis does not say which command a script was refused: name every one the script runs
         # (the stream reader's, nilmd.daemon.streams, by default; the ledger's, nilmd.daemon.ledger).
         return "NOPERM script", (f"Redis refuses this ACL user a command of one of nilmd's scripts (NOPERM: "
                                  f"{' or '.join(c.upper() for c in script)}): add "
-                                 f"{' '.join('+' + c for c in script)} to its ACL rule (README, \"Redis ACL\")")
+                                 f"{' '.join('+' + c for c in script)} to its ACL rule (docs/OPERATIONS.md, \"Redis ACL\")")
     for name, kind, line in _REDIS_REFUSALS:
         if name in names:
             return kind, f"{line} ({kind}: {text})"

@@ -7,7 +7,7 @@ def input_channel(building: str) -> str:
 
 def input_stream(building: str) -> str:
     # Pub/sub channels are not keys, so the stream could share the channel's name; its own name
-    # keeps `redis-cli --scan` listings and the README unambiguous.
+    # keeps `redis-cli --scan` listings and the docs unambiguous.
     return f"nilm:{building}:input:stream"
 
 

@@ -4,7 +4,7 @@
 Callers own reconnection with backoff (nilmd.backoff): the client retries a failed command only
 briefly, so a dead Redis shows up quickly as an error the process can count and report.
 
-With REDIS_CLUSTER (README "Redis Cluster") the same settings make a redis-py RedisCluster that
+With REDIS_CLUSTER (docs/OPERATIONS.md, "Redis Cluster") the same settings make a redis-py RedisCluster that
 finds the cluster from REDIS_HOST:REDIS_PORT; callers do not tell the two apart. It follows MOVED
 by itself, and on a lost connection it reads the topology again before its one retry, so after a
 failover the callers' next try (their backoff) finds the promoted replica.
@@ -172,7 +172,7 @@ def describe(cfg: Config) -> str:
     return f"{scheme}://{user}{cfg.redis_host}:{cfg.redis_port}/{cfg.redis_db}"
 
 
-# Least privilege (README, "Redis ACL"): what the daemon's clients send, per input mode. Every
+# Least privilege (docs/OPERATIONS.md, "Redis ACL"): what the daemon's clients send, per input mode. Every
 # connection authenticates (HELLO/AUTH), names itself (CLIENT SETNAME) and PINGs when idle; the
 # reader SUBSCRIBEs (pubsub) or reads the stream (EVAL of a script that XRANGEs it, nilmd.daemon.streams)
 # and its position; the inference PUBLISHes, SETs `latest` and HSETs the status hash, which the

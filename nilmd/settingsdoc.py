@@ -1,6 +1,6 @@
 """The settings documentation, rendered from the one table (`nilmd.config.SETTINGS`).
 
-    python -m nilmd.settingsdoc --markdown   # the README's settings table, on stdout
+    python -m nilmd.settingsdoc --markdown   # the settings table of docs/CONTRACT.md §5, on stdout
     python -m nilmd.settingsdoc --env-file   # systemd/nilmd.env, on stdout
     python -m nilmd.settingsdoc --write      # rewrite both files in this checkout
 
@@ -18,10 +18,10 @@ from pathlib import Path
 from nilmd.config import SETTINGS, Setting
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+TABLE_DOC = ROOT / "docs" / "CONTRACT.md"  # §5, where the contract states every setting
 ENV_FILE = ROOT / "systemd" / "nilmd.env"
 REGENERATE = "python -m nilmd.settingsdoc --write"
-README_SECTION = ("<!-- section: settings -->", "<!-- /section: settings -->")
+TABLE_SECTION = ("<!-- section: settings -->", "<!-- /section: settings -->")
 
 # The headings of systemd/nilmd.env, in order; each setting names its own (Setting.section).
 SECTIONS = {
@@ -118,30 +118,30 @@ def render_markdown(settings: tuple[Setting, ...] = SETTINGS) -> str:
     return "\n".join(out) + "\n"
 
 
-def readme_table(readme: str) -> tuple[int, int]:
-    """Where the table sits in the README's settings section: [start, end) character offsets."""
-    begin = readme.index(README_SECTION[0])
-    stop = readme.index(README_SECTION[1], begin)
-    start = readme.index("\n| ", begin, stop) + 1
+def table_span(doc: str) -> tuple[int, int]:
+    """Where the table sits in the document's settings section: [start, end) character offsets."""
+    begin = doc.index(TABLE_SECTION[0])
+    stop = doc.index(TABLE_SECTION[1], begin)
+    start = doc.index("\n| ", begin, stop) + 1
     end = start
-    while end < stop and readme.startswith("|", end):
-        end = readme.index("\n", end) + 1
+    while end < stop and doc.startswith("|", end):
+        end = doc.index("\n", end) + 1
     return start, end
 
 
-def write(readme_path: Path = README, env_path: Path = ENV_FILE) -> None:
-    readme = readme_path.read_text()
-    start, end = readme_table(readme)
-    readme_path.write_text(readme[:start] + render_markdown() + readme[end:])
+def write(doc_path: Path = TABLE_DOC, env_path: Path = ENV_FILE) -> None:
+    doc = doc_path.read_text()
+    start, end = table_span(doc)
+    doc_path.write_text(doc[:start] + render_markdown() + doc[end:])
     env_path.write_text(render_env_file())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nilmd.settingsdoc", description=__doc__.splitlines()[0])
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--markdown", action="store_true", help="print the README's settings table")
+    what.add_argument("--markdown", action="store_true", help="print the settings table of docs/CONTRACT.md")
     what.add_argument("--env-file", action="store_true", help="print systemd/nilmd.env")
-    what.add_argument("--write", action="store_true", help=f"rewrite the table in {README.name} and {ENV_FILE.name}")
+    what.add_argument("--write", action="store_true", help=f"rewrite the table in {TABLE_DOC.name} and {ENV_FILE.name}")
     args = parser.parse_args(argv)
     if args.write:
         write()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""What counting energy and events costs per prediction (README "Energy, events and the daily
-report"): the ledger's round trip (run tracker + its scripts) against the prediction's own
+"""What counting energy and events costs per prediction (docs/PERFORMANCE.md; the ledger:
+docs/DESIGN.md §11): the ledger's round trip (run tracker + its scripts) against the prediction's own
 pipeline, on a private redis-server (or, with --cluster, a private Redis Cluster of three masters
-and three replicas: README "Redis Cluster"), 11 appliances.
+and three replicas: docs/OPERATIONS.md, "Redis Cluster"), 11 appliances.
 
     .venv/bin/python scripts/bench_ledger.py [--n 2000] [--cluster]
 """

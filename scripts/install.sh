@@ -23,7 +23,7 @@
 #   --enable               also `systemctl enable --now nilmd`
 #   --backend B            torch (default) or onnxruntime: no torch on the box (it is removed from
 #                          the venv if there), ONNX Runtime serves the ONNX export that must lie
-#                          beside the checkpoints (`nilmd export`, where torch is; README, Backends)
+#                          beside the checkpoints (`nilmd export`, where torch is; docs/OPERATIONS.md, Backends)
 #   --torch MODE           auto (default: CUDA build if `nvidia-smi -L` works, else CPU build),
 #                          cpu, cuda, or skip (leave torch alone)
 #   --torch-version V      torch version to install (default 2.13.0)
@@ -531,7 +531,7 @@ template_step() {
   if [ "$TEMPLATE_CHANGED" = 1 ] && systemd_running; then act "systemctl daemon-reload" systemctl daemon-reload; fi
 }
 # Running instances get what nilmd.service gets: a restart for new code or units, a reload for
-# new checkpoints. Starting and enabling them is the operator's (README).
+# new checkpoints. Starting and enabling them is the operator's (docs/OPERATIONS.md).
 instances_step() {
   local u
   for u in $(instances); do

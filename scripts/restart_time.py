@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time to first prediction after a restart, cold and warm (the numbers in README, Reliability).
+"""Time to first prediction after a restart, cold and warm (the numbers in docs/PERFORMANCE.md).
 
     python scripts/restart_time.py [--model-dir checkpoints] [--window 1536] [--interval 60]
 

@@ -1,4 +1,4 @@
-"""Least privilege (issue 12, defect 7): nilmd under the README's ACL rule for each input mode,
+"""Least privilege (issue 12, defect 7): nilmd under the ACL rule of docs/OPERATIONS.md for each input mode,
 each missing permission one line that names the command (and the daemon recovering once it is
 granted), and the password out of the children's environment."""
 
@@ -21,7 +21,7 @@ from test_streams import wait_ready_stream
 
 
 def acl_user(client, mode: str, without=(), cluster: bool = False) -> tuple[str, str]:
-    """A user made by the README's rule for `mode`, less the commands `without`; `client` may
+    """A user made by the documented rule for `mode`, less the commands `without`; `client` may
     be a list of clients, one per node of a cluster (`cluster`: its rule)."""
     user, password = f"nilmd-{uuid.uuid4().hex[:8]}", secrets.token_hex(12)
     rule = redisconn.acl_rule(mode, user, cluster=cluster).split()[2:]  # what follows "ACL SETUSER"
@@ -59,10 +59,10 @@ def fresh_status(d, client, timeout: float = 20.0) -> dict:
     return wait_for(fresh, timeout, f"the status hash to be written again\n{d.log()[-2000:]}")
 
 
-def test_readme_gives_the_rule_for_each_mode():
-    readme = (ROOT / "README.md").read_text()
+def test_the_operators_guide_gives_the_rule_for_each_mode():
+    guide = (ROOT / "docs" / "OPERATIONS.md").read_text()
     for mode in ("pubsub", "stream"):
-        assert redisconn.acl_rule(mode) in readme, f"README lacks the ACL rule for {mode}"
+        assert redisconn.acl_rule(mode) in guide, f"docs/OPERATIONS.md lacks the ACL rule for {mode}"
 
 
 def test_status_without_its_permission_is_one_line_and_unknown(redis_server, redis_client):

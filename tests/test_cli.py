@@ -168,15 +168,15 @@ def test_mode_test_prints_predictions_with_truth_without_redis(model_dir, tmp_pa
     assert list(tmp_path.glob("nilmd-*")) == []
 
 
-def test_readme_documents_every_setting_and_every_rule():
+def test_the_contract_documents_every_setting_and_every_rule():
     from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 
-    readme = (ROOT / "README.md").read_text()
+    contract = (ROOT / "docs" / "CONTRACT.md").read_text()
     for s in config.SETTINGS:
         for name in s.env + ((s.flag,) if s.flag else ()):
-            assert f"`{name}`" in readme, f"README does not document {name}"
+            assert f"`{name}`" in contract, f"docs/CONTRACT.md does not document {name}"
     for reason in REJECT_REASONS + REPAIR_REASONS:
-        assert f"`{reason}`" in readme, f"README does not document the input rule {reason}"
+        assert f"`{reason}`" in contract, f"docs/CONTRACT.md does not document the input rule {reason}"
 
 
 def _collect(pubsub, n, timeout=20.0):

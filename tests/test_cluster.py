@@ -111,7 +111,7 @@ def drain(sub, quiet: float = 1.0) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pubsub", "stream"])
 def test_the_daemon_serves_a_building_whose_keys_span_the_cluster(mode, redis_cluster, model_dir, tmp_path):
-    """Under the README's ACL rule for a cluster, set on every node."""
+    """Under the ACL rule for a cluster (docs/OPERATIONS.md, "Redis Cluster"), set on every node."""
     client = redis_cluster.client()
     nodes = [redis.Redis(port=port) for port in redis_cluster.alive()]
     user, password = acl_user(nodes, mode, cluster=True)
@@ -245,7 +245,7 @@ def test_a_master_killed_under_a_stream_daemon_loses_nothing(redis_cluster, mode
     def meter():
         """I samples every 0.1 s, each batch tried again until Redis takes it; the kill comes
         once the replica holds everything sent (what it has not got when its master dies is
-        lost: README "Redis Cluster")."""
+        lost: docs/OPERATIONS.md, "Redis Cluster")."""
         try:
             for k in range(chunks):
                 def add():

@@ -5,7 +5,7 @@ a simulated house whose true runs are known, its inference process killed once m
 What the daemon counts is checked against what it published (exactly: the energy of the served
 power, the runs its on-states imply under the documented hysteresis), and what it published
 against the simulator's truth (as well as the models are: the tolerances are the measured
-accuracy with a margin, README "Energy, events and the daily report")."""
+accuracy with a margin, docs/OPERATIONS.md, "Energy, events and the daily report")."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def first_of_each_window(published: list[dict]) -> list[dict]:
 
 
 def implied_runs(predictions: list[dict], appliance: str) -> list[tuple[float, float]]:
-    """(start, end) of the runs the on-states imply, from the rule as the README states it: a run
+    """(start, end) of the runs the on-states imply, from the rule as docs/OPERATIONS.md states it: a run
     is confirmed by ON_N consecutive on intervals or one with probability >= ON_P, and over
     after OFF_N off intervals; it spans its first confirming stretch's start to its last on."""
     states = [(p["window_end"], e["is_on"], e["probability"]) for p in predictions

@@ -1,4 +1,4 @@
-"""Every input rule of docs/CONTRACT.md §6, as pure functions (README "Bad input")."""
+"""Every input rule of docs/CONTRACT.md §6, as pure functions."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""The package's house rules, enforced: which roles may import what (README, "How it works").
+"""The package's house rules, enforced: which roles may import what (docs/DESIGN.md §9).
 
 Each check runs in a fresh interpreter, so what an earlier test imported cannot hide a violation."""
 

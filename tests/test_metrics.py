@@ -295,7 +295,7 @@ def test_scraped_metrics_are_what_was_fed(daemon_factory, redis_client):
         assert value(m, "nilmd_process_resident_memory_bytes", role=role, **b) > 10e6
         assert value(m, "nilmd_process_cpu_seconds_total", role=role, **b) >= 0
     assert not [n for n in exposed_names(m) if re.match(r"nilmd_(reader|inference|mqtt)_process_", n)]
-    for name, samples in m.items():  # the README's rule: every nilmd_* series carries the building
+    for name, samples in m.items():  # the documented rule: every nilmd_* series carries the building
         if name.startswith("nilmd_"):
             assert all("building" in dict(labels) for _, labels in samples), name
     promtool_check_metrics(scrape_text(port))

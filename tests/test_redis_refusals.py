@@ -48,7 +48,7 @@ def test_every_refusal_is_one_line_that_says_what_happened(redis_server, redis_c
     errors["down"] = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
     lines = {name: redis_error(e) for name, e in errors.items()}
     assert lines["noperm"] == ("NOPERM set", "Redis refuses the command 'set' to this ACL user (NOPERM): add +set "
-                                             "to its ACL rule (README, \"Redis ACL\")")
+                                             "to its ACL rule (docs/OPERATIONS.md, \"Redis ACL\")")
     assert lines["noperm_key"][0] == "NOPERM names" and "~nilm:*" in lines["noperm_key"][1]
     assert lines["oom"][0] == "OOM" and "out of memory" in lines["oom"][1]
     assert lines["readonly"][0] == "READONLY" and "primary" in lines["readonly"][1]

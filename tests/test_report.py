@@ -1,4 +1,4 @@
-"""`nilmd report` (README "Energy, events and the daily report"): the PNG and its HTML twin drawn
+"""`nilmd report` (docs/OPERATIONS.md, "Energy, events and the daily report"): the PNG and its HTML twin drawn
 from the predictions and events streams that the daemon wrote for a simulated morning
 (`simulated_morning`, tests/conftest.py), with the simulator's truth as a --truth CSV."""
 
@@ -49,7 +49,7 @@ def truth_csv(m, path) -> dict[str, float]:
 
 
 def test_the_report_is_a_png_of_its_size_and_an_html_twin_with_the_truth(simulated_morning, tmp_path):
-    """1400 x 1600 px whatever the day holds (README); the page's energy table is the daemon's
+    """1400 x 1600 px whatever the day holds (docs/OPERATIONS.md); the page's energy table is the daemon's
     today_wh and the truth file's Wh, its runs table the events."""
     pytest.importorskip("matplotlib", reason="the report extra: pip install 'nilmd[report]'")
     m = simulated_morning

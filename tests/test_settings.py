@@ -1,5 +1,5 @@
 """The one settings table (nilmd/config.py) and everything derived from it: the command line's
-flags, the README's table, systemd/nilmd.env, and the defaults that depend on the mode."""
+flags, the settings table of docs/CONTRACT.md, systemd/nilmd.env, and the defaults that depend on the mode."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from nilmd.errors import ConfigError
 HINT = f"out of date: regenerate it with `{settingsdoc.REGENERATE}` (from the repository root)"
 
 
-def test_readme_table_is_the_rendered_table():
-    readme = (ROOT / "README.md").read_text()
-    start, end = settingsdoc.readme_table(readme)
-    assert readme[start:end] == settingsdoc.render_markdown(), f"README.md's settings table is {HINT}"
+def test_contract_table_is_the_rendered_table():
+    doc = settingsdoc.TABLE_DOC.read_text()
+    start, end = settingsdoc.table_span(doc)
+    assert doc[start:end] == settingsdoc.render_markdown(), f"docs/CONTRACT.md's settings table is {HINT}"
 
 
 def test_env_example_is_the_rendered_file():
@@ -142,11 +142,11 @@ def test_the_printing_commands_work_from_a_shell():
 
 
 def test_write_rewrites_only_the_table(tmp_path):
-    readme, env = tmp_path / "README.md", tmp_path / "nilmd.env"
-    start, end = settingsdoc.readme_table((ROOT / "README.md").read_text())
-    original = (ROOT / "README.md").read_text()
-    readme.write_text(original[:start] + "| stale | table |\n|---|---|\n" + original[end:])
+    doc, env = tmp_path / "CONTRACT.md", tmp_path / "nilmd.env"
+    original = settingsdoc.TABLE_DOC.read_text()
+    start, end = settingsdoc.table_span(original)
+    doc.write_text(original[:start] + "| stale | table |\n|---|---|\n" + original[end:])
     env.write_text("#STALE=1\n")
-    settingsdoc.write(readme, env)
-    assert readme.read_text() == original[:start] + settingsdoc.render_markdown() + original[end:]
+    settingsdoc.write(doc, env)
+    assert doc.read_text() == original[:start] + settingsdoc.render_markdown() + original[end:]
     assert env.read_text() == settingsdoc.render_env_file()

@@ -1,6 +1,6 @@
 """The soak in CI: three hours of 1 Hz data through the real daemon in well under a minute, with
 memory, open files and Redis connections flat and every implied prediction made, exactly once.
-The week-long run is `python scripts/soak.py --days 7` (README, Reliability)."""
+The week-long run is `python scripts/soak.py --days 7` (docs/PERFORMANCE.md)."""
 
 from __future__ import annotations
 

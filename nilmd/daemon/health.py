@@ -1,7 +1,7 @@
 """Health: why a daemon whose processes are all alive is still not doing its job.
 
-The supervisor asks every tick; each reason makes the state `degraded` (README "Redis
-interface"), is written to the status hash as `degraded_reason` (its sentence) and
+The supervisor asks every tick; each reason makes the state `degraded` (docs/CONTRACT.md
+§3.5), is written to the status hash as `degraded_reason` (its sentence) and
 `degraded_codes`, to systemd's STATUS= and to the journal, is exported as
 `nilmd_degraded_reason{reason=<code>}`, and goes away by itself when its cause does. A reason is
 a short fixed code (a Prometheus label value: changing a timeout must not make new series) and

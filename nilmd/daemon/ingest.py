@@ -1,7 +1,7 @@
 """Input rules: one message -> one validated sample, and where it goes on the 1-second grid.
 
 Pure functions and one small state machine, so every rule of docs/CONTRACT.md §6 is unit-testable without
-Redis. The README's "Bad input" table is this file in prose; keep them together.
+Redis. docs/CONTRACT.md §6 is this file in prose; keep them together.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ CLOCK_JUMP_JITTER_S = 2.0  # how much the (receipt time - timestamp) offset may 
 class Grid:
     """Puts samples on the 1-second grid, one writer's view of the newest slot.
 
-    Rules (README "Gaps and order"):
+    Rules (docs/CONTRACT.md §6.3):
     - a sample goes to round(timestamp);
     - the same second as the newest sample: rejected as a duplicate (the first one wins);
     - an older second: rejected as out of order (the past is already in the window);

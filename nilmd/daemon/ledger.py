@@ -128,7 +128,7 @@ def parts_wh(prediction: dict, interval: float) -> dict[str, float]:
 
 
 class Ledger:
-    COMMANDS = ("hget", "hkeys", "hset", "hincrbyfloat", "xadd", "publish")  # what the scripts run (README ACL)
+    COMMANDS = ("hget", "hkeys", "hset", "hincrbyfloat", "xadd", "publish")  # what the scripts run (docs/OPERATIONS.md, Redis ACL)
 
     def __init__(self, cfg: Config):
         b = self.building = cfg.building_id

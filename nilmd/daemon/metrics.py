@@ -1,4 +1,4 @@
-"""Prometheus `/metrics`, served by the supervisor (README "Prometheus metrics", docs/CONTRACT.md §11).
+"""Prometheus `/metrics`, served by the supervisor (docs/OPERATIONS.md, "Prometheus"; docs/CONTRACT.md §11).
 
 The supervisor already holds everything an operator graphs: the control block's counters (each
 process keeps its own there, across restarts of the others), the children's restarts, the
@@ -156,7 +156,7 @@ class DaemonCollector:
 
     def _states(self, state: str, problems):
         f, g = self._family, GaugeMetricFamily
-        yield f(g, "nilmd_state", "1 for the daemon's current state (README, \"Redis interface\")",
+        yield f(g, "nilmd_state", "1 for the daemon's current state (docs/CONTRACT.md §3.5)",
                 {s: s == state for s in STATES}, "state")
         yield f(g, "nilmd_degraded_reason", "1 for each reason the state is degraded (a fixed code; the sentence "
                 "is the status hash's degraded_reason)", {p.code: 1 for p in (problems if state == "degraded" else [])},

@@ -1,4 +1,4 @@
-"""Several nilmd instances sharing one building list without overlap (README, "Past one box").
+"""Several nilmd instances sharing one building list without overlap (docs/OPERATIONS.md, "Past one box").
 
 Static shards (`--shard K/N`): instance K of N serves the buildings whose stable hash falls in its
 shard. Nothing moves by itself: an instance that dies leaves its buildings unserved until it is

@@ -1,4 +1,4 @@
-"""Which backend serves the models (NILMD_BACKEND, README "Backends"), and loading the set.
+"""Which backend serves the models (NILMD_BACKEND, docs/OPERATIONS.md, "Backends"), and loading the set.
 
 auto: torch on a GPU box (CUDA is torch's), else ONNX Runtime when it is installed and the ONNX
 export in MODEL_DIR matches the checkpoints by hash, else torch. onnxruntime: that, and a line

@@ -63,7 +63,7 @@ both)
     [ "$(field "$i" building_id)" = "$i" ] && [ "$(field "$i" pid_supervisor)" = "$pid" ] ||
       fail "nilm:$i:status is not nilmd@$i's: building_id=$(field "$i" building_id) pid_supervisor=$(field "$i" pid_supervisor), MainPID $pid"
     journalctl --no-pager -o cat -u "nilmd@$i.service" | grep -q 'models loaded: 11 of 11' || fail "nilmd@$i loaded no models"
-    # for the README: what each instance costs (PSS shares torch's pages among both instances;
+    # for docs/PERFORMANCE.md: what each instance costs (PSS shares torch's pages among both instances;
     # no awk here: the container's /etc has no alternatives)
     kb=0
     for p in $pid $(pgrep -P "$pid"); do
