@@ -14,7 +14,8 @@ import pytest
 from conftest import Daemon, aligned_start, publish_samples, wait_for
 from nilmd import keys
 from nilmd.config import Config, ConfigError, resolve
-from nilmd.daemon.sharing import in_shard, owner
+from nilmd.buildings import in_shard
+from nilmd.daemon.sharing import owner
 from test_faults import schedule
 from test_multi import Predictions
 

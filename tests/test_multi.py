@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, Daemon, aligned_start, free_port, publish_samples, wait_for
-from nilmd import config, keys
+from nilmd import buildings, config, keys
 from nilmd.config import Config
 from nilmd.daemon.ingest import REJECT_REASONS
 from nilmd.errors import EXIT_USAGE, ConfigError
@@ -31,20 +31,20 @@ WINDOW, STEP = 256, 16
 
 # -- the list ------------------------------------------------------------------------------------
 def test_the_list_inline_or_from_a_file_each_id_checked(tmp_path):
-    assert config.buildings(Config(building_id="one")) == ["one"]
-    assert config.buildings(Config(building_ids="a, b,c")) == ["a", "b", "c"]
+    assert buildings.listed(Config(building_id="one")) == ["one"]
+    assert buildings.listed(Config(building_ids="a, b,c")) == ["a", "b", "c"]
     listing = tmp_path / "buildings.list"
     listing.write_text("# the campus\nhall_1\n\n  hall-2  # north wing\nlab.3\n")
-    assert config.buildings(Config(building_ids=f"@{listing}")) == ["hall_1", "hall-2", "lab.3"]
+    assert buildings.listed(Config(building_ids=f"@{listing}")) == ["hall_1", "hall-2", "lab.3"]
     listing.write_text("hall_1\nhall-2\nhall_1\n")
     with pytest.raises(ConfigError, match=rf"{listing}:3: building hall_1 is listed twice \(first at {listing}:1\)"):
-        config.buildings(Config(building_ids=f"@{listing}"))
+        buildings.listed(Config(building_ids=f"@{listing}"))
     with pytest.raises(ConfigError, match=r"item 2: building id 'b c' must be"):
-        config.buildings(Config(building_ids="a,b c"))
+        buildings.listed(Config(building_ids="a,b c"))
     with pytest.raises(ConfigError, match="'daemon' names the list daemon's own files"):
-        config.buildings(Config(building_ids="a,daemon"))
+        buildings.listed(Config(building_ids="a,daemon"))
     with pytest.raises(ConfigError, match="cannot read"):
-        config.buildings(Config(building_ids=f"@{tmp_path}/missing"))
+        buildings.listed(Config(building_ids=f"@{tmp_path}/missing"))
     with pytest.raises(ConfigError, match="is listed twice"):
         config.resolve(None, environ={"BUILDING_IDS": "a,a"})
 
@@ -229,15 +229,15 @@ def test_a_clock_set_back_in_one_building_is_followed_there_only(tmp_path):
     """The clock rule of tests/test_faults.py on a reader of three buildings (real shared memory):
     the building whose meter clock was set back follows it; the others' grids never notice."""
     from nilmd.daemon import roster
+    from nilmd.daemon.batch import Batch
     from nilmd.daemon.control import ControlBlock
     from nilmd.daemon.reader import Reader
     from nilmd.daemon.ringbuffer import RingBuffer
-    from nilmd.daemon.sources import Batch
     from nilmd.features import N_FEATURES
 
     cfg = Config(building_ids="c0,c1,c2", window_size=WINDOW, inference_interval=STEP, ring_capacity=1024,
                  state_dir=str(tmp_path / "state"), runtime_dir=str(tmp_path), mode="subscriber")
-    ids = config.buildings(cfg)
+    ids = buildings.listed(cfg)
     paths = roster.daemon_paths(str(tmp_path), ids, listed=True)
     shared = [ControlBlock.create(paths["ctl"])]
     for b in ids:
