@@ -83,6 +83,16 @@ def statuses(client, ids) -> dict[str, dict]:
     return {b: {k.decode(): v.decode() for k, v in raw.items()} for b, raw in zip(ids, pipe.execute())}
 
 
+def wait_caught_up(client, last: dict[str, float], d, timeout: float = 30.0) -> None:
+    """Until each building's inference has looked past its newest sample `last[b]` and found no
+    window due (predicted_through_ts): whatever those samples make is published by then, so a
+    check that nothing more came cannot pass by coming too early."""
+    def caught_up():
+        s = statuses(client, list(last))
+        return all(float(s[b].get("predicted_through_ts", 0)) >= last[b] for b in last)
+    wait_for(caught_up, timeout, f"every building's inference to catch up with its input\n{d.log()[-2000:]}")
+
+
 def wait_ready(d, client, pubsub: bool = True, timeout: float = 90.0) -> None:
     wait_for(lambda: d.proc.poll() is None and daemon_status(client).get("state") in ("warming_up", "running"),
              timeout, f"the list daemon to become ready\n{d.log()[-3000:]}")
@@ -124,8 +134,8 @@ def check_exact(client, d, t0, last: dict[str, float], preds: Predictions, recei
         for b in last) else None)(statuses(client, list(last))), 30, f"every building's counts\n{d.log()[-2000:]}")
     expected = {b: schedule(t0, last[b]) for b in last}
     preds.wait(expected, 60, d)
-    time.sleep(0.3)
-    preds.drain()  # nothing more than that may come
+    wait_caught_up(client, last, d)
+    preds.drain()  # nothing more than that came
     for b, ends in expected.items():
         st = s[b]
         rejected = sum(int(st[f"rejected_{r}"]) for r in REJECT_REASONS)
@@ -188,6 +198,7 @@ def test_one_buildings_garbage_gap_and_clock_touch_no_other(redis_server, redis_
         check_exact(redis_client, d, t0, last, preds)
         wait_for(lambda: int(statuses(redis_client, [bad])[bad]["samples_received"]) == 600 + 6 * len(garbage), 10,
                  "the bad building's messages to be counted")
+        wait_caught_up(redis_client, {bad: t0 + 649}, d)
         s = statuses(redis_client, [bad])[bad]
         assert (int(s["samples_accepted"]), int(s["gaps_broken"])) == (450, 1)
         assert (int(s["rejected_out_of_order"]), int(s["rejected_duplicate"])) == (149, 1)  # t0 + 649 is the newest
@@ -301,7 +312,7 @@ def test_reload_adds_and_removes_buildings_and_the_rest_keep_their_schedule(redi
             last[b] = publish_samples(redis_client, b, WINDOW, start=t1)
         expected = {**{b: schedule(t0, last[b]) for b in kept}, **{b: schedule(t1, last[b]) for b in new}}
         preds.wait(expected, 30, d)
-        time.sleep(0.3)
+        wait_caught_up(redis_client, {b: last[b] for b in expected}, d)
         preds.drain()
         for b, ends in expected.items():
             assert preds.by_building[b] == ends, b
