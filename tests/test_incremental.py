@@ -81,7 +81,7 @@ def small_predictor(seed=0, n=3, cfg=SMALL, **kw):
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-logic"])
-@pytest.mark.parametrize("interval", [1, 60])
+@pytest.mark.parametrize("interval", [pytest.param(1, marks=pytest.mark.slow), 60])  # 1: hundreds of steps
 def test_many_steps_across_wraparound(meter, interval, graphs):
     """graphs=True runs the CUDA path's bookkeeping (fixed-size states loaded from the full
     window's state, one graph per step size) eagerly on the CPU."""

@@ -169,6 +169,7 @@ def test_200_buildings_through_one_daemon_each_exact(redis_server, redis_client,
             d.stop(signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_one_buildings_garbage_gap_and_clock_touch_no_other(redis_server, redis_client, model_dir, tmp_path):
     """Lost: only the bad building's own. It gets garbage of every kind, a gap longer than
     --max-gap-fill, a jump of its clock into the future and its samples again (out of order);

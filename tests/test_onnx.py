@@ -136,7 +136,7 @@ def test_shipped_checkpoints_and_their_shipped_export(tmp_path):
 
 
 # -- following the ring ---------------------------------------------------------------------------
-@pytest.mark.parametrize("interval", [1, 60])
+@pytest.mark.parametrize("interval", [pytest.param(1, marks=pytest.mark.slow), 60])  # 1: hundreds of steps
 def test_many_steps_across_wraparound(mixed, tmp_path, interval):
     torch_pred, onnx_pred = mixed
     onnx_pred.reset()
@@ -281,7 +281,7 @@ def test_a_full_recompute_runs_only_the_samples_its_outputs_see(tmp_path):
         m.close()
 
 
-@pytest.mark.parametrize("interval", [1, 60])
+@pytest.mark.parametrize("interval", [1, pytest.param(60, marks=pytest.mark.slow)])
 def test_daemon_sized_models_and_window(tmp_path, interval):
     """11 models of the shipped architecture on a 1536-sample window (computed in chunks)."""
     shipped = WaveNILMConfig(channels=16, depth=10, head_channels=32)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from nilmd import keys
 from nilmd.buildings import in_shard, parse_shard
@@ -96,7 +98,8 @@ def test_redis_away_keeps_the_leases_only_until_they_run_out(clean, redis_server
     now = [0.0]
     lease = Leases(redis_server.client(), "a", 2.0, errors=(redis.RedisError,), clock=lambda: now[0])
     lease.claim(BUILDINGS[:10])
-    lease.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens on port 1
+    # Nothing listens on port 1; no retries (redis-py 6+ retries with backoff by default: 4 s a call here)
+    lease.client = redis.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     now[0] = 1.0
     with pytest.raises(redis.ConnectionError):
         lease.claim(BUILDINGS[:10])
