@@ -9,8 +9,8 @@ y[t] = h[t-d] @ W_prev + h[t] @ W_cur + b.
 Same arithmetic as nilmd.models.model.WaveNILM, rearranged (each change exact or a float32 rounding):
   * the weights are model.fold()'s: the input scales folded into the input conv, the gate computed
     by model.folded_gate (one sigmoid over [filter, gate]), the skip sum's biases summed once;
-  * the skip sum and the heads (model.heads) run only for the samples whose output is wanted (the
-    newest interval, not the whole window); the last layer's residual is never made.
+  * the skip sum and the heads (model.heads, model.power) run only for the samples whose output is
+    wanted (the newest interval, not the whole window); the last layer's residual is never made.
 nilmd.models.fleet runs the same folded_gate and `head` over many buildings' states at once.
 
 Incremental ("fast WaveNet generation", Paine et al. 2016). Layer i's input at t is only ever
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from nilmd.models.model import WaveNILM, WaveNILMConfig, fold, folded_gate, heads
+from nilmd.models.model import WaveNILM, WaveNILMConfig, fold, folded_gate, heads, power
 
 
 _PER_LAYER = ("w_cur", "w_prev", "b_conv", "w_res", "b_res", "w_skip")  # stacked [depth, A, ...]
@@ -121,11 +121,11 @@ class FusedWaveNILM(nn.Module):
 
 
 def head(net: FusedWaveNILM, skip: torch.Tensor, aggregate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """model.heads on skip sums [A, t, C] and the aggregate power [t] (broadcast from the right) -> (power W,
-    on probability), each [A, t]."""
-    power, on_logit = heads(skip, lambda s: torch.baddbmm(net.b_h1, s, net.w_h1),
-                            lambda g: torch.baddbmm(net.b_h2, g, net.w_h2), aggregate, dim=-1)
-    return power, on_logit.sigmoid()
+    """model.heads and model.power on skip sums [A, t, C] (consumed) and the aggregate power [t]
+    (broadcast from the right) -> (power W, on probability), each [A, t]."""
+    logits = heads(skip, lambda s: torch.baddbmm(net.b_h1, s, net.w_h1), lambda g: torch.baddbmm(net.b_h2, g, net.w_h2))
+    out = logits.sigmoid_()  # [A, t, 2]: both sigmoids in one kernel
+    return power(out[..., 0], aggregate), out[..., 1]
 
 
 class State:

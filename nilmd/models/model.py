@@ -11,12 +11,12 @@ Input: [batch, features, time] in physical units (nilmd.features); the model div
 power-of-two scales itself, so callers never scale.
 
 The maths has one home, here: `gate`, the skip sum (GatedLayer's skip half, summed in
-WaveNILM.forward) and `heads`, and `fold`/`folded_gate`, the same arithmetic rearranged for
-serving. Every path runs these functions or restates them in one marked place:
-  nilmd/models/fused.py        one building, incremental: fold, folded_gate, heads (its `_chunk` adds
-                               the skip products; fold summed their biases);
+WaveNILM.forward), `heads` and `power`, and `fold`/`folded_gate`, the same arithmetic rearranged
+for serving. Every path runs these functions or restates them in one marked place:
+  nilmd/models/fused.py        one building, incremental: fold, folded_gate, heads, power (its `_chunk`
+                               adds the skip products; fold summed their biases);
   nilmd/models/fleet.py        many buildings: the same three, through FusedWaveNILM's buffers;
-  nilmd/models/onnx_export.py  restates gate, the skip sum and heads as ONNX nodes (`build_group`,
+  nilmd/models/onnx_export.py  restates gate, the skip sum, heads and power as ONNX nodes (`build_group`,
                                each place marked "restates nilmd.models.model.<name>").
 Change one and change those with it: tests/test_maths.py runs every path on random weights of two
 architectures and holds them to this module's WaveNILM.
@@ -50,13 +50,17 @@ def gate(filt: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
     return torch.tanh(filt) * torch.sigmoid(gate_logit)
 
 
-def heads(skip: torch.Tensor, hidden, out, aggregate: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two heads on the skip sum: ReLU, `hidden`, ReLU, `out` -> the mask and on logits (along
-    `dim`); power = sigmoid(mask) x the aggregate's active power, never below 0 (so never negative
-    and never above the aggregate). `hidden`, `out`: the 1x1 convolutions, as modules or any callable
-    with their weights (the fused paths' batched matmuls). -> (power W, on logit)."""
-    mask_logit, on_logit = out(hidden(skip.relu()).relu()).unbind(dim)
-    return torch.sigmoid(mask_logit) * aggregate.clamp_min(0.0), on_logit
+def heads(skip: torch.Tensor, hidden, out) -> torch.Tensor:
+    """The heads on the skip sum (consumed: its ReLU is in place): ReLU, `hidden`, ReLU, `out` -> the
+    [mask, on] logits, in out's channel dimension. `hidden`, `out`: the 1x1 convolutions, as modules
+    or as any callable with their weights (the serving paths' batched matmuls)."""
+    return out(hidden(skip.relu_()).relu_())
+
+
+def power(mask_probability: torch.Tensor, aggregate: torch.Tensor) -> torch.Tensor:
+    """The power head: sigmoid(mask logit) x the aggregate's active power, never below 0 (so the
+    appliance's power is never negative and never above the aggregate)."""
+    return mask_probability * aggregate.clamp_min(0.0)
 
 
 # Serving computes the gate as one sigmoid over [2 filter, gate]: tanh(f) = 2 sigmoid(2f) - 1, so
@@ -169,4 +173,5 @@ class WaveNILM(nn.Module):
         for layer in self.layers:  # the skip sum
             h, s = layer(h)
             skip = skip + s
-        return heads(skip, self.head.hidden, self.head.out, x[:, 0], dim=1)
+        mask_logit, on_logit = heads(skip, self.head.hidden, self.head.out).unbind(dim=1)
+        return power(torch.sigmoid(mask_logit), x[:, 0]), on_logit

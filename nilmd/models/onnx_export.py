@@ -7,11 +7,12 @@ models, channels-first [1, A*C, time]: ONNX Runtime's convolutions with the gate
 sigmoid fused in ran this box's steps faster than batched matmuls, whose bias adds and splits
 cost more than the products), the scales folded in. Same arithmetic as WaveNILM, in another
 order: the two paths differ by float32 rounding only. The graph restates nilmd.models.model's
-gate, skip sum and heads as nodes (each marked where it is built; that module names this one).
+gate, skip sum, heads and power as nodes (each marked where it is built; that module names this
+one).
 
-A graph is the incremental step for exactly n new samples; the backend keeps each layer's history and gives the graph only the
-samples that layer reads (min(dilation, n) of them), so a step costs O(n), and a full window is
-steps from the zero history (WaveNILM's left padding):
+A graph is the incremental step for exactly n new samples; the backend keeps each layer's history
+and gives the graph only the samples that layer reads (min(dilation, n) of them), so a step costs
+O(n), and a full window is steps from the zero history (WaveNILM's left padding):
 
     inputs   x [1, F, n] (physical units, channels-first), hist_i [1, A*C, min(d_i, n)]: layer
              i's inputs at t-d_i .. t-d_i+min(d_i, n)-1 for the first new sample t
@@ -110,7 +111,7 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True, histo
         if i + 1 < D:
             h = g.op("Add", [conv(f"l{i}_res", z, unfold * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
     outputs = []
-    if heads:  # restates nilmd.models.model.heads, with the on logit's sigmoid (a probability)
+    if heads:  # restates nilmd.models.model.heads and .power, with the on logit's sigmoid (a probability)
         hid = g.op("Relu", [conv("head1", g.op("Relu", [skip], "skip_relu"), w["w_h1"], w["b_h1"])], "head1_relu")
         out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, 1, n]: per model mask, on
         out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2n", i64(A, 2, n))], "heads_a2n")], "heads")
