@@ -63,6 +63,7 @@ def test_the_daemon_never_imports_the_test_harness():
     assert not leaked, f"importing the daemon imported {leaked}"
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch: 1.5 s on a quiet box, 4 s under load
 def test_models_never_need_the_daemon_simulator_or_training():
     mods = imported_after("import nilmd.models.predictor, nilmd.models.checkpoints, nilmd.models.fused")
     leaked = sorted(m for m in mods if m.startswith(("nilmd.daemon", "nilmd.sim", "nilmd.training")))
