@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from nilmd import __version__, config, keys
+from nilmd import __version__, buildings, config, keys
 from nilmd import log as logmod
 from nilmd.settingsdoc import SECTIONS
 from nilmd.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, NilmdError, redis_error
@@ -106,7 +106,7 @@ def cmd_status(args) -> int:
     one = args.building_id is not None or bool(os.environ.get("BUILDING_ID"))
     if cfg.building_ids and not one:  # a list daemon: its summary and a line per building
         try:
-            ids = config.buildings(cfg)
+            ids = buildings.listed(cfg)
             # instances sharing the list (leases): every live one, and who holds each building
             live = [] if args.host else sharing.live_names(client)
             names = [args.host] if args.host else live or [sharing.instance_name(cfg)]
@@ -224,11 +224,11 @@ def cmd_check(args) -> int:
         loaded = None
     # Each building's adapted models (nilmd.models.adapted): a refused one is a warning, since the
     # shipped model serves for it, not a failure.
-    buildings = config.buildings(cfg)
-    for usable, line in backends.check_adapted(cfg, buildings, loaded):
+    served = buildings.listed(cfg)
+    for usable, line in backends.check_adapted(cfg, served, loaded):
         print(f"adapted      {'ok  ' if usable else 'WARN'}  {line}")
-    print(f"adapted      ok    {sum(adapted.folder(cfg.state_dir, b).exists() for b in buildings)} of "
-          f"{len(buildings)} buildings have adapted models ({os.path.join(cfg.state_dir, adapted.MODELS)})")
+    print(f"adapted      ok    {sum(adapted.folder(cfg.state_dir, b).exists() for b in served)} of "
+          f"{len(served)} buildings have adapted models ({os.path.join(cfg.state_dir, adapted.MODELS)})")
     try:
         choice = backends.choose(cfg)
         if choice.fallback:

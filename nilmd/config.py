@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import re
 import sys
 import urllib.parse
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from nilmd import days
+from nilmd.buildings import ID_RULE, is_building_id, listed, parse_shard
 from nilmd.errors import ConfigError
 # pip installs the shipped checkpoints as data files under {prefix}/share/nilmd/checkpoints
 # (pyproject.toml); an editable install finds them beside the package instead.
@@ -337,14 +337,6 @@ SETTINGS: tuple[Setting, ...] = tuple(_row(f) for f in dataclasses.fields(Config
 _BY_NAME = {s.name: s for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-_BUILDING_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def is_building_id(text: str) -> bool:
-    """A building id nilmd accepts: 1-64 letters, digits, '_', '-' or '.'."""
-    return bool(_BUILDING_RE.match(text))
-
-
 def metavar(s: Setting) -> str:
     """What --help shows for a setting's value: its choices, else the flag's last word
     (--redis-port PORT, --model-dir DIR, --input-timeout TIMEOUT)."""
@@ -441,38 +433,6 @@ def resolve(args=None, environ=None, names=None) -> Config:
     return _check(cfg, environ)
 
 
-def buildings(cfg: Config) -> list[str]:
-    """The buildings this daemon serves: --building-ids (inline, or @FILE read now), else the one
-    --building-id. ConfigError names a bad id, a repeated one, or a file that cannot be read."""
-    text, where = cfg.building_ids, "--building-ids"
-    if not text:
-        return [cfg.building_id]
-    if text.startswith("@"):
-        where = text[1:]
-        try:
-            text = Path(where).read_text()
-        except OSError as e:
-            raise ConfigError(f"--building-ids: cannot read {where}: {e.strerror or e}") from None
-        items = [(f"{where}:{n}", line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
-    else:
-        items = [(f"{where} item {n}", part.strip()) for n, part in enumerate(text.split(","), 1)]
-    ids, seen = [], {}
-    for at, b in items:
-        if not b:
-            continue
-        if not _BUILDING_RE.match(b):
-            raise ConfigError(f"{at}: building id {b!r} must be 1-64 letters, digits, '_', '-' or '.'")
-        if b in seen:
-            raise ConfigError(f"{at}: building {b} is listed twice (first at {seen[b]})")
-        if b == "daemon":  # a list daemon's own files are nilmd-daemon.ctl/.lock (nilmd.daemon.roster)
-            raise ConfigError(f"{at}: 'daemon' names the list daemon's own files: call the building otherwise")
-        seen[b] = at
-        ids.append(b)
-    if not ids:
-        raise ConfigError(f"--building-ids: {where} names no building")
-    return ids
-
-
 def _read_password(cfg: Config, environ, service: str) -> Config:
     """{service}_password from its file: the setting, else the systemd credential {service}-password."""
     password_file = getattr(cfg, f"{service}_password_file")
@@ -511,18 +471,16 @@ def mqtt_endpoint(url: str) -> tuple[bool, str, str, int]:
 
 
 def _check(cfg: Config, environ) -> Config:
-    if not _BUILDING_RE.match(cfg.building_id):
-        raise ConfigError(f"--building-id: {cfg.building_id!r} must be 1-64 letters, digits, '_', '-' or '.'")
+    if not is_building_id(cfg.building_id):
+        raise ConfigError(f"--building-id: {cfg.building_id!r} must be {ID_RULE}")
     if cfg.building_ids:
-        buildings(cfg)  # a bad list: one line now (the supervisor reads it again on SIGHUP)
+        listed(cfg)  # a bad list: one line now (the supervisor reads it again on SIGHUP)
         if cfg.mode == "test":
             raise ConfigError("--building-ids: --mode test simulates one building; give --building-id")
         if cfg.mqtt_url:
             raise ConfigError("--building-ids: the MQTT publisher serves one building (--mqtt-url); run it with "
                               "--building-id, or one nilmd@.service instance per building")
     if cfg.shard:
-        from nilmd.daemon.sharing import parse_shard
-
         try:
             parse_shard(cfg.shard)
         except ValueError as e:

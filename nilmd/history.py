@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from nilmd.atomic import write_atomic
-from nilmd.config import Config, is_building_id
+from nilmd.buildings import is_building_id
+from nilmd.config import Config
 
 DEFAULT_DAYS = Config.history_days
 FIELDS = ("power_total", "voltage", "current", "power_factor")

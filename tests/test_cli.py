@@ -63,6 +63,7 @@ def test_password_never_shown(tmp_path):
     assert "s3cret" not in repr(cfg) and "s3cret" not in json.dumps(cfg.public())
 
 
+@pytest.mark.slow
 def test_check_reports_every_part(redis_server, model_dir):
     ok = nilmd("check", "--redis-port", str(redis_server.port), "--model-dir", str(model_dir))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -73,6 +74,7 @@ def test_check_reports_every_part(redis_server, model_dir):
     assert "checkpoint   FAIL  HeatPump" in bad.stdout and "file not found" in bad.stdout
 
 
+@pytest.mark.slow
 def test_status_exit_codes(redis_server, redis_client):
     building = f"s{int(time.time() * 1000)}"
     args = ("status", "--redis-port", str(redis_server.port), "--building-id", building)

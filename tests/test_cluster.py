@@ -39,6 +39,7 @@ def dump(client, b: str) -> dict:
             "history": client.xrange(history), "events": client.xrange(events)}
 
 
+@pytest.mark.slow  # (a six-node cluster to start)
 def test_the_ledger_counts_on_a_cluster_what_it_counts_on_one_node(redis_cluster, redis_client):
     """The same predictions (runs that start and end, a retried one) through the ledger on a
     single redis-server and on the cluster, where its keys lie on different masters."""
@@ -64,6 +65,7 @@ def test_the_ledger_counts_on_a_cluster_what_it_counts_on_one_node(redis_cluster
     assert len(got[0]["history"]) == 20 and [e for e in got[0]["events"]], "the input should make runs"
 
 
+@pytest.mark.slow
 def test_produce_publishes_and_adds_to_a_cluster(redis_cluster):
     """`nilmd produce --to both` (a pipeline of PUBLISHes and XADDs) against the cluster."""
     client = redis_cluster.client()

@@ -42,6 +42,7 @@ def subscribed(redis_client, building):
     return pubsub
 
 
+@pytest.mark.slow
 def test_an_accelerated_producer_never_stamps_a_sample_in_the_future(redis_server, redis_client, tmp_path):
     building = f"f{uuid.uuid4().hex[:8]}"
     pubsub = subscribed(redis_client, building)
@@ -63,6 +64,7 @@ def test_an_accelerated_producer_never_stamps_a_sample_in_the_future(redis_serve
     assert got[-1][0] - 65 <= got[-1][1]["timestamp"] <= got[-1][0] + 0.5, "ends at now, not 19 minutes ahead"
 
 
+@pytest.mark.slow
 def test_test_mode_into_a_closed_pipe_ends_cleanly(model_dir, tmp_path):
     """`nilmd run --mode test | head -2`: the reader of stdout goes away; the daemon exits 0."""
     proc = subprocess.Popen([sys.executable, "-m", "nilmd", "run", "--mode", "test", "--model-dir", str(model_dir),
@@ -92,6 +94,7 @@ def test_bad_settings_are_one_line_not_a_traceback_or_a_silent_default(tmp_path)
         "nilmd: error: $BUILDING_ID is set but empty: give it a value, or unset it for the default (building_1)")
 
 
+@pytest.mark.slow
 def test_a_truncated_or_malicious_checkpoint_is_named_for_what_it_is(model_dir, tmp_path):
     models = write_checkpoints(tmp_path / "models", appliances=["Dryer"], channels=4)
     good = (models / checkpoint_filename("Dryer")).read_bytes()

@@ -44,7 +44,7 @@ def check(fleet: FleetPredictor, reference: Predictor, buildings: dict, size: in
     del windows
 
 
-@pytest.mark.parametrize("interval", [1, 60])
+@pytest.mark.parametrize("interval", [pytest.param(1, marks=pytest.mark.slow), 60])  # 1: hundreds of steps
 def test_buildings_at_different_phases_step_together(meters, interval):
     ckpts = make_checkpoints({a: SMALL for a in APPLIANCES[:3]})
     fleet, reference = FleetPredictor(ckpts, slots=2), Predictor(ckpts)  # 2 slots: the pools grow
@@ -114,6 +114,7 @@ def test_two_architectures_and_an_interval_longer_than_a_chunk(meters, monkeypat
     assert fleet.full_recomputes == 3
 
 
+@pytest.mark.slow
 def test_shipped_checkpoints(meters):
     loaded, _ = checkpoints.load_dir(ROOT / "checkpoints")
     if not loaded:

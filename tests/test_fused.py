@@ -52,6 +52,18 @@ def make_checkpoints(configs: dict[str, WaveNILMConfig], seed: int = 0) -> dict[
     return out
 
 
+def write_set(directory: Path, configs: dict, seed: int = 0) -> dict:
+    """Random-weight checkpoints as files (an ONNX export writes their hashes into its manifest)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, c in make_checkpoints(configs, seed=seed).items():
+        data = checkpoints.to_dict(name, c.model(), on_power_threshold_w=c.on_power_threshold_w,
+                                   probability_threshold=0.3 + 0.03 * APPLIANCES.index(name), max_power_w=3000.0)
+        checkpoints.save(directory / checkpoint_filename(name), data)
+    loaded, errors = checkpoints.load_dir(directory)
+    assert not [e for e in errors.values() if not e.endswith("file not found")]
+    return loaded
+
+
 def features(n: int, seed: int = 1) -> np.ndarray:
     """A plausible meter trace in physical units: P, Q, I, S, M."""
     rng = np.random.default_rng(seed)

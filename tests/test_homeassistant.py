@@ -254,6 +254,7 @@ def make_broker(tmp_path, url: str, password: str, **tls):
     return Broker(cfg, log, Throttle(log), ctl), ctl
 
 
+@pytest.mark.slow
 def test_tls_a_wrong_ca_and_a_wrong_password(broker, tmp_path, caplog):
     """mqtts:// with the CA that signed the broker: discovery arrives; a CA that did not, or a
     wrong password, is a clear line and no connection."""

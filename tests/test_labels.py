@@ -232,6 +232,7 @@ def test_times_outside_the_recorded_history(recorded, tmp_path):
             "outside the recorded history")
 
 
+@pytest.mark.slow
 def test_another_buildings_file(recorded, tmp_path):
     power, parts = recorded
     other, _ = house(seed=1)

@@ -4,6 +4,7 @@ Each check runs in a fresh interpreter, so what an earlier test imported cannot 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -62,6 +63,7 @@ def test_the_daemon_never_imports_the_test_harness():
     assert not leaked, f"importing the daemon imported {leaked}"
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch: 1.5 s on a quiet box, 4 s under load
 def test_models_never_need_the_daemon_simulator_or_training():
     mods = imported_after("import nilmd.models.predictor, nilmd.models.checkpoints, nilmd.models.fused")
     leaked = sorted(m for m in mods if m.startswith(("nilmd.daemon", "nilmd.sim", "nilmd.training")))
@@ -112,3 +114,83 @@ def test_the_torch_blocker_works():
     out = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import nilmd.models.predictor"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode != 0 and "blocked by the test" in out.stderr
+
+
+# -- the import graph ------------------------------------------------------------------------------
+def import_graph(root: Path, package: str = "nilmd") -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, read from the source with ast: module-level and
+    function-level imports alike (a function-level import only defers a circle, it does not break
+    it). `from a import b` counts as an import of a.b where that is a module, else of a."""
+    files = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def known(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in files.items():
+        here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(known(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package `level - 1` above this one
+                    up = here.split(".")[:len(here.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    targets.add(full if full in files else known(base))
+        graph[module] = {t for t in targets if t and t != module}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle, each as a path a -> b -> ... -> a (a depth-first search)."""
+    found, done, stack = [], set(), []
+
+    def visit(m: str) -> None:
+        if m in stack:
+            found.append(stack[stack.index(m):] + [m])
+            return
+        if m in done:
+            return
+        stack.append(m)
+        for t in sorted(graph[m]):
+            visit(t)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    return found
+
+
+def test_the_package_imports_in_no_circle():
+    """A circle, even one hidden behind a function-level import, means two modules that cannot be
+    read, changed or tested one without the other: the lower concept belongs in a module of its
+    own that both import (nilmd.buildings, nilmd.daemon.batch)."""
+    graph = import_graph(ROOT)
+    assert {"nilmd.config", "nilmd.daemon.sharing", "nilmd.models.fused"} <= set(graph)  # it read the package
+    assert "nilmd.buildings" in graph["nilmd.config"] and "nilmd.daemon.streams" in graph["nilmd.daemon.sources"]
+    found = circles(graph)
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_circle_check_sees_a_function_level_import(tmp_path):
+    """The check above can fail: a circle closed only inside a function is found."""
+    pkg = tmp_path / "nilmd"
+    (pkg / "daemon").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "daemon" / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("def check():\n    from nilmd.daemon.sharing import parse_shard\n")
+    (pkg / "daemon" / "sharing.py").write_text("from .. import config\n")
+    (pkg / "low.py").write_text("import nilmd.config\n")
+    graph = import_graph(tmp_path)
+    assert graph["nilmd.low"] == {"nilmd.config"}
+    assert circles(graph) == [["nilmd.config", "nilmd.daemon.sharing", "nilmd.config"]]

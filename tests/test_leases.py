@@ -14,9 +14,10 @@ import pytest
 from conftest import Daemon, aligned_start, publish_samples, wait_for
 from nilmd import keys
 from nilmd.config import Config, ConfigError, resolve
-from nilmd.daemon.sharing import in_shard, owner
+from nilmd.buildings import in_shard
+from nilmd.daemon.sharing import owner
 from test_faults import schedule
-from test_multi import Predictions
+from test_multi import Predictions, wait_caught_up
 
 WINDOW, STEP = 256, 16
 
@@ -101,7 +102,7 @@ def test_a_killed_instance_is_taken_over_within_a_lease_period_and_nothing_is_lo
         last = {x: publish_samples(redis_client, x, 3 * STEP, start=first[x] + 1, to="stream") for x in ids}
         expected = {x: schedule(t0, last[x]) for x in ids}
         preds.wait(expected, 60, Both(a, b))
-        time.sleep(0.5)
+        wait_caught_up(redis_client, last, b)
         preds.drain()
         for x in ids:
             assert preds.by_building[x] == expected[x], (x, share[x])
@@ -137,7 +138,7 @@ def test_static_shards_split_a_list_between_two_instances(redis_server, redis_cl
         last = {x: publish_samples(redis_client, x, WINDOW + STEP, start=t0) for x in ids}
         expected = {x: schedule(t0, last[x]) for x in ids}
         preds.wait(expected, 60, shards[1])
-        time.sleep(0.5)
+        wait_caught_up(redis_client, last, Both(*shards))
         preds.drain()
         assert {x: preds.by_building[x] for x in ids} == expected  # each building predicted once, by its shard
     finally:

@@ -19,6 +19,7 @@ import pytest
 from conftest import publish_samples, wait_for
 
 from nilmd import keys
+from nilmd.appliances import APPLIANCES
 from nilmd.daemon.notify import Notifier
 
 
@@ -210,11 +211,14 @@ def test_daemon_speaks_sd_notify(daemon_factory, redis_client):
         # a stopped child: its heartbeat goes stale and the pings stop; they resume after SIGCONT
         pid = int(d.status(redis_client)["pid_inference"])
         os.kill(pid, signal.SIGSTOP)
-        t_stop = time.monotonic()
+        t_stop, wall_stop = time.monotonic(), time.time()
         try:
-            time.sleep(FRESH_S + 1.6)  # the heartbeat turns stale after FRESH_S; one tick, one interval
-            quiet_from = time.monotonic()
-            time.sleep(3.0)
+            # The heartbeat turns stale after FRESH_S; one tick, one interval later no ping may come for
+            # at least a ping interval and a half (3 s). Silence alone would also be a stalled supervisor:
+            # its status hash, rewritten as it goes on ticking, shows it judged through the whole quiet span.
+            quiet_from, quiet_s = t_stop + FRESH_S + 1.6, 3.0
+            wait_for(lambda: float(d.status(redis_client).get("updated_at", 0)) >= wall_stop + FRESH_S + 1.6 + quiet_s,
+                     30, f"the supervisor to go on ticking with its child stopped\n{d.log()[-2000:]}")
             assert listener.pings(quiet_from) == [], (
                 f"WATCHDOG=1 kept coming {[round(t - t_stop, 1) for t in listener.pings(t_stop)]} s "
                 "after the inference process was SIGSTOPped")
@@ -265,7 +269,11 @@ def test_ready_waits_for_redis(daemon_factory, model_dir, tmp_path):
         holder["channel"] = keys.input_channel(d.building)
         d.start()
         wait_for(lambda: "models loaded" in d.log() or d.proc.poll() is not None, 60, "the models to load")
-        time.sleep(2.0)  # several supervisor ticks with the models loaded and no Redis
+        # The supervisor's STATUS= once it has judged the daemon with the models loaded and no Redis: a
+        # READY=1 it should not send would have gone in that same tick, instead of this line.
+        loaded = f"{len(APPLIANCES)}/{len(APPLIANCES)} models"
+        wait_for(lambda: any(s.startswith("starting") and loaded in s for s in listener.statuses())
+                 or d.proc.poll() is not None, 30, f"a STATUS= with the models loaded\n{listener.statuses()}")
         assert d.proc.poll() is None, d.log()[-3000:]
         assert listener.index("READY=1") is None, "READY=1 while Redis is unreachable"
         assert any(s.startswith("starting") for s in listener.statuses())

@@ -32,26 +32,14 @@ from nilmd.models.onnx_backend import (MANIFEST, NoExport, OnnxExportError, Onnx
                                        step_sizes)
 from nilmd.models.onnx_export import export  # noqa: E402
 from nilmd.models.predictor import Predictor  # noqa: E402
-from test_fused import ROOT, assert_matches_models, features, make_checkpoints, one_thread  # noqa: E402, F401
-from test_incremental import Meter  # noqa: E402
+from test_fused import ROOT, assert_matches_models, features, one_thread, write_set  # noqa: E402, F401
+from test_incremental import Meter, check_step, walk_plan  # noqa: E402
 
 SMALL = WaveNILMConfig(channels=8, depth=5, head_channels=8)  # receptive field 32
 MIXED = {a: SMALL for a in APPLIANCES}  # three groups: 9 small, 2 wide (as a later model may ship), 1 shallow
 MIXED.update({"Dryer": WaveNILMConfig(channels=32, depth=5, head_channels=32),
               "HeatPump": WaveNILMConfig(channels=32, depth=5, head_channels=32),
               "Microwave": WaveNILMConfig(channels=4, depth=3, head_channels=12)})
-
-
-def write_set(directory: Path, configs: dict, seed: int = 0) -> dict:
-    """Random-weight checkpoints as files (their hashes go into the manifest)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, c in make_checkpoints(configs, seed=seed).items():
-        data = checkpoints.to_dict(name, c.model(), on_power_threshold_w=c.on_power_threshold_w,
-                                   probability_threshold=0.3 + 0.03 * APPLIANCES.index(name), max_power_w=3000.0)
-        checkpoints.save(directory / checkpoint_filename(name), data)
-    loaded, errors = checkpoints.load_dir(directory)
-    assert not [e for e in errors.values() if not e.endswith("file not found")]
-    return loaded
 
 
 def exported(directory: Path, configs: dict = MIXED, seed: int = 0) -> tuple[Predictor, OnnxPredictor]:
@@ -148,16 +136,7 @@ def test_shipped_checkpoints_and_their_shipped_export(tmp_path):
 
 
 # -- following the ring ---------------------------------------------------------------------------
-def check_step(onnx_pred, torch_pred, ring, size: int, new: int) -> None:
-    window = ring.window(size)
-    power, prob = onnx_pred.step(window, new)
-    x = window.features.copy()
-    assert ring.intact(window)
-    del window
-    assert_matches_models(torch_pred, x, power, prob, last=new)
-
-
-@pytest.mark.parametrize("interval", [1, 60])
+@pytest.mark.parametrize("interval", [pytest.param(1, marks=pytest.mark.slow), 60])  # 1: hundreds of steps
 def test_many_steps_across_wraparound(mixed, tmp_path, interval):
     torch_pred, onnx_pred = mixed
     onnx_pred.reset()
@@ -166,10 +145,10 @@ def test_many_steps_across_wraparound(mixed, tmp_path, interval):
     try:
         size = 96
         m.write(size)
-        check_step(onnx_pred, torch_pred, m.ring, size, interval)
+        check_step(onnx_pred, m.ring, size, interval, torch_pred)
         for _ in range(300 if interval == 1 else 12):  # the ring (160) laps 1.9 and 4.5 times
             m.write(interval)
-            check_step(onnx_pred, torch_pred, m.ring, size, interval)
+            check_step(onnx_pred, m.ring, size, interval, torch_pred)
         assert onnx_pred.full_recomputes - recomputes == 1  # only the first
     finally:
         m.close()
@@ -185,17 +164,7 @@ def test_any_schedule(mixed, tmp_path_factory, plan):
     start = onnx_pred.full_recomputes
     m = Meter(tmp_path_factory.mktemp("ring") / "ring", capacity=200, seed=len(plan))
     try:
-        size = 64
-        m.write(size)
-        check_step(onnx_pred, torch_pred, m.ring, size, 1)
-        fulls = 1
-        for n, skipped, gap in plan:
-            if gap:
-                m.ring.mark_break()
-                m.write(size)
-                fulls += 1
-            m.write(n + skipped)
-            check_step(onnx_pred, torch_pred, m.ring, size, min(n, size - 31))
+        fulls = walk_plan(onnx_pred, m, plan, reference=torch_pred)
         assert onnx_pred.full_recomputes - start == fulls
     finally:
         m.close()
@@ -210,16 +179,16 @@ def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
     m = Meter(tmp_path / "ring", capacity=200)
     try:
         m.write(64)
-        check_step(onnx_pred, torch_pred, m.ring, 64, 4)
-        check_step(onnx_pred, torch_pred, m.ring, 64, 4)  # the same window: nothing new to continue with
+        check_step(onnx_pred, m.ring, 64, 4, torch_pred)
+        check_step(onnx_pred, m.ring, 64, 4, torch_pred)  # the same window: nothing new to continue with
         assert onnx_pred.full_recomputes - start == 2
         for _ in range(3):
             m.write(4)
-            check_step(onnx_pred, torch_pred, m.ring, 64, 4)
+            check_step(onnx_pred, m.ring, 64, 4, torch_pred)
         bound = [{n: (st.io, st.x, st.power, *st.hist, *st.h) for n, st in g.steps.items()} for g in onnx_pred.groups]
         onnx_pred.run(features(300))
         m.write(4)
-        check_step(onnx_pred, torch_pred, m.ring, 64, 4)
+        check_step(onnx_pred, m.ring, 64, 4, torch_pred)
         assert onnx_pred.full_recomputes - start == 2
         for g, before in zip(onnx_pred.groups, bound):
             for n, held in before.items():
@@ -227,7 +196,7 @@ def test_reset_repeats_and_run_between_steps(mixed, tmp_path):
                 assert all(a is b for a, b in zip((st.io, st.x, st.power, *st.hist, *st.h), held)), "a step re-bound"
         onnx_pred.reset()
         m.write(4)
-        check_step(onnx_pred, torch_pred, m.ring, 64, 4)
+        check_step(onnx_pred, m.ring, 64, 4, torch_pred)
         assert onnx_pred.full_recomputes - start == 3
     finally:
         m.close()
@@ -257,19 +226,19 @@ def test_history_buffers_wrap_at_every_offset_and_after_a_break(tmp_path):
     try:
         size = 300  # the newest 300 - 256 + 1 = 45 outputs see no padding
         m.write(size)
-        check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        check_step(onnx_pred, m.ring, size, 45, torch_pred)
         for n in [60] * 13 + [7, 61, 121, 1, 1, 45]:  # 60 does not divide 128: every offset differs
             m.write(n)
-            check_step(onnx_pred, torch_pred, m.ring, size, min(n, 45))
+            check_step(onnx_pred, m.ring, size, min(n, 45), torch_pred)
         assert onnx_pred.full_recomputes == 1
         assert onnx_pred.groups[0].t == size + 13 * 60 + 7 + 61 + 121 + 2 + 45
         m.ring.mark_break()
         m.write(size)
-        check_step(onnx_pred, torch_pred, m.ring, size, 45)
+        check_step(onnx_pred, m.ring, size, 45, torch_pred)
         assert onnx_pred.full_recomputes == 2 and onnx_pred.groups[0].t == size
         for _ in range(5):
             m.write(60)
-            check_step(onnx_pred, torch_pred, m.ring, size, 45)
+            check_step(onnx_pred, m.ring, size, 45, torch_pred)
         assert onnx_pred.full_recomputes == 2
     finally:
         m.close()
@@ -294,7 +263,7 @@ def test_a_full_recompute_runs_only_the_samples_its_outputs_see(tmp_path):
     m = Meter(tmp_path / "ring", capacity=900, seed=1)
     try:
         m.write(600)
-        check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        check_step(onnx_pred, m.ring, 600, 5, torch_pred)
         assert g.t == 316 and onnx_pred.full_recomputes == 1
         x = m.ring.window(600).features.copy()
         g.zero()
@@ -303,16 +272,16 @@ def test_a_full_recompute_runs_only_the_samples_its_outputs_see(tmp_path):
             assert_matches_models(torch_pred, x, power, prob, last=5)
         onnx_pred.reset()  # (that run moved the history on behind its back)
         m.write(5)
-        check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+        check_step(onnx_pred, m.ring, 600, 5, torch_pred)
         for _ in range(3):  # and the history a trimmed recompute leaves is exact
             m.write(5)
-            check_step(onnx_pred, torch_pred, m.ring, 600, 5)
+            check_step(onnx_pred, m.ring, 600, 5, torch_pred)
         assert onnx_pred.full_recomputes == 2
     finally:
         m.close()
 
 
-@pytest.mark.parametrize("interval", [1, 60])
+@pytest.mark.parametrize("interval", [1, pytest.param(60, marks=pytest.mark.slow)])
 def test_daemon_sized_models_and_window(tmp_path, interval):
     """11 models of the shipped architecture on a 1536-sample window (computed in chunks)."""
     shipped = WaveNILMConfig(channels=16, depth=10, head_channels=32)
@@ -320,12 +289,12 @@ def test_daemon_sized_models_and_window(tmp_path, interval):
     m = Meter(tmp_path / "ring", capacity=3200)
     try:
         m.write(1536)
-        check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
+        check_step(onnx_pred, m.ring, 1536, interval, torch_pred)
         # the receptive field and the outputs: 4 steps of 256 without heads, then one of the interval
         assert onnx_pred.groups[0].t == {1: 1025, 60: 1084}[interval]
         for _ in range(2):
             m.write(interval)
-            check_step(onnx_pred, torch_pred, m.ring, 1536, interval)
+            check_step(onnx_pred, m.ring, 1536, interval, torch_pred)
         assert onnx_pred.full_recomputes == 1
         assert onnx_pred.groups[0].steps[256].sess is None  # the 256-step with heads: opened when first needed
         x = features(512, seed=2)

@@ -11,7 +11,7 @@ from argparse import Namespace
 import pytest
 
 from conftest import ROOT
-from nilmd import cli, config, settingsdoc
+from nilmd import buildings, cli, config, settingsdoc
 from nilmd.config import SETTINGS, Config
 from nilmd.errors import ConfigError
 
@@ -84,7 +84,7 @@ def test_every_flag_reaches_its_setting(tmp_path):
     # need it: tried on their own
     alone = config.resolve(cli.build_parser().parse_args(["run", "--building-ids", "a,b", "--shard", "2/3",
                                                           "--leases"]), environ={})
-    assert alone.building_ids == "a,b" and config.buildings(alone) == ["a", "b"]
+    assert alone.building_ids == "a,b" and buildings.listed(alone) == ["a", "b"]
     assert alone.shard == "2/3" and alone.leases is True
     assert set(given) | switches | {"building_ids", "shard", "leases"} == {s.name for s in SETTINGS if s.flag}, \
         "a flag of the table is not tried here"

@@ -1,17 +1,21 @@
-"""Sharing a building list between nilmd instances (nilmd.daemon.sharing): static shards by a
-stable hash, and leases in a real Redis that move buildings when an instance goes."""
+"""Sharing a building list between nilmd instances: static shards by a stable hash
+(nilmd.buildings), and leases in a real Redis that move buildings when an instance goes."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from nilmd import keys
-from nilmd.daemon.sharing import INSTANCES_KEY, Leases, in_shard, owner, parse_shard
+from nilmd.buildings import in_shard, parse_shard
+from nilmd.daemon.sharing import INSTANCES_KEY, Leases, owner
 from nilmd.testing import wait_for
 
 BUILDINGS = [f"house-{k}" for k in range(300)]
@@ -29,9 +33,10 @@ def test_shards_split_a_list_whole_without_overlap_and_the_same_in_every_process
     assert sorted(sum(parts, [])) == sorted(BUILDINGS)
     assert all(60 < len(p) < 140 for p in parts), [len(p) for p in parts]  # 100 each, give or take
     # Python's own hash() differs between processes; the shard must not
-    code = f"from nilmd.daemon.sharing import in_shard; print(','.join(in_shard({BUILDINGS!r}, 2, 3)))"
+    code = f"from nilmd.buildings import in_shard; print(','.join(in_shard({BUILDINGS!r}, 2, 3)))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin"})
+                           env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin",
+                                "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert other.stdout.strip().split(",") == parts[1]
 
 
@@ -93,7 +98,8 @@ def test_redis_away_keeps_the_leases_only_until_they_run_out(clean, redis_server
     now = [0.0]
     lease = Leases(redis_server.client(), "a", 2.0, errors=(redis.RedisError,), clock=lambda: now[0])
     lease.claim(BUILDINGS[:10])
-    lease.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens on port 1
+    # Nothing listens on port 1; no retries (redis-py 6+ retries with backoff by default: 4 s a call here)
+    lease.client = redis.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     now[0] = 1.0
     with pytest.raises(redis.ConnectionError):
         lease.claim(BUILDINGS[:10])

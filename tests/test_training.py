@@ -149,6 +149,7 @@ def tiny_checkpoint(tmp_path, appliance="ElectricKettle", depth=6):
     return checkpoints.load(path, appliance)
 
 
+@pytest.mark.slow
 def test_stream_equals_daemon_windows(tmp_path):
     ckpt = tiny_checkpoint(tmp_path)                            # receptive field 64
     predictor = Predictor({ckpt.appliance: ckpt})

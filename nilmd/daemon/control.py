@@ -68,6 +68,9 @@ _NAMES += ["roster_version"]
 # A building's appliances served by its adapted models, and those whose adapted file was refused
 # (bits in the fixed order, as models_mask; nilmd.models.adapted): written by the inference at each load
 _NAMES += ["adapted_mask", "adapted_refused_mask"]
+# The newest sample's timestamp (last_sample_ts when the inference looked) for which every window it
+# closes was published: the inference looked and found none due (a test's "nothing more will come")
+_NAMES += ["predicted_through_ts"]
 SLOTS = {name: i for i, name in enumerate(_NAMES)}
 # The slots of one building's data (its ring's reader and inference, its snapshot); every other slot
 # belongs to a process and lives in the daemon block. With one building both are the same block.
@@ -76,7 +79,7 @@ BUILDING_SLOTS = frozenset(
      "last_inference_ts", "last_inference_ms", "last_window_end", "overruns", "snapshot_ts", "input_pos_ms",
      "input_pos_seq", "input_resumed", "history_end", "restored_samples", "snapshot_failures", "snapshot_errno",
      "clock_jumps", "last_arrival", "predictions_pending", "samples_lost", "adapted_mask", "adapted_refused_mask",
-     "fenced"]
+     "fenced", "predicted_through_ts"]
     + [f"rejected_{r}" for r in REJECT_REASONS] + [f"repaired_{r}" for r in REPAIR_REASONS])
 _BUILDING_INDEX = np.array(sorted(SLOTS[n] for n in BUILDING_SLOTS))
 SIZE = 8 * 128

@@ -49,6 +49,11 @@ class Track:
         self.fed = 0  # ring index up to which its samples were fed to the models ahead of time
         self.always_on = AlwaysOn()
 
+    def resuming(self) -> bool:
+        """The reader is still reading the stream's history (nilmd.daemon.streams): which of its
+        windows an earlier run (another instance, for a lease taken over) predicted is not known yet."""
+        return self.cfg.input_mode == "stream" and not self.ctl["input_resumed"]
+
     def upcoming(self) -> tuple[int | None, int]:
         """(ring index one past the newest sample of the next window to run, or None while the run
         is shorter than a window; the ring's head). The index may lie ahead of the head."""
@@ -56,9 +61,7 @@ class Track:
         size, step = self.cfg.window_size, self.cfg.inference_interval
         if head - segment < size:
             return None, head
-        if self.cfg.input_mode == "stream" and not self.ctl["input_resumed"]:
-            # The reader is still reading the stream's history (nilmd.daemon.streams): which of these
-            # windows an earlier run (another instance, for a lease taken over) predicted is not known yet.
+        if self.resuming():
             return None, head
         last = int(self.ctl["last_window_end"])  # 0: none yet in this daemon's life
         history = int(self.ctl["history_end"])  # warm restart: an earlier run predicted windows up to here
@@ -297,10 +300,13 @@ class InferenceWorker(Worker):
             if track.held is not None:
                 retry.append(track)
                 continue
+            newest = track.ctl["last_sample_ts"]  # read before the ring: the reader wrote the sample first
             end, head = track.upcoming()
             if end is not None and end <= head:
                 fresh.append((track, end))
             else:
+                if end is not None or not track.resuming():  # every window its samples close is out
+                    track.ctl["predicted_through_ts"] = newest
                 self._push(track, now + track.wait(end, head, wall, most))
                 if end is not None and min(head, end - 1) - track.fed >= ADVANCE_N:
                     self._feedable.append((track, min(head, end - 1)))

@@ -23,7 +23,8 @@ from nilmd.features import derive
 from nilmd.daemon.ingest import Grid, Rejected, parse_sample
 from nilmd.backoff import Backoff
 from nilmd.daemon.ringbuffer import FLAG_FILLED, FLAG_MEASURED
-from nilmd.daemon.sources import DISCONNECT_CAUSES, Batch, make_source
+from nilmd.daemon.batch import Batch
+from nilmd.daemon.sources import DISCONNECT_CAUSES, make_source
 from nilmd.daemon.worker import Worker
 
 

@@ -24,13 +24,13 @@ written (its guards), which are set once the lease is taken and renewed with it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import socket
 import time
 
-from nilmd import config, keys
+from nilmd import keys
+from nilmd.buildings import in_shard, listed, parse_shard, stable_hash
 from nilmd.daemon import fencing
 from nilmd.errors import redis_error
 
@@ -74,30 +74,9 @@ def holder_names(client, buildings: list[str]) -> dict[str, str]:
     return {b: (v.decode().rpartition("#")[0] if v else "") for b, v in zip(buildings, pipe.execute())}
 
 
-def _hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'K/N' (1 <= K <= N) -> (K, N); ValueError with the rule otherwise."""
-    k, sep, n = text.partition("/")
-    try:
-        k, n = int(k), int(n)
-    except ValueError:
-        k = n = 0
-    if not sep or not 1 <= k <= n:
-        raise ValueError(f"{text!r} is not K/N with 1 <= K <= N (e.g. 2/3: the second of three instances)")
-    return k, n
-
-
-def in_shard(buildings: list[str], k: int, n: int) -> list[str]:
-    """The buildings of shard K of N, by a stable hash of the id (the same on every box and run)."""
-    return [b for b in buildings if _hash(b) % n == k - 1]
-
-
 def owner(building: str, instances: list[str]) -> str:
     """The live instance a building belongs to (rendezvous hashing): every instance agrees alone."""
-    return max(instances, key=lambda name: _hash(f"{building}|{name}"))
+    return max(instances, key=lambda name: stable_hash(f"{building}|{name}"))
 
 
 def instance_name(cfg) -> str:
@@ -237,8 +216,8 @@ class Sharing:
 
     def read(self) -> list[str]:
         """The buildings this instance may serve: the list (--building-ids), only shard K of N with
-        --shard. ConfigError as config.buildings raises it."""
-        ids = config.buildings(self.cfg)
+        --shard. ConfigError as nilmd.buildings.listed raises it."""
+        ids = listed(self.cfg)
         if self.cfg.shard:
             ids = in_shard(ids, *parse_shard(self.cfg.shard))
         return ids

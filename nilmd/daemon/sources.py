@@ -17,6 +17,8 @@ import time
 
 from nilmd import keys
 from nilmd.config import Config
+from nilmd.daemon.batch import Batch
+from nilmd.daemon.streams import StreamSource
 
 log = logging.getLogger("nilmd.reader")
 
@@ -30,28 +32,6 @@ DISCONNECT_CAUSES = {
     "timeout": "Redis stopped answering",
     "closed": "Redis or the network closed it",
 }
-
-
-class Batch(list):
-    """Raw messages, and beside them the building each one is for."""
-
-    def __init__(self):
-        super().__init__()
-        self.buildings: list[str] = []
-
-    def put(self, raw, building: str) -> None:
-        self.append(raw)
-        self.buildings.append(building)
-
-    def extend_for(self, building: str, messages: list) -> None:
-        self.extend(messages)
-        self.buildings.extend([building] * len(messages))
-
-    def groups(self) -> dict[str, list]:
-        out: dict[str, list] = {}
-        for raw, building in zip(self, self.buildings):
-            out.setdefault(building, []).append(raw)
-        return out
 
 
 def _text(value) -> str:
@@ -240,7 +220,5 @@ def make_source(cfg: Config, feeds: dict, counters, fence_token: str | None = No
     if cfg.mode == "test":
         return SimulatedSource(cfg)
     if cfg.input_mode == "stream":
-        from nilmd.daemon.streams import StreamSource
-
         return StreamSource(cfg, feeds, counters, fence_token)
     return PubSubSource(cfg, list(feeds))

@@ -112,6 +112,7 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         "last_inference_ts": snap["last_inference_ts"],
         "last_inference_ms": snap["last_inference_ms"],
         "inferences": int(snap["inferences"]),  # published: a prediction Redis did not take is not counted
+        "predicted_through_ts": snap["predicted_through_ts"],
         "predictions_pending": int(snap["predictions_pending"]),  # 1: one is held until Redis takes it
         "overruns": int(snap["overruns"]),
         "models_loaded": int(snap["models_loaded"]),
@@ -119,20 +120,12 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         # nilmd.models.adapted: served by the building's adapted model; its adapted file refused (the shipped serves)
         "models_adapted": ",".join(appliances(snap["adapted_mask"])),
         "models_adapted_refused": ",".join(appliances(snap["adapted_refused_mask"])),
-        "reload_failures": int(snap["reload_failed"]),
         "device": "cuda" if snap["device_cuda"] else "cpu",
         "backend": ("onnxruntime" if snap["backend_onnx"] else "torch") if snap["models_loaded"] else "",
-        "input_connected": int(snap["redis_connected"]),
-        "input_errors": int(snap["redis_errors"]),
-        # pub/sub: subscriptions cut (redis-py subscribes again by itself), by cause, and the samples
-        # estimated lost in the cuts, from the gaps in the meter's timestamps across each
-        "input_disconnects": sum(int(snap[f"disconnects_{c}"]) for c in DISCONNECT_CAUSES),
+        **_input_and_errors(cfg, snap),
         **{f"input_disconnects_{c}": int(snap[f"disconnects_{c}"]) for c in DISCONNECT_CAUSES},
+        # pub/sub: the samples estimated lost in the cuts, from the gaps in the meter's timestamps across each
         "input_samples_lost": int(snap["samples_lost"]),
-        # Redis commands refused or failed (OOM, NOPERM, unreachable, ...) of the other two processes
-        "redis_errors_supervisor": int(snap["supervisor_redis_errors"]),
-        "redis_errors_inference": int(snap["inference_redis_errors"]),
-        "input_mode": cfg.input_mode,
         # stream mode: the entry id of the newest sample in the ring (where a restart goes on from)
         "input_position": f"{int(snap['input_pos_ms'])}-{int(snap['input_pos_seq'])}" if snap["input_pos_ms"] else "",
         "clock_jumps": int(snap["clock_jumps"]),
@@ -140,6 +133,21 @@ def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: flo
         "snapshot_ts": snap["snapshot_ts"],
         "snapshot_failures": int(snap["snapshot_failures"]),
         **_processes(cfg, started, pids, restarts, rss),
+    }
+
+
+def _input_and_errors(cfg: Config, snap: dict) -> dict:
+    """The input's and the Redis errors' fields, the same in a building's hash and in a list daemon's."""
+    return {
+        "input_mode": cfg.input_mode,
+        "input_connected": int(snap["redis_connected"]),
+        "input_errors": int(snap["redis_errors"]),
+        # pub/sub: subscriptions cut (redis-py subscribes again by itself), all causes together
+        "input_disconnects": sum(int(snap[f"disconnects_{c}"]) for c in DISCONNECT_CAUSES),
+        # Redis commands refused or failed (OOM, NOPERM, unreachable, ...) of the other two processes
+        "redis_errors_supervisor": int(snap["supervisor_redis_errors"]),
+        "redis_errors_inference": int(snap["inference_redis_errors"]),
+        "reload_failures": int(snap["reload_failed"]),
     }
 
 
@@ -192,13 +200,7 @@ def daemon_fields(cfg: Config, state: str, line: str, states: list[str], snap: d
         **{f"buildings_{s}": states.count(s) for s in ("running", "warming_up", "degraded", "starting")},
         "building_list": cfg.building_ids,
         "models_loaded": int(snap["models_loaded"]),
-        "input_mode": cfg.input_mode,
-        "input_connected": int(snap["redis_connected"]),
-        "input_errors": int(snap["redis_errors"]),
-        "input_disconnects": sum(int(snap[f"disconnects_{c}"]) for c in DISCONNECT_CAUSES),
-        "redis_errors_supervisor": int(snap["supervisor_redis_errors"]),
-        "redis_errors_inference": int(snap["inference_redis_errors"]),
-        "reload_failures": int(snap["reload_failed"]),
+        **_input_and_errors(cfg, snap),
         **_processes(cfg, started, pids, restarts, rss),
     }
 

@@ -38,6 +38,8 @@ import numpy as np
 
 from nilmd import keys
 from nilmd.config import Config
+from nilmd.daemon.batch import Batch
+from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
 from nilmd.daemon.fencing import Fence, is_fenced
 from nilmd.errors import redis_error
 from nilmd.log import Throttle
@@ -91,8 +93,6 @@ def read_many(client, spans: list[tuple[str, str, str]], count: int, reverse: bo
     `count` entries in all, without ever fetching a `data` field larger than a valid sample can be.
     A cluster refuses a script over keys of several slots: there, one call per stream, in one
     pipeline (one round trip per node), each with its share of `count`."""
-    from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
-
     direction = "1" if reverse else "0"
     if cluster and len(spans) > 1:
         pipe = client.pipeline(transaction=False)
@@ -325,8 +325,6 @@ class StreamSource:
 
     def read(self, timeout: float, limit: int = BATCH) -> list:
         """Raw messages of the next entries (a Batch), waiting at most `timeout` for the first one."""
-        from nilmd.daemon.sources import Batch
-
         out = Batch()
         for b, cursor in self.cursors.items():
             if not cursor.subscribed:  # added by a reload

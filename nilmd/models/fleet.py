@@ -32,7 +32,8 @@ import torch
 from nilmd.appliances import APPLIANCES
 from nilmd.models.checkpoints import Checkpoint
 from nilmd.models.following import Position
-from nilmd.models.fused import FusedWaveNILM, arch_key, gate, head
+from nilmd.models.fused import FusedWaveNILM, arch_key, head
+from nilmd.models.model import folded_gate
 from nilmd.models.predictor import resolve_device
 
 CHUNK = 512  # samples per building per pass: a full window is three passes, as on the 1-building path
@@ -81,8 +82,8 @@ class _Pool:
                 prev = torch.cat([prev.view(A, B, m, C), cur4[:, :, :n - d]], dim=2).view(A, B * n, C)
             wrows = (slots[:, None] * d + (seen[:, None] + (n - m) + k[:m]) % d).reshape(-1)
             h.index_copy_(1, wrows, cur4[:, :, n - m:].reshape(A, B * m, C))
-            z = gate(torch.baddbmm(b_conv, cur, w_cur).baddbmm_(prev, w_prev), C)
-            if need:
+            z = folded_gate(torch.baddbmm(b_conv, cur, w_cur).baddbmm_(prev, w_prev), C)
+            if need:  # the skip sum
                 skip = torch.baddbmm(skip, z.view(A, B, n, C)[:, :, n - need:].reshape(A, B * need, C), w_skip)
             if i + 1 < net.depth:
                 cur = torch.baddbmm(cur, z, w_res).add_(b_res)

@@ -7,15 +7,11 @@ slice of time is then a view, and a kernel-2 convolution with dilation d is two 
 y[t] = h[t-d] @ W_prev + h[t] @ W_cur + b.
 
 Same arithmetic as nilmd.models.model.WaveNILM, rearranged (each change exact or a float32 rounding):
-  * the input scales are folded into the input conv's weights;
-  * tanh(f) = 2 sigmoid(2f) - 1: the filter rows of the conv are doubled and the out conv's
-    weights are doubled, so a layer's gate is one sigmoid over [filter, gate], a subtraction and
-    a multiply: (sigmoid(2f) - 1/2) * sigmoid(g) = tanh(f) * sigmoid(g) / 2 (torch 2.13's CPU tanh
-    costs ~4x its sigmoid, measured on this project's AVX-512 box; powers of two scale exactly);
-  * the skip sum and the head run only for the samples whose output is wanted (the newest
-    interval, not the whole window); the last layer's residual is never made;
-  * the head's sigmoids are one sigmoid_ over [mask, on] logits.
-nilmd.models.fleet runs the same `gate` and `head` over many buildings' states at once.
+  * the weights are model.fold()'s: the input scales folded into the input conv, the gate computed
+    by model.folded_gate (one sigmoid over [filter, gate]), the skip sum's biases summed once;
+  * the skip sum and the heads (model.heads, model.power) run only for the samples whose output is
+    wanted (the newest interval, not the whole window); the last layer's residual is never made.
+nilmd.models.fleet runs the same folded_gate and `head` over many buildings' states at once.
 
 Incremental ("fast WaveNet generation", Paine et al. 2016). Layer i's input at t is only ever
 needed again at t + 2**i, so a State keeps each layer's last `dilation` inputs followed by room
@@ -29,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from nilmd.models.model import WaveNILM, WaveNILMConfig
+from nilmd.models.model import WaveNILM, WaveNILMConfig, fold, folded_gate, heads, power
 
 
 _PER_LAYER = ("w_cur", "w_prev", "b_conv", "w_res", "b_res", "w_skip")  # stacked [depth, A, ...]
@@ -48,32 +44,12 @@ class FusedWaveNILM(nn.Module):
             raise ValueError("only models of one architecture fuse")
         self.n_models, self.channels, self.depth = len(models), cfg.channels, cfg.depth
         self.dilations = [layer.dilation for layer in models[0].layers]
-        C = cfg.channels
-
-        def stack(get):  # one tensor per model -> [A, ...], weights as [in, out] for x @ W
-            return torch.stack([get(m).detach().float() for m in models]).contiguous()
-
-        def layers(get):
-            return torch.stack([stack(lambda m: get(m.layers[i])) for i in range(self.depth)])
-
-        doubled = torch.cat([torch.full((C,), 2.0), torch.ones(C)])  # [filter rows, gate rows]
-        buffers = {
-            "w_in": stack(lambda m: (m.inp.weight[:, :, 0] * m.inv_scale.view(1, -1)).T),  # [A, F, C]
-            "b_in": stack(lambda m: m.inp.bias.view(1, C)),
-            "w_prev": layers(lambda l: (l.conv.weight[:, :, 0] * doubled[:, None]).T),  # [D, A, C, 2C]
-            "w_cur": layers(lambda l: (l.conv.weight[:, :, 1] * doubled[:, None]).T),
-            "b_conv": layers(lambda l: (l.conv.bias * doubled).view(1, 2 * C)),
-            "w_res": layers(lambda l: 2.0 * l.out.weight[:C, :, 0].T),  # [D, A, C, C]
-            "b_res": layers(lambda l: l.out.bias[:C].view(1, C)),
-            "w_skip": layers(lambda l: 2.0 * l.out.weight[C:, :, 0].T),  # [D, A, C, C]
-            "b_skip": stack(lambda m: sum(l.out.bias[C:] for l in m.layers).view(1, C)),
-            "w_h1": stack(lambda m: m.head.hidden.weight[:, :, 0].T),  # [A, C, H]
-            "b_h1": stack(lambda m: m.head.hidden.bias.view(1, -1)),
-            "w_h2": stack(lambda m: m.head.out.weight[:, :, 0].T),  # [A, H, 2]: mask, on
-            "b_h2": stack(lambda m: m.head.out.bias.view(1, 2)),
-        }
-        for name, value in buffers.items():
-            self.register_buffer(name, value)
+        folded = [fold(m) for m in models]
+        for name in folded[0]:  # model.fold's weights of every model, stacked: [A, ...]; per layer [D, A, ...]
+            value = torch.stack([f[name] for f in folded])
+            if name in _PER_LAYER:
+                value = value.transpose(0, 1)
+            self.register_buffer(name, value.contiguous())
         self._cut()
 
     def _cut(self) -> None:
@@ -131,7 +107,7 @@ class FusedWaveNILM(nn.Module):
             h, d = st.hist[i], self.dilations[i]
             cur = h.narrow(1, d + q, n)
             y = torch.baddbmm(b_conv, cur, w_cur).baddbmm_(h.narrow(1, q, n), w_prev)
-            z = gate(y, C, out=st.z[i].narrow(1, 0, n))
+            z = folded_gate(y, C, out=st.z[i].narrow(1, 0, n))
             if i + 1 < self.depth:
                 nxt = st.hist[i + 1].narrow(1, self.dilations[i + 1] + q, n)
                 torch.add(torch.baddbmm(cur, z, w_res), b_res, out=nxt)
@@ -139,24 +115,17 @@ class FusedWaveNILM(nn.Module):
         if not need:
             return None
         s = self.b_skip
-        for z, (*_, w_skip) in zip(st.z, layers):
+        for z, (*_, w_skip) in zip(st.z, layers):  # the skip sum
             s = torch.baddbmm(s, z.narrow(1, n - need, need), w_skip)
         return head(self, s, x[n - need:, 0])
 
 
-def gate(y: torch.Tensor, C: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[..., 2C] conv outputs [2f, g] (the folded weights) -> [..., C] tanh(f) * sigmoid(g) / 2;
-    the 2 is in w_res and w_skip. Overwrites y."""
-    s = y.sigmoid_()
-    return torch.mul(s[..., :C].sub_(0.5), s[..., C:], out=out)
-
-
 def head(net: FusedWaveNILM, skip: torch.Tensor, aggregate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Skip sums [A, t, C] (consumed) and the aggregate power [t] (broadcast from the right) -> (power W,
-    on probability), each [A, t]."""
-    g = torch.baddbmm(net.b_h1, skip.relu_(), net.w_h1).relu_()
-    out = torch.baddbmm(net.b_h2, g, net.w_h2).sigmoid_()  # [A, t, 2]: mask, on probability
-    return out[..., 0] * aggregate.clamp_min(0.0), out[..., 1]
+    """model.heads and model.power on skip sums [A, t, C] (consumed) and the aggregate power [t]
+    (broadcast from the right) -> (power W, on probability), each [A, t]."""
+    logits = heads(skip, lambda s: torch.baddbmm(net.b_h1, s, net.w_h1), lambda g: torch.baddbmm(net.b_h2, g, net.w_h2))
+    out = logits.sigmoid_()  # [A, t, 2]: both sigmoids in one kernel
+    return power(out[..., 0], aggregate), out[..., 1]
 
 
 class State:

@@ -6,10 +6,13 @@ with onnx.helper from the fused weights: the models side by side as grouped conv
 models, channels-first [1, A*C, time]: ONNX Runtime's convolutions with the gate's tanh and
 sigmoid fused in ran this box's steps faster than batched matmuls, whose bias adds and splits
 cost more than the products), the scales folded in. Same arithmetic as WaveNILM, in another
-order: the two paths differ by float32 rounding only. A graph is the incremental step for
-exactly n new samples; the backend keeps each layer's history and gives the graph only the
-samples that layer reads (min(dilation, n) of them), so a step costs O(n), and a full window is
-steps from the zero history (WaveNILM's left padding):
+order: the two paths differ by float32 rounding only. The graph restates nilmd.models.model's
+gate, skip sum, heads and power as nodes (each marked where it is built; that module names this
+one).
+
+A graph is the incremental step for exactly n new samples; the backend keeps each layer's history
+and gives the graph only the samples that layer reads (min(dilation, n) of them), so a step costs
+O(n), and a full window is steps from the zero history (WaveNILM's left padding):
 
     inputs   x [1, F, n] (physical units, channels-first), hist_i [1, A*C, min(d_i, n)]: layer
              i's inputs at t-d_i .. t-d_i+min(d_i, n)-1 for the first new sample t
@@ -39,6 +42,7 @@ from nilmd.appliances import checkpoint_filename
 from nilmd.errors import NilmdError
 from nilmd.models import checkpoints
 from nilmd.models.fused import FusedWaveNILM
+from nilmd.models.model import GATE_FOLD
 from nilmd.models.onnx_backend import CHUNK, FORMAT_VERSION, MANIFEST, graph_filename, sha256, step_sizes
 
 OPSET = 17  # ONNX Runtime >= 1.17 runs it (the onnxruntime extra's floor)
@@ -90,23 +94,24 @@ def build_group(net: FusedWaveNILM, name: str, n: int, heads: bool = True, histo
         # over it reads h[t - d] and h[t] for every new t (for d >= n, history sample j is t_j - d).
         pair = g.op("Concat", [f"hist_{i}", h], f"l{i}_pair", axis=3) if history else h  # [1, A*C, 1, m + n]
         taps = np.stack([w["w_prev"][i], w["w_cur"][i]])  # [2 taps: t-d, t; A, C, 2C]
-        # The fused net's filter rows and res/skip weights are doubled (its tanh through a sigmoid,
-        # nilmd.models.fused.gate); ONNX Runtime fuses the activations into the convs, so undo it
-        # (powers of two: exact).
-        f = conv(f"l{i}_f", pair, 0.5 * taps[..., :C], 0.5 * w["b_conv"][i][..., :C], m)
+        # model.fold scaled the filter rows and the res/skip weights by GATE_FOLD (for
+        # model.folded_gate, a tanh through a sigmoid); ONNX Runtime fuses the activations into the
+        # convs, so undo it (powers of two: exact) and restate nilmd.models.model.gate: tanh(f) * sigmoid(g).
+        unfold = 1.0 / GATE_FOLD
+        f = conv(f"l{i}_f", pair, unfold * taps[..., :C], unfold * w["b_conv"][i][..., :C], m)
         f = g.op("Tanh", [f], f"l{i}_tf")
         gate = g.op("Sigmoid", [conv(f"l{i}_g", pair, taps[..., C:], w["b_conv"][i][..., C:], m)], f"l{i}_sg")
         z = g.op("Mul", [f, gate], f"l{i}_z")  # [1, A*C, 1, n]
-        # The skip sum accumulates layer by layer: ONNX Runtime fuses each Add into the conv
-        # before it, and z never leaves the blocked layout (one conv over all layers' z stacked
-        # needed a reorder and a transpose of every z).
+        # Restates nilmd.models.model's skip sum (b_skip: fold's biases, summed), layer by layer:
+        # ONNX Runtime fuses each Add into the conv before it, and z never leaves the blocked
+        # layout (one conv over all layers' z stacked needed a reorder and a transpose of every z).
         if heads:
-            s = conv(f"l{i}_skip", z, 0.5 * w["w_skip"][i], w["b_skip"] if i == 0 else None)
+            s = conv(f"l{i}_skip", z, unfold * w["w_skip"][i], w["b_skip"] if i == 0 else None)
             skip = s if skip is None else g.op("Add", [s, skip], f"l{i}_skip_sum")
         if i + 1 < D:
-            h = g.op("Add", [conv(f"l{i}_res", z, 0.5 * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
+            h = g.op("Add", [conv(f"l{i}_res", z, unfold * w["w_res"][i], w["b_res"][i]), h], f"h_{i + 1}")
     outputs = []
-    if heads:
+    if heads:  # restates nilmd.models.model.heads and .power, with the on logit's sigmoid (a probability)
         hid = g.op("Relu", [conv("head1", g.op("Relu", [skip], "skip_relu"), w["w_h1"], w["b_h1"])], "head1_relu")
         out = conv("head2", hid, w["w_h2"], w["b_h2"])  # [1, A*2, 1, n]: per model mask, on
         out = g.op("Sigmoid", [g.op("Reshape", [out, g.const("shape_a2n", i64(A, 2, n))], "heads_a2n")], "heads")
