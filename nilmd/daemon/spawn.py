@@ -30,6 +30,9 @@ class Spawned:
     signal N, as there."""
 
     def __init__(self, target, args: tuple, name: str):
+        """`target`: a function, or its "module:function" name (nilmd.daemon.roles: the parent need
+        not import what the child runs)."""
+        module, qualname = target.split(":") if isinstance(target, str) else (target.__module__, target.__qualname__)
         read, write = os.pipe()
         try:
             # The interpreter's own flags (-X, -W, -O) as multiprocessing passes them on.
@@ -40,7 +43,7 @@ class Spawned:
         with os.fdopen(write, "wb") as pipe:  # a child that died at once: EPIPE, and exitcode says why
             try:
                 pickle.dump(list(sys.path), pipe)
-                pickle.dump((target.__module__, target.__qualname__, args), pipe)
+                pickle.dump((module, qualname, args), pipe)
             except BrokenPipeError:
                 pass
         self.pid = self._popen.pid
