@@ -21,57 +21,16 @@ import signal
 import time
 from collections import deque
 
-from nilmd.backoff import Backoff
 from nilmd.config import Config
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon import health, roles, roster, status
 from nilmd.daemon.notify import Notifier
-from nilmd.daemon.spawn import Spawned
+from nilmd.daemon.spawn import Child, Spawned, describe_exit
 from nilmd.errors import (EXIT_ALREADY_RUNNING, EXIT_BOOT_ERROR, EXIT_CHILD_FAILING, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
                           NilmdError)
 from nilmd.log import Throttle
 
 FRESH_S = 5.0  # a heartbeat older than this stops WATCHDOG=1 pings (children beat every <= 0.5 s)
-
-
-class Child:
-    """One role's process across its restarts."""
-
-    def __init__(self, role: roles.Role):
-        self.role = role.name
-        self.target = role.entry
-        self.stops_first = role.stops_first
-        self.process = None
-        self.started_at = 0.0  # monotonic
-        self.backoff = Backoff()  # its failures: deaths since the child last lived HEALTHY_AFTER seconds
-        self.restarts = 0
-        self.next_start = 0.0
-        self.killed_for_hang = False  # judged hung: SIGABRT sent, SIGKILL to follow
-        self.aborted_at = 0.0  # monotonic time of that SIGABRT
-        self.sigkilled = False
-
-    @property
-    def failures(self) -> int:
-        return self.backoff.failures
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process is not None else 0
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "unknown exit"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 class Supervisor:
@@ -203,7 +162,7 @@ class Supervisor:
         if self.stopping:
             return
         lived = time.monotonic() - child.started_at
-        why = "hung (no heartbeat)" if child.killed_for_hang else _describe_exit(code)
+        why = "hung (no heartbeat)" if child.killed_for_hang else describe_exit(code)
         if code == EXIT_BOOT_ERROR:
             self.log.critical("the %s process cannot start (see its error above): stopping", child.role)
             self.exit_code = EXIT_BOOT_ERROR
