@@ -92,7 +92,7 @@ class Child:
         self.stops_first = role.stops_first
         self.process = None
         self.started_at = 0.0  # monotonic
-        self.backoff = Backoff()  # its failures: deaths since the child last lived the supervisor's HEALTHY_AFTER seconds
+        self.backoff = Backoff()  # its failures: deaths since it last lived Supervisor.HEALTHY_AFTER seconds
         self.restarts = 0
         self.next_start = 0.0
         self.killed_for_hang = False  # judged hung: SIGABRT sent, SIGKILL to follow
