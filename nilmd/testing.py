@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from nilmd import keys
+from nilmd.daemon import roles
 
 # `python -m nilmd` must find this checkout's package even where it is not installed.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-ROLES = ("supervisor", "reader", "inference")
 
 
 def free_port() -> int:
@@ -237,10 +237,10 @@ def status(client, building: str) -> dict:
 
 
 def role_processes(fields: dict) -> dict:
-    """role -> psutil.Process, from the pids in a status hash."""
+    """role -> psutil.Process, from the pids in a status hash (every process it names, nilmd.daemon.roles)."""
     import psutil
 
-    return {role: psutil.Process(int(fields[f"pid_{role}"])) for role in ROLES}
+    return {role: psutil.Process(int(fields[f"pid_{role}"])) for role in roles.listed(fields)}
 
 
 def daemon_processes(fields: dict, pid: int | None = None) -> dict:

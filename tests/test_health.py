@@ -16,7 +16,7 @@ import pytest
 from conftest import publish_samples, wait_for
 
 from nilmd import keys
-from nilmd.daemon import status
+from nilmd.daemon import health, status
 from nilmd.daemon.health import Problem
 from test_daemon import wait_ready
 
@@ -105,13 +105,13 @@ def test_rejected_silent_or_not_predicting_is_degraded_with_the_reason_and_recov
 def test_codes_are_fixed_and_each_change_is_one_line():
     silent = Problem("no_samples", "no sample accepted for over 120 s")
     late = Problem("no_predictions", "no prediction for over 120 s")
-    assert status.change_line(("running", ()), ("running", ())) is None
-    assert status.change_line(("warming_up", ()), ("running", ())) == "state warming_up -> running"
-    assert status.change_line(("running", ()), ("degraded", (silent,))) == \
+    assert health.change_line(("running", ()), ("running", ())) is None
+    assert health.change_line(("warming_up", ()), ("running", ())) == "state warming_up -> running"
+    assert health.change_line(("running", ()), ("degraded", (silent,))) == \
         "state running -> degraded: no sample accepted for over 120 s"
-    assert status.change_line(("degraded", (silent,)), ("degraded", (silent, late))) == \
+    assert health.change_line(("degraded", (silent,)), ("degraded", (silent, late))) == \
         "state degraded, its reasons changed: no sample accepted for over 120 s; no prediction for over 120 s"
-    assert status.change_line(("degraded", (silent, late)), ("running", ())) == \
+    assert health.change_line(("degraded", (silent, late)), ("running", ())) == \
         "state degraded -> running (no longer: no sample accepted for over 120 s; no prediction for over 120 s)"
     fields = status._degraded("degraded", [silent, late])
     assert fields == {"degraded_reason": "no sample accepted for over 120 s; no prediction for over 120 s",
@@ -121,9 +121,9 @@ def test_codes_are_fixed_and_each_change_is_one_line():
 
 def test_the_reason_is_in_the_systemd_status_line_and_the_verdict():
     snap = {"models_loaded": 11, "inferences": 0, "last_inference_ms": 0.0, "redis_connected": 1}
-    line = status.summary_line("degraded", 256, 256, snap, [Problem("no_samples", "no sample accepted for over 120 s")])
+    line = health.summary_line("degraded", 256, 256, snap, [Problem("no_samples", "no sample accepted for over 120 s")])
     assert line.startswith("degraded (no sample accepted for over 120 s), buffer 256/256")
-    assert status.summary_line("running", 256, 256, snap, []).startswith("running, buffer")
+    assert health.summary_line("running", 256, 256, snap, []).startswith("running, buffer")
     now = 1000.0
     fields = {"state": "degraded", "degraded_reason": "no prediction for over 120 s", "updated_at": "999",
               "status_interval_s": "2"}

@@ -14,8 +14,10 @@ import numpy as np
 from nilmd.appliances import APPLIANCES
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.mapped import MappedFile
+from nilmd.daemon.roles import NAMES as ROLE_NAMES
 from nilmd.daemon.sources import DISCONNECT_CAUSES
 
+# Every role's state slot starts at 0, "starting": the supervisor writes it before each spawn
 # Reader states
 READER_STARTING, READER_CONNECTING, READER_SUBSCRIBED = 0, 1, 2
 # Inference states
@@ -24,10 +26,15 @@ INFER_LOADING, INFER_READY, INFER_RELOADING = 0, 1, 2
 # MQTT_UNUSABLE: it cannot start at all (its TLS files): it idles, the daemon is degraded, predictions go on
 MQTT_STARTING, MQTT_CONNECTING, MQTT_CONNECTED, MQTT_UNUSABLE = 0, 1, 2, 3
 
-_NAMES = [
-    "reader_pid", "reader_heartbeat", "reader_state", "redis_connected", "redis_errors",
+STARTING = 0
+assert READER_STARTING == INFER_LOADING == MQTT_STARTING == STARTING
+
+# Each child role's own (nilmd.daemon.roles): its pid, heartbeat (CLOCK_MONOTONIC) and state
+_NAMES = [f"{role}_{slot}" for role in ROLE_NAMES for slot in ("pid", "heartbeat", "state")]
+_NAMES += [
+    "redis_connected", "redis_errors",
     "samples_received", "samples_accepted", "samples_filled", "gaps_broken", "last_sample_ts",
-    "inference_pid", "inference_heartbeat", "inference_state", "models_loaded", "models_mask",
+    "models_loaded", "models_mask",
     "device_cuda", "inferences", "last_inference_ts", "last_inference_ms", "last_window_end",
     "reload_requested", "reload_done", "reload_failed", "overruns",
     "snapshot_ts",
@@ -57,7 +64,7 @@ _NAMES += [f"disconnects_{c}" for c in DISCONNECT_CAUSES] + ["samples_lost"]
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NAMES += [f"latency_le_{i}" for i in range(len(LATENCY_BUCKETS_S))] + ["latency_sum", "latency_count"]
 # The Home Assistant publisher (nilmd.daemon.mqtt), a child only with --mqtt-url
-_NAMES += ["mqtt_pid", "mqtt_heartbeat", "mqtt_state", "mqtt_errors", "mqtt_published"]
+_NAMES += ["mqtt_errors", "mqtt_published"]
 # 1 while the models are served by ONNX Runtime, 0 by torch (nilmd.models.backends)
 _NAMES += ["backend_onnx"]
 # 1 once Redis refused one of this building's writes for a lease this instance no longer holds

@@ -29,6 +29,7 @@ from nilmd import __version__, latest
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon import metrics_server
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
+from nilmd.daemon.roles import SUPERVISOR
 from nilmd.daemon.sources import DISCONNECT_CAUSES
 from nilmd.errors import NilmdError, redis_error
 from nilmd.log import Throttle
@@ -56,19 +57,19 @@ class DaemonCollector:
         """One building: its series, as always. A list: the daemon's own series (its processes, its
         input connection, the models) once, labelled building="", and each building's series
         labelled with its id (merged into one family per name)."""
-        sup = self.sup
-        served = list(sup.served.values())  # a copy: the loop may change the list meanwhile
-        if not sup.listed:
+        sup, judge = self.sup, self.sup.judge
+        served = list(sup.roster.served.values())  # a copy: the loop may change the list meanwhile
+        if not sup.roster.listed:
             one = served[0] if served else None
             snap = sup.ctl.snapshot()
             yield from self._process(snap)
-            yield from self._building(snap, one.ring if one else None, sup.state, sup.problems)
+            yield from self._building(snap, one.ring if one else None, judge.state, judge.problems)
             yield from self._appliances()
             return
         families: dict[str, object] = {}
         daemon = DaemonCollector.labelled(sup, "")
         merge(families, daemon._process(sup.ctl.snapshot()))
-        merge(families, daemon._states(sup.state, sup.problems))
+        merge(families, daemon._states(judge.state, judge.problems))
         for one in served:
             merge(families, DaemonCollector.labelled(sup, one.building)._building(
                 sup.ctl.snapshot(one.ctl), one.ring, one.state, one.problems))
@@ -223,11 +224,11 @@ class DaemonCollector:
 class ProcessesCollector:
     """prometheus-client's process metrics (memory, CPU, file descriptors, start time) of every
     process of the daemon, renamed nilmd_process_* and labelled with the building and the role
-    (supervisor, reader, inference, mqtt): one family to graph and filter, not one per role."""
+    (supervisor and each child role, nilmd.daemon.roles): one family to graph and filter, not one per role."""
 
     def __init__(self, supervisor):
         self.building = supervisor.cfg.building_id  # "" with a list: the processes are the daemon's
-        roles = {"supervisor": lambda: "self", **{r: _pid_of(c) for r, c in supervisor.children.items()}}
+        roles = {SUPERVISOR: lambda: "self", **{r: _pid_of(c) for r, c in supervisor.children.items()}}
         self.each = {role: ProcessCollector(pid=pid, registry=None) for role, pid in roles.items()}
 
     def collect(self):

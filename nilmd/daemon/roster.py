@@ -10,14 +10,23 @@ The list can change while the daemon runs (SIGHUP re-reads an @FILE): the superv
 new one to `nilmd-daemon.roster` (atomically, one id a line) and then bumps `roster_version` in
 the daemon block; each child compares that slot on every turn of its loop (one float read) and
 re-reads the file only when it moved. A child starting later is handed the current list itself.
+
+`Roster` is the one owner of all of it in the supervisor: the instance lock, every building's
+shared memory, and the list as SIGHUP and the leases change it (nilmd.daemon.sharing decides
+which buildings are this instance's; the roster opens and closes them).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 
+from nilmd.daemon import sharing
+from nilmd.daemon.control import ControlBlock
+from nilmd.daemon.instance import InstanceLock
 from nilmd.daemon.snapshot import write_atomic
+from nilmd.errors import NilmdError
 
 DAEMON = "daemon"  # the name of the daemon's own files with a list (nilmd.config refuses it as an id in one)
 SUFFIXES = ("ring", "ctl", "lock")
@@ -77,7 +86,6 @@ class Served:
 
     def __init__(self, cfg, paths: dict[str, str]):
         from nilmd.daemon.health import Health
-        from nilmd.daemon.instance import InstanceLock
 
         self.building, self.cfg, self.paths = cfg.building_id, cfg, paths
         self.lock = InstanceLock(paths["lock"])
@@ -92,7 +100,6 @@ class Served:
         """`quiet`: one of many, its warm restart's info line at debug (the caller sums them up)."""
         # Lock (NilmdError: another daemon serves it), clear a dead run's files, create, restore.
         from nilmd.daemon import snapshot
-        from nilmd.daemon.control import ControlBlock
         from nilmd.daemon.ringbuffer import RingBuffer
         from nilmd.features import N_FEATURES
 
@@ -182,3 +189,138 @@ def raise_open_files(buildings: int, log) -> None:
     if top < need:
         log.warning("%d buildings need about %d open files, and the hard limit is %d: raise it (systemd: "
                     "LimitNOFILE=%d)", buildings, need, hard, need)
+
+
+class Roster:
+    """The supervisor's buildings: what it serves now (`served`, by id in the list's order), their
+    shared memory and locks, the daemon block (`ctl`; with one building, that building's block)
+    and the list as it changes. `farewell(served)` is called with buildings about to be removed,
+    still open, so that their last status can be written."""
+
+    def __init__(self, cfg, client=None, errors=(), throttle=None, farewell=lambda buildings: None):
+        self.cfg, self.throttle, self.farewell = cfg, throttle, farewell
+        self.log = logging.getLogger("nilmd.supervisor")
+        self.listed = bool(cfg.building_ids)  # a list of buildings, else the one --building-id
+        self.served: dict[str, Served] = {}
+        self.ctl = None
+        self.sharing = sharing.Sharing(cfg, client, errors, throttle)  # which of the list is ours
+        self.paths = daemon_paths(cfg.runtime_dir, self.sharing.wanted(), self.listed)  # what the children get
+        if self.sharing.fence is not None:  # the children's writes carry this life's lease token
+            self.paths["fence_token"] = self.sharing.fence.token
+        self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
+
+    def acquire(self) -> None:
+        """Own every building's shared memory: refuse if a live nilmd has one, reclaim a dead one's."""
+        os.makedirs(self.cfg.runtime_dir, exist_ok=True)
+        ids = self.paths["buildings"] if self.listed else [self.cfg.building_id]
+        raise_open_files(len(ids), self.log)
+        if self.listed:
+            self.lock.acquire(f"a list ({self.cfg.building_ids})", self.where())
+            for p in (self.paths["ctl"], self.paths["roster"]):
+                if os.path.exists(p):
+                    os.unlink(p)
+            self.ctl = ControlBlock.create(self.paths["ctl"])
+            write(self.paths["roster"], ids)
+        for b in ids:
+            self.open_building(b)
+        if not self.listed:
+            self.ctl = self.served[self.cfg.building_id].ctl
+        elif self.cfg.mode != "test":
+            warm = sum(1 for s in self.served.values() if s.ctl["restored_samples"])
+            self.log.info("warm restart: %d of %d buildings restored from their ring snapshots", warm, len(ids))
+
+    def open_building(self, b: str) -> None:
+        cfg = self.cfg.replace(building_id=b) if self.listed else self.cfg
+        served = Served(cfg, building_paths(self.cfg.runtime_dir, b))
+        served.open(self.where(), self.log, quiet=self.listed)
+        self.served[b] = served
+
+    def where(self) -> str:
+        """What this daemon serves, for the lock file and so for a second daemon's error line."""
+        if self.cfg.mode == "test":
+            return "--mode test"
+        from nilmd import redisconn  # imports redis-py: not for a supervisor in test mode (tests/test_layout.py)
+
+        return f"Redis {redisconn.describe(self.cfg)}"
+
+    def release(self) -> None:
+        for served in self.served.values():
+            served.close()
+        self.served.clear()
+        if self.listed and self.ctl is not None:  # (None: another daemon's files, left alone)
+            self.ctl.unlink()
+            self.ctl.close()
+            try:
+                os.unlink(self.paths["roster"])
+            except FileNotFoundError:
+                pass
+        if self.listed:
+            self.lock.release()
+        self.ctl = None
+
+    # -- the list: SIGHUP, leases ------------------------------------------------------------------
+    def follow_leases(self) -> None:
+        if self.sharing.leases is None:
+            return
+        fenced = [b for b, served in self.served.items() if served.ctl["fenced"]]
+        if fenced:  # the inference stopped serving them already (and said so)
+            self.sharing.let_go(fenced)
+            self.apply(self.sharing.wanted(), "fenced", "Redis refused their writes: their leases are gone")
+        if not self.sharing.due():
+            return
+        self.sharing.claim()
+        new = self.sharing.wanted()
+        if set(new) != set(self.served):
+            self.apply(new, "leases", f"{len(self.sharing.leases.instances)} instances live")
+
+    def reload(self) -> None:
+        """SIGHUP with --building-ids @FILE: serve the file's list now (with leases: its buildings held)."""
+        try:
+            self.sharing.candidates = self.sharing.read()
+        except NilmdError as e:
+            self.log.error("SIGHUP: the list of buildings is unchanged: %s", e)
+            return
+        if self.sharing.leases is not None:
+            self.sharing.claim()
+        self.apply(self.sharing.wanted(), "SIGHUP", self.cfg.building_ids[1:])
+
+    def apply(self, new: list[str], why: str, source: str) -> None:
+        """Serve `new` from now on, whole or not at all. The list is checked first (open files, shared
+        memory), then the new buildings get their shared memory (and snapshot); if any cannot, those
+        opened are closed again and the old list keeps serving (one line). Only then do the removed
+        ones get a last status and their files unlinked; the children attach and detach when the
+        daemon block says the list moved. The others are not touched."""
+        added = [b for b in new if b not in self.served]
+        removed = [b for b in self.served if b not in set(new)]
+        if not added and not removed:
+            return  # nothing changed: nothing to say (a renewal every few seconds)
+        problem = list_problem(self.cfg, len(new), len(added), self.log)
+        opened = []
+        try:
+            for b in added if problem is None else ():
+                self.open_building(b)
+                opened.append(b)
+        except (NilmdError, OSError) as e:
+            problem = f"building {b} cannot be served: {e}"
+            for b in opened:
+                self.served.pop(b).close()
+        if problem is not None:
+            line = (f"{why}: the new list of {len(new)} buildings is refused, the {len(self.served)} served go on "
+                    f"unchanged: {problem}")
+            if why == "SIGHUP":  # asked for: answered every time
+                self.log.error("%s", line)
+            else:  # leases come back every renewal: once a minute
+                self.throttle.log(f"list {why}", logging.ERROR, line)
+            if self.sharing.leases is not None and added:  # leases it cannot serve: another instance may
+                self.sharing.let_go(added)
+            return
+        for b in removed:
+            served = self.served.pop(b)
+            served.state = "stopped"
+            self.farewell([served])
+            served.close()  # the children's mappings stay valid until they let go (the reader's last snapshot)
+        self.paths["buildings"] = list(self.served)
+        write(self.paths["roster"], self.paths["buildings"])
+        self.ctl.add("roster_version")
+        self.log.info("%s: buildings: %d added, %d removed, %d served (%s)", why, len(added), len(removed),
+                      len(self.served), source)

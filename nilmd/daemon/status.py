@@ -1,4 +1,4 @@
-"""The status hash (docs/CONTRACT.md §3.5): what the supervisor writes, and how `nilmd status` judges it.
+"""The status hash (docs/CONTRACT.md §3.5): what the supervisor writes (`Writer`), and how `nilmd status` judges it.
 
 A live daemon rewrites the hash every `status_interval_s`; a reader tells a dead daemon from a
 live one by the age of `updated_at` (older than 3 intervals + 5 s: dead), and a clean stop
@@ -10,6 +10,7 @@ hash calls `buffer_fill` (not `samples_filled`, the gap seconds the reader fille
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -17,10 +18,11 @@ import time
 from nilmd import __version__, keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import SETTINGS, Config
-from nilmd.daemon import health
+from nilmd.daemon import fencing, health, roles
 from nilmd.daemon.control import appliances
 from nilmd.daemon.ingest import REJECT_REASONS, REPAIR_REASONS
 from nilmd.daemon.sources import DISCONNECT_CAUSES
+from nilmd.errors import redis_error
 
 # `nilmd status` exit codes, the monitoring-plugin convention
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -28,50 +30,6 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
 def key(cfg: Config) -> str:
     return keys.status_key(cfg.building_id)
-
-
-def judge_state(*, ready: bool, reloading: bool, children_ok: bool, input_ok: bool, models_loaded: int,
-                run_length: int, window: int, problems=()) -> str:
-    """`problems`: nilmd.daemon.health's Problems; any of them makes a ready daemon degraded."""
-    if not ready:
-        return "starting"
-    if reloading:
-        return "reloading"
-    if not children_ok or not input_ok or models_loaded < len(APPLIANCES) or problems:
-        return "degraded"
-    return "warming_up" if run_length < window else "running"
-
-
-def summary_line(state: str, run_length: int, window: int, snap: dict, problems=()) -> str:
-    """The one-line STATUS= for systemd."""
-    parts = [f"{state} ({health.sentence(problems)})" if state == "degraded" and problems else state, f"buffer {min(run_length, window)}/{window}", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
-    if snap["inferences"]:
-        parts.append(f"last inference {snap['last_inference_ms']:.1f} ms")
-    if not snap["redis_connected"]:
-        parts.append("input not connected")
-    return ", ".join(parts)
-
-
-def judge_daemon(*, ready: bool, reloading: bool, problems, states: list[str]) -> str:
-    """A list daemon's own state: its processes and input (`problems`), then its buildings'."""
-    if not ready:
-        return "starting"
-    if reloading:
-        return "reloading"
-    if problems or "degraded" in states:
-        return "degraded"
-    return "running" if states and all(s == "running" for s in states) else "warming_up"
-
-
-def fleet_line(state: str, states: list[str], snap: dict, problems=()) -> str:
-    """A list daemon's STATUS=: how many buildings run, warm up, are degraded."""
-    counts = {s: states.count(s) for s in ("running", "warming_up", "degraded")}
-    parts = [f"{state} ({health.sentence(problems)})" if problems else state,
-             f"{len(states)} buildings: {counts['running']} running, {counts['warming_up']} warming up, "
-             f"{counts['degraded']} degraded", f"{int(snap['models_loaded'])}/{len(APPLIANCES)} models"]
-    if not snap["redis_connected"]:
-        parts.append("input not connected")
-    return ", ".join(parts)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -155,22 +113,6 @@ def _degraded(state: str, problems) -> dict:
     """Why it is degraded: the sentence for people, the fixed codes for programs."""
     problems = problems if state == "degraded" else ()
     return {"degraded_reason": health.sentence(problems), "degraded_codes": health.codes(problems)}
-
-
-def change_line(old: tuple[str, tuple], new: tuple[str, tuple]) -> str | None:
-    """The journal's line for a change of (state, problems), or None when nothing changed:
-    "state running -> degraded: no sample accepted for over 120 s", and its recovery
-    "state degraded -> running (was: no sample accepted for over 120 s)"."""
-    (was, old_problems), (state, problems) = old, new
-    if (was, [p.code for p in old_problems]) == (state, [p.code for p in problems]):
-        return None
-    line = f"state {was} -> {state}" if was != state else f"state {state}, its reasons changed"
-    if state == "degraded" and problems:
-        line += f": {health.sentence(problems)}"
-    gone = [p for p in old_problems if p.code not in {q.code for q in problems}] if was == "degraded" else []
-    if gone:
-        line += f" (no longer: {health.sentence(gone)})"
-    return line
 
 
 def _processes(cfg: Config, started: float, pids: dict, restarts: dict, rss: dict) -> dict:
@@ -258,6 +200,10 @@ def render(fields: dict, now: float | None = None) -> str:
     now = time.time() if now is None else now
     g = fields.get
 
+    def each(field: str) -> str:
+        """A field of every process the hash names: "supervisor 12, reader 13, inference 14"."""
+        return ", ".join(f"{p} {g(field.format(p))}" for p in roles.listed(fields))
+
     def ago(ts):
         try:
             ts = float(ts)
@@ -275,10 +221,10 @@ def render(fields: dict, now: float | None = None) -> str:
         f"  models       {g('models_loaded')}/{len(APPLIANCES)} loaded"
         + (f", missing: {g('models_missing')}" if g("models_missing") else ""),
         *_adapted_line(fields),
-        f"  processes    supervisor {g('pid_supervisor')}, reader {g('pid_reader')}, inference {g('pid_inference')}; "
+        f"  processes    {each('pid_{}')}; "
         f"{g('restarts')} restarts; up {g('uptime_s')} s",
-        f"  memory       {g('memory_total_mb')} MB (supervisor {g('memory_supervisor_mb')}, "
-        f"reader {g('memory_reader_mb')}, inference {g('memory_inference_mb')})",
+        f"  memory       {g('memory_total_mb')} MB "
+        f"({each('memory_{}_mb')})",
     ]
     rejected = [f"{k[9:]}={v}" for k, v in sorted(fields.items()) if k.startswith("rejected_") and v != "0"]
     if rejected:
@@ -330,3 +276,44 @@ def render_list(daemons: dict[str, dict], buildings: dict[str, dict], now: float
 def _count(names: str | None) -> str:
     """How many appliances a comma list names ("-": the field is absent, an older daemon's hash)."""
     return "-" if names is None else str(len(names.split(",")) if names else 0)
+
+
+class Writer:
+    """The supervisor's writes: every building's hash and a list daemon's own, in one round trip.
+    With leases each building's write is fenced (a building whose lease is gone is another
+    instance's to describe). A failure is one throttled line and counted in the daemon block."""
+
+    def __init__(self, cfg: Config, client, errors, sharing, throttle, started: float):
+        self.cfg, self.client, self.errors, self.sharing = cfg, client, errors, sharing
+        self.throttle, self.started = throttle, started
+
+    def write(self, roster, judge, procs: dict, buildings=None) -> None:
+        """`procs`: pids, restarts and rss by role; `buildings`: some of the served (no daemon hash),
+        else all of them (and with a list the daemon's own)."""
+        if self.client is None:
+            return
+        daemon = buildings is None and roster.listed
+        buildings = list(roster.served.values()) if buildings is None else buildings
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for served in buildings:
+                values = fields(served.cfg, served.state, roster.ctl.snapshot(served.ctl), served.ring.run_length(),
+                                started=self.started, problems=served.problems, **procs)
+                if self.sharing.fence is None:
+                    pipe.hset(key(served.cfg), mapping=values)
+                else:
+                    self.sharing.fence.hset(pipe, served.building, key(served.cfg), values)
+            if daemon:
+                pipe.hset(keys.daemon_status_key(self.sharing.name), mapping={**daemon_fields(
+                    self.cfg, judge.state, judge.line, [b.state for b in roster.served.values()], roster.ctl.snapshot(),
+                    started=self.started, problems=judge.problems, **procs), **self.sharing.fields()})
+            replies = pipe.execute(raise_on_error=False)
+            failed = next((r for r in replies if isinstance(r, Exception) and not fencing.is_fenced(r)), None)
+        except self.errors as e:
+            failed = e
+        if failed is None:
+            self.throttle.ok("status")  # a failure's suppressed repeats: said now as the past, not later
+        else:
+            roster.ctl.add("supervisor_redis_errors")
+            kind, line = redis_error(failed)
+            self.throttle.log(f"status {kind}", logging.WARNING, f"could not write the status hash: {line}")
