@@ -1,4 +1,5 @@
-"""`nilmd` command line: run, produce, watch, status, check, report, export, history, label (docs/CONTRACT.md §5).
+"""`nilmd` command line: run, produce, watch, status, check, report, export; history, label and adapt in
+nilmd.cli_house (docs/CONTRACT.md §5).
 
 Every error a user can cause ends in one line, `nilmd: error: ...`, and a non-zero exit code.
 """
@@ -13,13 +14,10 @@ import time
 
 from nilmd import __version__, buildings, config, keys
 from nilmd import log as logmod
+from nilmd import cli_house
+from nilmd.cliutil import command, connect, fail, names, positive
 from nilmd.settingsdoc import SECTIONS
 from nilmd.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, NilmdError, redis_error
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"nilmd: error: {message}", file=sys.stderr)
-    return code
 
 
 def cmd_run(args) -> int:
@@ -30,16 +28,10 @@ def cmd_run(args) -> int:
     return Supervisor(cfg).run()
 
 
-def _redis(cfg, name: str):
-    from nilmd import redisconn
-
-    return redisconn.client(cfg, name=name), redisconn
-
-
 def cmd_produce(args) -> int:
     from nilmd import producer
 
-    cfg = config.resolve(args, names=_names("common", "redis"))
+    cfg = config.resolve(args, names=names("common", "redis"))
     logmod.setup("producer", cfg.building_id, cfg.log_level)
     if args.source == "simulation":
         start = producer.default_start(args.speed, args.count) if args.start is None else args.start
@@ -50,13 +42,13 @@ def cmd_produce(args) -> int:
         span = producer.time_span(samples, args.count)  # a 1-minute file moves 60 s a row, not 1
         start = producer.default_start(args.speed, args.count, span=span) if args.start is None else args.start
         rebase = None if args.timestamps == "file" else start
-    client, redisconn = _redis(cfg, "producer")
+    client, redisconn = connect(cfg, "producer")
     try:
         t0 = time.monotonic()
         sent = producer.produce(client, cfg.building_id, samples, args.speed, rebase=rebase, count=args.count,
                                 to=args.to, maxlen=args.maxlen)
     except redisconn.ERRORS as e:
-        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
+        return fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
     except KeyboardInterrupt:
         return EXIT_OK
     where = {"pubsub": [keys.input_channel(cfg.building_id)], "stream": [keys.input_stream(cfg.building_id)]}
@@ -73,8 +65,8 @@ def _format_prediction(p: dict) -> str:
 
 
 def cmd_watch(args) -> int:
-    cfg = config.resolve(args, names=_names("common", "redis"))
-    client, redisconn = _redis(cfg, "watch")
+    cfg = config.resolve(args, names=names("common", "redis"))
+    client, redisconn = connect(cfg, "watch")
     seen = 0
     try:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -92,7 +84,7 @@ def cmd_watch(args) -> int:
                 except (ValueError, KeyError, TypeError):
                     print(f"(unreadable prediction: {msg['data'][:80]!r})", flush=True)
     except redisconn.ERRORS as e:
-        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
+        return fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
     except KeyboardInterrupt:
         pass
     return EXIT_OK
@@ -101,28 +93,28 @@ def cmd_watch(args) -> int:
 def cmd_status(args) -> int:
     from nilmd.daemon import sharing, status
 
-    cfg = config.resolve(args, names=_names("common", "redis", "list"))
-    client, redisconn = _redis(cfg, "status")
+    cfg = config.resolve(args, names=names("common", "redis", "list"))
+    client, redisconn = connect(cfg, "status")
     one = args.building_id is not None or bool(os.environ.get("BUILDING_ID"))
     if cfg.building_ids and not one:  # a list daemon: its summary and a line per building
         try:
             ids = buildings.listed(cfg)
             # instances sharing the list (leases): every live one, and who holds each building
             live = [] if args.host else sharing.live_names(client)
-            names = [args.host] if args.host else live or [sharing.instance_name(cfg)]
+            instances = [args.host] if args.host else live or [sharing.instance_name(cfg)]
             holders = sharing.holder_names(client, ids) if live else None
             pipe = client.pipeline(transaction=False)
-            for name in names:
+            for name in instances:
                 pipe.hgetall(keys.daemon_status_key(name))
             for b in ids:
                 pipe.hgetall(keys.status_key(b))
             raws = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
         except redisconn.ERRORS as e:
             return _unreadable(args, cfg, redisconn, e)
-        daemons, each = dict(zip(names, raws)), dict(zip(ids, raws[len(names):]))
+        daemons, each = dict(zip(instances, raws)), dict(zip(ids, raws[len(instances):]))
         code, text = status.render_list(daemons, each, holders=holders)
         if args.json:
-            out = {"daemon": status.typed(daemons[names[0]]), "buildings": {b: status.typed(f) for b, f in each.items()},
+            out = {"daemon": status.typed(daemons[instances[0]]), "buildings": {b: status.typed(f) for b, f in each.items()},
                    "exit_code": code}
             if holders is not None:
                 out.update(instances={n: status.typed(d) for n, d in daemons.items()}, holders=holders)
@@ -159,22 +151,22 @@ def _unreadable(args, cfg, redisconn, error) -> int:
 def cmd_report(args) -> int:
     from nilmd import days, report
 
-    cfg = config.resolve(args, names=_names("common", "redis"))
+    cfg = config.resolve(args, names=names("common", "redis"))
     day = args.day or days.yesterday(days.zone(cfg.timezone))
     try:
         start, _ = days.bounds(day, days.zone(cfg.timezone))
     except ValueError:
-        return _fail(f"--day: {day!r} is not a date (YYYY-MM-DD)")
+        return fail(f"--day: {day!r} is not a date (YYYY-MM-DD)")
     except OverflowError:  # 9999-12-31: its next midnight is past what a date holds
-        return _fail(f"--day: {day} is too late a date: nilmd has no predictions there")
+        return fail(f"--day: {day} is too late a date: nilmd has no predictions there")
     if start < 0:  # the history's entry ids count milliseconds from 1970: Redis would refuse the range
-        return _fail(f"--day: {day} is before 1970-01-01: nilmd has no predictions there")
+        return fail(f"--day: {day} is before 1970-01-01: nilmd has no predictions there")
     report.require_matplotlib()
-    client, redisconn = _redis(cfg, "report")
+    client, redisconn = connect(cfg, "report")
     try:
         data = report.read_day(client, cfg.building_id, day, cfg.timezone)
     except redisconn.ERRORS as e:
-        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
+        return fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
     if args.truth:
         report.add_truth(data, args.truth)
     png = report.render(data)
@@ -188,7 +180,7 @@ def cmd_report(args) -> int:
                 f.write(report.to_html(data, png))
             written.append(args.html)
     except OSError as e:
-        return _fail(f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR)
+        return fail(f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR)
     print(f"wrote {' and '.join(written)}: {day}, {len(data.ends)} predictions, {len(data.runs)} runs", file=sys.stderr)
     return EXIT_OK
 
@@ -246,7 +238,7 @@ def cmd_check(args) -> int:
     if cfg.mode == "test":
         print("redis        skip  --mode test needs no Redis")
     else:
-        client, redisconn = _redis(cfg, "check")
+        client, redisconn = connect(cfg, "check")
         try:
             t0 = time.perf_counter()
             client.ping()
@@ -263,7 +255,7 @@ def cmd_export(args) -> int:
     try:
         from nilmd.models import onnx_export
     except ImportError as e:
-        return _fail(f"nilmd export needs torch and onnx, and {e.name} is not installed (pip install onnx; torch: "
+        return fail(f"nilmd export needs torch and onnx, and {e.name} is not installed (pip install onnx; torch: "
                      "docs/OPERATIONS.md, Install): export on a machine that has them and copy the files", EXIT_ERROR)
     manifest, diff = onnx_export.export_checked(cfg.model_dir, cfg.inference_interval)
     for g in manifest["groups"]:
@@ -276,186 +268,13 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def cmd_adapt(args) -> int:
-    """Learn one building from its labels (docs/ADAPTATION.md); --reset goes back to the shipped models."""
-    from nilmd.models import adapted
-
-    cfg = config.resolve(args, names=_names("common", "redis", "daemon"))
-    building = cfg.building_id
-    if args.reset:
-        gone = adapted.reset(cfg.state_dir, building)
-        print(f"building {building}: {'adapted models removed' if gone else 'had no adapted models'}; the shipped "
-              "models serve it after the daemon reloads (systemctl reload nilmd, or SIGHUP)", file=sys.stderr)
-        return EXIT_OK
-    from nilmd.models import backends
-
-    if not backends.installed("torch"):
-        return _fail("nilmd adapt fine-tunes with torch, which is not installed here (pip install torch==2.13.0 "
-                     "--index-url https://download.pytorch.org/whl/cpu): docs/ADAPTATION.md, 'Where it runs'",
-                     EXIT_ERROR)
-    from nilmd import labels
-    from nilmd.training import adapt, house
-
-    client = None
-    if not args.no_stream and cfg.mode != "test":
-        client, redisconn = _redis(cfg, "adapt")
-        try:
-            client.ping()
-        except redisconn.ERRORS as e:
-            if not args.labels:
-                return _fail(f"no --labels given and Redis at {redisconn.describe(cfg)} cannot be read for the "
-                             f"confirmed runs: {redis_error(e)[1]}", EXIT_ERROR)
-            print(f"nilmd adapt: Redis at {redisconn.describe(cfg)} is not reachable ({redis_error(e)[1]}): "
-                  "using the label files only", file=sys.stderr)
-            client = None
-    house.lower_priority()
-    labelled = labels.load(cfg.state_dir, building, args.labels or [], client=client, appliances=args.appliances)
-    wanted = [a for a in labelled.targets if not args.appliances or a in args.appliances]
-    bar = _Bar(len(wanted) * (1 + len(adapt.METHODS)), f"adapting {building}")
-    t0 = time.monotonic()
-    outcomes = house.learn(cfg, building, labelled, appliances=args.appliances, out_dir=args.out, seed=args.fit_seed,
-                           steps=args.steps, progress=bar.update)
-    bar.close()
-    print(house.table(outcomes))
-    kept = [o.appliance for o in outcomes if o.kept]
-    where = args.out or adapted.folder(cfg.state_dir, building)
-    print(f"{len(kept)} of {len(outcomes)} appliances adapted ({', '.join(kept) or 'none'}) in "
-          f"{house.elapsed(t0)}; written to {where}; the daemon serves them after it reloads "
-          "(systemctl reload nilmd, or SIGHUP)", file=sys.stderr)
-    return EXIT_OK
-
-
-class _Bar:
-    """A progress bar on stderr: tqdm where installed, else a line per step."""
-
-    def __init__(self, total: int, desc: str):
-        try:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
-        except ImportError:
-            self._bar, self._n, self._total, self._desc = None, 0, total, desc
-
-    def update(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-        else:
-            self._n += 1
-            print(f"{self._desc}: {self._n}/{self._total}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-def cmd_history(args) -> int:
-    """The input history kept in the state directory (nilmd.history): its days, or one as CSV."""
-    import numpy as np
-
-    from nilmd import history
-
-    cfg = config.resolve(args, names=_names("common", "daemon"))
-    if cfg.building_ids and args.building_id is None and not os.environ.get("BUILDING_ID"):
-        return _fail("--building-id: whose history? (this box serves a list of buildings)")
-    b, where = cfg.building_id, history.building_dir(cfg.state_dir, cfg.building_id)
-    if args.day is None:
-        kept = history.coverage(cfg.state_dir, b)
-        if not kept:
-            print(f"no input history of {b} in {where} (NILMD_HISTORY_DAYS={cfg.history_days})", file=sys.stderr)
-            return EXIT_OK
-        print(f"input history of {b} in {where} (UTC days; NILMD_HISTORY_DAYS={cfg.history_days})")
-        print(f"{'day':<12}{'recorded':>20}{'size':>12}")
-        for d in kept:
-            print(f"{d.day:<12}{d.seconds:>9} s ({100.0 * d.seconds / history.DAY_S:5.1f} %){d.bytes / 1000:>9.1f} kB")
-        return EXIT_OK
-    try:
-        start = history.day_start(args.day)
-    except ValueError:
-        return _fail(f"--day: {args.day!r} is not a date (YYYY-MM-DD)")
-    if args.day not in history.days(cfg.state_dir, b):
-        return _fail(f"no input history of {b} on {args.day} in {where} (nilmd history --building-id {b} lists "
-                     "the days kept)", EXIT_ERROR)
-    rec = history.read(cfg.state_dir, b, start, start + history.DAY_S)
-    seen = ~np.isnan(rec.power_total)
-    columns = [rec.timestamps[seen].astype(np.int64).astype(str)]
-    for name in history.FIELDS:  # float32's shortest exact text ("230.17"), an empty cell where absent
-        text = getattr(rec, name)[seen].astype(str)
-        columns.append(np.where(text == "nan", "", text))
-    lines = ",".join(("timestamp",) + history.FIELDS) + "\n" + "".join(",".join(r) + "\n" for r in zip(*columns))
-    if args.out is None:
-        sys.stdout.write(lines)
-        return EXIT_OK
-    try:
-        with open(args.out, "w", encoding="ascii") as f:
-            f.write(lines)
-    except OSError as e:
-        return _fail(f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR)
-    print(f"wrote {args.out}: {b} on {args.day}, {int(seen.sum())} samples", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_label(args) -> int:
-    """Confirm a run of an appliance (nilm:{b}:labels, docs/ADAPTATION.md "Labels"), list or delete them."""
-    from nilmd import confirmed_runs, days
-
-    cfg = config.resolve(args, names=_names("common", "redis"))
-    tz = days.zone(cfg.timezone)
-    given = [a for a in (args.appliance, args.start, args.end) if a is not None]
-    if not args.list and not args.delete and len(given) != 3:
-        return _fail("nilmd label: give APPLIANCE START END, or --list, or --delete ID")
-    if given and (args.list or args.delete):
-        return _fail("nilmd label: APPLIANCE START END, --list and --delete go one at a time")
-    if given:
-        now = time.time()
-        where = f"nilmd label {' '.join(given)}"
-        run = confirmed_runs.check_run(args.appliance, confirmed_runs.parse_when(args.start, tz, now),
-                                       confirmed_runs.parse_when(args.end, tz, now), where, now)
-    client, redisconn = _redis(cfg, "label")
-    try:
-        if args.list:
-            for entry_id, f in confirmed_runs.entries(client, cfg.building_id):
-                try:
-                    start, end = float(f["start"]), float(f["end"])
-                    span = (f"{confirmed_runs.when(start, tz)}  {confirmed_runs.when(end, tz)}  "
-                            f"{(end - start) / 60:6.1f} min")
-                except (KeyError, ValueError):
-                    span = f"(not a run: {f})"
-                print(f"{entry_id}  {f.get('appliance', '?'):<15} {span}  {f.get('source', '')}")
-            return EXIT_OK
-        if args.delete:
-            gone = confirmed_runs.delete(client, cfg.building_id, args.delete)
-            print(f"deleted {gone} of {len(args.delete)} runs from {keys.labels_stream(cfg.building_id)}", file=sys.stderr)
-            return EXIT_OK if gone == len(args.delete) else EXIT_ERROR
-        entry = confirmed_runs.add(client, cfg.building_id, run)
-    except redisconn.ERRORS as e:
-        return _fail(f"Redis at {redisconn.describe(cfg)}: {redis_error(e)[1]}", EXIT_ERROR)
-    print(f"labelled {run.appliance} {confirmed_runs.when(run.start, tz)} to {confirmed_runs.when(run.end, tz)} "
-          f"({(run.end - run.start) / 60:.1f} min) as {entry} in {keys.labels_stream(cfg.building_id)}", file=sys.stderr)
-    return EXIT_OK
-
-
-def _names(*groups) -> set[str]:
-    return {s.name for s in config.SETTINGS if s.group in groups}
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _command(sub, name: str, help: str, description: str):
-    """A subcommand whose --help starts with what it does (`help` is its line in `nilmd --help`)."""
-    return sub.add_parser(name, help=help, description=description,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nilmd", description="Real-time NILM daemon: which appliances are on, "
                                      "from a whole-house meter, over Redis.")
     parser.add_argument("--version", action="version", version=f"nilmd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = _command(sub, "run", "run the daemon (the supervisor and its processes)", """\
+    run = command(sub, "run", "run the daemon (the supervisor and its processes)", """\
 Run the daemon: read the building's meter from Redis, keep the newest samples in a shared-memory
 ring and publish a prediction every INFERENCE_INTERVAL seconds (docs/CONTRACT.md). Every flag
 has an environment variable (in brackets); a flag wins. With --mode test: a simulated house, no
@@ -463,20 +282,20 @@ Redis, predictions on stdout.""")
     config.add_arguments(run, ("common", "redis", "list", "fleet", "daemon"), SECTIONS)
     run.set_defaults(func=cmd_run)
 
-    check = _command(sub, "check", "check configuration, checkpoints and Redis, like nginx -t", """\
+    check = command(sub, "check", "check configuration, checkpoints and Redis, like nginx -t", """\
 Check what `nilmd run` would use, one line each: the settings, the checkpoints, the backend that
 would serve them, and Redis. Exit 0 when all is well, 1 otherwise.""")
     config.add_arguments(check, ("common", "redis", "list", "fleet", "daemon"), SECTIONS)
     check.set_defaults(func=cmd_check)
 
-    export = _command(sub, "export", "write MODEL_DIR's checkpoints as ONNX files beside them (needs torch, onnx)", """\
+    export = command(sub, "export", "write MODEL_DIR's checkpoints as ONNX files beside them (needs torch, onnx)", """\
 Write MODEL_DIR's checkpoints as ONNX files beside them, checked against torch on a test window,
 for the ONNX Runtime backend (the default where the export matches). Needs torch and onnx:
 pip install 'nilmd[export]'.""")
     config.add_arguments(export, ("common", "daemon"), SECTIONS)
     export.set_defaults(func=cmd_export)
 
-    status = _command(sub, "status", "show the daemon's status; exit 0 ok, 1 warning, 2 critical, 3 unknown", """\
+    status = command(sub, "status", "show the daemon's status; exit 0 ok, 1 warning, 2 critical, 3 unknown", """\
 Show the daemon's status hash (nilm:BUILDING:status) and judge it as a monitoring plugin does:
 exit 0 running, 1 warning (degraded, warming up), 2 critical (dead, stopped), 3 unknown (no
 status, Redis unreachable). With BUILDING_IDS: the daemon's summary and a line per building.""")
@@ -488,7 +307,7 @@ status, Redis unreachable). With BUILDING_IDS: the daemon's summary and a line p
                         "else this one)")
     status.set_defaults(func=cmd_status)
 
-    watch = _command(sub, "watch", "print predictions as they arrive", """\
+    watch = command(sub, "watch", "print predictions as they arrive", """\
 Print the building's predictions as the daemon publishes them: one line each (the appliances
 that are on), or the JSON of each with --json.""")
     config.add_arguments(watch, ("common", "redis"), SECTIONS)
@@ -496,7 +315,7 @@ that are on), or the JSON of each with --json.""")
     watch.add_argument("--count", type=int, default=None, metavar="N", help="stop after N predictions")
     watch.set_defaults(func=cmd_watch)
 
-    report = _command(sub, "report", "draw a building's day: power, energy and runs (PNG, --html)", """\
+    report = command(sub, "report", "draw a building's day: power, energy and runs (PNG, --html)", """\
 Draw one building's day from what the daemon keeps in Redis (the predictions and events
 streams): the meter and each appliance's estimate, the always-on load and "other", the runs and
 the energy per appliance. Needs matplotlib: pip install 'nilmd[report]'.""")
@@ -509,57 +328,15 @@ the energy per appliance. Needs matplotlib: pip install 'nilmd[report]'.""")
                         "the estimate (the layout nilmd produce and training read)")
     report.set_defaults(func=cmd_report)
 
-    adapt = _command(sub, "adapt", "learn a building from its own labels: adapted models for it only", """\
-Learn one building from its own labels (sub-metered files, smart-plug logs, confirmed runs) and
-its recorded input history: each labelled appliance is adapted from the shipped model and kept
-only where it beats it on held-out days. The daemon serves the result after a reload.
-docs/ADAPTATION.md says how it decides and what it writes.""")
-    config.add_arguments(adapt, ("common", "redis", "daemon"), SECTIONS)
-    adapt.add_argument("--labels", nargs="*", default=[], metavar="FILE",
-                       help="label files: sub-metered CSV, a smart plug's log (APPLIANCE=FILE), confirmed runs")
-    adapt.add_argument("--appliances", nargs="*", default=None, metavar="APPLIANCE",
-                       help="adapt only these (default: every labelled one); earlier adaptations of the others stay")
-    adapt.add_argument("--out", default=None, metavar="DIR",
-                       help="write here instead of STATE_DIR/models/BUILDING (where the daemon looks)")
-    adapt.add_argument("--reset", action="store_true", help="remove the building's adapted models: the shipped "
-                       "ones serve it again after a reload")
-    adapt.add_argument("--no-stream", action="store_true",
-                       help="do not read confirmed runs from the Redis stream nilm:{BUILDING}:labels")
-    adapt.add_argument("--fit-seed", type=int, default=0, metavar="N", help="the fine-tuning's random seed (default 0)")
-    adapt.add_argument("--steps", type=int, default=None, metavar="N",
-                       help="fine-tuning steps per candidate (default 300: about half a CPU-minute each)")
-    adapt.set_defaults(func=cmd_adapt)
+    cli_house.add_parsers(sub)
 
-    hist = _command(sub, "history", "the input history kept in the state directory", """\
-The input the daemon recorded for a building (NILMD_HISTORY_DAYS days, in the state directory):
-the days kept with their coverage, or one UTC day as CSV (--day), the layout nilmd produce and
-training read.""")
-    config.add_arguments(hist, ("common", "daemon"), SECTIONS)
-    hist.add_argument("--day", default=None, metavar="YYYY-MM-DD", help="write this UTC day as CSV: "
-                      "timestamp,power_total,voltage,current,power_factor")
-    hist.add_argument("--out", default=None, metavar="FILE", help="with --day: the CSV file (default: stdout)")
-    hist.set_defaults(func=cmd_history)
-
-    label = _command(sub, "label", "confirm that an appliance ran (a label nilmd adapt learns from)", """\
-Confirm that an appliance ran from START to END: appended to the Redis stream nilm:{b}:labels,
-which nilmd adapt reads. --list prints them, --delete removes one. docs/ADAPTATION.md, "Labels".""")
-    config.add_arguments(label, ("common", "redis"), SECTIONS)
-    label.add_argument("appliance", nargs="?", help="the appliance (ElectricKettle, or kettle, fridge, ...)")
-    label.add_argument("start", nargs="?", help="when it went on: ISO 8601 (2024-05-01T07:30; without an offset: "
-                       "the box's time zone, NILMD_TIMEZONE), a clock time today (07:30), or epoch seconds")
-    label.add_argument("end", nargs="?", help="when it went off, likewise")
-    label.add_argument("--list", action="store_true", help="print the building's confirmed runs")
-    label.add_argument("--delete", action="append", metavar="ID", help="delete the run with this entry id (from "
-                       "--list); may be repeated")
-    label.set_defaults(func=cmd_label)
-
-    produce = _command(sub, "produce", "publish meter samples: simulated, or replayed from a CSV file", """\
+    produce = command(sub, "produce", "publish meter samples: simulated, or replayed from a CSV file", """\
 Publish meter samples to the building's input, as a meter would: a simulated house, or a CSV file
 replayed (its times shifted to now unless --timestamps file).""")
     config.add_arguments(produce, ("common", "redis"), SECTIONS)
     produce.add_argument("--source", default="simulation", metavar="SOURCE",
                          help="'simulation' or a CSV file (.csv or .csv.gz) (default simulation)")
-    produce.add_argument("--speed", type=_positive, default=1.0, metavar="FACTOR",
+    produce.add_argument("--speed", type=positive, default=1.0, metavar="FACTOR",
                          help="samples' seconds per real second (default 1)")
     produce.add_argument("--count", type=int, default=None, metavar="N",
                          help="stop after N samples (default: never / end of file)")
@@ -584,7 +361,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ConfigError, NilmdError) as e:
-        return _fail(str(e), EXIT_USAGE if isinstance(e, ConfigError) else EXIT_ERROR)
+        return fail(str(e), EXIT_USAGE if isinstance(e, ConfigError) else EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `nilmd watch | head`
