@@ -207,6 +207,12 @@ class Config:
         note="How the meter input is read. pubsub: SUBSCRIBE the channel nilm:<id>:input (at-most-once: what is "
         "published while nilmd is down or restarting is lost). stream: read the Redis stream "
         "nilm:<id>:input:stream from where the last run stopped (at-least-once: nothing lost while down).")
+    flood_cooloff: float = setting(
+        60.0, "--flood-cooloff", "NILMD_FLOOD_COOLOFF", "pub/sub with several buildings: seconds a flooding "
+        "building's channel stays unsubscribed before it is subscribed again", minimum=1.0, maximum=86400.0,
+        section="models", note="Pub/sub with several buildings: a channel that sends more than 2000 messages in "
+        "one second (a meter sends one) is unsubscribed so its flood cannot cut the others' shared subscription, "
+        "and subscribed again after this many seconds (docs/FAULTS.md).")
     ring_capacity: int = setting(
         86400, "--ring-capacity", "NILMD_RING_CAPACITY", "samples kept in the shared-memory ring (at least 2x the "
         "window)", minimum=128, maximum=10_000_000, section="buffering", note="Samples kept in the shared-memory "

@@ -8,6 +8,7 @@ script; the daemon never imports it (tests/test_layout.py checks).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -252,6 +253,26 @@ def daemon_processes(fields: dict, pid: int | None = None) -> dict:
     roles = {int(v): k[4:] for k, v in fields.items() if k.startswith("pid_") and str(v).isdigit()}
     top = psutil.Process(pid or int(fields["pid_supervisor"]))
     return {roles.get(p.pid, f"{p.name()}[{p.pid}]"): p for p in [top, *top.children(recursive=True)]}
+
+
+def flood(port: int, building: str, rate: int, seconds: float, out) -> None:
+    """Publish `rate` valid samples a second to `building`'s pub/sub channel (in 10-ms batches) for
+    `seconds`, in a process of its own; put how many went out on `out` (a multiprocessing.Queue)."""
+    import redis
+
+    client = redis.Redis(port=port)
+    sent, t0, ts = 0, time.monotonic(), 1e9
+    while (now := time.monotonic()) - t0 < seconds:
+        due = int((now - t0) * rate) - sent
+        if due > 0:
+            pipe = client.pipeline(transaction=False)
+            for _ in range(due):
+                ts += 1
+                pipe.publish(keys.input_channel(building), json.dumps({"timestamp": ts, "power_total": 500.0}))
+            pipe.execute()
+            sent += due
+        time.sleep(0.01)
+    out.put(sent)
 
 
 class DaemonProcess:

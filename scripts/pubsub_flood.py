@@ -23,26 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nilmd import keys  # noqa: E402
-from nilmd.testing import DaemonProcess, RedisServer, free_port, status, wait_for  # noqa: E402
-
-
-def flood(port: int, building: str, rate: int, seconds: float, out) -> None:
-    """Publish `rate` valid samples a second (in 10-ms batches) for `seconds`; put how many went out."""
-    import redis
-
-    client = redis.Redis(port=port)
-    sent, t0, ts = 0, time.monotonic(), 1e9
-    while (now := time.monotonic()) - t0 < seconds:
-        due = int((now - t0) * rate) - sent
-        if due > 0:
-            pipe = client.pipeline(transaction=False)
-            for _ in range(due):
-                ts += 1
-                pipe.publish(keys.input_channel(building), json.dumps({"timestamp": ts, "power_total": 500.0}))
-            pipe.execute()
-            sent += due
-        time.sleep(0.01)
-    out.put(sent)
+from nilmd.testing import DaemonProcess, RedisServer, flood, free_port, status, wait_for  # noqa: E402
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ REJECT_REASONS = (
     "future",  # timestamp more than max_clock_skew ahead of the box's clock
     "duplicate",  # same grid second as the newest sample (the first one wins)
     "out_of_order",  # older than the newest sample
+    "flood",  # pub/sub: read from a channel shed for flooding (nilmd.daemon.sources.FloodGuard)
 )
 
 # Repairs keep the sample and are counted too (repaired_<reason>).

@@ -18,6 +18,7 @@ import time
 from nilmd import keys
 from nilmd.config import Config
 from nilmd.daemon.batch import Batch
+from nilmd.daemon.flood import FloodGuard
 from nilmd.daemon.streams import StreamSource
 
 log = logging.getLogger("nilmd.reader")
@@ -42,17 +43,23 @@ class PubSubSource:
     """SUBSCRIBE to every building's input channel on one connection. Not PSUBSCRIBE nilm:*:input:
     Redis would send this reader every building's samples on the server (another daemon's too) to
     be parsed and dropped here, an ACL user would need every channel, and one building removed
-    from the list must stop arriving, which an UNSUBSCRIBE says exactly."""
+    from the list must stop arriving, which an UNSUBSCRIBE says exactly. With several buildings a
+    flooding channel is unsubscribed for a cool-off (nilmd.daemon.flood), so that its flood cannot
+    make Redis cut the subscription the others share."""
 
     name = "pubsub"
     disconnected = None  # the cause of a cut the reader has not taken yet (DISCONNECT_CAUSES)
     CHUNK = 256  # channels per SUBSCRIBE command
 
-    def __init__(self, cfg: Config, buildings=()):
+    def __init__(self, cfg: Config, feeds: dict):
+        """`feeds`: the reader's (nilmd.daemon.reader.Feed by building; a shed flood is counted in
+        their blocks)."""
         from nilmd import redisconn  # redis-py only where Redis is used
 
         self.cfg = cfg
-        self.channels = {keys.input_channel(b): b for b in (buildings if buildings is not None else [cfg.building_id])}
+        self.feeds = feeds
+        self.channels = {keys.input_channel(b): b for b in feeds}
+        self.flood = FloodGuard(cfg.flood_cooloff)
         self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries
         self._client = redisconn.client(cfg, name="reader", socket_timeout=3.0)  # < heartbeat timeout
         self._pubsub = None
@@ -67,7 +74,7 @@ class PubSubSource:
     def connect(self) -> None:
         self.close()
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
-        self._subscribe(list(self.channels))
+        self._subscribe(self._wanted())
         if not self.channels:  # a list with no building to serve right now (leases): nothing to confirm
             self.subscribed = True
 
@@ -75,9 +82,13 @@ class PubSubSource:
         for i in range(0, len(channels), self.CHUNK):
             self._pubsub.subscribe(*channels[i:i + self.CHUNK])
 
+    def _wanted(self) -> list[str]:
+        return [c for c in self.channels if c not in self.flood.shed]
+
     def add(self, feed) -> None:
         channel = keys.input_channel(feed.building)
         self.channels[channel] = feed.building
+        self.flood.forget(channel)
         if self._pubsub is not None:
             self._subscribe([channel])
 
@@ -85,31 +96,74 @@ class PubSubSource:
         channel = keys.input_channel(building)
         self.channels.pop(channel, None)
         self._confirmed.discard(channel)
+        self.flood.forget(channel)
         if self._pubsub is not None:
             self._pubsub.unsubscribe(channel)
 
     def read(self, timeout: float, limit: int = 4096) -> list:
         """Messages that arrived (a Batch), waiting at most `timeout` for the first one. A batch
         ends at a cut (`disconnected` says why): what follows is after the gap."""
-        out = Batch()
+        out, shed = Batch(), {}
         try:
+            self._subscribe_again()
             msg = self._pubsub.get_message(timeout=timeout)
             while msg is not None:
                 kind = msg.get("type")
                 if kind == "message":
-                    building = self.channels.get(_text(msg["channel"]))
-                    if building is not None:  # (an UNSUBSCRIBEd channel's last messages: dropped)
+                    channel = _text(msg["channel"])
+                    building = self.channels.get(channel)
+                    if building is None:  # (an UNSUBSCRIBEd channel's last messages: dropped)
+                        pass
+                    elif channel in self.flood.shed or self._flooding(channel, building):
+                        shed[building] = shed.get(building, 0) + 1
+                    else:
                         out.put(msg["data"], building)
                 elif kind == "subscribe" and self._confirm(_text(msg["channel"]), bool(out)):
-                    return out
+                    break
                 if len(out) >= limit:
+                    self._behind = True
                     break
                 msg = self._pubsub.get_message(timeout=0.0)
+            else:
+                self._behind = False
         except self.errors as e:
             self._error = e
             raise
-        self._behind = len(out) >= limit
+        finally:
+            self._count_shed(shed)
         return out
+
+    def _flooding(self, channel: str, building: str) -> bool:
+        """Count the message; past the limit (several buildings only: alone, a building's flood
+        cuts nobody else, and shedding it would only lose more of its own) unsubscribe now."""
+        if len(self.channels) < 2:
+            return False
+        rate = self.flood.flooding(channel)
+        if rate is None:
+            return False
+        self._pubsub.unsubscribe(channel)
+        self._confirmed.discard(channel)  # its next confirmation is a new subscription, not a cut
+        log.warning("building %s: its input channel sent over %d messages within a second (read at %d/s; a meter "
+                    "sends 1): unsubscribed "
+                    "for %.0f s so that it cannot cut the other buildings' input; what it sends meanwhile is "
+                    "lost (rejected_flood counts what was read after)", building, self.flood.limit, rate,
+                    self.flood.cooloff)
+        return True
+
+    def _subscribe_again(self) -> None:
+        for channel in self.flood.due():
+            if channel in self.channels:
+                log.info("building %s: subscribed again after the flood's cool-off", self.channels[channel])
+                self._subscribe([channel])
+
+    def _count_shed(self, shed: dict) -> None:
+        """Messages of a shed channel still read (queued before the UNSUBSCRIBE): received and
+        rejected as `flood`, so that received = accepted + rejected holds."""
+        for building, n in shed.items():
+            feed = self.feeds.get(building)
+            if feed is not None:
+                feed.ctl.add("rejected_flood", n)
+                feed.ctl.add("samples_received", n)
 
     def _confirm(self, channel: str, got: bool) -> bool:
         """A subscription confirmed; True when it shows a cut (the batch ends there)."""
@@ -121,7 +175,7 @@ class PubSubSource:
             self._error, self._behind = None, False
             self._server = self._server_info()
         self._confirmed.add(channel)
-        if not self.subscribed and len(self._confirmed) >= len(self.channels):
+        if not self.subscribed and len(self._confirmed) >= len(self._wanted()):
             self.subscribed = True
             if not cause:
                 log.info("subscribed to %s", channel if len(self.channels) == 1 else
@@ -221,4 +275,4 @@ def make_source(cfg: Config, feeds: dict, counters, fence_token: str | None = No
         return SimulatedSource(cfg)
     if cfg.input_mode == "stream":
         return StreamSource(cfg, feeds, counters, fence_token)
-    return PubSubSource(cfg, list(feeds))
+    return PubSubSource(cfg, feeds)
