@@ -70,7 +70,7 @@ def test_every_flag_reaches_its_setting(tmp_path):
              "redis_password_file": str(a_file), "redis_tls_ca": str(a_file), "redis_tls_cert": str(a_file),
              "redis_tls_key": str(a_file), "building_id": "flagged", "log_level": "debug", "mode": "test",
              "model_dir": str(tmp_path), "window_size": "512", "inference_interval": "30", "device": "cpu", "backend": "onnxruntime",
-             "threads": "2", "input_mode": "stream", "ring_capacity": "4096", "runtime_dir": str(tmp_path / "run"),
+             "threads": "2", "input_mode": "stream", "flood_cooloff": "30", "ring_capacity": "4096", "runtime_dir": str(tmp_path / "run"),
              "state_dir": str(tmp_path / "state"), "heartbeat_timeout": "12", "status_interval": "1.5",
              "max_gap_fill": "9", "input_timeout": "45", "max_clock_skew": "42", "speed": "5", "seed": "7",
              "timezone": "America/Chicago", "predictions_history": "7200", "history_days": "30", "event_on_intervals": "3",
