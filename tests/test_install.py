@@ -108,7 +108,7 @@ def test_installer_in_a_fresh_root(tmp_path, model_dir, redis_server):
     # A snapshot of the source tree: others may edit the working tree while this runs, and the
     # installer rightly reinstalls a changed tree (which would fail the "nothing changed" step).
     src = tmp_path / "src"
-    for part in ("nilmd", "scripts", "systemd", "tests/systemd", "pyproject.toml", "README.md"):
+    for part in ("nilmd", "scripts", "systemd", "tests/systemd", "docs", "pyproject.toml", "README.md", "LICENSE"):
         if (ROOT / part).is_dir():
             shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
         else:
