@@ -15,7 +15,7 @@ import time
 from nilmd import __version__, buildings, config, keys
 from nilmd import log as logmod
 from nilmd import cli_house
-from nilmd.cliutil import command, connect, fail, names, positive
+from nilmd.cliutil import command, connect, fail, names, one_building, positive
 from nilmd.settingsdoc import SECTIONS
 from nilmd.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, NilmdError, redis_error
 
@@ -95,7 +95,7 @@ def cmd_status(args) -> int:
 
     cfg = config.resolve(args, names=names("common", "redis", "list"))
     client, redisconn = connect(cfg, "status")
-    one = args.building_id is not None or bool(os.environ.get("BUILDING_ID"))
+    one = one_building(args)
     if cfg.building_ids and not one:  # a list daemon: its summary and a line per building
         try:
             ids = buildings.listed(cfg)

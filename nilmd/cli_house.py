@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from nilmd import config, keys
-from nilmd.cliutil import command, connect, fail, names
+from nilmd.cliutil import command, connect, fail, names, one_building
 from nilmd.errors import EXIT_ERROR, EXIT_OK, redis_error
 from nilmd.settingsdoc import SECTIONS
 
@@ -90,7 +89,7 @@ def cmd_history(args) -> int:
     from nilmd import history
 
     cfg = config.resolve(args, names=names("common", "daemon"))
-    if cfg.building_ids and args.building_id is None and not os.environ.get("BUILDING_ID"):
+    if cfg.building_ids and not one_building(args):
         return fail("--building-id: whose history? (this box serves a list of buildings)")
     b, where = cfg.building_id, history.building_dir(cfg.state_dir, cfg.building_id)
     if args.day is None:

@@ -4,6 +4,7 @@ client, the settings of a group, the subcommand with its description."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nilmd import config
@@ -36,3 +37,8 @@ def command(sub, name: str, help: str, description: str):
     """A subcommand whose --help starts with what it does (`help` is its line in `nilmd --help`)."""
     return sub.add_parser(name, help=help, description=description,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def one_building(args) -> bool:
+    """A building was named (--building-id or BUILDING_ID), even where BUILDING_IDS lists many."""
+    return args.building_id is not None or bool(os.environ.get("BUILDING_ID"))

@@ -55,18 +55,13 @@ def parse_when(text: str, tz, now: float) -> float:
     offset is the box's local time (`tz`): a person means their wall clock (files differ:
     nilmd.csvfile reads them as UTC, as machines write them)."""
     text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
     if _CLOCK_TIME.match(text):
         text = f"{datetime.fromtimestamp(now, tz).date().isoformat()}T{text}"
     try:
-        dt = datetime.fromisoformat(text)
+        return csvfile.parse_time(text, tz)
     except ValueError:
         raise LabelError(f"{text!r} is not a time: epoch seconds, ISO 8601 (2024-05-01T07:30, "
                          "+02:00 for an offset) or a clock time today (07:30)") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp()
 
 
 def check_run(appliance: str, start: float, end: float, where: str, now: float | None = None) -> Run:

@@ -33,13 +33,13 @@ POWER_COLUMNS = ("power_total", "aggregate", "mains", "total", "power", "p")
 METER_FIELDS = ("voltage", "current", "power_factor")
 
 
-def parse_time(text: str) -> float:
-    """Epoch seconds or ISO 8601 (naive = UTC) -> epoch seconds; ValueError if neither."""
+def parse_time(text: str, tz=timezone.utc) -> float:
+    """Epoch seconds or ISO 8601 (naive: in `tz`, UTC for files) -> epoch seconds; ValueError if neither."""
     try:
         return float(text)
     except ValueError:
         dt = datetime.fromisoformat(text.strip())
-        return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+        return (dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp()
 
 
 def _number(text: str) -> float:

@@ -41,9 +41,6 @@ import numpy as np
 
 from nilmd.atomic import write_atomic
 from nilmd.buildings import is_building_id
-from nilmd.config import Config
-
-DEFAULT_DAYS = Config.history_days
 FIELDS = ("power_total", "voltage", "current", "power_factor")
 DAY_S = 86400
 MAGIC, VERSION = b"NILMHIST", 1
@@ -351,11 +348,11 @@ def journal_days(state_dir, building: str) -> list[str]:
 
 def prune(state_dir, building: str, keep_days: int, now: float | None = None) -> list[str]:
     """Delete the days that ended more than `keep_days` days ago (by the box's clock); returns them."""
-    horizon = (time.time() if now is None else now) - keep_days * DAY_S
+    oldest = oldest_kept(keep_days, now)
     directory = building_dir(state_dir, building)
     gone = []
     for day, files in _files(directory).items():
-        if day_start(day) + DAY_S <= horizon:
+        if day_start(day) < oldest:
             for _, name in files:
                 try:
                     os.unlink(os.path.join(directory, name))

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nilmd.errors import LabelError  # noqa: E402
 from nilmd.models import checkpoints  # noqa: E402
+from nilmd.models.onnx_backend import sha256  # noqa: E402
 from nilmd.training import adapt  # noqa: E402
 from nilmd.training.datasets import Series, read_csv  # noqa: E402
 
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
                                                    labelled.valid, target, labelled.period_s)
                         cfg = adapt.AdaptConfig(seed=seed, steps=args.steps, lr_all=args.lr_all)
                         t = time.time()
-                        out = adapt.adapt_appliance(ckpt, s, cfg, base_sha256=adapt.sha256_file(path))
+                        out = adapt.adapt_appliance(ckpt, s, cfg, base_sha256=sha256(path))
                         served = out.checkpoint or ckpt
                         score_cfg = adapt.AdaptConfig(seed=seed)
                         on_w = adapt.ON_THRESHOLD_W[a]  # the published figures' "on", whatever the house's

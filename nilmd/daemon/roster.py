@@ -291,7 +291,8 @@ class Roster:
         ones get a last status and their files unlinked; the children attach and detach when the
         daemon block says the list moved. The others are not touched."""
         added = [b for b in new if b not in self.served]
-        removed = [b for b in self.served if b not in set(new)]
+        keep = set(new)
+        removed = [b for b in self.served if b not in keep]
         if not added and not removed:
             return  # nothing changed: nothing to say (a renewal every few seconds)
         problem = list_problem(self.cfg, len(new), len(added), self.log)
@@ -314,10 +315,12 @@ class Roster:
             if self.sharing.leases is not None and added:  # leases it cannot serve: another instance may
                 self.sharing.let_go(added)
             return
-        for b in removed:
-            served = self.served.pop(b)
+        gone = [self.served.pop(b) for b in removed]
+        for served in gone:
             served.state = "stopped"
-            self.farewell([served])
+        if gone:
+            self.farewell(gone)  # one status write for all of them
+        for served in gone:
             served.close()  # the children's mappings stay valid until they let go (the reader's last snapshot)
         self.paths["buildings"] = list(self.served)
         write(self.paths["roster"], self.paths["buildings"])

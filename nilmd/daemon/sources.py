@@ -175,7 +175,7 @@ class PubSubSource:
             self._error, self._behind = None, False
             self._server = self._server_info()
         self._confirmed.add(channel)
-        if not self.subscribed and len(self._confirmed) >= len(self._wanted()):
+        if not self.subscribed and len(self._confirmed) >= len(self.channels) - len(self.flood.shed):
             self.subscribed = True
             if not cause:
                 log.info("subscribed to %s", channel if len(self.channels) == 1 else

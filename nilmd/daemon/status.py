@@ -49,7 +49,8 @@ def rss_mb(pid: int) -> float:
 def fields(cfg: Config, state: str, snap: dict, run_length: int, *, started: float, pids: dict, restarts: dict,
            problems=(), rss: dict | None = None) -> dict:
     """`rss`: MB by role, measured once for many buildings (else here)."""
-    missing = [a for a in APPLIANCES if a not in appliances(snap["models_mask"])]
+    loaded = appliances(snap["models_mask"])
+    missing = [a for a in APPLIANCES if a not in loaded]
     rejected = {f"rejected_{r}": int(snap[f"rejected_{r}"]) for r in REJECT_REASONS}
     rss = {role: rss[role] if rss else rss_mb(pid) for role, pid in pids.items()}
     return {

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ class AdaptConfig:
     on_fraction: float = 0.4    # windows around the appliance running
     hard_fraction: float = 0.3  # windows around something else as big
     interval: int = 60          # the daemon's INFERENCE_INTERVAL: what is scored is what is published
+    daemon_window: int = 1536   # the daemon's WINDOW_SIZE: its first interval closes after one full window
     seed: int = 0
     methods: tuple = METHODS
 
@@ -93,13 +93,17 @@ class Outcome:
     method: str = ""            # the chosen candidate ("" if none was tried)
     kept: bool = False
     why: str = ""
-    checkpoint: Checkpoint | None = None             # the adapted checkpoint, when kept
     made: dict = field(default_factory=dict)         # method -> its candidate checkpoint (for evaluation)
     seconds: float = 0.0
 
     @property
     def adapted(self) -> Scores | None:
         return self.candidates.get(self.method)
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        """The adapted checkpoint, when kept."""
+        return self.made.get(self.method) if self.kept else None
 
 
 # -- the labelled data, cut by time ---------------------------------------------------------------
@@ -171,22 +175,17 @@ def score(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, threshold: float |
     on_w = ckpt.on_power_threshold_w if on_w is None else on_w
     th = ckpt.probability_threshold if threshold is None else threshold
     pred = Predictor({a: ckpt})
-    power, prob, mask = evaluation.predict(pred, series, mode="stream", interval=cfg.interval)
-    power, prob = power[0], prob[0]
-    first = 1536 - cfg.interval + evaluation.first_wait(series, 1536, cfg.interval)
-    block = np.full(len(series), -1, np.int64)
-    whole = max((len(series) - first) // cfg.interval, 0)
-    block[first:first + whole * cfg.interval] = np.arange(whole * cfg.interval) // cfg.interval
+    power, prob, mask = evaluation.predict(pred, series, mode="stream", window=cfg.daemon_window,
+                                           interval=cfg.interval)
+    block = evaluation.published_blocks(series, cfg.daemon_window, cfg.interval)
     mask &= block >= 0
-    raw = {"_power": power[mask], "_prob": prob[mask], "_true": series.targets[a][mask], "_block": block[mask]}
+    raw = {"_power": power[0][mask], "_prob": prob[0][mask], "_true": series.targets[a][mask], "_block": block[mask]}
     s = evaluation.rescore(raw, a, th, on_w)
     # Daily energy: the published (interval-mean) power, summed per UTC day over the scored seconds.
     served = evaluation.interval_mean(evaluation.served_power(raw["_power"], raw["_prob"], th), raw["_block"])
     day = (int(series.info["start"]) + np.flatnonzero(mask)) // DAY
-    est = np.bincount(day - day.min(), weights=served) / 3.6e6 if len(day) else np.zeros(0)
-    true = np.bincount(day - day.min(), weights=raw["_true"]) / 3.6e6 if len(day) else np.zeros(0)
-    seen = np.bincount(day - day.min()) > 0 if len(day) else np.zeros(0, bool)
-    est, true = est[seen], true[seen]
+    seen = np.unique(day, return_inverse=True)[1]
+    est, true = (np.bincount(seen, weights=w) / 3.6e6 for w in (served, raw["_true"]))
     mean_true = float(true.mean()) if len(true) else float("nan")
     err = float(np.abs(est - true).mean() / mean_true) if len(true) and mean_true > 0 else float("nan")
     return Scores(f1=float(s["f1"]), mae_w=float(s["mae_w"]), energy_error=err, kwh_per_day_true=mean_true,
@@ -312,15 +311,5 @@ def adapt_appliance(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, progress
     out.method = best[0]
     out.made = made
     out.kept, out.why = decide(out.shipped, best[1])
-    if out.kept:
-        out.checkpoint = made[out.method]
     out.seconds = time.process_time() - t_start
     return out
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

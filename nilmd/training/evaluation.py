@@ -94,11 +94,11 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
         power, prob, mask = predict(predictor, s, inputs=inputs, mode=mode, window=window, interval=interval)
         block = np.full(len(s), -1, np.int64)
         if published:  # the daemon's intervals: the first closes a clock interval (nilmd.schedule)
-            first = window - interval + (first_wait(s, window, interval) if aligned else 0)
-            whole = (len(s) - first) // interval
-            block[first:first + whole * interval] = blocks_before + np.arange(whole * interval) // interval
-            blocks_before += max(whole, 0)
+            block = published_blocks(s, window, interval, aligned)
             mask = mask & (block >= 0)
+            whole = int(block.max()) + 1
+            block = np.where(block >= 0, block + blocks_before, -1)
+            blocks_before += whole
         for k, a in enumerate(predictor.appliances):
             if a in s.targets:
                 for acc, values in zip(pooled[a], (power[k], prob[k], s.targets[a], block)):
@@ -113,6 +113,16 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
             raw["_block"] = blk
         results[a] = {**rescore(raw, a, float(thresholds[a])), **raw}
     return results
+
+
+def published_blocks(series: Series, window: int, interval: int, aligned: bool = True) -> np.ndarray:
+    """Each sample's published interval (0, 1, ...; -1 for samples no whole interval publishes): the
+    daemon's first interval closes at the first clock-aligned boundary after its first full window."""
+    first = window - interval + (first_wait(series, window, interval) if aligned else 0)
+    whole = max((len(series) - first) // interval, 0)
+    block = np.full(len(series), -1, np.int64)
+    block[first:first + whole * interval] = np.arange(whole * interval) // interval
+    return block
 
 
 def first_wait(series: Series, window: int, interval: int) -> int:

@@ -26,9 +26,9 @@ from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.errors import NilmdError
 from nilmd.features import derive
 from nilmd.models import adapted, checkpoints
+from nilmd.models.onnx_backend import sha256
 from nilmd.training import adapt
 
-FORMAT_VERSION = 1
 RECORD = adapted.RECORD
 
 
@@ -56,7 +56,7 @@ def learn(cfg, building: str, labelled, *, appliances=None, out_dir=None, seed: 
         raise NilmdError(f"the labels given for building {building!r} label no appliance")
     features = derive(np.nan_to_num(labelled.power_total), labelled.voltage, labelled.current, labelled.power_factor)
     valid = np.isfinite(labelled.power_total) & (labelled.power_total > 0)
-    acfg = adapt.AdaptConfig(seed=seed, interval=cfg.inference_interval,
+    acfg = adapt.AdaptConfig(seed=seed, interval=cfg.inference_interval, daemon_window=cfg.window_size,
                              **({"steps": steps} if steps is not None else {}))
     outcomes = []
     for a in wanted:
@@ -65,7 +65,7 @@ def learn(cfg, building: str, labelled, *, appliances=None, out_dir=None, seed: 
         series = adapt.appliance_series(a, labelled.t0, features, valid, labelled.targets[a], labelled.period_s,
                                         name=f"{building} {a}")
         outcomes.append(adapt.adapt_appliance(base, series, acfg, progress=progress,
-                                              base_sha256=adapt.sha256_file(path)))
+                                              base_sha256=sha256(path)))
     write(cfg, building, labelled, outcomes, out_dir=out_dir)
     return outcomes
 
@@ -112,11 +112,11 @@ def write(cfg, building: str, labelled, outcomes: list[adapt.Outcome], *, out_di
                                                                   "heldout_shipped": o.shipped.row()})
         checkpoints.save(tmp / name, data)
         checkpoints.load(tmp / name, o.appliance)  # what we wrote must load
-        entries[o.appliance] = {"file": name, "sha256": adapt.sha256_file(tmp / name),
+        entries[o.appliance] = {"file": name, "sha256": sha256(tmp / name),
                                 "base_sha256": ck.training["adapted"]["base_sha256"],
                                 "method": o.method, "heldout": o.adapted.row(), "heldout_shipped": o.shipped.row()}
     record = {
-        "format_version": FORMAT_VERSION, "building": building,
+        "format_version": adapted.FORMAT_VERSION, "building": building,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "appliances": entries,
         "labels": labelled.sources,
