@@ -255,7 +255,8 @@ def test_unit_under_real_systemd(tmp_path, model_dir, password_redis):
            "--post", f"{checks} kill-inference {port} {building}",
            "--post", f"{checks} hang-inference {port} {building}",
            "--post", f"{checks} stop {port} {building}",
-           "--expect-log", "models loaded: 11 of 11", "--expect-log", "ready: ",
+           # the journal's lines are checked by the journal step, not the tool's --expect-log: its
+           # `journalctl | grep -q` under pipefail fails whenever grep stops reading first
            "--security-threshold", str(int(MAX_EXPOSURE * 10))]
     for key, value in settings.items():
         cmd += ["--setenv", f"{key}={value}"]

@@ -132,7 +132,7 @@ def test_two_instances_under_real_systemd(tmp_path, model_dir, password_redis):
            "--dropin", str(dropin), "--pre", f"{checks} setup {port} {a} {b}", "--start-timeout", "120"]
     for step in ("both", "stop-one", "escaped", "stop-other"):
         cmd += ["--post", f"{checks} {step} {port} {a} {b}"]
-    cmd += ["--expect-log", "models loaded: 11 of 11", "--expect-log", "ready: ", "--security-threshold", "25",
+    cmd += ["--security-threshold", "25",
             str(_checkable_name(tmp_path, a))]
 
     publishers = [Publisher(client, building) for building in (a, b)]

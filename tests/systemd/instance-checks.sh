@@ -62,7 +62,9 @@ both)
     wait_until 60 "samples counted in nilm:$i:status" received_above "$i" 0
     [ "$(field "$i" building_id)" = "$i" ] && [ "$(field "$i" pid_supervisor)" = "$pid" ] ||
       fail "nilm:$i:status is not nilmd@$i's: building_id=$(field "$i" building_id) pid_supervisor=$(field "$i" pid_supervisor), MainPID $pid"
-    journalctl --no-pager -o cat -u "nilmd@$i.service" | grep -q 'models loaded: 11 of 11' || fail "nilmd@$i loaded no models"
+    log="$(journalctl --no-pager -o cat -u "nilmd@$i.service")"
+    printf '%s\n' "$log" | grep -q 'models loaded: 11 of 11' || fail "nilmd@$i loaded no models"
+    printf '%s\n' "$log" | grep -q 'ready: ' || fail "nilmd@$i logged no 'ready:' line"
     # for docs/PERFORMANCE.md: what each instance costs (PSS shares torch's pages among both instances;
     # no awk here: the container's /etc has no alternatives)
     kb=0
