@@ -60,9 +60,9 @@ def machine(threads: list[int]) -> dict:
     except OSError:
         pass
     try:
-        import onnxruntime
+        from nilmd.models.onnx_backend import runtime
 
-        ort = onnxruntime.__version__
+        ort = runtime().__version__
     except ImportError:
         ort = "not installed"
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "onnxruntime": ort,
@@ -148,11 +148,10 @@ def step_floor(pred, threads: int, n: int):
     without the history in and out (nilmd.models.onnx_export.build_group(history=False): the same
     convolutions on zero padding), bound once. The step row minus this one is what moving the
     history costs; this one is what the export's arithmetic costs in this runtime on this box."""
-    import onnxruntime as ort
-
-    from nilmd.models.onnx_backend import session_options
+    from nilmd.models.onnx_backend import runtime, session_options
     from nilmd.models.onnx_export import build_group
 
+    ort = runtime()
     so, runs, held = session_options(threads), [], []
     for k, (_, net) in enumerate(pred.groups):
         sess = ort.InferenceSession(build_group(net, f"floor{k}", n, history=False).SerializeToString(), so,

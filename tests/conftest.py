@@ -17,6 +17,10 @@ from nilmd import keys
 from nilmd.testing import DaemonProcess, RedisCluster, RedisServer, aligned_start, free_port, wait_for  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests import onnxruntime themselves, before nilmd.models.onnx_backend.runtime() could turn its
+# telemetry off: the host's $HOME keeps no device id of theirs. The daemons they start turn it off
+# on their own (test_onnx::test_onnxruntime_writes_nothing_in_home_and_sends_no_telemetry).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture(scope="session")

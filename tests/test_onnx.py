@@ -101,9 +101,10 @@ def test_export_is_deterministic(tmp_path):
 def test_the_benchmarks_floor_is_the_step_on_zero_history(mixed):
     """scripts/bench.py's floor (a step graph without history in or out) computes what the step
     graph does from the zero history: the same arithmetic, so a fair floor."""
-    import onnxruntime as ort
-
+    from nilmd.models.onnx_backend import runtime
     from nilmd.models.onnx_export import build_group
+
+    ort = runtime()
 
     x = np.ascontiguousarray(features(60).T[None, :, None, :])
     for k, (_, net) in enumerate(mixed[0].groups):
@@ -319,6 +320,29 @@ def test_an_export_that_matches_is_chosen(tmp_path):
         assert got.predictor.backend == "onnxruntime" and not got.choice.fallback
         assert set(got.errors) == set(APPLIANCES[3:]) and all(e.endswith("file not found") for e in got.errors.values())
     assert backends.load(cfg_for(tmp_path, "torch")).predictor.backend == "torch"
+
+
+def test_onnxruntime_writes_nothing_in_home_and_sends_no_telemetry(tmp_path):
+    """A served export leaves $HOME as it was: ONNX Runtime's telemetry (a device id under
+    ~/.cache/Microsoft, and a warning in the journal where it cannot write one) is off unless the
+    operator turns it on. A fresh process, since onnxruntime reads the setting once."""
+    import os
+    import subprocess
+    import sys
+
+    exported(tmp_path / "models", SET)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    code = ("import sys; from nilmd.config import Config; from nilmd.models import backends; "
+            "from test_fused import features; "
+            "p = backends.load(Config(model_dir=sys.argv[1], backend='onnxruntime', device='cpu')).predictor; "
+            "p.run(features(1536)); print(p.backend)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "models")], capture_output=True, text=True,
+                         env={**env, "HOME": str(home)}, cwd=ROOT / "tests", timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "onnxruntime", out.stdout + out.stderr
+    assert "telemetry" not in out.stderr, out.stderr
+    assert not list(home.rglob("*")), f"onnxruntime wrote {sorted(map(str, home.rglob('*')))}"
 
 
 @pytest.mark.parametrize("change", ["retrained", "removed", "added", "damaged graph", "garbage graph", "bad manifest",

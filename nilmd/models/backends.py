@@ -74,8 +74,9 @@ def _onnx(cfg) -> tuple[object, str, bool]:
     if not installed("onnxruntime"):
         return None, "onnxruntime is not installed (a dependency of nilmd: pip install onnxruntime)", True
     try:
-        importlib.import_module("onnxruntime")  # onnx_backend imports it only when a session opens
-        from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor
+        from nilmd.models.onnx_backend import NoExport, OnnxExportError, OnnxPredictor, runtime
+
+        runtime()  # onnx_backend imports it only when a session opens
     except Exception as e:  # installed but broken (a missing shared library, a wrong build): like an absent one
         return None, f"onnxruntime is installed but cannot be imported ({broken(e)})", False
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -146,11 +147,22 @@ def not_served(model_dir, manifest: dict) -> dict[str, str]:
             for a in APPLIANCES if a not in manifest["appliances"]}
 
 
+def runtime():
+    """onnxruntime, imported with its telemetry off. Since 1.2x it otherwise writes a device id
+    under $HOME/.cache/Microsoft and, under systemd where that is not writable, warns about it in
+    the journal at every start of the inference process; an edge box reports to no one. An
+    operator's own ORT_DISABLE_TELEMETRY stands. Every import of onnxruntime in nilmd is this one."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
+
+
 _shared_arena = False
 
 
 def session_options(threads: int):
-    import onnxruntime as ort
+    ort = runtime()
 
     global _shared_arena
     if not _shared_arena:  # once per process: one memory arena for every session (see below)
@@ -204,7 +216,7 @@ class _Step:
             self.open()
 
     def open(self) -> None:
-        import onnxruntime as ort
+        ort = runtime()
 
         data, self._data = self._data, None
         try:
