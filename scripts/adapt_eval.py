@@ -155,6 +155,7 @@ def main(argv=None) -> None:
     ap.add_argument("--appliances", nargs="*", default=None)
     ap.add_argument("--steps", type=int, default=adapt.AdaptConfig.steps)
     ap.add_argument("--lr-all", type=float, default=adapt.AdaptConfig.lr_all)
+    ap.add_argument("--refit", action="store_true", help="serve the kept recipe trained again on all the labels")
     ap.add_argument("--tag", default="", help="a name for this variant in the output (hyper-parameter pilots)")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
@@ -202,7 +203,7 @@ def main(argv=None) -> None:
                             continue
                         s = adapt.appliance_series(a, int(labelled.info["start"]), labelled.features,
                                                    labelled.valid, target, labelled.period_s)
-                        cfg = adapt.AdaptConfig(seed=seed, steps=args.steps, lr_all=args.lr_all)
+                        cfg = adapt.AdaptConfig(seed=seed, steps=args.steps, lr_all=args.lr_all, refit=args.refit)
                         t = time.time()
                         out = adapt.adapt_appliance(ckpt, s, cfg, base_sha256=sha256(path))
                         served = out.checkpoint or ckpt
@@ -222,6 +223,7 @@ def main(argv=None) -> None:
                             "method": out.method, "kept": out.kept, "why": out.why,
                             "later_shipped": shipped_later.row(), "later_served": served_later.row(),
                             "later_candidates": later_cands, "lr_all": cfg.lr_all, "steps": cfg.steps,
+                            "refit": out.refitted is not None,
                             "cpu_s": round(out.seconds, 1), "wall_s": round(time.time() - t, 1),
                         }
                         with open(args.out, "a") as f:

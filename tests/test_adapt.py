@@ -36,6 +36,18 @@ def test_the_newest_whole_days_are_held_out_one_or_a_quarter(days, held):
     assert at == (days - held) * DAY, (days, at / DAY)
 
 
+@pytest.mark.parametrize("run_days,held", [((0, 1, 2, 4, 6), 3),   # 1 run in the least 2 days: 3 held out
+                                          ((0, 1, 5, 6), 2),         # 2 in the least: as before
+                                          ((0, 1, 2, 6), 2),         # none of up to half enough: the least
+                                          ((3, 4, 6), 2)])           # 3 days would leave 1 to fit: the least
+def test_more_newest_days_are_held_out_where_the_appliance_ran_too_rarely_in_them(run_days, held):
+    s = _series(7)
+    for d in run_days:
+        s.targets["ElectricKettle"][d * DAY + 3600:d * DAY + 3600 + 180] = 2500.0
+    assert adapt.held_out_from(s) == 5 * DAY  # without the appliance: the least
+    assert adapt.held_out_from(s, "ElectricKettle") == (7 - held) * DAY
+
+
 def test_under_two_days_the_newest_quarter_of_the_labelled_seconds_is_held_out():
     labelled = np.zeros(DAY, bool)
     labelled[3600:3600 + 4000] = True  # 4000 labelled seconds inside one day

@@ -4,8 +4,9 @@ One generic model per appliance cannot be right in every house; a few days of th
 labels can make it so. For one appliance:
 
   1. the labelled seconds are cut by time into a *fit* part and a *held-out* part: the newest
-     whole days (at least one, or a quarter of them, whichever is more; under two days of labels,
-     the newest quarter of the labelled seconds) are held out;
+     whole days (at least one, or a quarter of them, whichever is more; up to half of them where
+     the appliance ran too rarely in the least part; under two days of labels, the newest quarter
+     of the labelled seconds) are held out;
   2. the appliance is adapted only if it ran often enough in both parts (MIN_RUNS_FIT and
      MIN_RUNS_HELDOUT, below): a model cannot learn a signature from one run, nor be judged on one;
   3. candidates are made from the shipped checkpoint on the fit part only: the probability
@@ -66,6 +67,7 @@ class AdaptConfig:
     daemon_window: int = 1536   # the daemon's WINDOW_SIZE: its first interval closes after one full window
     seed: int = 0
     methods: tuple = METHODS
+    refit: bool = False         # the kept candidate's recipe trained again on every labelled day (measured)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Outcome:
     kept: bool = False
     why: str = ""
     made: dict = field(default_factory=dict)         # method -> its candidate checkpoint (for evaluation)
+    refitted: Checkpoint | None = None               # AdaptConfig.refit: the kept recipe on all the labels
     seconds: float = 0.0
 
     @property
@@ -103,7 +106,9 @@ class Outcome:
     @property
     def checkpoint(self) -> Checkpoint | None:
         """The adapted checkpoint, when kept."""
-        return self.made.get(self.method) if self.kept else None
+        if not self.kept:
+            return None
+        return self.refitted or self.made.get(self.method)
 
 
 # -- the labelled data, cut by time ---------------------------------------------------------------
@@ -116,19 +121,29 @@ def appliance_series(appliance: str, t0: int, features: np.ndarray, valid: np.nd
                   info={"start": float(t0)})
 
 
-def held_out_from(series: Series) -> int:
+def held_out_from(series: Series, appliance: str | None = None) -> int:
     """The first second (index) of the held-out part: the newest whole UTC days of the labels, one
-    or a quarter of them, whichever is more; the newest quarter of the seconds under two days."""
+    or a quarter of them, whichever is more; the newest quarter of the seconds under two days.
+    Given the appliance, more newest days are held out (up to half of them) where the least part
+    holds too few of its runs while the rest keeps enough: a washing machine that ran 5 times in a
+    week, once in its last two days, is judged on its last three days rather than not at all."""
     t0 = int(series.info["start"])
     idx = np.flatnonzero(series.valid)
     if not len(idx):
         return len(series)
     day = (t0 + idx) // DAY
     days = np.unique(day)
-    if len(days) >= 2:
-        hold = max(1, math.ceil(len(days) / 4))
-        return int(days[-hold] * DAY - t0)
-    return int(idx[int(len(idx) * 0.75)])
+    if len(days) < 2:
+        return int(idx[int(len(idx) * 0.75)])
+    least = max(1, math.ceil(len(days) / 4))
+    at = [int(days[-hold] * DAY - t0) for hold in range(least, max(least, len(days) // 2) + 1)]
+    if appliance is not None:
+        on_w = house_on_threshold(series, appliance)
+        for a in at:
+            fit, held = cut(series, a)
+            if count_runs(held, appliance, on_w) >= MIN_RUNS_HELDOUT and count_runs(fit, appliance, on_w) >= MIN_RUNS_FIT:
+                return a
+    return at[0]
 
 
 def cut(series: Series, at: int) -> tuple[Series, Series]:
@@ -282,7 +297,7 @@ def adapt_appliance(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, progress
     t_start = time.process_time()
     a = ckpt.appliance
     torch.manual_seed(cfg.seed)
-    fit, held = cut(series, held_out_from(series))
+    fit, held = cut(series, held_out_from(series, a))
     on_w = house_on_threshold(fit, a)
     ckpt = copy.copy(ckpt)  # the shipped model, judged by what "on" means in this house
     ckpt.on_power_threshold_w = on_w
@@ -311,5 +326,10 @@ def adapt_appliance(ckpt: Checkpoint, series: Series, cfg: AdaptConfig, progress
     out.method = best[0]
     out.made = made
     out.kept, out.why = decide(out.shipped, best[1])
+    if out.kept and cfg.refit and out.method != "threshold":
+        record = {**made[out.method].training["adapted"], "refit": True}
+        trial = _with(ckpt, fine_tune(ckpt, series, out.method, cfg), ckpt.probability_threshold, record)
+        out.refitted = _with(trial, None, choose_threshold(trial, series, cfg), record)
+        tick()
     out.seconds = time.process_time() - t_start
     return out
