@@ -48,6 +48,14 @@ def test_more_newest_days_are_held_out_where_the_appliance_ran_too_rarely_in_the
     assert adapt.held_out_from(s, "ElectricKettle") == (7 - held) * DAY
 
 
+def test_under_two_days_more_of_the_newest_seconds_are_held_out_where_the_appliance_ran_too_rarely():
+    s = _series(1)
+    for hour in (2, 5, 8, 12, 20):  # one run in the newest quarter (from 18:00), two in the newest half
+        s.targets["ElectricKettle"][hour * 3600:hour * 3600 + 180] = 2500.0
+    assert adapt.held_out_from(s) == 18 * 3600
+    assert adapt.held_out_from(s, "ElectricKettle") == 12 * 3600
+
+
 def test_under_two_days_the_newest_quarter_of_the_labelled_seconds_is_held_out():
     labelled = np.zeros(DAY, bool)
     labelled[3600:3600 + 4000] = True  # 4000 labelled seconds inside one day

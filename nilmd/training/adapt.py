@@ -124,19 +124,21 @@ def appliance_series(appliance: str, t0: int, features: np.ndarray, valid: np.nd
 def held_out_from(series: Series, appliance: str | None = None) -> int:
     """The first second (index) of the held-out part: the newest whole UTC days of the labels, one
     or a quarter of them, whichever is more; the newest quarter of the seconds under two days.
-    Given the appliance, more newest days are held out (up to half of them) where the least part
-    holds too few of its runs while the rest keeps enough: a washing machine that ran 5 times in a
-    week, once in its last two days, is judged on its last three days rather than not at all."""
+    Given the appliance, more is held out (newest days, or sixteenths of the seconds, up to half)
+    where the least part holds too few of its runs while the rest keeps enough: a washing machine
+    that ran 5 times in a week, once in its last two days, is judged on its last three days rather
+    than not at all."""
     t0 = int(series.info["start"])
     idx = np.flatnonzero(series.valid)
     if not len(idx):
         return len(series)
     day = (t0 + idx) // DAY
     days = np.unique(day)
-    if len(days) < 2:
-        return int(idx[int(len(idx) * 0.75)])
-    least = max(1, math.ceil(len(days) / 4))
-    at = [int(days[-hold] * DAY - t0) for hold in range(least, max(least, len(days) // 2) + 1)]
+    if len(days) < 2:  # the newest quarter of the seconds, up to half, by sixteenths
+        at = [int(idx[int(len(idx) * (12 - k) / 16)]) for k in range(5)]
+    else:
+        least = max(1, math.ceil(len(days) / 4))
+        at = [int(days[-hold] * DAY - t0) for hold in range(least, max(least, len(days) // 2) + 1)]
     if appliance is not None:
         on_w = house_on_threshold(series, appliance)
         for a in at:
