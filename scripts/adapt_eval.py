@@ -109,7 +109,10 @@ def table(paths: list[str]) -> str:
     appliance, the F1 on the later days of the shipped model and of what is served after adapting on
     1, 3 or 7 days, each seed's figure; `*` where the adapted model was kept, `refused` where the
     labels were (nilmd adapt would have said why), `-` where the appliance ran too rarely to adapt."""
-    rows = [json.loads(line) for p in paths for line in open(p)]
+    latest: dict = {}  # a later file's case replaces an earlier file's (a re-run after a change)
+    for r in (json.loads(line) for p in paths for line in open(p)):
+        latest[(r["house"], r["label_days"], r["form"], r["seed"], r["appliance"])] = r
+    rows = list(latest.values())
     by: dict = {}
     for r in rows:
         by.setdefault((r["form"], r["house"], r["appliance"]), {}).setdefault(r["label_days"], []).append(r)
