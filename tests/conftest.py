@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # telemetry off: the host's $HOME keeps no device id of theirs. The daemons they start turn it off
 # on their own (test_onnx::test_onnxruntime_writes_nothing_in_home_and_sends_no_telemetry).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# matplotlib (the daily picture's tests) keeps its font cache in a folder of the run's own, removed
+# at the end, not in the host's ~/.cache/matplotlib.
+if "MPLCONFIGDIR" not in os.environ:
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="nilmd-tests-mpl-")
+    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], True)
 
 
 @pytest.fixture(scope="session")
