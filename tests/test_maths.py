@@ -9,7 +9,6 @@ multiple of float32 rounding of each model alone in float64).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -326,10 +329,6 @@ def test_onnxruntime_writes_nothing_in_home_and_sends_no_telemetry(tmp_path):
     """A served export leaves $HOME as it was: ONNX Runtime's telemetry (a device id under
     ~/.cache/Microsoft, and a warning in the journal where it cannot write one) is off unless the
     operator turns it on. A fresh process, since onnxruntime reads the setting once."""
-    import os
-    import subprocess
-    import sys
-
     exported(tmp_path / "models", SET)
     home = tmp_path / "home"
     home.mkdir()

@@ -12,7 +12,6 @@ without torch never tries to import it.
 from __future__ import annotations
 
 import glob
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field

@@ -279,11 +279,11 @@ def decide(shipped: Scores, cand: Scores) -> tuple[bool, str]:
         return False, f"daily energy error {e_c:.0%} against the shipped {e_s:.0%}"
     if f1_c > f1_s + F1_TIE:
         return True, f"F1 {f1_c:.2f} against {f1_s:.2f}"
-    if f1_c >= f1_s - F1_TIE and cand.mae_w < (1 - MAE_TIE) * shipped.mae_w:
-        return True, f"F1 tie ({f1_c:.2f}/{f1_s:.2f}), MAE {cand.mae_w:.1f} against {shipped.mae_w:.1f} W"
     if f1_c >= f1_s - F1_TIE:
-        return False, (f"F1 tie ({f1_c:.2f}/{f1_s:.2f}), MAE {cand.mae_w:.1f} against {shipped.mae_w:.1f} W: "
-                       f"not lower by more than {MAE_TIE:.0%}")
+        tie = f"F1 tie ({f1_c:.2f}/{f1_s:.2f}), MAE {cand.mae_w:.1f} against {shipped.mae_w:.1f} W"
+        if cand.mae_w < (1 - MAE_TIE) * shipped.mae_w:
+            return True, tie
+        return False, f"{tie}: not lower by more than {MAE_TIE:.0%}"
     return False, f"F1 {f1_c:.2f} not above the shipped {f1_s:.2f}"
 
 
