@@ -355,20 +355,17 @@ def default_text(s: Setting) -> str:
     return ", ".join([default] + [f"{v} with --mode {m}" for m, v, _ in s.per_mode])
 
 
-def add_arguments(parser, groups: tuple[str, ...], sections: dict[str, str] | None = None) -> None:
+def add_arguments(parser, groups: tuple[str, ...], sections: dict[str, str]) -> None:
     """Add the flags of the settings in `groups` to an argparse parser (defaults stay None, so
-    that resolve() can tell "not given" from "given"); with `sections` (key -> title), in one
-    argument group per section, in that order."""
+    that resolve() can tell "not given" from "given"), in one argument group per section
+    (`sections`: key -> title, nilmd.settingsdoc.SECTIONS), in that order."""
     titled = {}
     rows = [s for s in SETTINGS if s.group in groups and s.flag is not None]
-    if sections:
-        rows.sort(key=lambda s: list(sections).index(s.section) if s.section in sections else len(sections))
+    rows.sort(key=lambda s: list(sections).index(s.section) if s.section in sections else len(sections))
     for s in rows:
-        where = parser
-        if sections:
-            if s.section not in titled:
-                titled[s.section] = parser.add_argument_group(sections.get(s.section, s.section))
-            where = titled[s.section]
+        if s.section not in titled:
+            titled[s.section] = parser.add_argument_group(sections.get(s.section, s.section))
+        where = titled[s.section]
         env = " or ".join("$" + e for e in s.env)
         help_text = f"{s.help} [{env}; default {default_text(s)}]" if env else f"{s.help} [default {default_text(s)}]"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %

@@ -64,9 +64,35 @@ def is_fenced(reply) -> bool:
     return isinstance(reply, Exception) and str(reply).startswith(FENCED)
 
 
+class Plain:
+    """The writes of an instance without leases: Fence's calls, unguarded. Every writer takes one
+    or the other and never asks which (but the prediction, whose replies differ: `fenced`)."""
+
+    fenced = False
+    token = None
+
+    def eval(self, pipe, building: str, script: str, key: str, *args) -> None:
+        pipe.execute_command("EVAL", script, 1, key, *args)
+
+    def command(self, pipe, building: str, command: str, key: str, *args) -> None:
+        pipe.execute_command(command, key, *args)
+
+    def hset(self, pipe, building: str, key: str, mapping: dict) -> None:
+        pipe.hset(key, mapping=mapping)
+
+
+PLAIN = Plain()
+
+
+def writes(token: str | None, cluster: bool) -> "Fence | Plain":
+    """This instance life's writer: fenced by the lease token (--leases), else plain."""
+    return Fence(token, cluster) if token else PLAIN
+
+
 class Fence:
     """The writes of one instance life: each one a script checked against the building's guard."""
 
+    fenced = True
     _scripts: dict[str, str] = {}
 
     def __init__(self, token: str, cluster: bool):

@@ -240,19 +240,19 @@ class Judge:
         """One journal line for each change of state or of its reasons (STATUS= and the hash only
         hold the latest): the daemon's, and with a list each building's into and out of degraded."""
         now = (self.state, tuple(self.problems))
-        line = change_line(self._logged, now)
-        if line:
-            self.log.log(logging.WARNING if self.state == "degraded" else logging.INFO, "%s", line)
+        self._say("", self._logged, now)
         self._logged = now
         for served in self.roster.served.values() if self.roster.listed and self._judged else ():
             now = (served.state, tuple(served.problems))
             was = served.logged
             served.logged = now
             if "degraded" in (was[0], now[0]):
-                line = change_line(was, now)
-                if line:
-                    self.log.log(logging.WARNING if now[0] == "degraded" else logging.INFO, "building %s: %s",
-                                 served.building, line)
+                self._say(f"building {served.building}: ", was, now)
+
+    def _say(self, prefix: str, was: tuple, now: tuple) -> None:
+        line = change_line(was, now)
+        if line:
+            self.log.log(logging.WARNING if now[0] == "degraded" else logging.INFO, "%s%s", prefix, line)
 
     def stop(self, state: str) -> None:
         """"stopping", then "stopped": the daemon's state and every building's."""

@@ -23,7 +23,7 @@ from nilmd.backoff import Backoff
 from nilmd.config import Config
 from nilmd.daemon import control as ctlmod
 from nilmd.daemon.alwayson import AlwaysOn
-from nilmd.daemon.fencing import Fence
+from nilmd.daemon.fencing import writes
 from nilmd.daemon.publish import RedisPublisher, StdoutPublisher  # noqa: F401 (nilmd.daemon.ledger names it here)
 from nilmd.daemon.worker import Worker
 from nilmd.errors import EXIT_BOOT_ERROR, EXIT_OK, NilmdError
@@ -277,7 +277,7 @@ class InferenceWorker(Worker):
                 publisher = StdoutPublisher(self.cfg)
             else:
                 token = self.paths.get("fence_token")  # with --leases (nilmd.daemon.fencing)
-                fence = Fence(token, self.cfg.redis_cluster) if token else None
+                fence = writes(token, self.cfg.redis_cluster)
                 publisher = RedisPublisher(self.cfg, self.log, self.throttle, self.ctl, fence)
         except (NilmdError, RuntimeError) as e:
             self.log.critical("cannot start: %s", e)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from nilmd import days, keys, latest
 from nilmd.config import Config
 from nilmd.daemon import runs
+from nilmd.daemon.fencing import PLAIN
 
 EVENTS_MAXLEN = 10000  # events kept in the stream (XADD MAXLEN ~): months of runs of 11 appliances
 PENDING_MAX = 64  # parts kept for another try: with 2-4 a prediction, 15-30 intervals
@@ -151,7 +152,7 @@ class Ledger:
         self.state = {k.decode(): runs.Run.from_json(v) for k, v in raw.items()}
         self.stepped = max([self.stepped] + [r.last for r in self.state.values()])
 
-    def queue(self, pipe, prediction: dict, text: str, fence=None) -> None:
+    def queue(self, pipe, prediction: dict, text: str, fence=PLAIN) -> None:
         """Add the interval's parts, after the ones still pending, to `pipe` (the state must be
         loaded). The same prediction queued again (it was held) adds nothing new. `fence`
         (nilmd.daemon.fencing, with --leases): each part only while the building's lease is ours."""
@@ -160,10 +161,7 @@ class Ledger:
             parts = self._parts(prediction, text, window_end)
             self.pending, self.made = self.pending + parts, window_end
         for part in self.pending:
-            if fence is None:
-                pipe.execute_command("EVAL", part.script, 1, part.key, *part.args)
-            else:
-                fence.eval(pipe, self.building, part.script, part.key, *part.args)
+            fence.eval(pipe, self.building, part.script, part.key, *part.args)
         self._queued = len(self.pending)
 
     def _parts(self, prediction: dict, text: str, window_end: float) -> list[Part]:

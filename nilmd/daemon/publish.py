@@ -15,7 +15,7 @@ import numpy as np
 from nilmd import keys
 from nilmd.appliances import APPLIANCES
 from nilmd.config import Config
-from nilmd.daemon.fencing import Fence, is_fenced
+from nilmd.daemon.fencing import PLAIN, Fence, Plain, is_fenced
 from nilmd.daemon.ledger import PENDING_MAX, Ledger
 from nilmd.errors import redis_error
 
@@ -24,7 +24,7 @@ class RedisPublisher:
     """SET latest, the inference's status fields and the ledger's parts, and PUBLISH the
     prediction: every building of a batch in one pipeline, each with its own ledger."""
 
-    def __init__(self, cfg: Config, logger, throttle, ctl, fence: Fence | None = None):
+    def __init__(self, cfg: Config, logger, throttle, ctl, fence: Fence | Plain = PLAIN):
         from nilmd import redisconn
 
         self.redisconn = redisconn
@@ -65,21 +65,19 @@ class RedisPublisher:
                 fields = {"last_inference_ts": prediction["timestamp"],
                           "last_inference_ms": prediction["inference_time_ms"],
                           "last_window_end": prediction["window_end"]}
-                if self.fence is None:
+                if not self.fence.fenced:  # fenced, latest is SET with the PUBLISH below, in one script
                     pipe.set(keys.latest_key(b), text)
-                    pipe.hset(keys.status_key(b), mapping=fields)
-                else:  # latest is SET with the PUBLISH below, in one fenced script
-                    self.fence.hset(pipe, b, keys.status_key(b), fields)
+                self.fence.hset(pipe, b, keys.status_key(b), fields)
                 if counted:
                     ledger.queue(pipe, prediction, text, self.fence)
                 # PUBLISH last: Redis runs it once it has read the whole pipeline, so its reply
                 # leaves with the message itself; first, a connection cut after the message went
                 # out but before the rest was read would make this prediction go out again. And a
                 # subscriber that reads `latest` on the message finds this one.
-                if self.fence is None:
-                    self.redisconn.publish(pipe, keys.predictions_channel(b), text)
-                else:
+                if self.fence.fenced:
                     self.fence.prediction(pipe, b, text)
+                else:
+                    self.redisconn.publish(pipe, keys.predictions_channel(b), text)
                 queued.append((b, ledger if counted else None, len(pipe) - start))
             replies = pipe.execute(raise_on_error=False)
         except self.errors as e:
@@ -100,7 +98,7 @@ class RedisPublisher:
         """One building's replies (or the exception for all of them): True if it went out."""
         if isinstance(replies, Exception):
             published, stored, parts = replies, [], replies
-        elif self.fence is None:
+        elif not self.fence.fenced:
             published, stored, parts = replies[-1], replies[:2], replies[2:-1]
         else:  # the fenced script's reply: 'OK', or the refusal of its SET of latest (the message went out)
             published, stored, parts = replies[-1], replies[:1], replies[1:-1]

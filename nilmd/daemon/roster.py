@@ -205,7 +205,7 @@ class Roster:
         self.ctl = None
         self.sharing = sharing.Sharing(cfg, client, errors, throttle)  # which of the list is ours
         self.paths = daemon_paths(cfg.runtime_dir, self.sharing.wanted(), self.listed)  # what the children get
-        if self.sharing.fence is not None:  # the children's writes carry this life's lease token
+        if self.sharing.fence.fenced:  # the children's writes carry this life's lease token
             self.paths["fence_token"] = self.sharing.fence.token
         self.lock = InstanceLock(self.paths["lock"]) if self.listed else None  # one building: its own lock
 
@@ -269,9 +269,7 @@ class Roster:
         if not self.sharing.due():
             return
         self.sharing.claim()
-        new = self.sharing.wanted()
-        if set(new) != set(self.served):
-            self.apply(new, "leases", f"{len(self.sharing.leases.instances)} instances live")
+        self.apply(self.sharing.wanted(), "leases", f"{len(self.sharing.leases.instances)} instances live")
 
     def reload(self) -> None:
         """SIGHUP with --building-ids @FILE: serve the file's list now (with leases: its buildings held)."""

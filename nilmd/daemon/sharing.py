@@ -59,11 +59,16 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) * 1000 + math.floor(t
 """
 
 
+def _name(token) -> str:
+    """The instance name a lease or registration token carries (`name#nonce`)."""
+    return (token.decode() if isinstance(token, bytes) else token).rpartition("#")[0]
+
+
 def live_names(client) -> list[str]:
     """The names of the instances registered and not expired (by the server's clock), for a reader
     such as `nilmd status`: it registers nothing."""
     tokens = client.eval(_LIVE, 1, INSTANCES_KEY)
-    return sorted({(t.decode() if isinstance(t, bytes) else t).rpartition("#")[0] for t in tokens})
+    return sorted({_name(t) for t in tokens})
 
 
 def holder_names(client, buildings: list[str]) -> dict[str, str]:
@@ -71,7 +76,7 @@ def holder_names(client, buildings: list[str]) -> dict[str, str]:
     pipe = client.pipeline(transaction=False)
     for b in buildings:
         pipe.get(keys.lease_key(b))
-    return {b: (v.decode().rpartition("#")[0] if v else "") for b, v in zip(buildings, pipe.execute())}
+    return {b: (_name(v) if v else "") for b, v in zip(buildings, pipe.execute())}
 
 
 def owner(building: str, instances: list[str]) -> str:
@@ -106,7 +111,7 @@ class Leases:
     def live(self) -> list[str]:
         """Register this instance and return the names of the live ones (sorted, this one included)."""
         tokens = self.client.eval(_REGISTER, 1, INSTANCES_KEY, self.token, self.period_ms)
-        return sorted({(t.decode() if isinstance(t, bytes) else t).rpartition("#")[0] for t in tokens} | {self.name})
+        return sorted({_name(t) for t in tokens} | {self.name})
 
     def claim(self, candidates: list[str]) -> set[str]:
         """Renew what is held, take what belongs here and is free, give back what belongs to another
@@ -208,7 +213,7 @@ class Sharing:
         self.leases = Leases(client, self.name, cfg.lease_period, errors=errors,
                              cluster=cfg.redis_cluster) if cfg.leases else None
         # with --leases, every write for a building is checked against its lease (nilmd.daemon.fencing)
-        self.fence = fencing.Fence(self.leases.token, cfg.redis_cluster) if self.leases else None
+        self.fence = fencing.writes(self.leases.token if self.leases else None, cfg.redis_cluster)
         self.next_claim = 0.0
         self._trouble = False
         if self.leases is not None:

@@ -300,10 +300,7 @@ class Writer:
             for served in buildings:
                 values = fields(served.cfg, served.state, roster.ctl.snapshot(served.ctl), served.ring.run_length(),
                                 started=self.started, problems=served.problems, **procs)
-                if self.sharing.fence is None:
-                    pipe.hset(key(served.cfg), mapping=values)
-                else:
-                    self.sharing.fence.hset(pipe, served.building, key(served.cfg), values)
+                self.sharing.fence.hset(pipe, served.building, key(served.cfg), values)
             if daemon:
                 pipe.hset(keys.daemon_status_key(self.sharing.name), mapping={**daemon_fields(
                     self.cfg, judge.state, judge.line, [b.state for b in roster.served.values()], roster.ctl.snapshot(),

@@ -40,7 +40,7 @@ from nilmd import keys
 from nilmd.config import Config
 from nilmd.daemon.batch import Batch
 from nilmd.daemon.ingest import MAX_MESSAGE_BYTES
-from nilmd.daemon.fencing import Fence, is_fenced
+from nilmd.daemon.fencing import PLAIN, is_fenced, writes
 from nilmd.errors import redis_error
 from nilmd.log import Throttle
 
@@ -242,7 +242,7 @@ class StreamCursor:
         self._pending = parse_id(entries[-1][0])
         return [data for _, data in entries]
 
-    def commit(self, pipe, fence=None) -> None:
+    def commit(self, pipe, fence=PLAIN) -> None:
         """The batch just read is in the ring: record the position (ring first, then this), the
         Redis half queued on `pipe` (fenced with --leases)."""
         if self._pending is None:
@@ -253,10 +253,7 @@ class StreamCursor:
             if self._position >= self._history:
                 self._history_done()
             return  # Redis already holds a position at least this far
-        if fence is None:
-            pipe.set(self.position_key, self.position)
-        else:
-            fence.command(pipe, self.cfg.building_id, "SET", self.position_key, self.position)
+        fence.command(pipe, self.cfg.building_id, "SET", self.position_key, self.position)
 
     def _history_done(self) -> None:
         self._mark_predicted(fallback=self.ring.counters()[0])
@@ -292,7 +289,7 @@ class StreamSource:
 
         # with --leases a position is recorded only while the lease is ours: a holder paused past
         # its lease must not move the position the next holder starts from (nilmd.daemon.fencing)
-        self.fence = Fence(fence_token, cfg.redis_cluster) if fence_token else None
+        self.fence = writes(fence_token, cfg.redis_cluster)
 
         self.cfg, self.counters = cfg, counters  # counters: the daemon block (the reader's redis_errors)
         self.errors = redisconn.ERRORS  # every Redis error: the reader counts it, says which, and retries

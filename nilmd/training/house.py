@@ -100,6 +100,7 @@ def write(cfg, building: str, labelled, outcomes: list[adapt.Outcome], *, out_di
                and (final / e.get("file", "")).is_file()}
     for a in entries:
         shutil.copy2(final / entries[a]["file"], tmp / entries[a]["file"])
+    written = {}  # appliance -> its new checkpoint, as loaded back (the export uses it too)
     for o in outcomes:
         if not o.kept:
             continue
@@ -111,7 +112,7 @@ def write(cfg, building: str, labelled, outcomes: list[adapt.Outcome], *, out_di
                                    training=ck.training, metrics={"heldout": o.adapted.row(),
                                                                   "heldout_shipped": o.shipped.row()})
         checkpoints.save(tmp / name, data)
-        checkpoints.load(tmp / name, o.appliance)  # what we wrote must load
+        written[o.appliance] = checkpoints.load(tmp / name, o.appliance)  # what we wrote must load
         entries[o.appliance] = {"file": name, "sha256": sha256(tmp / name),
                                 "base_sha256": ck.training["adapted"]["base_sha256"],
                                 "method": o.method, "heldout": o.adapted.row(), "heldout_shipped": o.shipped.row()}
@@ -123,7 +124,7 @@ def write(cfg, building: str, labelled, outcomes: list[adapt.Outcome], *, out_di
         "table": [_row(o) for o in outcomes],
         "command": " ".join(["nilmd", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("nilmd") else "",
     }
-    record["onnx_max_probability_difference"] = _export_onnx(cfg, tmp, entries)
+    record["onnx_max_probability_difference"] = _export_onnx(cfg, tmp, entries, written)
     (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     _fsync_dir(tmp)
     old = final.with_name(f".{final.name}.old{os.getpid()}")
@@ -151,7 +152,7 @@ def _row(o: adapt.Outcome) -> dict:
             "why": o.why, "cpu_s": round(o.seconds, 1)}
 
 
-def _export_onnx(cfg, folder: Path, entries: dict) -> float | None:
+def _export_onnx(cfg, folder: Path, entries: dict, written: dict) -> float | None:
     """Where the shipped set has an ONNX export, the building's whole set is exported too, so an
     onnxruntime daemon serves the adapted models (nilmd.models.backends.building_export); needs the
     onnx package. -> the largest probability difference from torch on a test window, or None."""
@@ -166,7 +167,7 @@ def _export_onnx(cfg, folder: Path, entries: dict) -> float | None:
         return None
     ckpts, _ = checkpoints.load_dir(cfg.model_dir)
     for a in entries:
-        ckpts[a] = checkpoints.load(folder / entries[a]["file"], a)
+        ckpts[a] = written[a] if a in written else checkpoints.load(folder / entries[a]["file"], a)
     _, diff = onnx_export.export_checked(cfg.model_dir, cfg.inference_interval, ckpts=ckpts, out_dir=folder)
     return diff
 
