@@ -92,13 +92,12 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
     blocks_before = 0
     for s in series_list:
         power, prob, mask = predict(predictor, s, inputs=inputs, mode=mode, window=window, interval=interval)
-        block = np.full(len(s), -1, np.int64)
         if published:  # the daemon's intervals: the first closes a clock interval (nilmd.schedule)
-            block = published_blocks(s, window, interval, aligned)
+            block = published_blocks(s, window, interval, aligned, offset=blocks_before)
             mask = mask & (block >= 0)
-            whole = int(block.max()) + 1
-            block = np.where(block >= 0, block + blocks_before, -1)
-            blocks_before += whole
+            blocks_before = int(block.max(initial=blocks_before - 1)) + 1
+        else:
+            block = np.full(len(s), -1, np.int64)
         for k, a in enumerate(predictor.appliances):
             if a in s.targets:
                 for acc, values in zip(pooled[a], (power[k], prob[k], s.targets[a], block)):
@@ -115,13 +114,14 @@ def evaluate(predictor: Predictor, series_list, thresholds: dict, *, inputs: str
     return results
 
 
-def published_blocks(series: Series, window: int, interval: int, aligned: bool = True) -> np.ndarray:
-    """Each sample's published interval (0, 1, ...; -1 for samples no whole interval publishes): the
-    daemon's first interval closes at the first clock-aligned boundary after its first full window."""
+def published_blocks(series: Series, window: int, interval: int, aligned: bool = True, offset: int = 0) -> np.ndarray:
+    """Each sample's published interval (offset, offset + 1, ...; -1 for samples no whole interval
+    publishes): the daemon's first interval closes at the first clock-aligned boundary after its
+    first full window."""
     first = window - interval + (first_wait(series, window, interval) if aligned else 0)
     whole = max((len(series) - first) // interval, 0)
     block = np.full(len(series), -1, np.int64)
-    block[first:first + whole * interval] = np.arange(whole * interval) // interval
+    block[first:first + whole * interval] = offset + np.arange(whole * interval) // interval
     return block
 
 
