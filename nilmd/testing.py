@@ -32,10 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.05, not_yet=(Exception,)):
+def wait_for(condition, timeout: float, what, interval: float = 0.05, not_yet=(Exception,)):
     """Call `condition` until it returns a truthy value, and return that; after `timeout` s raise
-    AssertionError saying `what` did not happen. An exception of a type in `not_yet` means "not
-    yet" (a server still starting); pass `not_yet=()` to fail at the first one instead."""
+    AssertionError saying `what` did not happen. `what` may be a function returning the text, so
+    that what it shows (a daemon's log) is read at the failure, not before the wait. An exception
+    of a type in `not_yet` means "not yet" (a server still starting); pass `not_yet=()` to fail
+    at the first one instead."""
     deadline = time.monotonic() + timeout
     last_error = None
     while time.monotonic() < deadline:
@@ -46,7 +48,7 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05, not_y
         except not_yet as e:
             last_error = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what}"
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what() if callable(what) else what}"
                          + (f" (last error: {last_error!r})" if last_error else ""))
 
 
@@ -302,6 +304,11 @@ class DaemonProcess:
 
     def status(self, client) -> dict:
         return status(client, self.building)
+
+    def owns(self, fields: dict) -> bool:
+        """A status hash is this daemon's, not one left by a SIGKILLed run before it (whose
+        "running", and input subscription, linger for a moment after the kill)."""
+        return fields.get("pid_supervisor") == str(self.proc.pid)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
         """Send `sig` and return the exit code; one that does not exit in time is SIGKILLed and

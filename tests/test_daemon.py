@@ -68,7 +68,7 @@ class Subscriber:
 
 
 def wait_ready(daemon, client, timeout=30.0, states=("warming_up", "running")):
-    wait_for(lambda: daemon.status(client).get("state") in states, timeout,
+    wait_for(lambda: (lambda s: daemon.owns(s) and s.get("state") in states)(daemon.status(client)), timeout,
              f"daemon {daemon.building} to become ready\n{daemon.log()[-2000:]}")
     wait_for(lambda: client.pubsub_numsub(keys.input_channel(daemon.building))[0][1] == 1, 10,
              "the reader to subscribe to the input channel")

@@ -250,10 +250,20 @@ def test_the_command_lists_the_days_and_writes_one_as_csv_that_csvfile_reads(tmp
 # -- a real daemon -------------------------------------------------------------------------------
 def _kill_everything(daemon, client) -> None:
     """SIGKILL the supervisor and its children at once: a power cut as far as the processes know."""
+    import psutil
+
     s = daemon.status(client)
-    for role in ("supervisor", "reader", "inference"):
-        os.kill(int(s[f"pid_{role}"]), signal.SIGKILL)
+    procs = [psutil.Process(int(s[f"pid_{role}"])) for role in ("supervisor", "reader", "inference")]
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
     daemon.proc.wait(10)
+
+    def dead(p):  # gone, or a zombie (its files, the reader's Redis connection among them, closed)
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    wait_for(lambda: all(dead(p) for p in procs), 10, "the SIGKILLed processes to be gone")
     daemon._log.close()
 
 
@@ -293,7 +303,8 @@ def test_the_daemon_records_its_input_and_a_sigkill_loses_only_the_last_seconds(
     two.start()
     wait_ready(two, redis_client)
     publish_samples(redis_client, b, 50, start=t0 + 200)
-    wait_for(lambda: on_disk(t0 + 200, 50), 15, f"the restarted daemon's samples in the history\n{two.log()[-2000:]}")
+    wait_for(lambda: on_disk(t0 + 200, 50), 15,
+             lambda: f"the restarted daemon's samples in the history\n{two.log()[-3000:]}\n{two.status(redis_client)}")
     assert two.stop() == 0
     after = history.read(state, b, t0, t0 + 250)
     np.testing.assert_array_equal(after.power_total[:160], got.power_total)  # what survived is all still there

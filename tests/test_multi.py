@@ -94,7 +94,8 @@ def wait_caught_up(client, last: dict[str, float], d, timeout: float = 30.0) -> 
 
 
 def wait_ready(d, client, pubsub: bool = True, timeout: float = 90.0) -> None:
-    wait_for(lambda: d.proc.poll() is None and daemon_status(client).get("state") in ("warming_up", "running"),
+    wait_for(lambda: d.proc.poll() is None and (lambda s: d.owns(s) and s.get("state") in ("warming_up", "running"))(
+        daemon_status(client)),
              timeout, f"the list daemon to become ready\n{d.log()[-3000:]}")
     if pubsub:
         wait_for(lambda: all(n == 1 for _, n in client.pubsub_numsub(*(keys.input_channel(b) for b in d.ids))),

@@ -200,8 +200,9 @@ def test_stream_daemon_restarts_warm_and_loses_nothing(daemon_factory, redis_cli
         d = daemon_factory(extra_env=env)
         d.building, d.env["BUILDING_ID"] = b, b
         d.start()
-        s = wait_for(lambda: (lambda s: s if s.get("samples_accepted") == str(n_new + (272 if not expect_restored else 0))
-                              else None)(d.status(redis_client)), 30, f"all {n_new} new entries\n{d.log()[-2000:]}")
+        s = wait_for(lambda: (lambda s: s if d.owns(s) and s.get("samples_accepted") == str(
+            n_new + (272 if not expect_restored else 0)) else None)(d.status(redis_client)), 30,
+                     lambda: f"all {n_new} new entries\n{d.log()[-2000:]}")
         assert int(s["restored_samples"]) == expect_restored and int(s["buffer_fill"]) == 256
         return d
 
@@ -219,8 +220,8 @@ def test_stream_daemon_restarts_warm_and_loses_nothing(daemon_factory, redis_cli
 
 
 def wait_ready_stream(daemon, client, timeout=30.0):
-    wait_for(lambda: daemon.status(client).get("state") in ("warming_up", "running") and
-             daemon.status(client).get("input_connected") == "1", timeout,
+    wait_for(lambda: (lambda s: daemon.owns(s) and s.get("state") in ("warming_up", "running") and
+                      s.get("input_connected") == "1")(daemon.status(client)), timeout,
              f"daemon {daemon.building} to read its stream\n{daemon.log()[-2000:]}")
 
 
