@@ -183,7 +183,7 @@ def simulated_morning(redis_server, tmp_path_factory):  # redis_server: skips wh
     d.start()
     try:
         wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
-                 f"the daemon to read its stream\n{d.log()[-2000:]}")
+                 lambda: f"the daemon to read its stream\n{d.log()[-2000:]}")
         sub = client.pubsub(ignore_subscribe_messages=True)
         sub.subscribe(keys.predictions_channel(d.building), keys.events_channel(d.building))
         updated = lambda: client.hget(keys.energy_key(d.building), "updated")  # noqa: E731
@@ -196,7 +196,7 @@ def simulated_morning(redis_server, tmp_path_factory):  # redis_server: skips wh
             pipe.execute()
             last = part[-1]["timestamp"]
             wait_for(lambda: updated() is not None and float(updated()) == last, 120,
-                     f"the interval ending {last} to be counted\n{d.log()[-2000:]}")
+                     lambda: f"the interval ending {last} to be counted\n{d.log()[-2000:]}")
             if part[0] is samples[0]:
                 os.kill(int(d.status(client)["pid_inference"]), signal.SIGKILL)
         messages, quiet_since = [], time.monotonic()

@@ -39,7 +39,7 @@ def refused(d, cmd: str, since: int, timeout: float = 20.0) -> list[str]:
     """The log lines after offset `since` that name `cmd` as refused; fails if none comes."""
     def lines():
         return [line for line in d.log()[since:].splitlines() if f"+{cmd} " in line + " " and "NOPERM" in line]
-    return wait_for(lines, timeout, f"a log line naming the refused command {cmd!r}\n{d.log()[since:][-2000:]}")
+    return wait_for(lines, timeout, lambda: f"a log line naming the refused command {cmd!r}\n{d.log()[since:][-2000:]}")
 
 
 def revoke(client, user: str, cmd: str, reconnect: bool) -> None:
@@ -56,7 +56,7 @@ def fresh_status(d, client, timeout: float = 20.0) -> dict:
     def fresh():
         s = d.status(client)
         return s if s and float(s["updated_at"]) > time.time() - 1.5 else None
-    return wait_for(fresh, timeout, f"the status hash to be written again\n{d.log()[-2000:]}")
+    return wait_for(fresh, timeout, lambda: f"the status hash to be written again\n{d.log()[-2000:]}")
 
 
 def test_the_operators_guide_gives_the_rule_for_each_mode():

@@ -38,7 +38,7 @@ class Published:
                 p = json.loads(msg["data"])
                 self.by_building.setdefault(msg["channel"].decode().split(":")[1], {})[p["window_end"]] = p
             return all(window_end in self.by_building.get(b, {}) for b in buildings)
-        wait_for(all_there, timeout, f"predictions for the window ending {window_end}\n{d.log()[-3000:]}",
+        wait_for(all_there, timeout, lambda: f"predictions for the window ending {window_end}\n{d.log()[-3000:]}",
                  interval=0.1)
         return {b: {e["appliance"]: e for e in self.by_building[b][window_end]["predictions"]} for b in buildings}
 

@@ -121,7 +121,7 @@ def test_the_daemon_serves_a_building_whose_keys_span_the_cluster(mode, redis_cl
     b = d.building
     try:
         wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
-                 f"the daemon to connect its input on the cluster\n{d.log()[-3000:]}")
+                 lambda: f"the daemon to connect its input on the cluster\n{d.log()[-3000:]}")
         sub = client.pubsub(ignore_subscribe_messages=True)
         sub.subscribe(keys.predictions_channel(b))
         n = W + 4 * I
@@ -130,7 +130,7 @@ def test_the_daemon_serves_a_building_whose_keys_span_the_cluster(mode, redis_cl
         expected = [t0 + W - 1 + I * k for k in range(5)]  # 1 + (n - W) // I predictions
         updated = lambda: client.hget(keys.energy_key(b), "updated")  # noqa: E731
         wait_for(lambda: updated() is not None and float(updated()) == expected[-1], 60,
-                 f"the interval ending {expected[-1]} to be counted\n{d.log()[-3000:]}")
+                 lambda: f"the interval ending {expected[-1]} to be counted\n{d.log()[-3000:]}")
         assert [p["window_end"] for p in drain(sub)] == expected
         assert window_ends(client, b) == expected
         assert json.loads(client.get(keys.latest_key(b)))["window_end"] == expected[-1]
@@ -175,12 +175,13 @@ def test_the_exporters_and_the_report_read_a_cluster(redis_cluster, model_dir, t
     sub = MqttSubscriber(broker.port, "ha", broker.users["ha"])
     try:
         wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
-                 f"the daemon to subscribe on the cluster\n{d.log()[-3000:]}")
+                 lambda: f"the daemon to subscribe on the cluster\n{d.log()[-3000:]}")
         t0 = aligned_start(time.time() - 600, W, I)
         publish_samples(client, b, W + 2 * I, start=t0)
         last = t0 + W + 2 * I - 1
         updated = lambda: client.hget(keys.energy_key(b), "updated")  # noqa: E731
-        wait_for(lambda: updated() is not None and float(updated()) == last, 60, f"3 predictions\n{d.log()[-3000:]}")
+        wait_for(lambda: updated() is not None and float(updated()) == last, 60,
+                 lambda: f"3 predictions\n{d.log()[-3000:]}")
         latest = json.loads(client.get(keys.latest_key(b)))
         total = {k.decode().rsplit(":", 1)[0]: float(v) for k, v in client.hgetall(keys.energy_key(b)).items()
                  if k.endswith(b":total_wh")}
@@ -191,7 +192,7 @@ def test_the_exporters_and_the_report_read_a_cluster(redis_cluster, model_dir, t
                 e["power_watts"])
             assert value(families, "nilmd_appliance_energy_joules_total", appliance=e["appliance"]) == \
                 pytest.approx(total[e["appliance"]] * 3600)
-        wait_for(lambda: states_match(sub, b, latest, total), 30, f"the MQTT states of the latest prediction\n"
+        wait_for(lambda: states_match(sub, b, latest, total), 30, lambda: f"the MQTT states of the latest prediction\n"
                  f"{sub.last(f'nilmd/{b}/')}\n{d.log()[-3000:]}")
         day = time.strftime("%Y-%m-%d", time.gmtime(last - I / 2))
         drawn = subprocess.run([sys.executable, "-m", "nilmd", "report", "--redis-cluster", "--redis-host",
@@ -270,11 +271,11 @@ def test_a_master_killed_under_a_stream_daemon_loses_nothing(redis_cluster, mode
     thread = threading.Thread(target=meter, daemon=True)
     try:
         wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
-                 f"the daemon to read its stream on the cluster\n{d.log()[-3000:]}")
+                 lambda: f"the daemon to read its stream on the cluster\n{d.log()[-3000:]}")
         publish_samples(client, b, first, start=t0, to="stream")
         updated = lambda: client.hget(keys.energy_key(b), "updated")  # noqa: E731
         wait_for(lambda: updated() is not None and float(updated()) == t0 + first - 1, 60,
-                 f"the first window to be predicted\n{d.log()[-3000:]}")
+                 lambda: f"the first window to be predicted\n{d.log()[-3000:]}")
         # The inference paused while the meter sends, so that it has windows to publish and
         # count while the master is dead (its held prediction, the ledger's parts sent again).
         inference = int(d.status(client)["pid_inference"])
@@ -294,13 +295,13 @@ def test_a_master_killed_under_a_stream_daemon_loses_nothing(redis_cluster, mode
         assert not failed, failed
         last = t0 + total - 1
         wait_for(lambda: updated() is not None and float(updated()) == last, 90,
-                 f"the interval ending {last} to be counted after the failover\n{d.log()[-3000:]}")
+                 lambda: f"the interval ending {last} to be counted after the failover\n{d.log()[-3000:]}")
         assert window_ends(client, b) == [t0 + W - 1 + I * k for k in range(1 + (total - W) // I)]
 
         def settled():
             s = d.status(client)
             return s if s.get("samples_accepted") == str(total) else None
-        status = wait_for(settled, 20, f"the status hash to count every sample\n{d.log()[-3000:]}")
+        status = wait_for(settled, 20, lambda: f"the status hash to count every sample\n{d.log()[-3000:]}")
         assert int(status["samples_received"]) == int(status["samples_accepted"]) + int(status["samples_rejected"])
         assert status["restarts"] == "0", d.log()[-6000:]  # the clients reconnected by themselves
         assert d.stop() == 0, d.log()[-3000:]
@@ -329,17 +330,19 @@ def test_a_pubsub_reader_subscribes_again_after_its_node_dies(redis_cluster, mod
     d.start()
     gone = (redis.RedisError, redis.exceptions.RedisClusterException)
     try:
-        wait_for(lambda: d.status(client).get("input_connected") == "1", 60, f"the reader to subscribe\n{d.log()[-3000:]}")
+        wait_for(lambda: d.status(client).get("input_connected") == "1", 60,
+                 lambda: f"the reader to subscribe\n{d.log()[-3000:]}")
         t0 = aligned_start(time.time() - 2000, W, I)
         publish_samples(client, b, W + I, start=t0)
         updated = lambda: client.hget(keys.energy_key(b), "updated")  # noqa: E731
         wait_for(lambda: updated() is not None and float(updated()) == t0 + W + I - 1, 60, "the first predictions")
         redis_cluster.kill(victim)
         wait_for(lambda: "the input subscription was cut" in d.log(), 60,
-                 f"the reader to subscribe again and say what it means\n{d.log()[-3000:]}", not_yet=gone)
+                 lambda: f"the reader to subscribe again and say what it means\n{d.log()[-3000:]}", not_yet=gone)
         wait_for(lambda: d.status(client).get("input_connected") == "1", 30, "input_connected again", not_yet=gone)
         publish_samples(client, b, 3 * I, start=t0 + W + I)
-        wait_for(lambda: float(updated()) == t0 + W + 4 * I - 1, 60, f"predictions after the failover\n{d.log()[-3000:]}",
+        wait_for(lambda: float(updated()) == t0 + W + 4 * I - 1, 60,
+                 lambda: f"predictions after the failover\n{d.log()[-3000:]}",
                  not_yet=gone)
         status = wait_for(lambda: (lambda s: s if s.get("samples_accepted") == str(W + 4 * I) else None)(
             d.status(client)), 10, "the status hash to count every sample")

@@ -69,7 +69,7 @@ class Subscriber:
 
 def wait_ready(daemon, client, timeout=30.0, states=("warming_up", "running")):
     wait_for(lambda: (lambda s: daemon.owns(s) and s.get("state") in states)(daemon.status(client)), timeout,
-             f"daemon {daemon.building} to become ready\n{daemon.log()[-2000:]}")
+             lambda: f"daemon {daemon.building} to become ready\n{daemon.log()[-2000:]}")
     wait_for(lambda: client.pubsub_numsub(keys.input_channel(daemon.building))[0][1] == 1, 10,
              "the reader to subscribe to the input channel")
 
@@ -269,7 +269,7 @@ def test_a_subscription_cut_for_a_full_output_buffer_is_counted_and_its_loss_est
             sent += 1
         return float(d.status(redis_client)["last_sample_ts"]) >= t0 + 100_000
 
-    wait_for(subscribed_again_and_caught_up, 60, f"a sample after the burst to arrive\n{d.log()[-2000:]}",
+    wait_for(subscribed_again_and_caught_up, 60, lambda: f"a sample after the burst to arrive\n{d.log()[-2000:]}",
              interval=0.5)
     s = wait_for(lambda: (lambda s: s if float(s["last_sample_ts"]) == last else None)(d.status(redis_client)), 20,
                  "the samples sent after the burst")

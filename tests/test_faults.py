@@ -34,7 +34,7 @@ def status_when(d, client, predicate, timeout: float, what: str) -> dict:
     def check():
         s = d.status(client)
         return s if s and predicate(s) else None
-    return wait_for(check, timeout, f"{what}\n--- daemon log ---\n{d.log()[-2500:]}")
+    return wait_for(check, timeout, lambda: f"{what}\n--- daemon log ---\n{d.log()[-2500:]}")
 
 
 def accepted(n: int):
@@ -150,13 +150,13 @@ def test_inference_hung_in_a_checkpoint_read_is_aborted_with_its_traceback_and_r
     os.mkfifo(path)
     os.kill(d.proc.pid, signal.SIGHUP)
     wait_for(lambda: "Fatal Python error: Aborted" in d.log(), 30,
-             f"the hung inference process's traceback\n--- daemon log ---\n{d.log()[-2500:]}")
+             lambda: f"the hung inference process's traceback\n--- daemon log ---\n{d.log()[-2500:]}")
     # The hung child is in open() of the FIFO by now (the traceback is written from there), so
     # the real file back at the path is what its successor opens. (Had the successor opened the
     # FIFO first, it would hang and be replaced too: slower, but the checks below still hold.)
     os.replace(good, path)
     wait_for(lambda: d.log().count("models loaded: 11 of 11") == 2, 60,
-             f"a new inference process serving all 11 models\n--- daemon log ---\n{d.log()[-2500:]}")
+             lambda: f"a new inference process serving all 11 models\n--- daemon log ---\n{d.log()[-2500:]}")
     s = status_when(d, redis_client, lambda s: int(s["pid_inference"]) not in (0, hung), 10, "the new pid")
     assert int(s["restarts_inference"]) >= 1
     log = d.log()

@@ -109,9 +109,10 @@ def test_a_paused_holder_is_fenced_and_every_window_is_predicted_once(redis_targ
     b = lease_instance(port, env, model_dir, tmp_path, "b", listing)
     both = Both(a, b)
     try:
-        wait_for(lambda: holders(client, ids) == share, 30, f"the two instances to settle\n{both.log()}")
+        wait_for(lambda: holders(client, ids) == share, 30, lambda: f"the two instances to settle\n{both.log()}")
         # every building read by its holder before any input (a first start reads only the newest window)
-        wait_for(lambda: all(client.exists(keys.position_key(x)) for x in ids), 60, f"every stream read\n{both.log()}")
+        wait_for(lambda: all(client.exists(keys.position_key(x)) for x in ids), 60,
+                 lambda: f"every stream read\n{both.log()}")
         if env:  # on a cluster the token is also beside every key each one writes
             for x in ids:
                 assert {client.get(g) for g in fencing.guard_keys(x)} == {client.get(keys.lease_key(x))}, x
@@ -121,7 +122,8 @@ def test_a_paused_holder_is_fenced_and_every_window_is_predicted_once(redis_targ
 
         os.kill(a.proc.pid, signal.SIGSTOP)  # a's supervisor only: its reader and inference run on
         try:
-            wait_for(lambda: set(holders(client, ids).values()) == {"b"}, 15, f"b to take a's buildings\n{both.log()}")
+            wait_for(lambda: set(holders(client, ids).values()) == {"b"}, 15,
+                     lambda: f"b to take a's buildings\n{both.log()}")
             # new samples: a's reader reads them from the streams and its inference tries to publish
             last = {x: publish_samples(client, x, 3 * STEP, start=first[x] + 1, to="stream") for x in ids}
             exactly(preds, {x: schedule(t0, last[x]) for x in ids}, both)
@@ -130,7 +132,7 @@ def test_a_paused_holder_is_fenced_and_every_window_is_predicted_once(redis_targ
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
 
-        wait_for(lambda: holders(client, ids) == share, 30, f"a to take its share back\n{both.log()}")
+        wait_for(lambda: holders(client, ids) == share, 30, lambda: f"a to take its share back\n{both.log()}")
         wait_for(lambda: all(client.hget(keys.status_key(x), "state") in (b"running", b"warming_up") for x in ids),
                  30, f"every building served again\n{both.log()}")
         more = {x: publish_samples(client, x, 2 * STEP, start=last[x] + 1, to="stream") for x in ids}

@@ -117,7 +117,7 @@ def test_a_second_daemon_for_the_building_says_which_runs_and_how_to_run_both(da
                                                                             tmp_path):
     one = daemon_factory().start()
     wait_for(lambda: one.status(redis_server.client()).get("state") in ("warming_up", "running", "degraded"), 30,
-             f"the first daemon to be ready\n{one.log()[-2000:]}")
+             lambda: f"the first daemon to be ready\n{one.log()[-2000:]}")
     with RedisServer(free_port(), tmp_path) as other:
         two = daemon_factory()
         two.building, two.env["BUILDING_ID"] = one.building, one.building

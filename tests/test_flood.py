@@ -44,7 +44,7 @@ def test_a_flooded_building_is_shed_and_the_others_lose_nothing(redis_server, mo
     try:
         d.start()
         wait_for(lambda: all(status(redis_client, b).get("input_connected") == "1" for b in d.ids), 60,
-                 f"the daemon to subscribe\n{d.log()[-2000:]}")
+                 lambda: f"the daemon to subscribe\n{d.log()[-2000:]}")
         out = multiprocessing.Queue()
         flooder = multiprocessing.Process(target=flood, args=(redis_server.port, flooded, 150_000, 2.0, out))
         sent, stop = 0, threading.Event()
@@ -75,7 +75,8 @@ def test_a_flooded_building_is_shed_and_the_others_lose_nothing(redis_server, mo
             got = {b: status(redis_client, b) for b in quiet}
             return got if all(int(s["samples_received"]) == sent for s in got.values()) else None
 
-        got = wait_for(all_arrived, 30, f"the quiet buildings' {sent} samples each\n{d.log()[-3000:]}", interval=0.3)
+        got = wait_for(all_arrived, 30,
+                       lambda: f"the quiet buildings' {sent} samples each\n{d.log()[-3000:]}", interval=0.3)
         for s in got.values():
             assert int(s["samples_accepted"]) == sent and int(s["input_disconnects"]) == 0, s
         shed = status(redis_client, flooded)
@@ -86,7 +87,7 @@ def test_a_flooded_building_is_shed_and_the_others_lose_nothing(redis_server, mo
 
         # after the cool-off it is subscribed again and its samples arrive as before
         wait_for(lambda: redis_client.pubsub_numsub(keys.input_channel(flooded))[0][1] == 1, COOLOFF_S + 10,
-                 f"the flooded building to be subscribed again\n{d.log()[-2000:]}", interval=0.2)
+                 lambda: f"the flooded building to be subscribed again\n{d.log()[-2000:]}", interval=0.2)
         log = d.log()
         assert log.index("unsubscribed for") < log.index(f"building {flooded}: subscribed again")
         received = int(status(redis_client, flooded)["samples_received"])

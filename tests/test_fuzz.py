@@ -100,7 +100,7 @@ def test_any_input_never_kills_the_daemon_and_every_message_is_counted_once(fuzz
         pipe.publish(keys.input_channel(d.building), m)
     pipe.execute()
     Sent.total += len(batch)
-    s = wait_for(lambda: counted(d, client), 20, f"all {Sent.total} messages to be counted\n{d.log()[-2000:]}")
+    s = wait_for(lambda: counted(d, client), 20, lambda: f"all {Sent.total} messages to be counted\n{d.log()[-2000:]}")
     assert d.proc.poll() is None, "the daemon died"
     assert {r: s[f"pid_{r}"] for r in pids} == pids and s["restarts"] == "0", "a process died and was restarted"
     rejected = sum(int(s[f"rejected_{r}"]) for r in REJECT_REASONS)

@@ -40,8 +40,8 @@ class Meter(threading.Thread):
 
 def reasons_when(d, client, condition, what: str, timeout: float = 20.0) -> dict:
     return wait_for(lambda: (lambda s: s if condition(s) else None)(d.status(client)), timeout,
-                    f"{what}; last status: {d.status(client).get('state')!r} {d.status(client).get('degraded_reason')!r}"
-                    f"\n{d.log()[-1500:]}")
+                    lambda: f"{what}; last status: {d.status(client).get('state')!r} "
+                    f"{d.status(client).get('degraded_reason')!r}\n{d.log()[-1500:]}")
 
 
 def nilmd_status(d) -> subprocess.CompletedProcess:

@@ -279,7 +279,7 @@ def test_the_daemon_records_its_input_and_a_sigkill_loses_only_the_last_seconds(
 
     def on_disk(n_from: int, n: int):
         return np.count_nonzero(~np.isnan(history.read(state, b, n_from, n_from + n).power_total)) == n
-    wait_for(lambda: on_disk(t0, 100), 15, f"the first 100 samples in the history\n{one.log()[-2000:]}")
+    wait_for(lambda: on_disk(t0, 100), 15, lambda: f"the first 100 samples in the history\n{one.log()[-2000:]}")
     np.testing.assert_array_equal(history.read(state, b, t0, t0 + 100).power_total[:3], [500.0, 500.0, 500.0])
 
     # Then about 10 samples a second for 6 s, and SIGKILL right after the last.

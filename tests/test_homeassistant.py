@@ -188,7 +188,7 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
     broker.start()
     sub = MqttSubscriber(broker.port, "ha", broker.users["ha"])
     configs = wait_for(lambda: (lambda c: c if len(c) == CONFIGS else None)(sub.last("homeassistant/")), 30,
-                       f"{CONFIGS} discovery configs\n{d.log()[-2000:]}")
+                       lambda: f"{CONFIGS} discovery configs\n{d.log()[-2000:]}")
     check_discovery(configs, d.building)
     availability = f"nilmd/{d.building}/availability"
     wait_for(lambda: sub.last().get(availability) == "online", 10, "availability online")
@@ -318,11 +318,11 @@ def test_tls_files_that_are_no_certificate_degrade_and_predictions_go_on(daemon_
                                   "NILMD_MQTT_TLS_CA": str(tmp_path / "ca.pem")}).start()
     t0 = aligned_start(time.time() - 400, 256, 16)
     wait_for(lambda: d.status(redis_client).get("input_connected") == "1", 60,
-             f"the daemon to subscribe\n{d.log()[-3000:]}")
+             lambda: f"the daemon to subscribe\n{d.log()[-3000:]}")
     publish_samples(redis_client, d.building, 256 + 16, start=t0)
-    wait_for(lambda: d.status(redis_client).get("inferences") == "2", 30, f"two predictions\n{d.log()[-3000:]}")
+    wait_for(lambda: d.status(redis_client).get("inferences") == "2", 30, lambda: f"two predictions\n{d.log()[-3000:]}")
     st = wait_for(lambda: (lambda s: s if s.get("state") == "degraded" else None)(d.status(redis_client)), 10,
-                  f"the daemon to be degraded\n{d.log()[-3000:]}")
+                  lambda: f"the daemon to be degraded\n{d.log()[-3000:]}")
     assert "MQTT exporter cannot start" in st["degraded_reason"], st
     assert json.loads(redis_client.get(keys.latest_key(d.building)))["window_end"] == t0 + 256 + 15
     lines = [x for x in d.log().splitlines() if "--mqtt-tls-ca" in x]

@@ -80,13 +80,13 @@ def test_a_killed_instance_is_taken_over_within_a_lease_period_and_nothing_is_lo
     preds = Predictions(redis_client)
     # b first, alone: it takes every lease; a starts holding none and takes its share from b
     b = instance(redis_server, model_dir, tmp_path, "b", listing, **env)
-    wait_for(lambda: set(holders(redis_client, ids).values()) == {"b"}, 30, f"b to take every lease\n{b.log()}")
+    wait_for(lambda: set(holders(redis_client, ids).values()) == {"b"}, 30, lambda: f"b to take every lease\n{b.log()}")
     a = instance(redis_server, model_dir, tmp_path, "a", listing, **env)
     try:
         share = {x: owner(x, ["a", "b"]) for x in ids}
         assert set(share.values()) == {"a", "b"}  # both have some (a different split would need other ids)
         wait_for(lambda: holders(redis_client, ids) == share, 30,
-                 f"the two instances to settle on their shares\n{a.log()[-2000:]}\n{b.log()[-2000:]}")
+                 lambda: f"the two instances to settle on their shares\n{a.log()[-2000:]}\n{b.log()[-2000:]}")
         wait_for(lambda: all(daemon_hash(redis_client, n).get("state") in ("warming_up", "running") for n in "ab"),
                  60, "both instances ready")
         t0 = aligned_start(time.time() - 400, WINDOW, STEP)
@@ -95,7 +95,7 @@ def test_a_killed_instance_is_taken_over_within_a_lease_period_and_nothing_is_lo
         killed = time.monotonic()
         kill_all(a)
         wait_for(lambda: set(holders(redis_client, ids).values()) == {"b"}, 10,
-                 f"b to take over a's buildings\n{b.log()[-3000:]}")
+                 lambda: f"b to take over a's buildings\n{b.log()[-3000:]}")
         took = time.monotonic() - killed
         assert took < 2 * 2 + 1, took  # a lease period for a's registration and leases, a claim, a margin
         # a's buildings go on at b, from their streams: what a had read and predicted is not made again
@@ -131,7 +131,7 @@ def test_static_shards_split_a_list_between_two_instances(redis_server, redis_cl
     try:
         for k, d in zip((1, 2), shards):
             wait_for(lambda: daemon_hash(redis_client, f"s{k}").get("buildings") == str(len(parts[k])), 60,
-                     f"shard {k} to serve its {len(parts[k])} buildings\n{d.log()[-2000:]}")
+                     lambda: f"shard {k} to serve its {len(parts[k])} buildings\n{d.log()[-2000:]}")
         wait_for(lambda: all(n == 1 for _, n in redis_client.pubsub_numsub(*(keys.input_channel(x) for x in ids))),
                  30, "every input channel subscribed by exactly one instance")
         t0 = aligned_start(time.time() - 400, WINDOW, STEP)
@@ -167,7 +167,7 @@ def test_instances_started_together_keep_every_building_on_the_aligned_schedule(
     every = Both(*daemons)
     try:
         wait_for(lambda: holders(redis_client, ids) == {x: owner(x, ["a", "b", "c"]) for x in ids}, 30,
-                 f"the three instances to settle\n{every.log()}")
+                 lambda: f"the three instances to settle\n{every.log()}")
         first = {x: [e for e in schedule(t0, loaded[x]) if e - WINDOW + 1 >= oldest] for x in ids}
         preds.wait(first, 60, every)
         more = {x: publish_samples(redis_client, x, 2 * STEP, start=loaded[x] + 1, to="stream") for x in ids}

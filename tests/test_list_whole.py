@@ -38,7 +38,7 @@ def test_a_list_past_the_open_files_limit_is_refused_whole_and_the_old_one_serve
         listing.write_text("".join(b + "\n" for b in d.ids[1:] + many))  # one removed, 100 added
         d.proc.send_signal(signal.SIGHUP)
         line = wait_for(lambda: next((x for x in d.log().splitlines() if "SIGHUP: the new list" in x), None), 20,
-                        f"the refusal\n{d.log()[-2000:]}")
+                        lambda: f"the refusal\n{d.log()[-2000:]}")
         assert "102 buildings is refused, the 3 served go on unchanged" in line and "open files" in line, line
         assert "is not served" not in d.log() and "Too many open files" not in d.log()
         rings = sorted(p.name for p in tmp_path.glob("nilmd-*.ring"))
@@ -55,7 +55,7 @@ def test_a_list_past_the_open_files_limit_is_refused_whole_and_the_old_one_serve
         listing.write_text("".join(b + "\n" for b in d.ids + many[:2]))  # within the limit: applied
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "SIGHUP: buildings: 2 added, 0 removed, 5 served" in d.log(), 20,
-                 f"the second list to be applied\n{d.log()[-2000:]}")
+                 lambda: f"the second list to be applied\n{d.log()[-2000:]}")
         assert d.stop() == 0
     finally:
         if d.proc.poll() is None:

@@ -90,7 +90,7 @@ def wait_caught_up(client, last: dict[str, float], d, timeout: float = 30.0) -> 
     def caught_up():
         s = statuses(client, list(last))
         return all(float(s[b].get("predicted_through_ts", 0)) >= last[b] for b in last)
-    wait_for(caught_up, timeout, f"every building's inference to catch up with its input\n{d.log()[-2000:]}")
+    wait_for(caught_up, timeout, lambda: f"every building's inference to catch up with its input\n{d.log()[-2000:]}")
 
 
 def wait_ready(d, client, pubsub: bool = True, timeout: float = 90.0) -> None:
@@ -119,7 +119,7 @@ class Predictions:
         def complete():
             self.drain()
             return all(len(self.by_building.get(b, [])) >= len(ends) for b, ends in expected.items())
-        wait_for(complete, timeout, f"every building's predictions\n{d.log()[-3000:]}", interval=0.2)
+        wait_for(complete, timeout, lambda: f"every building's predictions\n{d.log()[-3000:]}", interval=0.2)
 
 
 def feed(client, buildings, t0: float, extra, to: str = "pubsub") -> dict[str, float]:
@@ -303,7 +303,7 @@ def test_reload_adds_and_removes_buildings_and_the_rest_keep_their_schedule(redi
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: all(n == 1 for _, n in redis_client.pubsub_numsub(*(keys.input_channel(b) for b in new)))
                  and redis_client.pubsub_numsub(keys.input_channel(gone))[0][1] == 0, 20,
-                 f"the reader to follow the new list\n{d.log()[-2000:]}")
+                 lambda: f"the reader to follow the new list\n{d.log()[-2000:]}")
         wait_for(lambda: not list(tmp_path.glob(f"nilmd-{gone}.*")), 10, "the removed building's files to go")
         assert statuses(redis_client, [gone])[gone]["state"] == "stopped"
         # 8 more samples close each kept building's next window: on its schedule, not a window later
@@ -351,7 +351,7 @@ def test_a_list_on_a_redis_cluster_each_building_exact(mode, redis_cluster, mode
     try:
         wait_for(lambda: d.proc.poll() is None and all(
             statuses(client, d.ids)[b].get("input_connected") == "1" for b in d.ids), 60,
-            f"the list daemon to connect on the cluster\n{d.log()[-3000:]}")
+            lambda: f"the list daemon to connect on the cluster\n{d.log()[-3000:]}")
         preds = Predictions(client)
         t0 = aligned_start(time.time() - 600, WINDOW, STEP)
         last = feed(client, d.ids, t0, extra=lambda k: k % 3, to=mode)

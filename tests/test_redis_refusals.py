@@ -80,10 +80,10 @@ def test_redis_out_of_memory_neither_hangs_nor_blinds_the_supervisor(daemon_fact
 
         _out_of_memory(redis_client)
         wait_for(lambda: "could not write the status hash: Redis is out of memory" in d.log(), 10,
-                 f"the supervisor to say Redis refuses the status hash\n{d.log()[-2000:]}")
+                 lambda: f"the supervisor to say Redis refuses the status hash\n{d.log()[-2000:]}")
         os.kill(int(old_inference), signal.SIGKILL)
         wait_for(lambda: d.log().count("started the inference process") == 2, 20,
-                 f"the supervisor to restart the killed inference process while Redis is out of memory\n"
+                 lambda: f"the supervisor to restart the killed inference process while Redis is out of memory\n"
                  f"{d.log()[-2000:]}")
         assert d.proc.poll() is None, d.log()[-2000:]
         publish_samples(redis_client, d.building, 16, start=last + 1)  # PUBLISH needs no memory: input flows
@@ -97,7 +97,8 @@ def test_redis_out_of_memory_neither_hangs_nor_blinds_the_supervisor(daemon_fact
         def rewritten():
             s = d.status(redis_client)
             return s if s["pid_inference"] != old_inference and float(s["updated_at"]) > time.time() - 2 else None
-        s = wait_for(rewritten, 10, f"the status hash to be written again once Redis has room\n{d.log()[-2000:]}")
+        s = wait_for(rewritten, 10,
+                     lambda: f"the status hash to be written again once Redis has room\n{d.log()[-2000:]}")
         assert s["state"] in ("running", "warming_up") and int(s["restarts_inference"]) == 1
         assert int(s["redis_errors_supervisor"]) >= 1 and int(s["redis_errors_inference"]) >= 1
         said = [x for x in d.log().splitlines() if "could not write the status hash" in x]

@@ -172,7 +172,7 @@ def test_the_daemon_publishes_aligned_windows_after_a_misaligned_start_a_break_a
     try:
         last = publish_samples(redis_client, d.building, CAPACITY + 100, start=last + 1)
         wait_for(lambda: int(d.status(redis_client)["samples_accepted"]) == n1 + n2 + CAPACITY + 100, 20,
-                 f"every sample in the ring\n{d.log()[-2000:]}")
+                 lambda: f"every sample in the ring\n{d.log()[-2000:]}")
     finally:
         os.kill(inference, signal.SIGCONT)
     newest = float(max(t for t in range(int(last) - STEP + 1, int(last) + 1) if closes_an_interval(t, STEP)))

@@ -262,6 +262,6 @@ def test_pubsub_warm_restart_with_a_meter_clock_180_s_behind(daemon_factory, red
     publish_samples(redis_client, b, 20, start=last + 5)
     assert sub.next()["window_end"] == t0 + 255 + 32, "the next window of the old schedule"
     wait_for(lambda: "warm restart continued: the first new sample is stamped 5 s after" in two.log(), 10,
-             f"the reader to say the restored window was continued\n{two.log()[-2000:]}")
+             lambda: f"the reader to say the restored window was continued\n{two.log()[-2000:]}")
     assert two.status(redis_client)["gaps_broken"] == "0"
     assert two.stop() == 0

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_three_hours_of_data_leave_memory_files_and_connections_flat(daemon_factory, redis_client):
     d = daemon_factory(extra_env={"NILMD_INPUT_MODE": "stream", "NILMD_RING_CAPACITY": "8192"}).start()
-    wait_for(lambda: d.status(redis_client).get("input_connected") == "1", 30, f"the daemon to start\n{d.log()}")
+    wait_for(lambda: d.status(redis_client).get("input_connected") == "1", 30, lambda: f"the daemon to start\n{d.log()}")
     report = soak.drive(redis_client, d.building, hours=3, window=256, interval=16, log=lambda line: None)
     assert report["ok"], "; ".join(report["problems"])
     # docs/CONTRACT.md §4 from wherever the clock put the start: the first window closes an interval

@@ -222,7 +222,7 @@ def test_stream_daemon_restarts_warm_and_loses_nothing(daemon_factory, redis_cli
 def wait_ready_stream(daemon, client, timeout=30.0):
     wait_for(lambda: (lambda s: daemon.owns(s) and s.get("state") in ("warming_up", "running") and
                       s.get("input_connected") == "1")(daemon.status(client)), timeout,
-             f"daemon {daemon.building} to read its stream\n{daemon.log()[-2000:]}")
+             lambda: f"daemon {daemon.building} to read its stream\n{daemon.log()[-2000:]}")
 
 
 def _peak_rss_kb(pid: int) -> int:
@@ -252,7 +252,7 @@ def test_huge_entries_never_enter_the_readers_memory(daemon_factory, redis_clien
         streams.add(pipe, d.building, json.dumps({"timestamp": t0 + i, "power_total": 500.0}))
     pipe.execute()
     wait_for(lambda: int(d.status(redis_client)["samples_accepted"]) == 100, 30,
-             f"the 100 valid samples around the huge entries\n{d.log()[-2000:]}")
+             lambda: f"the 100 valid samples around the huge entries\n{d.log()[-2000:]}")
     s = d.status(redis_client)
     assert int(s["rejected_oversized"]) == 24 and int(s["pid_reader"]) == pid
     grown_mib = (_peak_rss_kb(pid) - before) / 1024

@@ -77,7 +77,7 @@ def test_serves_reloads_and_refuses_a_stale_export_without_torch(torchfree_pytho
 
     export_set(models, seed=4)  # new models, exported: the reload serves them
     os.kill(d.proc.pid, signal.SIGHUP)
-    wait_for(lambda: "reloaded: 11 models" in d.log(), 60, f"the re-exported set to load\n{d.log()[-2000:]}")
+    wait_for(lambda: "reloaded: 11 models" in d.log(), 60, lambda: f"the re-exported set to load\n{d.log()[-2000:]}")
     last = publish_samples(redis_client, d.building, 16, start=last + 1)
     check_prediction(sub.until(last), APPLIANCES, 256)
 
@@ -133,7 +133,7 @@ def test_a_reload_swaps_between_backends_where_torch_is_installed(daemon_factory
             export_set(models, seed=7)
         os.kill(d.proc.pid, signal.SIGHUP)
         wait_for(lambda: d.log().count("reloaded: 11 models") == (1 if step == "retrained" else 2), 60,
-                 f"the reload after the checkpoints were {step}\n{d.log()[-2000:]}")
+                 lambda: f"the reload after the checkpoints were {step}\n{d.log()[-2000:]}")
         wait_for(lambda: d.status(redis_client)["backend"] == backend, 10, f"status backend={backend}")
         last = publish_samples(redis_client, d.building, 16, start=last + 1)
         check_prediction(sub.until(last), APPLIANCES, 256)
