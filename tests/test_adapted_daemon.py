@@ -81,7 +81,7 @@ def test_one_building_serves_its_adapted_models_and_a_reload_goes_back(daemon_fa
         assert adapted.reset(state, d.building)
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: d.status(redis_client).get("models_adapted") == "" and
-                 d.status(redis_client).get("state") != "reloading", 20, f"the reload\n{d.log()[-2000:]}")
+                 d.status(redis_client).get("state") != "reloading", 20, lambda: f"the reload\n{d.log()[-2000:]}")
         last = publish_samples(redis_client, d.building, STEP, start=last + 1)
         p = published.at([d.building], last, d)[d.building]
         assert not any(e["adapted"] for e in p.values())

@@ -128,7 +128,8 @@ def test_a_paused_holder_is_fenced_and_every_window_is_predicted_once(redis_targ
             last = {x: publish_samples(client, x, 3 * STEP, start=first[x] + 1, to="stream") for x in ids}
             exactly(preds, {x: schedule(t0, last[x]) for x in ids}, both)
             for x in (x for x in ids if share[x] == "a"):
-                wait_for(lambda: f"building {x}: fenced" in a.log(), 20, f"a to say {x} was fenced\n{a.log()[-3000:]}")
+                wait_for(lambda: f"building {x}: fenced" in a.log(), 20,
+                         lambda: f"a to say {x} was fenced\n{a.log()[-3000:]}")
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
 

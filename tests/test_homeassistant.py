@@ -220,7 +220,7 @@ def test_home_assistant_discovery_states_and_availability(broker, daemon_factory
     broker.start()
     sub = MqttSubscriber(broker.port, "ha", broker.users["ha"])
     wait_for(lambda: len(sub.last("homeassistant/")) == CONFIGS and states_match(
-        sub, d.building, p, energy), 30, f"everything again\n{d.log()[-2000:]}")
+        sub, d.building, p, energy), 30, lambda: f"everything again\n{d.log()[-2000:]}")
     assert d.status(redis_client)["restarts_mqtt"] == "0"
 
     # A crash of the MQTT process: the broker sends its last will, the supervisor restarts it.

@@ -96,7 +96,7 @@ def wait_caught_up(client, last: dict[str, float], d, timeout: float = 30.0) -> 
 def wait_ready(d, client, pubsub: bool = True, timeout: float = 90.0) -> None:
     wait_for(lambda: d.proc.poll() is None and (lambda s: d.owns(s) and s.get("state") in ("warming_up", "running"))(
         daemon_status(client)),
-             timeout, f"the list daemon to become ready\n{d.log()[-3000:]}")
+             timeout, lambda: f"the list daemon to become ready\n{d.log()[-3000:]}")
     if pubsub:
         wait_for(lambda: all(n == 1 for _, n in client.pubsub_numsub(*(keys.input_channel(b) for b in d.ids))),
                  10, "the reader to subscribe to every input channel")
@@ -132,7 +132,8 @@ def check_exact(client, d, t0, last: dict[str, float], preds: Predictions, recei
     """Per building: counts exact, every window its data implies predicted once, latest the newest."""
     s = wait_for(lambda: (lambda all_s: all_s if all(
         int(all_s[b].get("samples_received", -1)) == (received or {}).get(b, last[b] - t0 + 1)
-        for b in last) else None)(statuses(client, list(last))), 30, f"every building's counts\n{d.log()[-2000:]}")
+        for b in last) else None)(statuses(client, list(last))), 30,
+        lambda: f"every building's counts\n{d.log()[-2000:]}")
     expected = {b: schedule(t0, last[b]) for b in last}
     preds.wait(expected, 60, d)
     wait_caught_up(client, last, d)

@@ -89,7 +89,8 @@ def test_redis_out_of_memory_neither_hangs_nor_blinds_the_supervisor(daemon_fact
         publish_samples(redis_client, d.building, 16, start=last + 1)  # PUBLISH needs no memory: input flows
         last += 16
         wait_for(lambda: "published a prediction but could not store it (latest, status): Redis is out of memory"
-                 in d.log(), 40, f"the inference process to say Redis refuses the prediction's SET\n{d.log()[-2000:]}")
+                 in d.log(), 40,
+                 lambda: f"the inference process to say Redis refuses the prediction's SET\n{d.log()[-2000:]}")
         sub.until(last, timeout=10)  # PUBLISH needs no memory either: the prediction went out
 
         redis_client.config_set("maxmemory", 0)
