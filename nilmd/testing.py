@@ -246,6 +246,19 @@ def role_processes(fields: dict) -> dict:
     return {role: psutil.Process(int(fields[f"pid_{role}"])) for role in roles.listed(fields)}
 
 
+def wait_gone(procs, timeout: float, what: str) -> None:
+    """Wait until each psutil.Process has exited: gone, or a zombie no one has reaped yet (an
+    orphan's parent may be a PID 1 that never does), whose files, sockets among them, are closed."""
+    import psutil
+
+    def gone(p) -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    wait_for(lambda: all(gone(p) for p in procs), timeout, what)
+
+
 def daemon_processes(fields: dict, pid: int | None = None) -> dict:
     """Every process of the daemon: the supervisor (`pid`, else the hash's pid_supervisor) and all
     below it, by role where the status hash names its pid, else as name[pid]: what a benchmark's

@@ -16,7 +16,6 @@ import subprocess
 import time
 
 import numpy as np
-import psutil
 import pytest
 import redis
 
@@ -24,6 +23,7 @@ from conftest import aligned_start, publish_samples, wait_for, write_checkpoints
 from nilmd.appliances import APPLIANCES, checkpoint_filename
 from nilmd.config import Config
 from nilmd.daemon.ingest import REJECT_REASONS
+from nilmd.testing import role_processes, wait_gone
 from test_daemon import Subscriber, check_prediction, wait_ready
 from test_streams import Life, wait_ready_stream
 
@@ -95,10 +95,9 @@ def test_kill9_supervisor_then_a_new_start_reclaims_shared_memory_and_is_warm(da
     t0 = float(int(time.time()) - 1000)
     last = publish_samples(redis_client, one.building, 256 + 16 + 5, start=t0, to="stream")
     sub.until(schedule(t0, last)[-1])
-    children = [int(one.status(redis_client)[f"pid_{r}"]) for r in ("reader", "inference")]
+    children = [p for role, p in role_processes(one.status(redis_client)).items() if role != "supervisor"]
     assert one.stop(signal.SIGKILL) == -signal.SIGKILL
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                             for p in children), 15, "the orphaned children to exit")
+    wait_gone(children, 15, "the orphaned children to exit")
     assert one.shm_files(), "SIGKILL leaves the shared memory files (the next start reclaims them)"
     last = publish_samples(redis_client, one.building, 30, start=last + 1, to="stream")
     two = same_building(daemon_factory, one.building, extra_env=STREAM).start()

@@ -19,7 +19,7 @@ from conftest import publish_samples, wait_for
 from nilmd import csvfile, history
 from nilmd.config import Config
 from nilmd.daemon.recorder import Recorder
-from nilmd.testing import PACKAGE_ROOT
+from nilmd.testing import PACKAGE_ROOT, role_processes, wait_gone
 
 DAY = history.DAY_S
 MIDNIGHT = 1704326400  # 2024-01-04 00:00 UTC
@@ -250,20 +250,11 @@ def test_the_command_lists_the_days_and_writes_one_as_csv_that_csvfile_reads(tmp
 # -- a real daemon -------------------------------------------------------------------------------
 def _kill_everything(daemon, client) -> None:
     """SIGKILL the supervisor and its children at once: a power cut as far as the processes know."""
-    import psutil
-
-    s = daemon.status(client)
-    procs = [psutil.Process(int(s[f"pid_{role}"])) for role in ("supervisor", "reader", "inference")]
+    procs = role_processes(daemon.status(client)).values()
     for p in procs:
         p.send_signal(signal.SIGKILL)
     daemon.proc.wait(10)
-
-    def dead(p):  # gone, or a zombie (its files, the reader's Redis connection among them, closed)
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-    wait_for(lambda: all(dead(p) for p in procs), 10, "the SIGKILLed processes to be gone")
+    wait_gone(procs, 10, "the SIGKILLed processes to be gone (the reader's Redis connection with them)")
     daemon._log.close()
 
 
